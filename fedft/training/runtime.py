@@ -1,0 +1,217 @@
+"""Per-process state a worker reuses across the virtual clients it serves.
+
+The base model and the encoded data are loaded once per worker process and cached here
+(DESIGN.md §7); each client call only swaps adapters and extras on the shared model. One
+local LoRA round (:func:`run_lora_round`) and the server's evaluation of the global model
+(:func:`evaluate_global`) live here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from fedft.adapters import peft_io
+from fedft.data import FederatedData, build_federated_data
+from fedft.data.encode import Encoded, batches, encode, eval_batches
+from fedft.models import default_target_modules, head_parameter_names, load_base_model
+from fedft.training.coordinator import ClientStart
+from fedft.training.local import evaluate, train_steps
+from fedft.types import ClientUpdate, LoraFactors
+
+logger = logging.getLogger(__name__)
+
+Task = Literal["classification", "causal_lm"]
+Trainable = Literal["ab", "b", "r"]
+
+
+@dataclass
+class Runtime:
+    """A loaded base model and what the rounds need to know about it."""
+
+    model: nn.Module
+    tokenizer: Any
+    task: Task
+    device: torch.device
+    target_modules: list[str]
+    #: full module path -> (out_features, in_features) of every adapted Linear.
+    shapes: dict[str, tuple[int, int]]
+    extras_names: list[str]
+    #: the seeded initial value of every extra (same in every process for the same seed).
+    initial_extras: dict[str, Tensor]
+
+
+_LOCK = threading.RLock()
+_RUNTIMES: dict[tuple[Any, ...], Runtime] = {}
+_ENCODED: dict[tuple[Any, ...], Encoded] = {}
+
+
+def adapted_shapes(model: nn.Module, target_modules: list[str]) -> dict[str, tuple[int, int]]:
+    """Every ``nn.Linear`` whose last name component is in ``target_modules``."""
+    shapes = {
+        name: (int(m.out_features), int(m.in_features))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
+    }
+    if not shapes:
+        raise ValueError(
+            f"no Linear layer of the model is named any of {target_modules}; "
+            "set model.target_modules to the names of its attention projections"
+        )
+    return shapes
+
+
+def get_runtime(
+    *,
+    model_name: str,
+    task: Task,
+    num_labels: int,
+    seed: int,
+    device: torch.device,
+    target_modules: list[str] | None = None,
+) -> Runtime:
+    """The process-wide runtime for this model (loaded on first use, then reused)."""
+    key = (model_name, task, num_labels, seed, str(device), tuple(target_modules or ()))
+    with _LOCK:
+        if key not in _RUNTIMES:
+            model, tokenizer = load_base_model(
+                model_name, task=task, num_labels=num_labels, seed=seed
+            )
+            model.to(device)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            targets = list(target_modules or default_target_modules(model))
+            extras = head_parameter_names(model, task)
+            params = dict(model.named_parameters())
+            _RUNTIMES[key] = Runtime(
+                model=model,
+                tokenizer=tokenizer,
+                task=task,
+                device=device,
+                target_modules=targets,
+                shapes=adapted_shapes(model, targets),
+                extras_names=extras,
+                initial_extras={n: params[n].detach().cpu().clone() for n in extras},
+            )
+        return _RUNTIMES[key]
+
+
+def get_data(**kwargs: Any) -> FederatedData:
+    """The federated split of a dataset (memoised by ``build_federated_data``)."""
+    return build_federated_data(**kwargs)
+
+
+def get_encoded(
+    key: tuple[Any, ...], make: Callable[[], Any], tokenizer: Any, *, task: Task, max_length: int
+) -> Encoded:
+    """Tokenise ``make()`` once per process per ``key``."""
+    with _LOCK:
+        if key not in _ENCODED:
+            _ENCODED[key] = encode(make(), tokenizer, task=task, max_length=max_length)
+        return _ENCODED[key]
+
+
+def _dense(base_delta: Mapping[str, Tensor | LoraFactors]) -> dict[str, Tensor]:
+    return {
+        k: (v.delta() if isinstance(v, LoraFactors) else v).float() for k, v in base_delta.items()
+    }
+
+
+def run_lora_round(
+    runtime: Runtime,
+    *,
+    client_id: str,
+    start: ClientStart,
+    data: Encoded,
+    trainable: Trainable,
+    alpha: float,
+    dropout: float,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    private_train: Callable[[nn.Module], dict[str, float]] | None = None,
+) -> ClientUpdate:
+    """Train one client's LoRA adapter for ``steps`` steps on the shared base model.
+
+    Args:
+        private_train: when set (sample-level DP), called with the adapted model instead of
+            the plain optimiser loop; returns its metrics (it owns accounting).
+
+    Returns:
+        The client's update: its factors, extras, n_k = len(data) and metrics.
+    """
+    model = runtime.model
+    with _LOCK, peft_io.base_delta_applied(model, _dense(start.base_delta)):
+        peft_model = peft_io.attach_lora(
+            model,
+            target_modules=runtime.target_modules,
+            rank=start.rank,
+            alpha=alpha,
+            dropout=dropout,
+            trainable=trainable,
+            extras=runtime.extras_names,
+        )
+        try:
+            peft_io.set_factors(peft_model, start.adapters)
+            peft_io.set_extras(peft_model, start.extras)
+            if private_train is not None:
+                metrics = private_train(peft_model)
+            else:
+                it = batches(data, batch_size=batch_size, steps=steps, seed=seed)
+                metrics = train_steps(peft_model, it, lr=lr, device=runtime.device)
+            factors = peft_io.get_factors(peft_model)
+            extras = peft_io.get_extras(peft_model, runtime.extras_names)
+        finally:
+            peft_io.detach_lora(peft_model)
+    return ClientUpdate(
+        client_id=client_id,
+        adapters={k: _cpu(v) for k, v in factors.items()},
+        num_examples=len(data),
+        metrics=metrics,
+        extras={k: v.detach().cpu().clone() for k, v in extras.items()},
+    )
+
+
+def _cpu(f: LoraFactors) -> LoraFactors:
+    return LoraFactors(
+        a=f.a.detach().cpu().clone(),
+        b=f.b.detach().cpu().clone(),
+        scaling=f.scaling,
+        r=None if f.r is None else f.r.detach().cpu().clone(),
+    )
+
+
+def evaluate_global(
+    runtime: Runtime,
+    *,
+    adapters: Mapping[str, LoraFactors],
+    base_delta: Mapping[str, Tensor | LoraFactors],
+    extras: Mapping[str, Tensor],
+    test: Encoded,
+    batch_size: int,
+) -> dict[str, float]:
+    """Evaluate W0 + base_delta + the global adapters (+ extras) on the test set."""
+    model = runtime.model
+    dense = _dense(base_delta)
+    for name, f in adapters.items():  # the adapters' delta folded in exactly
+        d = f.delta().float()
+        dense[name] = dense[name] + d if name in dense else d
+    with _LOCK, peft_io.base_delta_applied(model, dense):
+        saved = peft_io.get_extras(model, runtime.extras_names)
+        try:
+            peft_io.set_extras(model, extras)
+            return evaluate(
+                model,
+                eval_batches(test, batch_size=batch_size),
+                task=runtime.task,
+                device=runtime.device,
+            )
+        finally:
+            peft_io.set_extras(model, saved)

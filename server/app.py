@@ -1,0 +1,50 @@
+"""The Flower ServerApp: parse config -> build -> run rounds -> write outputs.
+
+``app`` is what a deployed SuperLink loads (``server.app:app``; it reads the resolved
+config from Flower's run config). ``make_server_app(cfg, out_dir=...)`` closes over a config
+for the in-process Simulation Engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedft.config import RunConfig
+from fedft.transport.flower_config import read_run_config
+from server.strategy import run_federation
+
+logger = logging.getLogger(__name__)
+
+
+def make_server_app(
+    cfg: RunConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    resume: bool = False,
+    on_error: Callable[[BaseException], None] | None = None,
+) -> ServerApp:
+    """A ServerApp running the whole federated run for ``cfg`` (or the run config)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config = cfg if cfg is not None else read_run_config(context.run_config)
+        out = Path(out_dir or str(context.run_config.get("fedft-out", f"runs/{config.name}")))
+        try:
+            run_federation(grid, config, out, progress=progress, resume=resume)
+        except BaseException as exc:
+            logger.exception("the run failed")
+            if on_error is not None:
+                on_error(exc)
+            raise
+
+    return app
+
+
+app = make_server_app()

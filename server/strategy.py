@@ -1,0 +1,282 @@
+"""The round loop on the server: a thin shell between Flower messages and fedft objects.
+
+Per round: sample clients, send each node its own start (its rank, the global adapters, the
+folded base delta, the extras), receive updates, validate them, aggregate with
+``fedft.aggregation``, evaluate the global model on the held-out test set, write a metrics
+line and a checkpoint. Byte counts are the serialised sizes of the real messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from tqdm.auto import tqdm
+
+from fedft import builders
+from fedft.adapters import peft_io
+from fedft.adapters.math import effective_delta
+from fedft.checkpoint import load_checkpoint, save_checkpoint
+from fedft.config import RunConfig
+from fedft.data.encode import batches
+from fedft.reporting.metrics import MetricsWriter, write_summary
+from fedft.reporting.report import write_report
+from fedft.training.coordinator import ClientStart, Coordinator
+from fedft.training.local import resolve_device, weight_gradients
+from fedft.training.runtime import Runtime, evaluate_global, get_data, get_encoded, get_runtime
+from fedft.transport import serde
+from fedft.types import AggregationResult, ClientUpdate
+
+logger = logging.getLogger(__name__)
+
+QUERY = "query"
+TRAIN = "train"
+
+
+class RoundFailed(RuntimeError):
+    """Fewer replies than the configured minimum: the global model stays unchanged."""
+
+
+def discover_clients(grid: Grid, *, num_clients: int, timeout_s: float = 600.0) -> dict[int, int]:
+    """Ask every connected node for its partition id: {client index: node id}."""
+    deadline = time.monotonic() + timeout_s
+    node_ids: list[int] = list(grid.get_node_ids())
+    while len(node_ids) < num_clients and time.monotonic() < deadline:
+        time.sleep(1.0)
+        node_ids = list(grid.get_node_ids())
+    if len(node_ids) < num_clients:
+        raise RuntimeError(
+            f"only {len(node_ids)} of federation.num_clients={num_clients} clients connected "
+            f"within {timeout_s:.0f} s; start more clients or lower federation.num_clients"
+        )
+    messages = [
+        Message(content=RecordDict(), dst_node_id=nid, message_type=QUERY) for nid in node_ids
+    ]
+    mapping: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+        if reply.has_error():
+            logger.warning("node %s did not answer the query: %s", reply.metadata.src_node_id,
+                           reply.error)
+            continue
+        idx = int(reply.content["info"]["client_index"])  # type: ignore[arg-type]
+        if idx in mapping:
+            raise RuntimeError(f"two nodes claim client index {idx}; give each its own partition")
+        mapping[idx] = reply.metadata.src_node_id
+    missing = sorted(set(range(num_clients)) - set(mapping))
+    if missing:
+        raise RuntimeError(f"no node serves client indices {missing}")
+    return mapping
+
+
+def _client_config(cfg: RunConfig, *, rnd: int, idx: int, start: ClientStart) -> dict[str, Any]:
+    return {
+        "round": rnd,
+        "client_index": idx,
+        "rank": start.rank,
+        "seed": cfg.seed * 1_000_003 + rnd * 10_007 + idx,
+    }
+
+
+def _public_init(cfg: RunConfig, runtime: Runtime, aggregator: Any, public: Any) -> None:
+    """Fed-SB's shared B, A from the gradient on the server's public split (no client data,
+    so no privacy budget is spent)."""
+    grads = weight_gradients(
+        runtime.model,
+        list(runtime.shapes),
+        batches(
+            public,
+            batch_size=cfg.federation.batch_size,
+            steps=cfg.aggregation.fedsb_init_steps,
+            seed=cfg.seed,
+        ),
+        device=runtime.device,
+    )
+    rank = builders.max_rank(cfg)
+    aggregator.initialise_from_gradients(
+        grads, rank=rank, lr=cfg.federation.lr, scaling=cfg.adapter.alpha / rank
+    )
+
+
+def run_federation(
+    grid: Grid, cfg: RunConfig, out: Path, *, progress: bool = True, resume: bool = False
+) -> dict[str, Any]:
+    """Run every round of ``cfg`` on ``grid``; write metrics, report, adapter, checkpoint."""
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    device = resolve_device(cfg.federation.device)
+    fed = get_data(**builders.data_kwargs(cfg))
+    runtime = get_runtime(
+        **builders.runtime_kwargs(cfg, num_labels=fed.num_labels), device=device
+    )
+    enc_key = (cfg.model.name, cfg.data.max_length, tuple(sorted(builders.data_kwargs(cfg).items())))
+    test = get_encoded(
+        ("test", *enc_key), lambda: fed.test, runtime.tokenizer,
+        task=cfg.model.task, max_length=cfg.data.max_length,
+    )
+    aggregator = builders.build_aggregator(cfg)
+    if cfg.aggregation.algorithm == "fedsb":
+        public = get_encoded(
+            ("public", *enc_key), lambda: fed.public, runtime.tokenizer,
+            task=cfg.model.task, max_length=cfg.data.max_length,
+        )
+        _public_init(cfg, runtime, aggregator, public)
+    coord = Coordinator(
+        aggregator=aggregator,
+        shapes=runtime.shapes,
+        rank_of=cfg.adapter.rank_of,
+        alpha=cfg.adapter.alpha,
+        extras=dict(runtime.initial_extras),
+        seed=cfg.seed,
+        max_rank=builders.max_rank(cfg),
+    )
+    writer = MetricsWriter(out)
+    first_round = 1
+    ckpt_dir = out / "checkpoint"
+    if resume:
+        state = load_checkpoint(ckpt_dir)
+        coord.load_state_dict(state["coordinator"])
+        first_round = int(state["round"]) + 1
+        logger.info("resuming after round %d", first_round - 1)
+    eval_kw = {"test": test, "batch_size": cfg.federation.eval_batch_size}
+    before = evaluate_global(
+        runtime, adapters=coord.global_adapters, base_delta=coord.dense_base_delta(),
+        extras=coord.extras, **eval_kw,
+    )
+    if not resume:
+        writer.write({"round": 0, **_metric_fields(before), "bytes_up": 0, "bytes_down": 0,
+                      "epsilon": None, "clients": 0, "wall_s": 0.0})
+    nodes = discover_clients(grid, num_clients=cfg.federation.num_clients)
+    parts_up = aggregator.trainable
+    parts_down = "abr" if aggregator.trainable == "r" else "ab"
+    min_replies = cfg.federation.min_replies or 1
+    timeout = cfg.federation.round_timeout_s or None
+    last: dict[str, float] = dict(before)
+    bar = tqdm(range(first_round, cfg.federation.rounds + 1), desc=cfg.name, unit="round",
+               disable=not progress, initial=first_round - 1, total=cfg.federation.rounds)
+    for rnd in bar:
+        t_round = time.monotonic()
+        chosen = sorted(random.Random(cfg.seed * 7919 + rnd).sample(
+            range(cfg.federation.num_clients), cfg.federation.clients_per_round))
+        starts: dict[int, ClientStart] = {}
+        messages, bytes_down = [], 0
+        for idx in chosen:
+            start = coord.start_for(idx)
+            starts[idx] = start
+            content = serde.start_to_recorddict(
+                adapters=start.adapters, parts=parts_down, base_delta=start.base_delta,
+                extras=start.extras, config=_client_config(cfg, rnd=rnd, idx=idx, start=start),
+            )
+            bytes_down += serde.recorddict_nbytes(content)
+            messages.append(Message(content=content, dst_node_id=nodes[idx], message_type=TRAIN,
+                                    group_id=str(rnd)))
+        updates, bytes_up, eps = _collect(grid, messages, timeout, starts, nodes, parts_up, rnd)
+        record: dict[str, Any] = {"round": rnd, "bytes_up": bytes_up, "bytes_down": bytes_down,
+                                  "clients": len(updates), "sampled": len(chosen)}
+        if len(updates) < min_replies:
+            logger.error("round %d: %d replies < federation.min_replies=%d; model unchanged",
+                         rnd, len(updates), min_replies)
+            writer.write({**record, **_metric_fields(last), "epsilon": max(eps, default=None),
+                          "failed": True, "wall_s": time.monotonic() - t_round})
+            continue
+        result = coord.aggregate(updates)
+        last = evaluate_global(
+            runtime, adapters=coord.global_adapters, base_delta=coord.dense_base_delta(),
+            extras=coord.extras, **eval_kw,
+        )
+        train_loss = [u.metrics.get("train_loss") for u in updates if "train_loss" in u.metrics]
+        writer.write({
+            **record, **_metric_fields(last), "epsilon": max(eps, default=None),
+            "train_loss": sum(train_loss) / len(train_loss) if train_loss else None,
+            **{f"agg_{k}": v for k, v in result.metrics.items()},
+            "wall_s": time.monotonic() - t_round,
+        })
+        save_checkpoint(ckpt_dir, {"round": rnd, "coordinator": coord.state_dict(),
+                                   "config": cfg.to_dict()})
+        bar.set_postfix(acc=f"{last['accuracy']:.3f}", loss=f"{last['loss']:.3f}")
+    final = _finish(cfg, out, runtime, coord, before, last, t_start)
+    return final
+
+
+def _metric_fields(ev: Mapping[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in ev.items()}
+
+
+def _collect(
+    grid: Grid,
+    messages: list[Message],
+    timeout: float | None,
+    starts: Mapping[int, ClientStart],
+    nodes: Mapping[int, int],
+    parts_up: str,
+    rnd: int,
+) -> tuple[list[ClientUpdate], int, list[float]]:
+    """Send, wait, decode: the updates that arrived in time and decoded cleanly."""
+    index_of = {nid: idx for idx, nid in nodes.items()}
+    updates: dict[int, ClientUpdate] = {}
+    bytes_up, eps = 0, []
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        src = reply.metadata.src_node_id
+        if reply.has_error():
+            logger.warning("round %d: client on node %s failed: %s", rnd, src, reply.error)
+            continue
+        idx = index_of.get(src)
+        if idx is None or idx not in starts or idx in updates:
+            logger.warning("round %d: dropping unexpected or duplicate reply from node %s",
+                           rnd, src)
+            continue
+        bytes_up += serde.recorddict_nbytes(reply.content)
+        try:
+            update = serde.update_from_recorddict(
+                reply.content, client_id=str(idx), parts=parts_up,
+                reference=starts[idx].adapters,
+            )
+        except ValueError as exc:
+            logger.warning("round %d: rejected update of client %d: %s", rnd, idx, exc)
+            continue
+        if "epsilon" in update.metrics:
+            eps.append(float(update.metrics["epsilon"]))
+        updates[idx] = update
+    return [updates[i] for i in sorted(updates)], bytes_up, eps
+
+
+def _finish(
+    cfg: RunConfig,
+    out: Path,
+    runtime: Runtime,
+    coord: Coordinator,
+    before: Mapping[str, float],
+    last: Mapping[str, float],
+    t_start: float,
+) -> dict[str, Any]:
+    total = effective_delta(
+        AggregationResult(adapters=coord.global_adapters, base_delta=coord.base_factors)
+    )
+    peft_io.save_peft_adapter(
+        out / "adapter",
+        base_model_source=cfg.model.name,
+        deltas=total,
+        extras=coord.extras,
+        task=cfg.model.task,
+        target_modules=runtime.target_modules,
+    )
+    final = {
+        "rounds": coord.round,
+        "before": dict(before),
+        "final": dict(last),
+        "wall_s": time.monotonic() - t_start,
+    }
+    write_summary(out, final=final, config=cfg.to_dict())
+    write_report(out, title=f"fedft run {cfg.name!r}")
+    logger.info("final %s", final)
+    return final
+
+
+def client_info(client_index: int) -> RecordDict:
+    """The reply to the discovery query."""
+    return RecordDict({"info": ConfigRecord({"client_index": client_index})})

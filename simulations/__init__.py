@@ -1,0 +1,1 @@
+"""Experiment configs (``*.toml``) and the ``fedft simulate`` recipe."""
