@@ -1,0 +1,255 @@
+"""Plots (PNG) and a self-contained HTML report of a run, and cross-run comparison plots.
+
+Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no display, no
+global backend switch), so this works headless and inside worker threads.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from fedft.reporting.metrics import read_metrics, read_summary
+
+logger = logging.getLogger(__name__)
+
+#: the task metric looked for when none is named, in order.
+METRIC_CANDIDATES = ("accuracy", "f1", "perplexity", "eval_loss")
+_BASE_COLUMNS = ("round", "loss", "bytes_up", "bytes_down", "epsilon", "clients", "wall_s")
+
+
+def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(rounds, values) of the rows whose ``key`` is a number."""
+    xs, ys = [], []
+    for row in rows:
+        value = row.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            xs.append(int(row["round"]))
+            ys.append(float(value))
+    return xs, ys
+
+
+def pick_metric(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """The task metric these rows carry: the first of ``METRIC_CANDIDATES`` present."""
+    for name in METRIC_CANDIDATES:
+        if _series(rows, name)[0]:
+            return name
+    return None
+
+
+def _file_part(name: str) -> str:
+    """``name`` reduced to characters safe in a file name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "metric"
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+def _line_plot(
+    path: Path,
+    title: str,
+    ylabel: str,
+    lines: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+) -> Path:
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.add_subplot()
+    for label, (xs, ys) in lines.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if len(lines) > 1:
+        ax.legend()
+    return _save(fig, path)
+
+
+def write_plots(
+    rows: Sequence[Mapping[str, Any]], out_dir: str | Path, *, metric: str | None = None
+) -> dict[str, Path]:
+    """Write the per-round PNGs that exist for these rows.
+
+    Produces ``plot_<metric>.png``, ``plot_loss.png``, ``plot_epsilon.png`` (only when some
+    round has an ε) and ``plot_bytes.png`` (bytes up and down per round) in ``out_dir``.
+
+    Returns:
+        plot name ("metric", "loss", "epsilon", "bytes") -> path, for those written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metric = metric or pick_metric(rows)
+    plots: dict[str, Path] = {}
+    if metric is not None and _series(rows, metric)[0]:
+        plots["metric"] = _line_plot(
+            out / f"plot_{_file_part(metric)}.png",
+            f"{metric} per round",
+            metric,
+            {metric: _series(rows, metric)},
+        )
+    if _series(rows, "loss")[0]:
+        plots["loss"] = _line_plot(
+            out / "plot_loss.png", "loss per round", "loss", {"loss": _series(rows, "loss")}
+        )
+    if _series(rows, "epsilon")[0]:
+        plots["epsilon"] = _line_plot(
+            out / "plot_epsilon.png",
+            "privacy spent per round",
+            "ε (max over clients)",
+            {"ε": _series(rows, "epsilon")},
+        )
+    if _series(rows, "bytes_up")[0] or _series(rows, "bytes_down")[0]:
+        plots["bytes"] = _line_plot(
+            out / "plot_bytes.png",
+            "communication per round",
+            "bytes",
+            {"up": _series(rows, "bytes_up"), "down": _series(rows, "bytes_down")},
+        )
+    return plots
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return html.escape(str(value))
+
+
+def _table(rows: Sequence[Mapping[str, Any]]) -> str:
+    columns = [c for c in _BASE_COLUMNS if any(c in r for r in rows)]
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(path.name)}</figcaption></figure>"
+    )
+
+
+_CSS = (
+    "body{font-family:sans-serif;margin:2em;max-width:70em}"
+    "table{border-collapse:collapse;font-size:90%}"
+    "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+    "figure{display:inline-block;margin:0.5em}pre{background:#f6f6f6;padding:1em}"
+)
+
+
+def write_report(
+    out_dir: str | Path,
+    *,
+    title: str,
+    rows: list[dict[str, Any]] | None = None,
+    metric: str | None = None,
+) -> Path:
+    """Write the PNG plots and ``report.html`` of a run folder.
+
+    Args:
+        out_dir: the run folder (reads ``metrics.jsonl`` and, if present, ``summary.json``).
+        title: the report's heading.
+        rows: per-round rows; read from ``metrics.jsonl`` when None.
+        metric: the task metric to plot; picked from ``METRIC_CANDIDATES`` when None.
+
+    Returns:
+        Path of ``report.html``. The PNGs are embedded (base64), so the file stands alone;
+        they also stay next to it.
+    """
+    out = Path(out_dir)
+    if rows is None:
+        rows = read_metrics(out)
+    metric = metric or pick_metric(rows)
+    plots = write_plots(rows, out, metric=metric)
+    summary = read_summary(out)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>{len(rows)} rounds; task metric: {html.escape(metric or 'none recorded')}.</p>",
+    ]
+    if summary is not None and summary.get("final"):
+        parts += ["<h2>Final figures</h2>", _table([{"round": "final", **summary["final"]}])]
+    parts.append("<h2>Plots</h2>")
+    for name, path in plots.items():
+        parts.append(_img(path, name))
+    if "epsilon" not in plots:
+        parts.append("<p>No differential privacy in this run: no ε is reported.</p>")
+    parts += ["<h2>Per-round metrics</h2>", _table(rows) if rows else "<p>No rounds.</p>"]
+    if summary is not None and summary.get("config") is not None:
+        config = json.dumps(summary["config"], indent=2, sort_keys=True)
+        parts += ["<h2>Resolved configuration</h2>", f"<pre>{html.escape(config)}</pre>"]
+    parts.append("</body></html>")
+    path = out / "report.html"
+    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    logger.info("wrote %s with %d plots", path, len(plots))
+    return path
+
+
+def plot_compare(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | Path, *, metric: str
+) -> tuple[Path, Path]:
+    """Compare runs: ``metric`` per round, and ``metric`` against cumulative total bytes.
+
+    Args:
+        runs: run label (e.g. the algorithm) -> its per-round rows.
+        out_dir: where ``compare_<metric>_rounds.png`` and ``compare_<metric>_bytes.png`` go.
+        metric: the row key to compare (e.g. "accuracy").
+
+    Returns:
+        (per-round plot, vs-bytes plot). Total bytes = Σ over rounds so far of
+        bytes_up + bytes_down.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_round: dict[str, tuple[list[int], list[float]]] = {}
+    vs_bytes: dict[str, tuple[list[float], list[float]]] = {}
+    for label, rows in runs.items():
+        ordered = sorted(rows, key=lambda r: int(r["round"]))
+        per_round[label] = _series(ordered, metric)
+        total, xs, ys = 0.0, [], []
+        for row in ordered:
+            total += float(row.get("bytes_up") or 0) + float(row.get("bytes_down") or 0)
+            value = row.get(metric)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                xs.append(total)
+                ys.append(float(value))
+        vs_bytes[label] = (xs, ys)
+        if not xs:
+            logger.warning("run %r has no %r values to compare", label, metric)
+    rounds_png = _line_plot(
+        out / f"compare_{_file_part(metric)}_rounds.png", f"{metric} per round", metric, per_round
+    )
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.add_subplot()
+    for label, (xs, ys) in vs_bytes.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax.set_title(f"{metric} vs communication")
+    ax.set_xlabel("cumulative bytes (up + down)")
+    ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+    if any(xs and min(xs) > 0 and max(xs) / min(xs) > 100 for xs, _ in vs_bytes.values()):
+        ax.set_xscale("log")
+    ax.legend()
+    bytes_png = _save(fig, out / f"compare_{_file_part(metric)}_bytes.png")
+    return rounds_png, bytes_png

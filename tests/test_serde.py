@@ -1,0 +1,398 @@
+"""Flower records <-> fedft types: round trips, reference rebuilds, rejection, byte counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+from fedft.config import ConfigError, RunConfig, build_config
+from fedft.transport import serde
+from fedft.transport.flower_config import RUN_CONFIG_KEY, read_run_config, to_run_config
+from fedft.transport.serde import SerdeError
+from fedft.types import ClientUpdate, LoraFactors
+
+MODULES = ("layers.0.attn.q_proj", "layers.1.mlp.down_proj")
+
+
+def _adapters(
+    rank: int = 4,
+    *,
+    with_r: bool = False,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    scaling: float = 2.0,
+) -> dict[str, LoraFactors]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, m in enumerate(MODULES):
+        d_out, d_in = 12 + i, 10 + 2 * i
+        out[m] = LoraFactors(
+            a=torch.randn(rank, d_in, generator=g).to(dtype),
+            b=torch.randn(d_out, rank, generator=g).to(dtype),
+            scaling=scaling + i,
+            r=torch.randn(rank, rank, generator=g).to(dtype) if with_r else None,
+        )
+    return out
+
+
+def _same(x: LoraFactors, y: LoraFactors) -> None:
+    assert x.scaling == y.scaling
+    for part in ("a", "b", "r"):
+        tx, ty = getattr(x, part), getattr(y, part)
+        assert (tx is None) == (ty is None), part
+        if tx is not None:
+            assert tx.dtype == ty.dtype and tx.shape == ty.shape, part
+            assert torch.equal(tx, ty), part
+
+
+def _wire(rd: RecordDict) -> RecordDict:
+    """What the other side sees: the proto bytes parsed back."""
+    return recorddict_from_proto(recorddict_to_proto(rd))
+
+
+# --- single tensors --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.float64]
+)
+def test_tensor_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
+    t = (torch.randn(3, 5) * 100).to(dtype)
+    arr = serde.tensor_to_array(t)
+    assert arr.stype == serde.STYPE
+    back = serde.array_to_tensor(arr)
+    want = t.to(torch.float32) if dtype == torch.float64 else t
+    assert back.dtype == want.dtype and back.shape == want.shape
+    assert torch.equal(back, want)
+    assert len(arr.data) == t.numel() * want.element_size()
+    back.add_(1)  # the decoded tensor is writable and owns its memory
+
+
+def test_bf16_travels_at_two_bytes_per_element_and_noncontiguous_inputs_work() -> None:
+    t = torch.randn(8, 6).to(torch.bfloat16).t()  # non-contiguous (6, 8)
+    arr = serde.tensor_to_array(t)
+    assert arr.dtype == "bfloat16" and len(arr.data) == 2 * 48
+    assert torch.equal(serde.array_to_tensor(arr), t)
+
+
+def test_bytes_are_little_endian_c_order() -> None:
+    arr = serde.tensor_to_array(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    import struct
+
+    assert struct.unpack("<4f", arr.data) == (1.0, 2.0, 3.0, 4.0)
+
+
+def test_unsupported_dtype_is_refused_on_encode() -> None:
+    with pytest.raises(SerdeError, match="bool"):
+        serde.tensor_to_array(torch.ones(3, dtype=torch.bool))
+
+
+# --- rejection ---------------------------------------------------------------------------------
+
+
+def _raw(dtype: str, shape: tuple[int, ...], data: bytes, stype: str = serde.STYPE) -> Array:
+    return Array(dtype=dtype, shape=shape, stype=stype, data=data)
+
+
+def test_wrong_byte_length_is_rejected() -> None:
+    with pytest.raises(SerdeError, match=r"'w'.*20 bytes.*needs 24"):
+        serde.array_to_tensor(_raw("float32", (2, 3), b"\0" * 20), key="w")
+
+
+def test_huge_declared_shape_is_rejected_before_allocating() -> None:
+    with pytest.raises(SerdeError, match="more than the limit"):
+        serde.array_to_tensor(_raw("float32", (1 << 20, 1 << 20), b"\0" * 16))
+    with pytest.raises(SerdeError, match="more than the limit"):
+        serde.array_to_tensor(_raw("float32", (4, 4), b"\0" * 64), max_numel=15)
+
+
+def test_bad_shapes_unknown_dtype_and_foreign_stype_are_rejected() -> None:
+    with pytest.raises(SerdeError, match="dtype 'object'"):
+        serde.array_to_tensor(_raw("object", (1,), b"\0" * 8))
+    with pytest.raises(SerdeError, match="dtype 'float64'"):
+        serde.array_to_tensor(_raw("float64", (1,), b"\0" * 8))
+    with pytest.raises(SerdeError, match="shape"):
+        serde.array_to_tensor(_raw("float32", (-1, 2), b""))
+    with pytest.raises(SerdeError, match="stype 'numpy.ndarray'"):
+        serde.array_to_tensor(Array(torch.ones(2).numpy()))
+
+
+def test_non_finite_values_rejected_only_when_asked() -> None:
+    arr = serde.tensor_to_array(torch.tensor([1.0, math.nan]))
+    assert torch.isnan(serde.array_to_tensor(arr)).any()
+    with pytest.raises(SerdeError, match="NaN"):
+        serde.array_to_tensor(arr, check_finite=True)
+    inf = serde.tensor_to_array(torch.tensor([math.inf]).to(torch.bfloat16))
+    with pytest.raises(SerdeError, match="infinite"):
+        serde.array_to_tensor(inf, check_finite=True)
+
+
+def test_tensors_record_round_trip_keeps_order() -> None:
+    d = {"z.weight": torch.randn(2, 3), "a.bias": torch.arange(5), "m": torch.randn(4).half()}
+    back = serde.tensors_from_record(serde.tensors_to_record(d))
+    assert list(back) == list(d)
+    assert all(torch.equal(back[k], d[k]) and back[k].dtype == d[k].dtype for k in d)
+
+
+# --- adapters ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_adapters_ab_round_trip(dtype: torch.dtype) -> None:
+    ad = _adapters(dtype=dtype)
+    rec = serde.adapters_to_record(ad, parts="ab")
+    assert sorted(rec) == sorted(f"{m}::{p}" for m in MODULES for p in "ab")
+    back = serde.adapters_from_record(
+        rec, parts="ab", scalings={m: f.scaling for m, f in ad.items()}
+    )
+    for m in MODULES:
+        _same(ad[m], back[m])
+    assert torch.allclose(back[MODULES[0]].delta(), ad[MODULES[0]].delta())
+
+
+def test_ffa_sends_only_b_and_server_rebuilds_from_shared_a() -> None:
+    shared = _adapters(seed=1)  # what the server handed out: A frozen and shared
+    trained = {m: LoraFactors(a=f.a, b=f.b + 0.5, scaling=f.scaling) for m, f in shared.items()}
+    rec = serde.adapters_to_record(trained, parts="b")
+    assert all(k.endswith("::b") for k in rec)
+    back = serde.adapters_from_record(rec, parts="b", reference=shared)
+    for m in MODULES:
+        _same(trained[m], back[m])
+        assert back[m].a is shared[m].a
+
+
+def test_fedsb_sends_only_r_and_server_rebuilds_b_r_a() -> None:
+    shared = _adapters(rank=3, with_r=True, seed=2)
+    trained = {
+        m: LoraFactors(a=f.a, b=f.b, scaling=f.scaling, r=torch.randn(3, 3))
+        for m, f in shared.items()
+    }
+    rec = serde.adapters_to_record(trained, parts="r")
+    assert sorted(rec) == sorted(f"{m}::r" for m in MODULES)
+    assert sum(len(a.data) for a in rec.values()) == len(MODULES) * 9 * 4  # r^2 floats each
+    back = serde.adapters_from_record(rec, parts="r", reference=shared)
+    for m in MODULES:
+        _same(trained[m], back[m])
+        want = trained[m].scaling * trained[m].b @ trained[m].r @ trained[m].a
+        assert torch.allclose(back[m].delta(), want, atol=1e-5)
+
+
+def test_abr_round_trip_and_ab_refuses_to_drop_r() -> None:
+    ad = _adapters(with_r=True)
+    back = serde.adapters_from_record(
+        serde.adapters_to_record(ad, parts="abr"), parts="abr", reference=ad
+    )
+    for m in MODULES:
+        _same(ad[m], back[m])
+    with pytest.raises(SerdeError, match="would drop"):
+        serde.adapters_to_record(ad, parts="ab")
+    with pytest.raises(SerdeError, match="no r matrix"):
+        serde.adapters_to_record(_adapters(), parts="r")
+
+
+def test_reference_mismatches_are_rejected() -> None:
+    shared = _adapters(rank=4)
+    rec = serde.adapters_to_record(_adapters(rank=2), parts="b")
+    with pytest.raises(SerdeError, match="does not match the reference"):
+        serde.adapters_from_record(rec, parts="b", reference=shared)
+    with pytest.raises(SerdeError, match="needs the reference"):
+        serde.adapters_from_record(rec, parts="b")
+    with pytest.raises(SerdeError, match="not in the reference"):
+        serde.adapters_from_record(
+            serde.adapters_to_record(shared, parts="b"),
+            parts="b",
+            reference={MODULES[0]: shared[MODULES[0]]},
+        )
+    # a record holding other parts than declared
+    with pytest.raises(SerdeError, match="unexpected entry"):
+        serde.adapters_from_record(
+            serde.adapters_to_record(shared, parts="ab"), parts="b", reference=shared
+        )
+    partial = serde.adapters_to_record(shared, parts="ab")
+    del partial[f"{MODULES[0]}::a"]
+    with pytest.raises(SerdeError, match=r"got parts \['b'\]"):
+        serde.adapters_from_record(partial, parts="ab", reference=shared)
+
+
+# --- whole messages -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("parts", ["ab", "b", "r", "abr"])
+def test_update_round_trip_through_the_proto(parts: str) -> None:
+    shared = _adapters(rank=3, with_r="r" in parts, seed=3)
+    update = ClientUpdate(
+        client_id="ignored",
+        adapters=shared,
+        num_examples=37,
+        metrics={"train_loss": 0.75, "epsilon": 1.25, "steps": 20},
+        extras={"classifier.weight": torch.randn(2, 12), "prompt": torch.randn(4, 12).half()},
+    )
+    rd = _wire(serde.update_to_recorddict(update, parts=parts))  # type: ignore[arg-type]
+    back = serde.update_from_recorddict(
+        rd,
+        client_id="node-7",
+        parts=parts,  # type: ignore[arg-type]
+        reference=shared,
+    )
+    assert back.client_id == "node-7" and back.num_examples == 37
+    assert back.metrics == {"train_loss": 0.75, "epsilon": 1.25, "steps": 20.0}
+    assert list(back.extras) == list(update.extras)
+    for k, t in update.extras.items():
+        assert torch.equal(back.extras[k], t) and back.extras[k].dtype == t.dtype
+    for m in MODULES:
+        _same(shared[m], back.adapters[m])
+
+
+def test_update_with_wrong_parts_or_poisoned_values_is_rejected() -> None:
+    ad = _adapters()
+    update = ClientUpdate(client_id="c", adapters=ad, num_examples=5)
+    rd = serde.update_to_recorddict(update, parts="ab")
+    with pytest.raises(SerdeError, match="sent parts='ab', expected 'b'"):
+        serde.update_from_recorddict(rd, client_id="c", parts="b", reference=ad)
+    bad = {m: LoraFactors(a=f.a, b=f.b * math.nan, scaling=f.scaling) for m, f in ad.items()}
+    rd = serde.update_to_recorddict(
+        ClientUpdate(client_id="c", adapters=bad, num_examples=5), parts="ab"
+    )
+    with pytest.raises(SerdeError, match="NaN"):
+        serde.update_from_recorddict(rd, client_id="c", parts="ab")
+    rd = serde.update_to_recorddict(update, parts="ab")
+    rd[serde.META]["num_examples"] = 0
+    with pytest.raises(SerdeError, match="num_examples = 0"):
+        serde.update_from_recorddict(rd, client_id="c", parts="ab")
+    rd[serde.META]["num_examples"] = 5
+    rd[serde.META]["version"] = 99
+    with pytest.raises(SerdeError, match="wire version 99"):
+        serde.update_from_recorddict(rd, client_id="c", parts="ab")
+    rd[serde.META]["version"] = serde.WIRE_VERSION
+    rd[serde.ADAPTERS][f"{MODULES[0]}::b"] = _raw("float32", (12, 4), b"\0" * 47)
+    with pytest.raises(SerdeError, match=r"layers.0.attn.q_proj::b.*47 bytes"):
+        serde.update_from_recorddict(rd, client_id="c", parts="ab")
+    del rd[serde.METRICS]
+    with pytest.raises(SerdeError, match="'fedft.metrics' is missing"):
+        serde.update_from_recorddict(rd, client_id="c", parts="ab")
+
+
+def test_start_round_trip_with_dense_and_factored_base_delta() -> None:
+    ad = _adapters(dtype=torch.bfloat16)
+    stacked = LoraFactors(a=torch.randn(7, 10), b=torch.randn(12, 7), scaling=0.5)  # FLoRA
+    base_delta = {MODULES[0]: stacked, MODULES[1]: torch.randn(13, 12)}
+    config = {"round": 3, "lr": 5e-4, "algorithm": "flora", "fresh_lora": True}
+    prompt = torch.randn(4, 8)
+    rd = _wire(
+        serde.start_to_recorddict(
+            adapters=ad,
+            parts="ab",
+            base_delta=base_delta,
+            extras={"prompt": prompt},
+            config=config,
+        )
+    )
+    adapters, delta, extras, cfg = serde.start_from_recorddict(rd)
+    for m in MODULES:
+        _same(ad[m], adapters[m])
+    got0 = delta[MODULES[0]]
+    assert isinstance(got0, LoraFactors)
+    _same(stacked, got0)
+    got1 = delta[MODULES[1]]
+    assert isinstance(got1, torch.Tensor) and torch.equal(got1, base_delta[MODULES[1]])
+    assert list(extras) == ["prompt"] and torch.equal(extras["prompt"], prompt)
+    assert cfg == config and isinstance(cfg["fresh_lora"], bool) and isinstance(cfg["round"], int)
+
+
+def test_start_with_b_only_needs_the_clients_reference() -> None:
+    shared = _adapters(seed=5)
+    rd = serde.start_to_recorddict(adapters=shared, parts="b", base_delta={}, extras={}, config={})
+    with pytest.raises(SerdeError, match="needs the reference"):
+        serde.start_from_recorddict(rd)
+    adapters, delta, extras, cfg = serde.start_from_recorddict(rd, reference=shared)
+    assert delta == {} and extras == {} and cfg == {}
+    for m in MODULES:
+        _same(shared[m], adapters[m])
+    with pytest.raises(SerdeError, match="expected kind 'update', got 'start'"):
+        serde.update_from_recorddict(rd, client_id="x", parts="b", reference=shared)
+
+
+# --- byte accounting ------------------------------------------------------------------------------
+
+
+def test_nbytes_is_the_proto_size_and_grows_with_rank() -> None:
+    sizes = []
+    for rank in (2, 4, 8, 16):
+        rd = serde.update_to_recorddict(
+            ClientUpdate(client_id="c", adapters=_adapters(rank=rank), num_examples=3),
+            parts="ab",
+        )
+        n = serde.recorddict_nbytes(rd)
+        assert (
+            n
+            == recorddict_to_proto(rd).ByteSize()
+            == len(recorddict_to_proto(rd).SerializeToString())
+        )
+        payload = sum(len(a.data) for a in rd[serde.ADAPTERS].values())
+        assert payload == 4 * rank * sum(10 + 2 * i + 12 + i for i in range(len(MODULES)))
+        assert payload < n < payload + 2048  # framing is small next to the tensors
+        sizes.append(n)
+    assert sizes == sorted(sizes) and len(set(sizes)) == 4
+    # the growth is the extra tensor bytes (plus at most a few bytes of length prefixes)
+    extra = 4 * (16 - 8) * sum(10 + 2 * i + 12 + i for i in range(len(MODULES)))
+    assert extra <= sizes[3] - sizes[2] <= extra + 8
+
+
+def test_fedsb_and_ffa_uploads_are_smaller_than_full_factors() -> None:
+    shared = _adapters(rank=8, with_r=True)
+    upd = ClientUpdate(client_id="c", adapters=shared, num_examples=3)
+    n_abr = serde.recorddict_nbytes(serde.update_to_recorddict(upd, parts="abr"))
+    n_r = serde.recorddict_nbytes(serde.update_to_recorddict(upd, parts="r"))
+    plain = ClientUpdate(
+        client_id="c",
+        adapters={m: LoraFactors(a=f.a, b=f.b, scaling=f.scaling) for m, f in shared.items()},
+        num_examples=3,
+    )
+    n_ab = serde.recorddict_nbytes(serde.update_to_recorddict(plain, parts="ab"))
+    n_b = serde.recorddict_nbytes(serde.update_to_recorddict(plain, parts="b"))
+    assert n_r < n_b < n_ab < n_abr
+
+
+# --- Flower run config ----------------------------------------------------------------------------
+
+
+def test_run_config_round_trip_and_errors() -> None:
+    cfg = build_config(
+        {"name": "t", "federation": {"rounds": 2}, "aggregation": {"algorithm": "ffa"}}
+    )
+    rc = to_run_config(cfg)
+    assert set(rc) == {RUN_CONFIG_KEY} and isinstance(rc[RUN_CONFIG_KEY], str)
+    assert read_run_config(rc) == cfg
+    assert read_run_config({**rc, "other": 1}) == cfg
+    assert read_run_config(to_run_config(RunConfig())) == RunConfig()
+    with pytest.raises(ConfigError, match="no 'fedft-config' key"):
+        read_run_config({})
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        read_run_config({RUN_CONFIG_KEY: "{nope"})
+    with pytest.raises(ConfigError, match="is not allowed"):
+        read_run_config({RUN_CONFIG_KEY: 3})
+    with pytest.raises(ConfigError, match="federation.rounds"):
+        read_run_config({RUN_CONFIG_KEY: '{"federation": {"rounds": 0}}'})
+
+
+def test_config_record_values_are_type_checked() -> None:
+    with pytest.raises(SerdeError, match="values must be"):
+        serde.start_to_recorddict(
+            adapters={},
+            parts="ab",
+            base_delta={},
+            extras={},
+            config={"x": [1, 2]},  # type: ignore[dict-item]
+        )
+    rd = serde.start_to_recorddict(adapters={}, parts="ab", base_delta={}, extras={}, config={})
+    rd[serde.SCALING] = ConfigRecord({"m": "big"})
+    with pytest.raises(SerdeError, match="not a number"):
+        serde.start_from_recorddict(rd)
+    rd[serde.SCALING] = ConfigRecord()
+    rd[serde.ADAPTERS] = ArrayRecord({"noseparator": serde.tensor_to_array(torch.ones(1))})
+    with pytest.raises(SerdeError, match="unexpected entry 'noseparator'"):
+        serde.start_from_recorddict(rd)
