@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedft import builders
-from fedft.aggregation.registry import REGISTRY
+from fedft.aggregation import AGGREGATORS
 from fedft.config import RunConfig
 from fedft.training.coordinator import ClientStart
 from fedft.training.local import resolve_device
@@ -54,7 +54,7 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
         task=cfg.model.task,
         max_length=cfg.data.max_length,
     )
-    trainable = REGISTRY[cfg.aggregation.algorithm].trainable
+    trainable = AGGREGATORS[cfg.aggregation.algorithm].trainable
     start = ClientStart(
         adapters=adapters, base_delta=base_delta, extras=extras, rank=int(conf["rank"])
     )

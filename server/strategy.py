@@ -149,7 +149,7 @@ def run_federation(
         extras=coord.extras, **eval_kw,
     )
     if not resume:
-        writer.write({"round": 0, **_metric_fields(before), "bytes_up": 0, "bytes_down": 0,
+        writer.write(**{"round": 0, **_metric_fields(before), "bytes_up": 0, "bytes_down": 0,
                       "epsilon": None, "clients": 0, "wall_s": 0.0})
     nodes = discover_clients(grid, num_clients=cfg.federation.num_clients)
     parts_up = aggregator.trainable
@@ -181,7 +181,7 @@ def run_federation(
         if len(updates) < min_replies:
             logger.error("round %d: %d replies < federation.min_replies=%d; model unchanged",
                          rnd, len(updates), min_replies)
-            writer.write({**record, **_metric_fields(last), "epsilon": max(eps, default=None),
+            writer.write(**{**record, **_metric_fields(last), "epsilon": max(eps, default=None),
                           "failed": True, "wall_s": time.monotonic() - t_round})
             continue
         result = coord.aggregate(updates)
@@ -190,7 +190,7 @@ def run_federation(
             extras=coord.extras, **eval_kw,
         )
         train_loss = [u.metrics.get("train_loss") for u in updates if "train_loss" in u.metrics]
-        writer.write({
+        writer.write(**{
             **record, **_metric_fields(last), "epsilon": max(eps, default=None),
             "train_loss": sum(train_loss) / len(train_loss) if train_loss else None,
             **{f"agg_{k}": v for k, v in result.metrics.items()},

@@ -58,7 +58,7 @@ class MetricsWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / METRICS_FILE
         existing = read_metrics(self.path) if self.path.exists() else []
-        self._last_round = max((int(r["round"]) for r in existing), default=0)
+        self._last_round = max((int(r["round"]) for r in existing), default=-1)
 
     def write(
         self,
@@ -75,7 +75,7 @@ class MetricsWriter:
         """Append one round and flush it to disk.
 
         Args:
-            round: 1-based round number, greater than every round already written.
+            round: round number (0 = before training), greater than every round written.
             loss: the round's evaluation loss (None when not evaluated).
             bytes_up: bytes clients sent this round (serialised payload).
             bytes_down: bytes the server sent this round.

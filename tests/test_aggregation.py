@@ -1,0 +1,318 @@
+"""Each aggregator's own exactness, hand-computed numbers, and the registry's errors."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import Tensor
+
+from fedft.aggregation import (
+    FedIT,
+    FedSB,
+    LoraFair,
+    fair_correction,
+    get_aggregator,
+)
+from fedft.types import AggregationResult, ClientUpdate, LoraFactors
+
+try:
+    from fedft.adapters import effective_delta as _effective
+except ImportError:  # pragma: no cover - the adapters package is written in parallel
+
+    def _effective(x):  # type: ignore[no-redef]
+        out: dict[str, Tensor] = {}
+        adapters = x.adapters if isinstance(x, (ClientUpdate, AggregationResult)) else x
+        if isinstance(x, AggregationResult):
+            for m, v in x.base_delta.items():
+                out[m] = out.get(m, 0) + (v.delta() if isinstance(v, LoraFactors) else v)
+        for m, f in adapters.items():
+            out[m] = out.get(m, 0) + f.delta()
+        return out
+
+
+def _update(cid: str, n: int, **factors: LoraFactors) -> ClientUpdate:
+    return ClientUpdate(cid, factors, n)
+
+
+def _rand(g: torch.Generator, out: int, inn: int, r: int, s: float) -> LoraFactors:
+    return LoraFactors(
+        a=0.5 * torch.randn(r, inn, generator=g),
+        b=0.5 * torch.randn(out, r, generator=g),
+        scaling=s,
+    )
+
+
+def _ideal(ups: list[ClientUpdate], module: str) -> Tensor:
+    """sum_k p_k s_k B_k [R_k] A_k in float64 (the oracle)."""
+    total = sum(u.num_examples for u in ups)
+    acc = torch.zeros(ups[0].adapters[module].shape, dtype=torch.float64)
+    for u in ups:
+        f = u.adapters[module]
+        mid = f.a.double() if f.r is None else f.r.double() @ f.a.double()
+        acc += (u.num_examples / total) * f.scaling * (f.b.double() @ mid)
+    return acc
+
+
+def _cos(x: Tensor, y: Tensor) -> float:
+    return float(
+        torch.nn.functional.cosine_similarity(x.double().flatten(), y.double().flatten(), 0)
+    )
+
+
+def _one(value: float) -> LoraFactors:
+    return LoraFactors(a=torch.tensor([[value]]), b=torch.tensor([[value]]), scaling=1.0)
+
+
+# -- the two-client example of DESIGN §3 -------------------------------------------------
+def test_design_two_client_example_fedit_is_wrong_exact_ones_are_right():
+    ups = [_update("x", 1, w=_one(1.0)), _update("y", 1, w=_one(-1.0))]
+    assert float(_ideal(ups, "w")) == 1.0
+    assert float(_effective(get_aggregator("fedit").aggregate(ups))["w"]) == 0.0
+    for name in ("flora", "fedex"):
+        assert float(_effective(get_aggregator(name).aggregate(ups))["w"]) == pytest.approx(1.0)
+
+
+# -- hand-computed two-client numbers -----------------------------------------------------
+def test_fedit_hand_computed():
+    c0 = LoraFactors(a=torch.tensor([[1.0, 2.0]]), b=torch.tensor([[4.0], [0.0]]), scaling=2.0)
+    c1 = LoraFactors(a=torch.tensor([[3.0, -2.0]]), b=torch.tensor([[0.0], [8.0]]), scaling=2.0)
+    res = FedIT().aggregate([_update("c0", 1, w=c0), _update("c1", 3, w=c1)])  # p = 1/4, 3/4
+    f = res.adapters["w"]
+    assert torch.equal(f.a, torch.tensor([[2.5, -1.0]]))
+    assert torch.equal(f.b, torch.tensor([[1.0], [6.0]]))
+    assert f.scaling == 2.0
+    # delta = 2 * [[1],[6]] @ [[2.5, -1]]
+    assert torch.equal(_effective(res)["w"], torch.tensor([[5.0, -2.0], [30.0, -12.0]]))
+
+
+def test_hetlora_hand_computed_pad_average_truncate():
+    lo = LoraFactors(a=torch.tensor([[1.0, 2.0]]), b=torch.tensor([[1.0], [3.0]]), scaling=1.0)
+    hi = LoraFactors(a=torch.eye(2), b=2 * torch.eye(2), scaling=1.0)
+    agg = get_aggregator("hetlora")
+    res = agg.aggregate([_update("lo", 1, w=lo), _update("hi", 3, w=hi)])  # p = 1/4, 3/4
+    g = res.adapters["w"]
+    assert torch.equal(g.a, torch.tensor([[1.0, 0.5], [0.0, 0.75]]))
+    assert torch.equal(g.b, torch.tensor([[1.75, 0.0], [0.75, 1.5]]))
+    start = agg.client_start(res.adapters, rank=1, scaling=0.5, generator=torch.Generator())
+    s = start["w"]
+    assert s.rank == 1 and s.scaling == 0.5
+    assert torch.equal(s.a, torch.tensor([[1.0, 0.5]]))
+    assert torch.equal(s.b, torch.tensor([[3.5], [1.5]]))  # rescaled: 0.5 * b = 1.0 * B[:, :1]
+    with pytest.raises(ValueError, match="exceeds the global rank"):
+        agg.client_start(res.adapters, rank=3, scaling=1.0, generator=torch.Generator())
+
+
+def test_hetlora_folds_scalings_into_b():
+    lo = LoraFactors(a=torch.tensor([[1.0, 0.0]]), b=torch.tensor([[1.0], [0.0]]), scaling=4.0)
+    hi = LoraFactors(a=torch.eye(2), b=torch.eye(2), scaling=2.0)
+    res = get_aggregator("hetlora").aggregate([_update("lo", 1, w=lo), _update("hi", 1, w=hi)])
+    g = res.adapters["w"]
+    assert g.scaling == 2.0  # the largest-rank client's scaling
+    assert torch.equal(g.b, torch.tensor([[1.5, 0.0], [0.0, 0.5]]))  # 0.5*(2*[1,0]) + 0.5*I
+
+
+# -- exactness through effective deltas ---------------------------------------------------
+def test_flora_exact_with_mixed_ranks_and_scalings():
+    g = torch.Generator().manual_seed(0)
+    ranks, scalings, ns = [1, 8, 4, 2], [16.0, 0.5, 1.0, 3.0], [10, 3, 7, 1]
+    ups = [
+        _update(f"c{i}", n, q=_rand(g, 12, 9, r, s), v=_rand(g, 5, 9, r, s))
+        for i, (r, s, n) in enumerate(zip(ranks, scalings, ns))
+    ]
+    agg = get_aggregator("flora")
+    agg.init_global({"q": (12, 9), "v": (5, 9)}, rank=4, scaling=1.0, generator=g)
+    res = agg.aggregate(ups)
+    assert res.adapters == {}
+    eff = _effective(res)
+    for m in ("q", "v"):
+        assert res.base_delta[m].rank == sum(ranks)
+        ideal = _ideal(ups, m)
+        assert (eff[m].double() - ideal).abs().max() <= 1e-6 * ideal.abs().max()  # fp32 rounding
+    # clients restart fresh at their own rank: A random, B = 0
+    start = agg.client_start(res.adapters, rank=2, scaling=8.0, generator=g)
+    assert start["q"].rank == 2 and start["q"].shape == (12, 9)
+    assert torch.count_nonzero(start["q"].b) == 0 and torch.count_nonzero(start["q"].a) > 0
+
+
+def test_fedsb_exact_and_init_from_gradients():
+    g = torch.Generator().manual_seed(1)
+    grad = torch.randn(10, 8, generator=g)
+    agg = FedSB()
+    with pytest.raises(ValueError, match="initialise_from_gradients"):
+        agg.init_global({"w": (10, 8)}, rank=3, scaling=2.0, generator=g)
+    init = agg.initialise_from_gradients({"w": grad}, rank=3, lr=0.1, scaling=2.0)["w"]
+    # s B R A is the best rank-3 approximation of U = -lr sign(G)
+    u = -0.1 * torch.sign(grad.double())
+    q, sv, ph = torch.linalg.svd(u)
+    best = q[:, :3] @ torch.diag(sv[:3]) @ ph[:3]
+    assert torch.allclose(init.delta().double(), best, atol=1e-6)
+    assert torch.allclose(init.b.T @ init.b, torch.eye(3), atol=1e-5)  # B has orthonormal columns
+    glob = agg.init_global({"w": (10, 8)}, rank=3, scaling=2.0, generator=g)
+    rs = [torch.randn(3, 3, generator=g) for _ in range(3)]
+    ups = [
+        _update(f"c{i}", n, w=replace(glob["w"], r=r))
+        for i, (r, n) in enumerate(zip(rs, [2, 5, 9]))
+    ]
+    res = agg.aggregate(ups)
+    p = [2 / 16, 5 / 16, 9 / 16]
+    assert torch.allclose(res.adapters["w"].r, sum(pk * r for pk, r in zip(p, rs)), atol=1e-6)
+    assert torch.equal(res.adapters["w"].a, glob["w"].a) and torch.equal(
+        res.adapters["w"].b, glob["w"].b
+    )
+    assert (_effective(res)["w"].double() - _ideal(ups, "w")).abs().max() <= 1e-6
+    tampered = replace(ups[0].adapters["w"], a=ups[0].adapters["w"].a + 1e-3)
+    with pytest.raises(ValueError, match="frozen"):
+        agg.aggregate([_update("c0", 2, w=tampered), ups[1]])
+
+
+def test_ffa_exact_and_a_must_stay_frozen():
+    g = torch.Generator().manual_seed(2)
+    agg = get_aggregator("ffa")
+    glob = agg.init_global({"w": (6, 4)}, rank=2, scaling=2.0, generator=g)
+    assert torch.count_nonzero(glob["w"].b) == 0
+    bound = 1 / 4**0.5  # peft / nn.Linear init: U(-1/sqrt(in), 1/sqrt(in))
+    assert glob["w"].a.abs().max() <= bound and glob["w"].a.abs().max() > 0.3 * bound
+    ups = [
+        _update(f"c{i}", n, w=replace(glob["w"], b=torch.randn(6, 2, generator=g)))
+        for i, n in enumerate([3, 1, 4])
+    ]
+    res = agg.aggregate(ups)
+    assert (_effective(res)["w"].double() - _ideal(ups, "w")).abs().max() <= 1e-6
+    moved = replace(ups[1].adapters["w"], a=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="'c1' changed the frozen A"):
+        agg.aggregate([ups[0], _update("c1", 1, w=moved)])
+
+
+def test_fedex_adapters_are_fedit_and_base_makes_it_exact():
+    g = torch.Generator().manual_seed(3)
+    ups = [_update(f"c{i}", n, w=_rand(g, 7, 5, 3, 2.0)) for i, n in enumerate([4, 9, 1])]
+    res = get_aggregator("fedex").aggregate(ups)
+    fedit = FedIT().aggregate(ups)
+    assert torch.equal(res.adapters["w"].a, fedit.adapters["w"].a)
+    assert torch.equal(res.adapters["w"].b, fedit.adapters["w"].b)
+    assert (_effective(res)["w"].double() - _ideal(ups, "w")).abs().max() <= 1e-5
+    # the base delta is exactly the FedIT error sum p_k s (B_k - B)(A_k - A)
+    resid = res.base_delta["w"]
+    assert isinstance(resid, LoraFactors) and resid.rank == 3 * 3 + 3
+    fedit_err = _ideal(ups, "w") - fedit.adapters["w"].delta().double()
+    assert torch.allclose(resid.delta().double(), fedit_err, atol=1e-5)
+    assert fedit_err.abs().max() > 0.1  # FedIT alone would have been wrong
+
+
+# -- LoRA-FAIR ----------------------------------------------------------------------------
+def _fair_clients(seed: int, shared_a: bool = False) -> list[ClientUpdate]:
+    g = torch.Generator().manual_seed(seed)
+    a0 = torch.randn(3, 8, generator=g)
+    ups = []
+    for i, n in enumerate([5, 3, 8]):
+        f = _rand(g, 10, 8, 3, 2.0)
+        ups.append(_update(f"c{i}", n, w=replace(f, a=a0) if shared_a else f))
+    return ups
+
+
+def test_lora_fair_improves_the_cosine_over_fedit():
+    ups = _fair_clients(4)
+    ideal = _ideal(ups, "w")
+    fedit = FedIT().aggregate(ups)
+    fair = LoraFair(fair_lambda=0.01, fair_steps=200, fair_lr=0.01).aggregate(ups)
+    cos_fedit = _cos(ideal, _effective(fedit)["w"])
+    cos_fair = _cos(ideal, _effective(fair)["w"])
+    assert cos_fair >= cos_fedit + 0.05, (cos_fedit, cos_fair)
+    assert fair.metrics["fair_cos_before"] == pytest.approx(cos_fedit, abs=1e-6)
+    assert fair.metrics["fair_cos_after"] == pytest.approx(cos_fair, abs=1e-5)
+    assert torch.equal(fair.adapters["w"].a, fedit.adapters["w"].a)  # only B is corrected
+    assert fair.base_delta == {}
+
+
+def test_lora_fair_no_correction_when_clients_share_a():
+    ups = _fair_clients(5, shared_a=True)
+    fix = fair_correction(
+        [u.adapters["w"] for u in ups], [5 / 16, 3 / 16, 8 / 16], lam=0.01, steps=100, lr=0.01
+    )
+    assert fix.cos_before == pytest.approx(1.0, abs=1e-12)
+    assert float(fix.delta_b.norm()) <= 1e-9
+
+
+def test_lora_fair_correction_shrinks_as_lambda_grows():
+    ups = _fair_clients(6)
+    fs, p = [u.adapters["w"] for u in ups], [5 / 16, 3 / 16, 8 / 16]
+    norms = []
+    for lam in (0.0, 0.01, 0.1, 1.0, 10.0):
+        fix = fair_correction(fs, p, lam=lam, steps=150, lr=0.01)
+        norm = float(fix.delta_b.norm())
+        assert fix.cos_after >= fix.cos_before
+        if lam > 0:  # the returned iterate beats dB = 0 on the objective
+            assert norm <= (1 - fix.cos_before) / lam + 1e-9
+        norms.append(norm)
+    assert norms[0] > 0 and norms[-1] < 0.05 * norms[0]
+    assert all(x >= y - 1e-9 for x, y in zip(norms[1:], norms[2:]))
+
+
+# -- the "FedAvg kept only client 0" bug class --------------------------------------------
+class _OnlyFirstClient(FedIT):
+    """A deliberately broken FedAvg (the bug STYLE.md names) to show the checks catch it."""
+
+    def aggregate(self, updates):
+        return super().aggregate(list(updates)[:1])
+
+
+def _mixes_every_client(agg, ups: list[ClientUpdate]) -> bool:
+    """The invariant: the aggregate is exactly the p_k-weighted factor mean."""
+    res = agg.aggregate(ups)
+    total = sum(u.num_examples for u in ups)
+    expect_b = sum((u.num_examples / total) * u.adapters["w"].b for u in ups)
+    return torch.allclose(res.adapters["w"].b, expect_b, atol=1e-6)
+
+
+def test_only_client_zero_bug_is_caught():
+    g = torch.Generator().manual_seed(7)
+    ups = [_update(f"c{i}", n, w=_rand(g, 4, 4, 2, 1.0)) for i, n in enumerate([2, 6])]
+    assert _mixes_every_client(FedIT(), ups)
+    assert not _mixes_every_client(_OnlyFirstClient(), ups)
+
+
+# -- validation and the registry ----------------------------------------------------------
+def test_mixed_ranks_refused_by_single_rank_algorithms_naming_clients():
+    g = torch.Generator().manual_seed(8)
+    ups = [
+        _update("alice", 1, w=_rand(g, 4, 4, 2, 1.0)),
+        _update("bob", 1, w=_rand(g, 4, 4, 3, 1.0)),
+    ]
+    for name in ("fedit", "lora_fair", "fedex", "ffa"):
+        with pytest.raises(ValueError, match="'alice'.*'bob'.*flora"):
+            get_aggregator(name).aggregate(ups)
+    same_rank_other_scale = [ups[0], _update("bob", 1, w=_rand(g, 4, 4, 2, 2.0))]
+    with pytest.raises(ValueError, match="scaling"):
+        FedIT().aggregate(same_rank_other_scale)
+    with pytest.raises(ValueError, match="middle matrix"):
+        FedSB().aggregate(ups[:1])
+
+
+def test_get_aggregator_errors():
+    with pytest.raises(
+        ValueError, match=r"unknown aggregation algorithm 'fedprox'.*'fedit'.*'flora'"
+    ):
+        get_aggregator("fedprox")
+    with pytest.raises(ValueError, match=r"takes no option\(s\) \['fair_lambda'\]"):
+        get_aggregator("fedit", fair_lambda=0.1)
+    fair = get_aggregator("lora_fair", fair_lambda=0.5, fair_steps=3, fair_lr=0.1)
+    assert isinstance(fair, LoraFair) and fair.fair_lambda == 0.5 and fair.fair_steps == 3
+    with pytest.raises(ValueError, match="fair_lr"):
+        get_aggregator("lora_fair", fair_lr=0.0)
+
+
+def test_frozen_factor_algorithms_refuse_unknown_modules():
+    g = torch.Generator().manual_seed(9)
+    ffa = get_aggregator("ffa")
+    glob = ffa.init_global({"w": (4, 3)}, rank=2, scaling=1.0, generator=g)
+    stranger = LoraFactors(a=glob["w"].a, b=torch.ones(4, 2), scaling=1.0)
+    with pytest.raises(ValueError, match="shared A covers"):
+        ffa.aggregate([_update("c0", 1, u=stranger)])
+    sb = FedSB()
+    init = sb.initialise_from_gradients(
+        {"w": torch.randn(4, 3, generator=g)}, rank=2, lr=1.0, scaling=1.0
+    )
+    with pytest.raises(ValueError, match="shared factors cover"):
+        sb.aggregate([_update("c0", 1, u=init["w"])])
