@@ -1,0 +1,297 @@
+"""Secure aggregation: exact sums, dropouts, aborts, mask quality, tampering."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedft.aggregation import get_aggregator
+from fedft.secagg import (
+    MaskedInput,
+    RoutedShares,
+    SecAggAbort,
+    SecAggClient,
+    SecAggParams,
+    SecAggProtocolError,
+    SecAggResult,
+    SecAggServer,
+    UnmaskRequest,
+    UnmaskShares,
+    shamir,
+)
+from fedft.secagg.encoding import decode_aggregate, encode_update, vector_length
+from fedft.secagg.masking import DOMAIN, dequantize, expand_mask, quantize
+from fedft.types import ClientUpdate, LoraFactors
+
+N = 10
+D = 10_000
+
+
+def _params(*, n: int = N, max_dropouts: int = 4, d: int = D, round_id: int = 3) -> SecAggParams:
+    return SecAggParams(
+        num_clients=n, max_dropouts=max_dropouts, vector_length=d, round_id=round_id
+    )
+
+
+def _vectors(n: int, d: int, seed: int = 0, scale: float = 3.0) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {i: scale * rng.standard_normal(d) for i in range(1, n + 1)}
+
+
+def run_round(
+    params: SecAggParams,
+    vectors: dict[int, np.ndarray],
+    *,
+    drop_before_shares: tuple[int, ...] = (),
+    drop_before_masked: tuple[int, ...] = (),
+    drop_before_unmask: tuple[int, ...] = (),
+    tamper_unmask: tuple[int, ...] = (),
+    server: SecAggServer | None = None,
+) -> SecAggResult:
+    """Run all four steps; clients in drop_* vanish before that step."""
+    clients = {i: SecAggClient(index=i, params=params) for i in vectors}
+    server = server or SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    alive = [i for i in clients if i not in drop_before_shares]
+    routed = server.collect_shares([clients[i].share_keys(directory) for i in alive])
+    alive = [i for i in alive if i not in drop_before_masked]
+    request = server.collect_masked([clients[i].masked_input(routed[i], vectors[i]) for i in alive])
+    alive = [i for i in alive if i not in drop_before_unmask]
+    responses = [clients[i].unmask(request) for i in alive]
+    responses = [_tamper(r) if r.index in tamper_unmask else r for r in responses]
+    return server.collect_unmasking(responses)
+
+
+def _tamper(r: UnmaskShares) -> UnmaskShares:
+    """Add one to every share value a client sends (still in the field)."""
+
+    def bump(shares: dict[int, bytes]) -> dict[int, bytes]:
+        return {
+            u: shamir.encode_share((shamir.decode_share(s) + 1) % shamir.PRIME)
+            for u, s in shares.items()
+        }
+
+    return UnmaskShares(
+        index=r.index, seed_shares=bump(dict(r.seed_shares)), key_shares=bump(dict(r.key_shares))
+    )
+
+
+def test_unmasked_sum_equals_plain_sum_within_quantisation_bound() -> None:
+    params = _params()
+    vectors = _vectors(N, D)
+    result = run_round(params, vectors)
+    plain = np.sum(list(vectors.values()), axis=0)
+    err = np.abs(result.total - plain).max()
+    assert result.included == tuple(range(1, N + 1))
+    assert err <= params.error_bound
+    assert params.error_bound == N * 2.0 ** (-params.frac_bits - 1)
+    # The ring sum of the encodings is exact: re-encoding each vector and summing matches.
+    enc = [quantize(v, frac_bits=params.frac_bits, clip=params.clip)[0] for v in vectors.values()]
+    ring = np.zeros(D, dtype=np.uint64)
+    for e in enc:
+        ring = ring + e
+    np.testing.assert_array_equal(dequantize(ring, frac_bits=params.frac_bits), result.total)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_dropouts_before_masked_input_give_exact_sum_over_survivors(k: int) -> None:
+    params = _params(max_dropouts=4)
+    vectors = _vectors(N, D, seed=k)
+    dropped = tuple(range(2, 2 + k))
+    result = run_round(params, vectors, drop_before_masked=dropped)
+    assert result.dropped == dropped
+    assert set(result.included) == set(vectors) - set(dropped)
+    survivors_sum = np.sum([vectors[i] for i in result.included], axis=0)
+    assert np.abs(result.total - survivors_sum).max() <= params.error_bound
+
+
+def test_dropouts_at_every_step_within_budget() -> None:
+    params = _params(max_dropouts=4)  # t = 6
+    vectors = _vectors(N, D, seed=7)
+    result = run_round(
+        params,
+        vectors,
+        drop_before_shares=(10,),
+        drop_before_masked=(3,),
+        drop_before_unmask=(5, 6),  # their masked inputs arrived: still in the sum
+    )
+    assert set(result.included) == set(range(1, 10)) - {3}
+    expected = np.sum([vectors[i] for i in result.included], axis=0)
+    assert np.abs(result.total - expected).max() <= params.error_bound
+
+
+def test_too_many_dropouts_abort_cleanly() -> None:
+    params = _params(max_dropouts=4)
+    vectors = _vectors(N, 64)
+    params = dataclasses.replace(params, vector_length=64)
+    with pytest.raises(SecAggAbort, match="threshold t=6"):
+        run_round(params, vectors, drop_before_masked=(1, 2, 3, 4, 5))
+    with pytest.raises(SecAggAbort, match="unmasking"):
+        run_round(params, vectors, drop_before_masked=(1, 2), drop_before_unmask=(3, 4, 5))
+    with pytest.raises(SecAggAbort):
+        run_round(params, vectors, drop_before_shares=(1, 2, 3, 4, 5))
+
+
+def test_client_refuses_short_survivor_list_and_second_unmask_request() -> None:
+    params = _params(n=5, max_dropouts=2, d=16)
+    clients = {i: SecAggClient(index=i, params=params) for i in range(1, 6)}
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    routed = server.collect_shares([c.share_keys(directory) for c in clients.values()])
+    for i, c in clients.items():
+        c.masked_input(routed[i], np.ones(16))
+    with pytest.raises(SecAggAbort):  # t = 3: a server claiming 2 survivors is refused
+        clients[1].unmask(UnmaskRequest(survivors=(1, 2)))
+    clients[2].unmask(UnmaskRequest(survivors=(1, 2, 3, 4)))
+    with pytest.raises(SecAggProtocolError, match="out of order"):
+        # a second request would hand out the key share of 5 AND (earlier) its seed share
+        clients[2].unmask(UnmaskRequest(survivors=(1, 2, 3, 4, 5)))
+
+
+def test_masked_vector_is_uncorrelated_with_the_input() -> None:
+    params = _params(n=5, max_dropouts=2, d=D)
+    rs = []
+    for trial in range(5):
+        clients = {i: SecAggClient(index=i, params=params) for i in range(1, 6)}
+        server = SecAggServer(params)
+        directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+        routed = server.collect_shares([c.share_keys(directory) for c in clients.values()])
+        x = np.random.default_rng(trial).uniform(-100, 100, D)  # strong signal
+        y = clients[1].masked_input(routed[1], x)
+        seen = np.frombuffer(y.masked, dtype="<u8").view(np.int64).astype(np.float64)
+        rs.append(np.corrcoef(seen, x)[0, 1])
+        # The server's view is uniform over the ring: mean near 0 for signed reading.
+        assert abs(seen.mean()) / 2.0**63 < 0.05
+        # Control: the unmasked encoding is perfectly correlated with x.
+        plain = dequantize(quantize(x, frac_bits=24, clip=2.0**20)[0], frac_bits=24)
+        assert np.corrcoef(plain, x)[0, 1] > 0.999
+    # With D = 10k independent coordinates, |r| of independent data is ~N(0, 0.01).
+    assert max(abs(r) for r in rs) < 0.05
+
+
+def test_masks_are_chacha20_keystream_not_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    seed, context = bytes(range(32)), b"ctx"
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=DOMAIN + context).derive(seed)
+    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(800))
+    mask = expand_mask(seed, length=100, context=context)
+    np.testing.assert_array_equal(mask, np.frombuffer(stream, dtype="<u8"))
+    assert not np.array_equal(mask, expand_mask(seed, length=100, context=b"other"))
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("numpy RNG used for masks")
+
+    for name in ("default_rng", "RandomState", "seed", "randint", "bytes", "random"):
+        monkeypatch.setattr(np.random, name, forbidden)
+    vectors = {i: np.full(256, float(i)) for i in range(1, 6)}
+    result = run_round(_params(n=5, max_dropouts=2, d=256), vectors)
+    np.testing.assert_allclose(result.total, np.full(256, 15.0), atol=1e-6)
+
+
+def test_tampered_ciphertext_is_detected() -> None:
+    params = _params(n=5, max_dropouts=2, d=16)
+    clients = {i: SecAggClient(index=i, params=params) for i in range(1, 6)}
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    routed = server.collect_shares([c.share_keys(directory) for c in clients.values()])
+    blob = bytearray(routed[1].ciphertexts[2])
+    blob[-1] ^= 1
+    forged = RoutedShares(ciphertexts={**routed[1].ciphertexts, 2: bytes(blob)})
+    with pytest.raises(SecAggProtocolError, match="authentication"):
+        clients[1].masked_input(forged, np.ones(16))
+    # A share re-addressed from another sender fails too (AEAD binds sender and receiver).
+    swapped = RoutedShares(ciphertexts={**routed[3].ciphertexts, 2: routed[3].ciphertexts[4]})
+    with pytest.raises(SecAggProtocolError):
+        clients[3].masked_input(swapped, np.ones(16))
+
+
+def test_wrong_shares_are_skipped_with_surplus_and_abort_without() -> None:
+    params = _params(max_dropouts=4, d=128)  # t = 6
+    vectors = _vectors(N, 128, seed=3)
+    # 9 responses, 1 dishonest: a 6-subset of honest shares verifies; the sum is exact.
+    result = run_round(params, vectors, drop_before_masked=(10,), tamper_unmask=(2,))
+    expected = np.sum([vectors[i] for i in result.included], axis=0)
+    assert np.abs(result.total - expected).max() <= params.error_bound
+    # Exactly t responses, one of them wrong: no honest t-subset exists -> clean abort.
+    with pytest.raises(SecAggAbort, match="tampered"):
+        run_round(
+            params,
+            vectors,
+            drop_before_masked=(10,),
+            drop_before_unmask=(7, 8, 9),
+            tamper_unmask=(2,),
+        )
+
+
+def test_server_ignores_malformed_and_duplicate_messages() -> None:
+    params = _params(n=5, max_dropouts=2, d=32)
+    clients = {i: SecAggClient(index=i, params=params) for i in range(1, 6)}
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    routed = server.collect_shares([c.share_keys(directory) for c in clients.values()])
+    vectors = {i: np.full(32, 0.5 * i) for i in clients}
+    msgs = [clients[i].masked_input(routed[i], vectors[i]) for i in clients]
+    replay = MaskedInput(index=1, masked=msgs[1].masked)  # second message claiming index 1
+    short = MaskedInput(index=6, masked=b"\0" * 8)  # not in the cohort, wrong size
+    request = server.collect_masked([*msgs, replay, short])
+    assert request.survivors == (1, 2, 3, 4, 5)
+    result = server.collect_unmasking([clients[i].unmask(request) for i in clients])
+    np.testing.assert_allclose(result.total, np.full(32, 7.5), atol=params.error_bound)
+
+
+def test_shamir_threshold() -> None:
+    secret = bytes(range(32))
+    shares = shamir.split(secret, threshold=4, indices=range(1, 8))
+    for subset in ([1, 2, 3, 4], [7, 5, 3, 1], [2, 4, 6, 7]):
+        assert shamir.reconstruct({i: shares[i] for i in subset}) == secret
+    # Three shares are consistent with every secret: interpolation does not give ours.
+    with pytest.raises(shamir.ShareError):
+        shamir.reconstruct({i: shares[i] for i in (1, 2, 3)})
+
+
+def test_params_are_validated() -> None:
+    with pytest.raises(ValueError, match="max_dropouts"):
+        SecAggParams(num_clients=10, max_dropouts=5, vector_length=4, round_id=0)
+    with pytest.raises(ValueError, match="overflows"):
+        SecAggParams(num_clients=4096, max_dropouts=1, vector_length=4, round_id=0, clip=2.0**28)
+    with pytest.raises(ValueError, match=r"2\^53"):
+        SecAggParams(num_clients=10, max_dropouts=1, vector_length=4, round_id=0, clip=2.0**30)
+
+
+@pytest.mark.parametrize("name", ["fedit", "ffa"])
+def test_secure_weighted_mean_matches_inner_aggregator(name: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    inner = get_aggregator(name)
+    shapes = {"q": (6, 5), "v": (4, 5)}
+    start = inner.init_global(shapes, rank=2, scaling=2.0, generator=gen)
+    head = torch.zeros(3, 4)
+    updates = []
+    for k in range(1, 6):
+        adapters = {
+            m: LoraFactors(
+                a=f.a if name == "ffa" else f.a + 0.1 * torch.randn(f.a.shape, generator=gen),
+                b=f.b + 0.1 * torch.randn(f.b.shape, generator=gen),
+                scaling=f.scaling,
+            )
+            for m, f in start.items()
+        }
+        extras = {"head": head + torch.randn(3, 4, generator=gen)}
+        updates.append(ClientUpdate(f"c{k}", adapters, num_examples=10 * k, extras=extras))
+    parts = inner.trainable
+    template = ClientUpdate("global", start, 1, extras={"head": head})
+    params = _params(n=5, max_dropouts=2, d=vector_length(template, parts=parts))
+    vectors = {k: encode_update(u, parts=parts) for k, u in enumerate(updates, start=1)}
+    result = run_round(params, vectors, drop_before_masked=(4,))
+    secure = decode_aggregate(result, template=template, parts=parts, inner=inner)
+    survivors = [u for k, u in enumerate(updates, start=1) if k != 4]
+    plain = get_aggregator(name).aggregate(survivors)
+    assert secure.metrics["total_weight"] == sum(u.num_examples for u in survivors)
+    for m in shapes:
+        torch.testing.assert_close(secure.adapters[m].a, plain.adapters[m].a, atol=1e-5, rtol=0)
+        torch.testing.assert_close(secure.adapters[m].b, plain.adapters[m].b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(secure.extras["head"], plain.extras["head"], atol=1e-5, rtol=0)
