@@ -45,7 +45,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     except SimulationFailed as exc:
         print(f"fedft simulate: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    before, final = summary["before"], summary["final"]
+    before, final = summary["before"], summary["after"]
     metric = "accuracy" if cfg.model.task == "classification" else "loss"
     print(
         f"{cfg.name}: test {metric} {before[metric]:.4f} -> {final[metric]:.4f} "

@@ -25,7 +25,7 @@ from fedft.adapters.math import effective_delta
 from fedft.checkpoint import load_checkpoint, save_checkpoint
 from fedft.config import RunConfig
 from fedft.data.encode import batches
-from fedft.reporting.metrics import MetricsWriter, write_summary
+from fedft.reporting.metrics import MetricsWriter, read_metrics, write_summary
 from fedft.reporting.report import write_report
 from fedft.training.coordinator import ClientStart, Coordinator
 from fedft.training.local import resolve_device, weight_gradients
@@ -265,10 +265,16 @@ def _finish(
         task=cfg.model.task,
         target_modules=runtime.target_modules,
     )
+    rows = read_metrics(out)
+    eps = [r["epsilon"] for r in rows if r.get("epsilon") is not None]
     final = {
         "rounds": coord.round,
         "before": dict(before),
-        "final": dict(last),
+        "after": dict(last),
+        "bytes_up": sum(int(r["bytes_up"]) for r in rows),
+        "bytes_down": sum(int(r["bytes_down"]) for r in rows),
+        "epsilon": max(eps) if eps else None,
+        "failed_rounds": sum(1 for r in rows if r.get("failed")),
         "wall_s": time.monotonic() - t_start,
     }
     write_summary(out, final=final, config=cfg.to_dict())

@@ -56,4 +56,4 @@ def simulate(cfg: RunConfig, out: Path, *, progress: bool = True) -> dict[str, A
         raise SimulationFailed(f"the run ended without writing {summary}")
     import json
 
-    return dict(json.loads(summary.read_text()))
+    return dict(json.loads(summary.read_text())["final"])

@@ -1,0 +1,357 @@
+"""Accountants, budget planning and user-level (central) DP."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from fedft.aggregation import get_aggregator
+from fedft.privacy import (
+    BudgetExceededError,
+    CentralDP,
+    PrivacyAccountant,
+    calibrate_noise,
+    check_budget,
+    epsilon_of,
+    format_plan,
+    plan,
+    plan_user_level,
+    sample_rate_for,
+)
+from fedft.types import ClientUpdate, LoraFactors
+
+# Opacus 1.6 tests/accountants_test.py: sigma 1.5, q 0.04, delta 1e-5. The RDP test takes
+# int(90 / 0.04) = 2250 steps; the PRV test int(90 // 0.04), which is 2249 in floating point.
+RDP_2250 = 7.32911117143
+PRV_2249 = 6.777395712150674
+
+
+# -- accountant ------------------------------------------------------------------------------
+def test_rdp_matches_opacus_constant_when_stepped_in_rounds():
+    acc = PrivacyAccountant("rdp")
+    for _ in range(9):
+        acc.step(noise_multiplier=1.5, sample_rate=0.04, steps=250)
+    assert acc.steps == 2250 and acc.history == [(1.5, 0.04, 2250)]
+    assert acc.epsilon(1e-5) == pytest.approx(RDP_2250, rel=1e-6)
+
+
+def test_prv_matches_opacus_constant():
+    acc = PrivacyAccountant("prv")
+    acc.step(noise_multiplier=1.5, sample_rate=0.04, steps=2000)
+    acc.step(noise_multiplier=1.5, sample_rate=0.04, steps=249)
+    assert acc.epsilon(1e-5) == pytest.approx(PRV_2249, rel=1e-6)
+
+
+def test_gdp_matches_opacus_range():
+    eps = epsilon_of([(1.5, 0.04, 2249)], delta=1e-5, mechanism="gdp")
+    assert 6.59 < eps < 6.6
+    with pytest.raises(ValueError, match="one"):
+        epsilon_of([(1.5, 0.04, 10), (1.0, 0.04, 10)], delta=1e-5, mechanism="gdp")
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
+def test_epsilon_never_decreases_over_rounds(mechanism):
+    acc = PrivacyAccountant(mechanism)
+    rounds = [(1.0, 0.05, 20), (2.0, 0.05, 20), (2.0, 0.01, 5), (1.0, 0.05, 20)]
+    last = 0.0
+    for sigma, q, steps in rounds:
+        predicted = acc.epsilon_if(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5)
+        acc.step(noise_multiplier=sigma, sample_rate=q, steps=steps)
+        eps = acc.epsilon(1e-5)
+        assert eps == pytest.approx(predicted, rel=1e-9)
+        assert eps > last
+        last = eps
+    # a step with no steps spends nothing and changes nothing
+    acc.step(noise_multiplier=1.0, sample_rate=0.5, steps=0)
+    assert acc.epsilon(1e-5) == last
+
+
+def test_epsilon_if_records_nothing():
+    acc = PrivacyAccountant("rdp")
+    acc.step(noise_multiplier=1.0, sample_rate=0.1, steps=10)
+    before = acc.state_dict()
+    after = acc.epsilon_if(noise_multiplier=1.0, sample_rate=0.1, steps=10, delta=1e-5)
+    assert acc.state_dict() == before
+    assert after > acc.epsilon(1e-5)
+    assert after == pytest.approx(epsilon_of([(1.0, 0.1, 20)], delta=1e-5, mechanism="rdp"))
+
+
+def test_state_dict_round_trips_through_json_and_continues():
+    acc = PrivacyAccountant("rdp", level="sample")
+    acc.step(noise_multiplier=1.2, sample_rate=0.02, steps=100)
+    acc.step(noise_multiplier=0.9, sample_rate=0.02, steps=30)
+    eps = acc.epsilon(1e-5)
+    restored = PrivacyAccountant("rdp", level="sample")
+    restored.load_state_dict(json.loads(json.dumps(acc.state_dict())))
+    assert restored.history == acc.history
+    assert restored.epsilon(1e-5) == eps
+    for a in (acc, restored):
+        a.step(noise_multiplier=0.9, sample_rate=0.02, steps=50)
+    assert restored.epsilon(1e-5) == acc.epsilon(1e-5) > eps
+    with pytest.raises(ValueError, match="user"):
+        PrivacyAccountant("rdp", level="user").load_state_dict(acc.state_dict())
+    with pytest.raises(ValueError, match="prv"):
+        PrivacyAccountant("prv").load_state_dict(acc.state_dict())
+    bad = {**acc.state_dict(), "history": [[1.0, 2.0, 3]]}
+    with pytest.raises(ValueError, match="sample_rate"):
+        PrivacyAccountant("rdp").load_state_dict(bad)
+
+
+def test_no_noise_means_infinite_epsilon_and_bad_inputs_are_refused():
+    acc = PrivacyAccountant("prv")
+    assert acc.epsilon(1e-5) == 0.0
+    acc.step(noise_multiplier=0.0, sample_rate=0.1, steps=1)
+    assert math.isinf(acc.epsilon(1e-5))
+    with pytest.raises(ValueError, match="sample_rate"):
+        acc.step(noise_multiplier=1.0, sample_rate=0.0)
+    with pytest.raises(ValueError, match="delta"):
+        acc.epsilon(1.5)
+    with pytest.raises(ValueError, match="accountant"):
+        PrivacyAccountant("moments")  # type: ignore[arg-type]
+
+
+def test_check_budget():
+    acc = PrivacyAccountant("rdp")
+    kw = dict(noise_multiplier=1.5, sample_rate=0.04, steps=2250, delta=1e-5)
+    yes = check_budget(acc, epsilon_budget=8.0, **kw)
+    no = check_budget(acc, epsilon_budget=7.0, **kw)
+    assert yes.allowed and not no.allowed
+    assert yes.epsilon_now == 0.0 and no.epsilon_after == pytest.approx(RDP_2250, rel=1e-6)
+    assert no.level == "sample" and "refused" in no.message
+    assert acc.steps == 0
+
+
+# -- planner ---------------------------------------------------------------------------------
+def test_sample_rate_for():
+    assert sample_rate_for(1000, 16) == 0.016
+    assert sample_rate_for(10, 16) == 1.0
+    with pytest.raises(ValueError):
+        sample_rate_for(0, 16)
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
+def test_calibrate_noise_meets_the_target_tightly(mechanism):
+    target, q, steps = 3.0, 0.05, 200
+    sigma = calibrate_noise(
+        epsilon=target, delta=1e-5, sample_rate=q, steps=steps, accountant=mechanism
+    )
+    eps = epsilon_of([(sigma, q, steps)], delta=1e-5, mechanism=mechanism)
+    assert eps <= target
+    assert eps > target - 0.05  # not wastefully noisy
+    # a clearly smaller sigma would overspend
+    assert epsilon_of([(0.95 * sigma, q, steps)], delta=1e-5, mechanism=mechanism) > target
+
+
+def test_plan_sample_level():
+    p = plan(
+        epsilon=3.0, delta=1e-5, sample_rate=0.05, steps_per_round=20, rounds=10, accountant="rdp"
+    )
+    assert p.level == "sample"
+    assert p.noise_multiplier == pytest.approx(
+        calibrate_noise(epsilon=3.0, delta=1e-5, sample_rate=0.05, steps=200, accountant="rdp")
+    )
+    rounds = [r for r, _ in p.epsilon_by_round]
+    eps = [e for _, e in p.epsilon_by_round]
+    assert rounds == list(range(1, 11))
+    assert all(a < b for a, b in zip(eps, eps[1:]))
+    assert p.epsilon <= 3.0 and p.epsilon == eps[-1]
+    alts = dict(p.alternatives)
+    assert set(alts) == {5, 20}
+    assert alts[5] < p.epsilon < alts[20]
+    assert alts[5] == pytest.approx(eps[4])
+    text = format_plan(p)
+    assert "sample-level" in text and f"{p.noise_multiplier:.4f}" in text
+    assert len([line for line in text.splitlines() if line.strip().startswith("10 ")]) == 1
+
+
+def test_plan_user_level_uses_client_sampling_rate():
+    p = plan_user_level(
+        epsilon=5.0, delta=1e-4, clients_per_round=10, num_clients=100, rounds=12, accountant="rdp"
+    )
+    assert p.level == "user" and p.sample_rate == 0.1 and p.steps_per_round == 1
+    assert p.epsilon <= 5.0
+    assert "user-level" in format_plan(p)
+    assert any("sigma*C/m" in n for n in p.notes)
+    with pytest.raises(ValueError, match="clients_per_round"):
+        plan_user_level(epsilon=1, delta=1e-5, clients_per_round=5, num_clients=2, rounds=1)
+
+
+# -- central (user-level) DP -----------------------------------------------------------------
+SHAPES = {"layer0.q": (64, 48), "layer0.v": (64, 48), "layer1.q": (64, 48), "layer1.v": (64, 48)}
+RANK, SCALING = 8, 2.0
+
+
+def make_inner(name: str):
+    inner = get_aggregator(name)
+    g = torch.Generator().manual_seed(0)
+    if name == "fedsb":
+        grads = {m: torch.randn(s, generator=g) for m, s in SHAPES.items()}
+        inner.initialise_from_gradients(grads, rank=RANK, lr=1e-3, scaling=SCALING)
+    ref = inner.init_global(SHAPES, rank=RANK, scaling=SCALING, generator=g)
+    return inner, ref
+
+
+def client_update(ref, trainable, cid, scale, *, n=10, seed=0, head=None):
+    """A client that moved its trainable fields by ``scale`` * a random direction."""
+    g = torch.Generator().manual_seed(seed)
+    fields = {"ab": ("a", "b"), "b": ("b",), "r": ("r",)}[trainable]
+    adapters = {}
+    for mod, f in ref.items():
+        new = {k: getattr(f, k) for k in ("a", "b", "r")}
+        for k in fields:
+            new[k] = new[k] + scale * torch.randn(new[k].shape, generator=g)
+        adapters[mod] = LoraFactors(a=new["a"], b=new["b"], scaling=f.scaling, r=new["r"])
+    extras = {} if head is None else {"head": head + scale * torch.randn(head.shape, generator=g)}
+    return ClientUpdate(client_id=cid, adapters=adapters, num_examples=n, extras=extras)
+
+
+def flat_trainable(adapters, extras, trainable):
+    fields = {"ab": ("a", "b"), "b": ("b",), "r": ("r",)}[trainable]
+    parts = [getattr(adapters[m], k).flatten() for m in sorted(adapters) for k in fields]
+    parts += [extras[k].flatten() for k in sorted(extras)]
+    return torch.cat(parts).to(torch.float64)
+
+
+@pytest.mark.parametrize("name", ["fedit", "fedsb", "ffa"])
+def test_no_noise_no_clip_equals_the_inner_uniform_mean(name):
+    inner, ref = make_inner(name)
+    head = torch.randn(2, 16)
+    dp = CentralDP(
+        make_inner(name)[0],
+        clip_norm=math.inf, noise_multiplier=0.0, expected_clients=3, num_clients=10, seed=0,
+    )  # fmt: skip
+    dp.init_global(SHAPES, rank=RANK, scaling=SCALING, generator=torch.Generator().manual_seed(0))
+    dp.set_reference(ref, extras={"head": head})
+    # different n_k: user-level DP ignores them (uniform weights)
+    ups = [
+        client_update(
+            ref, inner.trainable, f"c{k}", 0.1 * (k + 1), n=5 * (k + 1), seed=k, head=head
+        )
+        for k in range(3)
+    ]
+    got = dp.aggregate(ups)
+    equal_n = [ClientUpdate(u.client_id, u.adapters, 1, extras=u.extras) for u in ups]
+    want = inner.aggregate(equal_n)
+    for mod in SHAPES:
+        for k in ("a", "b", "r"):
+            x, y = getattr(got.adapters[mod], k), getattr(want.adapters[mod], k)
+            assert (x is None) == (y is None)
+            if x is not None:
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.extras["head"], want.extras["head"], rtol=1e-5, atol=1e-6)
+    # and it is not the p_k-weighted mean
+    weighted = inner.aggregate(ups)
+    assert not torch.allclose(
+        flat_trainable(got.adapters, got.extras, inner.trainable),
+        flat_trainable(weighted.adapters, weighted.extras, inner.trainable),
+    )
+
+
+def test_clipping_bounds_each_clients_influence():
+    inner, ref = make_inner("fedit")
+    clip, m = 0.5, 4
+    dp = CentralDP(
+        inner, clip_norm=clip, noise_multiplier=0.0, expected_clients=m, num_clients=20, seed=0
+    )
+    dp.set_reference(ref)
+    ref_flat = flat_trainable(ref, {}, "ab")
+    big = client_update(ref, "ab", "big", 100.0, seed=1)
+    idle = [client_update(ref, "ab", f"idle{k}", 0.0) for k in range(2)]
+    out = dp.aggregate([big, *idle])
+    moved = flat_trainable(out.adapters, {}, "ab") - ref_flat
+    assert float(moved.norm()) == pytest.approx(clip / m, rel=1e-5)
+    # direction kept: parallel to the client's own update
+    own = flat_trainable(big.adapters, {}, "ab") - ref_flat
+    assert float(torch.nn.functional.cosine_similarity(moved, own, dim=0)) > 0.9999
+    # many large clients: the total move is at most (clients) * C / m
+    dp.set_reference(ref)
+    many = [client_update(ref, "ab", f"c{k}", 50.0, seed=k) for k in range(4)]
+    moved = flat_trainable(dp.aggregate(many).adapters, {}, "ab") - ref_flat
+    assert float(moved.norm()) <= 4 * clip / m * (1 + 1e-6)
+
+
+def test_noise_std_is_sigma_c_over_m():
+    inner, ref = make_inner("fedit")
+    sigma, clip, m = 1.5, 2.0, 4
+    dp = CentralDP(
+        inner, clip_norm=clip, noise_multiplier=sigma, expected_clients=m, num_clients=40, seed=7
+    )
+    dp.set_reference(ref)
+    same = [client_update(ref, "ab", f"c{k}", 0.0) for k in range(3)]  # zero updates
+    out = dp.aggregate(same)
+    noise = flat_trainable(out.adapters, {}, "ab") - flat_trainable(ref, {}, "ab")
+    expected = sigma * clip / m
+    assert noise.numel() > 3000
+    std = float(noise.std())
+    assert abs(std / expected - 1) < 0.05, (std, expected)
+    assert abs(std / (1.3 * expected) - 1) > 0.15
+    assert out.metrics["user_dp_noise_std"] == pytest.approx(expected)
+
+
+def test_user_level_accounting_budget_and_resume():
+    def build():
+        inner, ref = make_inner("fedit")
+        dp = CentralDP(
+            inner, clip_norm=1.0, noise_multiplier=1.5, expected_clients=2, num_clients=20,
+            seed=3, accountant="rdp", epsilon_budget=1.2, delta=1e-5,
+        )  # fmt: skip
+        dp.set_reference(ref)
+        return dp, ref
+
+    dp, ref = build()
+    eps, rounds = [], 0
+    while True:
+        ups = [client_update(ref, "ab", f"c{k}", 0.01, seed=rounds * 2 + k) for k in range(2)]
+        before = dp.state_dict()
+        try:
+            out = dp.aggregate(ups)
+        except BudgetExceededError as err:
+            assert err.decision.level == "user" and err.decision.epsilon_after > 1.2
+            after = dp.state_dict()
+            assert after["accountant"] == before["accountant"] and after["round"] == before["round"]
+            for mod, f in before["reference"].items():
+                assert torch.equal(after["reference"][mod]["a"], f["a"])
+            break
+        rounds += 1
+        eps.append(out.metrics["epsilon_user"])
+        ref = out.adapters
+    assert rounds == 3  # eps 0.95, 1.06, 1.14; a 4th round would reach 1.22
+    assert all(a < b for a, b in zip(eps, eps[1:])) and eps[-1] <= 1.2
+    assert dp.accountant.level == "user"
+    assert dp.accountant.history == [(1.5, 0.1, rounds)]
+
+    # resume: a fresh wrapper loaded from round-1 state repeats round 2 exactly
+    a, ref_a = build()
+    ups1 = [client_update(ref_a, "ab", f"c{k}", 0.01, seed=k) for k in range(2)]
+    r1 = a.aggregate(ups1)
+    saved = a.state_dict()
+    ups2 = [client_update(r1.adapters, "ab", f"c{k}", 0.01, seed=10 + k) for k in range(2)]
+    r2 = a.aggregate(ups2)
+    b, _ = build()
+    b.load_state_dict(saved)
+    r2b = b.aggregate(ups2)
+    for mod in SHAPES:
+        assert torch.equal(r2.adapters[mod].a, r2b.adapters[mod].a)
+    assert b.epsilon(1e-5) == a.epsilon(1e-5)
+
+
+def test_central_dp_refuses_what_it_cannot_protect():
+    inner, ref = make_inner("ffa")
+    with pytest.raises(ValueError, match="linear"):
+        CentralDP(get_aggregator("flora"), clip_norm=1, noise_multiplier=1, expected_clients=2,
+                  num_clients=4, seed=0)  # fmt: skip
+    with pytest.raises(ValueError, match="infinite"):
+        CentralDP(inner, clip_norm=math.inf, noise_multiplier=1.0, expected_clients=2,
+                  num_clients=4, seed=0)  # fmt: skip
+    dp = CentralDP(
+        inner, clip_norm=1.0, noise_multiplier=0.0, expected_clients=2, num_clients=4, seed=0
+    )
+    with pytest.raises(RuntimeError, match="set_reference"):
+        dp.aggregate([client_update(ref, "b", "c0", 0.1)])
+    dp.set_reference(ref)
+    cheat = client_update(ref, "ab", "c0", 0.1)  # moved the frozen, shared A
+    with pytest.raises(ValueError, match="frozen"):
+        dp.aggregate([cheat])
