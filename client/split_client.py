@@ -1,0 +1,240 @@
+"""Split-training client for ``fedft.split.v1.SplitTraining`` (grpc.aio).
+
+Runs the client half of the U-shape (front, back, loss) and exchanges only cut activations,
+the padding mask and gradients with the server. Micro-batches are pipelined up to the
+credits the server grants; each CUT_GRADIENT returns a credit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+
+import grpc
+import torch
+from torch import Tensor
+
+from fedft.split import (
+    FrontOutput,
+    SplitParts,
+    back_backward,
+    back_forward,
+    front_backward,
+    front_forward,
+    local_loss_phase,
+)
+from fedft.transport import split_wire as wire
+from fedft.transport.split_wire import Frame, Limits, StepId
+
+log = logging.getLogger(__name__)
+
+MicroBatch = tuple[Tensor, Tensor, Tensor]  # input_ids (B, T), attention_mask (B, T), labels
+
+
+class SplitError(RuntimeError):
+    """The server answered a frame with a typed error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+@dataclass
+class Traffic:
+    """Frames and payload bytes (tensor data only) in each direction."""
+
+    frames_up: int = 0
+    frames_down: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class SplitClient:
+    """One client's split session.
+
+    Args:
+        parts: the client's split model (front/back used; the body is never called).
+        target: "host:port" of the split server.
+        model_id: must equal the server's.
+        wire_dtype: "bf16" (default), "fp16" (scaled) or "fp32".
+        limits: the client's limits (message bytes also set on the channel).
+        lora_rank: server-side LoRA rank on the body (0 = frozen body).
+        lora_alpha: server-side LoRA alpha.
+        server_lr: server adapter learning rate.
+        seed: server adapter init seed.
+        channel_credentials: e.g. ``grpc.ssl_channel_credentials(...)`` for (m)TLS.
+        interceptors: grpc.aio client interceptors (auditing, auth metadata).
+    """
+
+    def __init__(
+        self,
+        parts: SplitParts,
+        *,
+        target: str,
+        model_id: str,
+        wire_dtype: wire.WireDType = "bf16",
+        limits: Limits | None = None,
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
+        server_lr: float = 1e-3,
+        seed: int = 0,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    ) -> None:
+        limits = limits or Limits()
+        self.parts = parts
+        self.wire_dtype = wire_dtype
+        self.traffic = Traffic()
+        self._request = wire.OpenSessionRequest(
+            model_id=model_id,
+            front_layers=parts.front_layers,
+            body_layers=parts.body_layers,
+            wire_dtype=wire_dtype,
+            limits=limits,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            server_lr=server_lr,
+            seed=seed,
+        )
+        opts = wire.channel_options(limits.max_message_bytes)
+        icp = list(interceptors) or None
+        if channel_credentials is None:
+            self.channel = grpc.aio.insecure_channel(target, options=opts, interceptors=icp)
+        else:
+            self.channel = grpc.aio.secure_channel(
+                target, channel_credentials, options=opts, interceptors=icp
+            )
+        self.stub = wire.SplitStub(self.channel)
+        self.session: wire.OpenSessionReply | None = None
+        self._queue: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._seq = 0
+        self.credits = 0
+
+    async def __aenter__(self) -> SplitClient:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> wire.OpenSessionReply:
+        """Open the session and the data stream."""
+        self.session = await self.stub.open_session(self._request)
+        if self.session.hidden_size != self.parts.hidden_size:
+            raise SplitError("SHAPE_REJECTED", "server hidden size differs from the client's")
+        self.credits = self.session.credits
+        self._call = self.stub.exchange(self._requests())
+        return self.session
+
+    async def _requests(self) -> AsyncIterator[Frame]:
+        while (frame := await self._queue.get()) is not None:
+            yield frame
+
+    async def close(self) -> None:
+        """End the stream, close the session, close the channel."""
+        await self._queue.put(None)
+        if self.session is not None:
+            try:
+                await self.stub.close(wire.CloseRequest(self.session.session_id))
+            except grpc.aio.AioRpcError as err:
+                log.warning("closing split session failed: %s", err.code())
+        await self.channel.close()
+
+    async def send(self, frame: Frame) -> None:
+        """Queue one frame on the stream (public for tests of hostile input)."""
+        self.traffic.frames_up += 1
+        self.traffic.bytes_up += sum(t.nbytes for t in frame.tensors)
+        await self._queue.put(frame)
+
+    async def receive(self) -> Frame:
+        """The next frame from the server (raises on end of stream)."""
+        assert self._call is not None
+        frame = await self._call.read()
+        if frame is grpc.aio.EOF:
+            raise SplitError("EXPIRED", "the server ended the stream")
+        assert isinstance(frame, Frame)
+        self.traffic.frames_down += 1
+        self.traffic.bytes_down += sum(t.nbytes for t in frame.tensors)
+        return frame
+
+    def next_step_id(self, round_: int, step: int, micro_batch: int) -> StepId:
+        """A StepId with the next sequence number."""
+        self._seq += 1
+        return StepId(round_, step, micro_batch, self._seq)
+
+    def _decode(self, frame: Frame, like: Tensor) -> Tensor:
+        t = frame.tensor(frame.tensors[0].name if frame.tensors else "hidden")
+        return wire.decode_tensor(t, max_elements=like.numel(), expect_shape=tuple(like.shape))
+
+    async def train_step(
+        self,
+        micro_batches: Sequence[MicroBatch],
+        *,
+        round_: int,
+        step: int,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> float:
+        """One optimiser step over ``micro_batches`` (loss = their mean), then Commit.
+
+        Args:
+            micro_batches: (input_ids (B, T), attention_mask (B, T), labels) each.
+            round_: federated round.
+            step: step within the round (strictly increasing per round).
+            optimizer: client optimiser; zeroed before and stepped after (None: leave grads).
+
+        Returns:
+            The mean loss over the micro-batches.
+        """
+        assert self.session is not None, "call open() first"
+        n = len(micro_batches)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        fronts: dict[int, FrontOutput] = {}
+        labels = {i: mb[2] for i, mb in enumerate(micro_batches)}
+        losses: list[float] = []
+        sent = done = 0
+        while done < n:
+            while sent < n and self.credits > 0:
+                ids, mask, _ = micro_batches[sent]
+                front = front_forward(self.parts, ids, mask)
+                fronts[sent] = front
+                hidden = wire.encode_tensor("hidden", front.hidden, self.wire_dtype)
+                m = wire.encode_tensor("attention_mask", front.attention_mask, "uint8")
+                sid = self.session.session_id
+                step_id = self.next_step_id(round_, step, sent)
+                await self.send(Frame(sid, "forward", step_id, (hidden, m)))
+                self.credits -= 1
+                sent += 1
+            frame = await self.receive()
+            if frame.kind == "error":
+                raise SplitError(frame.error_code or "INTERNAL", frame.error_message)
+            mb = frame.step.micro_batch
+            front = fronts[mb]
+            if frame.kind == "body_output":
+                body_out = self._decode(frame, front.hidden)
+                back = back_forward(
+                    self.parts, body_out, front.attention_mask, labels[mb], loss_scale=1.0 / n
+                )
+                grad = back_backward(back)
+                losses.append(float(back.loss.detach()) * n)
+                g = wire.encode_tensor("grad", grad, self.wire_dtype)
+                step_id = self.next_step_id(round_, step, mb)
+                await self.send(Frame(self.session.session_id, "backward", step_id, (g,)))
+            elif frame.kind == "cut_gradient":
+                front_backward(front, self._decode(frame, front.hidden))
+                del fronts[mb]
+                self.credits += frame.credits
+                done += 1
+        await self.stub.commit(wire.CommitRequest(self.session.session_id, round_, step))
+        if optimizer is not None:
+            optimizer.step()
+        return sum(losses) / n
+
+    def local_phase(
+        self, batches: Iterable[MicroBatch], optimizer: torch.optim.Optimizer
+    ) -> list[float]:
+        """SFPrompt local-loss phase: front -> back shortcut, no server messages."""
+        return local_loss_phase(self.parts, batches, optimizer)

@@ -1,0 +1,365 @@
+"""fedft split-training gRPC service (``fedft.split.v1.SplitTraining``) on grpc.aio.
+
+One shared frozen body, one :class:`~fedft.split.BodyAdapter` + optimiser per session.
+Every frame is validated (session, kind, step ids, credits, tensor roles, dtype, shape,
+size, finiteness) before anything is allocated; a bad frame gets a typed ERROR frame and
+the stream (and the server) stay up. Body compute runs on one worker thread: the shared
+body is used by one forward/backward at a time, and the event loop stays free for I/O.
+Sessions idle for longer than ``session_timeout_s`` (a killed client) are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+
+from fedft.split import Blocks, BodyAdapter, BodyContext, body_backward, body_forward
+from fedft.transport import split_wire as wire
+from fedft.transport.split_wire import Frame, Limits, WireError
+
+log = logging.getLogger(__name__)
+
+UP_ROLES = {"forward": ("hidden", "attention_mask"), "backward": ("grad",)}
+
+
+@dataclass
+class _Session:
+    sid: str
+    adapter: BodyAdapter | None
+    optimizer: torch.optim.Optimizer | None
+    wire_dtype: wire.WireDType
+    limits: Limits
+    credits: int
+    last_seen: float
+    committed: tuple[int, int] = (-1, -1)
+    last_seq: int = -1
+    pending: dict[tuple[int, int, int], BodyContext] = field(default_factory=dict)
+    done: set[tuple[int, int, int]] = field(default_factory=set)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def state_bytes(self) -> int:
+        n = self.adapter.nbytes() if self.adapter is not None else 0
+        for ctx in self.pending.values():
+            n += ctx.inputs.numel() * ctx.inputs.element_size() * 2  # inputs + output
+        return n
+
+
+class SplitService:
+    """The service: control plane (open/commit/close) and the per-session data stream.
+
+    Args:
+        body: the server's blocks (frozen here; shared by all sessions).
+        hidden_size: H.
+        model_id: what clients must name in OpenSession.
+        front_layers: client front blocks this body expects.
+        limits: the server's own limits (message bytes, batch, sequence, in-flight).
+        session_timeout_s: an idle session is freed after this many seconds.
+        max_sessions: OpenSession beyond this is refused (RESOURCE_EXHAUSTED).
+    """
+
+    def __init__(
+        self,
+        *,
+        body: Blocks,
+        hidden_size: int,
+        model_id: str,
+        front_layers: int,
+        limits: Limits | None = None,
+        session_timeout_s: float = 60.0,
+        max_sessions: int = 64,
+    ) -> None:
+        for p in body.parameters():
+            p.requires_grad_(False)
+        self.body = body
+        self.hidden_size = hidden_size
+        self.model_id = model_id
+        self.front_layers = front_layers
+        self.body_layers = len(body.layers)
+        self.limits = limits or Limits()
+        self.session_timeout_s = session_timeout_s
+        self.max_sessions = max_sessions
+        self.sessions: dict[str, _Session] = {}
+        self.frames_received = 0
+        self.errors: dict[str, int] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="split-body")
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def stats(self) -> dict[str, int]:
+        """Sessions, in-flight micro-batches, bytes of per-session state, frames received."""
+        return {
+            "sessions": len(self.sessions),
+            "in_flight": sum(len(s.pending) for s in self.sessions.values()),
+            "state_bytes": sum(s.state_bytes() for s in self.sessions.values()),
+            "frames_received": self.frames_received,
+        }
+
+    def _free(self, sid: str, why: str) -> None:
+        s = self.sessions.pop(sid, None)
+        if s is not None:
+            s.pending.clear()
+            log.info("split session %s… freed (%s)", sid[:8], why)
+
+    def expire_idle(self, now: float | None = None) -> int:
+        """Free sessions idle longer than the timeout; returns how many were freed."""
+        now = time.monotonic() if now is None else now
+        stale = [k for k, s in self.sessions.items() if now - s.last_seen > self.session_timeout_s]
+        for sid in stale:
+            self._free(sid, "timeout")
+        return len(stale)
+
+    async def reap_forever(self) -> None:
+        """Background task: :meth:`expire_idle` every quarter timeout."""
+        while True:
+            await asyncio.sleep(max(0.05, self.session_timeout_s / 4))
+            self.expire_idle()
+
+    async def _compute(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # ------------------------------------------------------------------ control plane
+
+    async def open_session(
+        self, req: wire.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> wire.OpenSessionReply:
+        if req.model_id != self.model_id:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model_id {req.model_id!r} != served model {self.model_id!r}",
+            )
+        if (req.front_layers, req.body_layers) != (self.front_layers, self.body_layers):
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"cut (front {req.front_layers}, body {req.body_layers}) != served cut "
+                f"(front {self.front_layers}, body {self.body_layers})",
+            )
+        if len(self.sessions) >= self.max_sessions:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open sessions")
+        if req.lora_rank > 256 or not 0 <= req.server_lr < 10:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "lora_rank or server_lr out of range"
+            )
+        mine, theirs = self.limits, req.limits  # 0 from the client = no preference
+
+        def pick(own: int, asked: int) -> int:
+            return min(own, asked) if asked > 0 else own
+
+        lim = Limits(
+            max_message_bytes=pick(mine.max_message_bytes, theirs.max_message_bytes),
+            max_batch=pick(mine.max_batch, theirs.max_batch),
+            max_seq_len=pick(mine.max_seq_len, theirs.max_seq_len),
+            max_in_flight=pick(mine.max_in_flight, theirs.max_in_flight),
+        )
+        adapter = opt = None
+        if req.lora_rank > 0:
+            adapter = BodyAdapter(
+                self.body, rank=req.lora_rank, alpha=req.lora_alpha or 16.0, seed=req.seed
+            )
+            opt = torch.optim.AdamW(adapter.parameters(), lr=req.server_lr or 1e-3)
+        sid = secrets.token_hex(16)
+        self.sessions[sid] = _Session(
+            sid, adapter, opt, req.wire_dtype, lim, lim.max_in_flight, time.monotonic()
+        )
+        log.info("split session %s… opened (%s, rank %d)", sid[:8], req.wire_dtype, req.lora_rank)
+        return wire.OpenSessionReply(
+            sid, lim, self.hidden_size, lim.max_in_flight, self.session_timeout_s
+        )
+
+    async def commit(
+        self, req: wire.CommitRequest, context: grpc.aio.ServicerContext
+    ) -> wire.CommitReply:
+        s = self.sessions.get(req.session_id)
+        if s is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "UNKNOWN_SESSION")
+        assert s is not None
+        async with s.lock:
+            if (req.round, req.step) <= s.committed:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "STALE commit")
+            count = len(s.done)
+            if s.optimizer is not None and count:
+                await self._compute(s.optimizer.step)
+                s.optimizer.zero_grad(set_to_none=True)
+            s.committed = (req.round, req.step)
+            s.done.clear()
+            s.pending.clear()
+            s.last_seen = time.monotonic()
+        return wire.CommitReply(count)
+
+    async def close(self, req: wire.CloseRequest, context: grpc.aio.ServicerContext) -> None:
+        self._free(req.session_id, "closed")
+
+    # ------------------------------------------------------------------ data plane
+
+    async def exchange(
+        self, frames: AsyncIterator[Frame], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Frame]:
+        bound: str | None = None
+        async for frame in frames:
+            self.frames_received += 1
+            if bound is not None and frame.session_id not in ("", bound):
+                yield self._error(frame, "UNKNOWN_SESSION", "one stream serves one session")
+                continue
+            s = self.sessions.get(bound or frame.session_id)
+            if s is None:
+                if bound is not None:  # freed after a timeout while the stream was idle
+                    yield self._error(frame, "EXPIRED", "session timed out and was freed")
+                    return
+                yield self._error(frame, "UNKNOWN_SESSION", "no such session on this server")
+                continue
+            sid = s.sid
+            bound = sid
+            s.last_seen = time.monotonic()
+            try:
+                async with s.lock:
+                    reply = await self._handle(s, frame)
+            except WireError as err:
+                reply = self._error(frame, err.code, err.message)
+            except Exception:  # keep the server up on anything unexpected
+                log.exception("split frame failed")
+                reply = self._error(frame, "INTERNAL", "internal error")
+            yield reply
+
+    def _error(self, frame: Frame, code: wire.ErrorCode, message: str) -> Frame:
+        self.errors[code] = self.errors.get(code, 0) + 1
+        return Frame(frame.session_id, "error", frame.step, error_code=code, error_message=message)
+
+    async def _handle(self, s: _Session, frame: Frame) -> Frame:
+        if frame.kind == "error" and frame.error_code is not None:
+            raise WireError(frame.error_code, frame.error_message or "malformed frame")
+        if frame.kind not in UP_ROLES:
+            raise WireError("BAD_FRAME", f"a client may not send {frame.kind} frames")
+        roles = UP_ROLES[frame.kind]
+        bad = [t.name for t in frame.tensors if t.name not in roles]
+        if bad:
+            raise WireError(
+                "FORBIDDEN_CONTENT", f"{frame.kind} frame may carry only {roles}: {bad}"
+            )
+        step = frame.step
+        if (step.round, step.step) <= s.committed:
+            raise WireError("STALE", f"step {step.key} is at or before committed {s.committed}")
+        if step.sequence <= s.last_seq:
+            raise WireError("DUPLICATE", f"sequence {step.sequence} already seen")
+        s.last_seq = step.sequence
+        if frame.kind == "forward":
+            return await self._forward(s, frame)
+        return await self._backward(s, frame)
+
+    async def _forward(self, s: _Session, frame: Frame) -> Frame:
+        key = frame.step.key
+        if key in s.pending or key in s.done:
+            raise WireError("DUPLICATE", f"micro-batch {key} already forwarded")
+        if len(s.pending) >= s.credits:
+            raise WireError("OVER_CREDIT", f"{len(s.pending)} micro-batches already in flight")
+        lim, h = s.limits, self.hidden_size
+        hidden_wt = frame.tensor("hidden")
+        hidden = wire.decode_tensor(
+            hidden_wt,
+            max_elements=lim.max_batch * lim.max_seq_len * h,
+            expect_shape=(None, None, h),
+        )
+        b, t, _ = hidden.shape
+        if b > lim.max_batch or t > lim.max_seq_len:
+            raise WireError("SHAPE_REJECTED", f"batch {b} x seq {t} exceeds {lim}")
+        mask = wire.decode_mask(frame.tensor("attention_mask"), batch=b, seq_len=t)
+        ctx = await self._compute(body_forward, self.body, s.adapter, hidden, mask)
+        s.pending[key] = ctx
+        out = wire.encode_tensor("hidden", ctx.output, s.wire_dtype)
+        return Frame(s.sid, "body_output", frame.step, (out,))
+
+    async def _backward(self, s: _Session, frame: Frame) -> Frame:
+        key = frame.step.key
+        ctx = s.pending.get(key)
+        if ctx is None:
+            code: wire.ErrorCode = "DUPLICATE" if key in s.done else "STALE"
+            raise WireError(code, f"no pending forward for micro-batch {key}")
+        shape = tuple(int(x) for x in ctx.output.shape)
+        grad = wire.decode_tensor(
+            frame.tensor("grad"), max_elements=ctx.output.numel(), expect_shape=shape
+        )
+        grad_cut = await self._compute(body_backward, ctx, grad)
+        del s.pending[key]
+        s.done.add(key)
+        out = wire.encode_tensor("grad", grad_cut, s.wire_dtype)
+        return Frame(s.sid, "cut_gradient", frame.step, (out,), credits=1)
+
+
+@dataclass
+class RunningServer:
+    """A started server: the grpc.aio server, its bound port, the service and the reaper."""
+
+    server: grpc.aio.Server
+    port: int
+    service: SplitService
+    reaper: asyncio.Task[None]
+
+    async def stop(self, grace: float | None = None) -> None:
+        self.reaper.cancel()
+        await self.server.stop(grace)
+
+
+async def start_server(
+    service: SplitService,
+    *,
+    address: str = "127.0.0.1:0",
+    server_credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> RunningServer:
+    """Start ``service`` on ``address`` (port 0 = any free port) with both message limits set.
+
+    ``server_credentials`` (e.g. ``grpc.ssl_server_credentials(..., require_client_auth=True)``
+    for mTLS) switches to a secure port; plaintext otherwise.
+    """
+    max_bytes = service.limits.max_message_bytes
+    server = grpc.aio.server(
+        options=wire.channel_options(max_bytes), interceptors=list(interceptors) or None
+    )
+    server.add_generic_rpc_handlers(
+        (
+            wire.generic_handler(
+                open_session=service.open_session,
+                commit=service.commit,
+                close=service.close,
+                exchange=service.exchange,
+            ),
+        )
+    )
+    if server_credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, server_credentials)
+    await server.start()
+    reaper = asyncio.get_running_loop().create_task(service.reap_forever())
+    log.info("split server on %s (port %d)", address, port)
+    return RunningServer(server, port, service, reaper)
+
+
+def build_service(
+    model: torch.nn.Module,
+    *,
+    model_id: str,
+    front_layers: int,
+    back_layers: int,
+    limits: Limits | None = None,
+    session_timeout_s: float = 60.0,
+) -> SplitService:
+    """Cut ``model`` and serve its body (the front/back blocks are simply unused here)."""
+    from fedft.split import split_model
+
+    parts = split_model(model, front_layers=front_layers, back_layers=back_layers)
+    return SplitService(
+        body=parts.body,
+        hidden_size=parts.hidden_size,
+        model_id=model_id,
+        front_layers=front_layers,
+        limits=limits,
+        session_timeout_s=session_timeout_s,
+    )
