@@ -25,8 +25,8 @@ simulate: $(STAMP)
 	$(VENV)/bin/fedft simulate simulations/quickstart.toml --out runs/quickstart
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check fedft server client tests bench scripts
-	$(VENV)/bin/ruff format --check fedft server client tests bench scripts
+	$(VENV)/bin/ruff check fedft server client simulations tests bench scripts
+	$(VENV)/bin/ruff format --check fedft server client simulations tests bench scripts
 	$(VENV)/bin/mypy
 	$(PY) scripts/gen_protos.py --check
 

@@ -6,6 +6,7 @@ The base model and the client's encoded data are cached per worker process
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -15,9 +16,17 @@ from flwr.clientapp import ClientApp
 from fedft import builders
 from fedft.aggregation import AGGREGATORS
 from fedft.config import RunConfig
+from fedft.privacy import PrivacyAccountant, train_private
+from fedft.privacy.client import RoundPrivacy, accountant_json, prepare_round
 from fedft.training.coordinator import ClientStart
 from fedft.training.local import resolve_device
-from fedft.training.runtime import get_data, get_encoded, get_runtime, run_lora_round
+from fedft.training.runtime import (
+    get_data,
+    get_encoded,
+    get_runtime,
+    run_lora_round,
+    run_prompt_round,
+)
 from fedft.transport import serde
 from fedft.transport.flower_config import read_run_config
 
@@ -58,20 +67,102 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
     start = ClientStart(
         adapters=adapters, base_delta=base_delta, extras=extras, rank=int(conf["rank"])
     )
-    update = run_lora_round(
-        runtime,
-        client_id=str(idx),
-        start=start,
-        data=data,
-        trainable=trainable,
-        alpha=cfg.adapter.alpha,
-        dropout=cfg.adapter.dropout,
-        steps=cfg.federation.local_steps,
-        batch_size=cfg.federation.batch_size,
-        lr=cfg.federation.lr,
-        seed=int(conf["seed"]),
-    )
-    return serde.update_to_recorddict(update, parts=trainable)
+    private_train = None
+    privacy: RoundPrivacy | None = None
+    if cfg.privacy.mode == "sample":
+        dp = builders.client_privacy(
+            cfg, idx, node_epsilon=float(context.node_config.get("epsilon", 0.0))
+        )
+        privacy = prepare_round(
+            epsilon=dp.epsilon,
+            delta=dp.delta,
+            mechanism=dp.mechanism,  # type: ignore[arg-type]
+            noise_multiplier=dp.noise_multiplier,
+            planned_steps=dp.planned_steps,
+            num_examples=len(data),
+            batch_size=cfg.federation.batch_size,
+            local_steps=cfg.federation.local_steps,
+            states=(_stored_accountant(context), str(conf.get("accountant", "")) or None),
+        )
+        if not privacy.decision.allowed:
+            logger.warning(
+                "client %d refuses round %s: %s", idx, conf["round"], privacy.decision.message
+            )
+            _store_accountant(context, privacy.accountant)
+            return RecordDict(
+                {
+                    PRIVACY_RECORD: ConfigRecord(
+                        {
+                            "refused": True,
+                            "message": privacy.decision.message,
+                            "accountant": accountant_json(privacy.accountant),
+                        }
+                    )
+                }
+            )
+        rp = privacy
+
+        def private_train(model: Any) -> dict[str, float]:
+            return train_private(
+                model,
+                data,
+                steps=cfg.federation.local_steps,
+                batch_size=cfg.federation.batch_size,
+                lr=cfg.federation.lr,
+                noise_multiplier=rp.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                accountant=rp.accountant,
+                seed=None,  # fresh OS randomness: a known seed would let anyone remove noise
+                device=runtime.device,
+                delta=dp.delta,
+                epsilon_budget=dp.epsilon,
+                optimizer="adamw",
+            )
+
+    common: dict[str, Any] = {
+        "client_id": str(idx),
+        "start": start,
+        "data": data,
+        "steps": cfg.federation.local_steps,
+        "batch_size": cfg.federation.batch_size,
+        "lr": cfg.federation.lr,
+        "seed": int(conf["seed"]),
+        "private_train": private_train,
+    }
+    if cfg.adapter.method == "prompt":
+        update = run_prompt_round(runtime, **common)
+    else:
+        update = run_lora_round(
+            runtime,
+            trainable=trainable,
+            alpha=cfg.adapter.alpha,
+            dropout=cfg.adapter.dropout,
+            **common,
+        )
+    if privacy is not None:
+        acc = privacy.accountant
+        _store_accountant(context, acc)
+        eps = acc.epsilon(cfg.privacy.delta)
+        update = dataclasses.replace(update, metrics={**update.metrics, "epsilon": eps})
+    content = serde.update_to_recorddict(update, parts=trainable)
+    if privacy is not None:
+        content[PRIVACY_RECORD] = ConfigRecord(
+            {"refused": False, "accountant": accountant_json(privacy.accountant)}
+        )
+    return content
+
+
+PRIVACY_RECORD = "fedft.privacy"
+_STATE_KEY = "fedft.accountant"
+
+
+def _stored_accountant(context: Context) -> str | None:
+    record = context.state.get(_STATE_KEY)
+    return None if record is None else str(record["json"])  # type: ignore[index]
+
+
+def _store_accountant(context: Context, acc: PrivacyAccountant) -> None:
+    context.state[_STATE_KEY] = ConfigRecord({"json": accountant_json(acc)})
 
 
 def make_client_app(cfg: RunConfig | None = None) -> ClientApp:

@@ -6,11 +6,14 @@ nothing under them receives a config object (STYLE.md item 3).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from fedft.aggregation import get_aggregator
 from fedft.aggregation.base import Aggregator
+from fedft.aggregation.robust import make_robust
 from fedft.config import RunConfig
+from fedft.privacy import CentralDP, plan_user_level
 
 
 def data_kwargs(cfg: RunConfig) -> dict[str, Any]:
@@ -51,9 +54,81 @@ def aggregator_options(cfg: RunConfig) -> dict[str, Any]:
 
 
 def build_aggregator(cfg: RunConfig) -> Aggregator:
-    """The configured aggregator (wrappers for robustness / user-level DP are added by the
-    server shell, which knows each round's reference adapters)."""
-    return get_aggregator(cfg.aggregation.algorithm, **aggregator_options(cfg))
+    """The configured aggregator, wrapped for robustness and user-level DP when asked.
+
+    Wrappers compose around the algorithm (STYLE.md item 2); the coordinator gives them each
+    round's reference adapters through ``set_reference``.
+    """
+    agg = get_aggregator(cfg.aggregation.algorithm, **aggregator_options(cfg))
+    a = cfg.aggregation
+    if a.robust != "off":
+        options: dict[str, Any] = {
+            "norm_bound": {"bound": a.norm_bound},
+            "median": {},
+            "trimmed_mean": {"trim_fraction": a.trim_fraction},
+        }[a.robust]
+        agg = make_robust(a.robust, agg, **options)
+    if cfg.privacy.mode == "user":
+        p = cfg.privacy
+        agg = CentralDP(
+            agg,
+            clip_norm=p.max_grad_norm,
+            noise_multiplier=user_noise_multiplier(cfg),
+            expected_clients=cfg.federation.clients_per_round,
+            num_clients=cfg.federation.num_clients,
+            seed=None,  # fresh OS randomness: a known seed would let anyone remove the noise
+            accountant=p.accountant,
+            epsilon_budget=p.epsilon,
+            delta=p.delta,
+        )
+    return agg
+
+
+def user_noise_multiplier(cfg: RunConfig) -> float:
+    """σ for user-level DP: as set, or calibrated to (ε, δ) over the planned rounds."""
+    p, f = cfg.privacy, cfg.federation
+    if p.noise_multiplier > 0:
+        return p.noise_multiplier
+    return plan_user_level(
+        epsilon=p.epsilon,
+        delta=p.delta,
+        clients_per_round=f.clients_per_round,
+        num_clients=f.num_clients,
+        rounds=f.rounds,
+        accountant=p.accountant,
+    ).noise_multiplier
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleDP:
+    """Sample-level DP-SGD settings of one client (what changes the guarantee)."""
+
+    epsilon: float
+    delta: float
+    max_grad_norm: float
+    mechanism: str
+    noise_multiplier: float  # 0 = calibrate from epsilon over the planned run
+    planned_steps: int
+
+
+def client_privacy(cfg: RunConfig, client_index: int, *, node_epsilon: float = 0.0) -> SampleDP:
+    """The budget client ``client_index`` trains under: the run's, or stricter.
+
+    A per-client override (``privacy.client_epsilon``) or the node's own budget
+    (``fedft client --epsilon``) can only lower ε, never raise it.
+    """
+    p = cfg.privacy
+    budgets = [p.epsilon, p.client_epsilon.get(str(client_index), p.epsilon)]
+    if node_epsilon > 0:
+        budgets.append(node_epsilon)
+    return SampleDP(
+        epsilon=min(budgets),
+        delta=p.delta,
+        max_grad_norm=p.max_grad_norm,
+        mechanism=p.accountant,
+        noise_multiplier=p.noise_multiplier,
+        planned_steps=cfg.federation.rounds * cfg.federation.local_steps,
+    )
 
 
 def max_rank(cfg: RunConfig) -> int:

@@ -1,5 +1,4 @@
-"""Checkpoints without pickle: tensors in safetensors, everything else in JSON, written
-atomically.
+"""Checkpoints without pickle: tensors in safetensors, the rest in JSON, written atomically.
 
 A state is a nested structure of dicts, lists, str/int/float/bool/None and tensors. Tensors
 are replaced in the JSON skeleton by ``{"__tensor__": key}`` and stored under that key in
@@ -81,8 +80,10 @@ def save_checkpoint(directory: str | Path, state: Mapping[str, Any]) -> Path:
 
 
 def load_checkpoint(directory: str | Path) -> dict[str, Any]:
-    """Read what :func:`save_checkpoint` wrote; falls back to the previous one if a crash
-    interrupted the swap."""
+    """Read what :func:`save_checkpoint` wrote.
+
+    Falls back to the previous checkpoint if a crash interrupted the swap.
+    """
     target = Path(directory)
     if not (target / "state.json").is_file():
         old = target.with_name(f".{target.name}.old")

@@ -156,9 +156,7 @@ class AdapterConfig:
 class AggregationConfig:
     """Server-side aggregation and its options."""
 
-    algorithm: Literal["fedit", "flora", "fedsb", "lora_fair", "hetlora", "ffa", "fedex"] = (
-        "fedit"
-    )
+    algorithm: Literal["fedit", "flora", "fedsb", "lora_fair", "hetlora", "ffa", "fedex"] = "fedit"
     #: LoRA-FAIR: regulariser weight and optimisation steps of the server correction.
     fair_lambda: float = 0.01
     fair_steps: int = 200
@@ -285,14 +283,27 @@ class RunConfig:
                 self.aggregation.robust,
                 f"robust aggregation composes with {list(LINEAR_ALGORITHMS)}, not {algo!r}",
             )
+        if self.privacy.mode == "user" and self.aggregation.robust != "off":
+            _fail(
+                "aggregation.robust",
+                self.aggregation.robust,
+                "user-level DP already clips every update to privacy.max_grad_norm; a robust "
+                "wrapper inside it would change its sensitivity bound: use 'off'",
+            )
         if self.aggregation.secure and self.aggregation.robust in ("median", "trimmed_mean"):
             _fail(
                 "aggregation.robust",
                 self.aggregation.robust,
                 "a median or trimmed mean needs each update, which secure aggregation hides",
             )
-        if self.model.task == "causal_lm" and self.adapter.method == "split":
-            pass  # supported: the decoder is cut like the encoder
+        if self.adapter.method in ("prompt", "split") and algo != "fedit":
+            _fail(
+                "aggregation.algorithm",
+                algo,
+                f"adapter.method = {self.adapter.method!r} trains soft prompts and client-side "
+                "parts, which the server averages by p_k: use 'fedit' (the LoRA algorithms "
+                "apply to method = 'lora')",
+            )
         for client in self.privacy.client_epsilon:
             if int(client) >= self.federation.num_clients:
                 _fail(
@@ -388,8 +399,7 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
 
 
 def _parse_value(text: str) -> Any:
-    """A ``--set`` value: TOML syntax (numbers, booleans, arrays, quoted strings) or a bare
-    string."""
+    """A ``--set`` value: TOML (numbers, booleans, arrays, quoted strings) or a bare string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -454,6 +464,5 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
 
 
 def config_from_json(text: str) -> RunConfig:
-    """Rebuild a config from :meth:`RunConfig.to_json` (how it travels in Flower's run
-    config)."""
+    """Rebuild a config from :meth:`RunConfig.to_json` (how it travels in Flower's run config)."""
     return build_config(json.loads(text))

@@ -12,8 +12,9 @@ import logging
 import random
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from fedft import builders
 from fedft.adapters import peft_io
 from fedft.adapters.math import effective_delta
+from fedft.aggregation.validate import validate_update
 from fedft.checkpoint import load_checkpoint, save_checkpoint
 from fedft.config import RunConfig
 from fedft.data.encode import batches
@@ -29,9 +31,19 @@ from fedft.reporting.metrics import MetricsWriter, read_metrics, write_summary
 from fedft.reporting.report import write_report
 from fedft.training.coordinator import ClientStart, Coordinator
 from fedft.training.local import resolve_device, weight_gradients
-from fedft.training.runtime import Runtime, evaluate_global, get_data, get_encoded, get_runtime
+from fedft.training.runtime import (
+    PROMPT,
+    Runtime,
+    evaluate_global,
+    get_data,
+    get_encoded,
+    get_runtime,
+    initial_prompt,
+)
 from fedft.transport import serde
 from fedft.types import AggregationResult, ClientUpdate
+
+PRIVACY_RECORD = "fedft.privacy"  # the same key client/app.py writes
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +73,9 @@ def discover_clients(grid: Grid, *, num_clients: int, timeout_s: float = 600.0) 
     mapping: dict[int, int] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout_s):
         if reply.has_error():
-            logger.warning("node %s did not answer the query: %s", reply.metadata.src_node_id,
-                           reply.error)
+            logger.warning(
+                "node %s did not answer the query: %s", reply.metadata.src_node_id, reply.error
+            )
             continue
         idx = int(reply.content["info"]["client_index"])  # type: ignore[arg-type]
         if idx in mapping:
@@ -111,100 +124,240 @@ def run_federation(
     t_start = time.monotonic()
     device = resolve_device(cfg.federation.device)
     fed = get_data(**builders.data_kwargs(cfg))
-    runtime = get_runtime(
-        **builders.runtime_kwargs(cfg, num_labels=fed.num_labels), device=device
+    runtime = get_runtime(**builders.runtime_kwargs(cfg, num_labels=fed.num_labels), device=device)
+    enc_key = (
+        cfg.model.name,
+        cfg.data.max_length,
+        tuple(sorted(builders.data_kwargs(cfg).items())),
     )
-    enc_key = (cfg.model.name, cfg.data.max_length, tuple(sorted(builders.data_kwargs(cfg).items())))
     test = get_encoded(
-        ("test", *enc_key), lambda: fed.test, runtime.tokenizer,
-        task=cfg.model.task, max_length=cfg.data.max_length,
+        ("test", *enc_key),
+        lambda: fed.test,
+        runtime.tokenizer,
+        task=cfg.model.task,
+        max_length=cfg.data.max_length,
     )
     aggregator = builders.build_aggregator(cfg)
     if cfg.aggregation.algorithm == "fedsb":
         public = get_encoded(
-            ("public", *enc_key), lambda: fed.public, runtime.tokenizer,
-            task=cfg.model.task, max_length=cfg.data.max_length,
+            ("public", *enc_key),
+            lambda: fed.public,
+            runtime.tokenizer,
+            task=cfg.model.task,
+            max_length=cfg.data.max_length,
         )
         _public_init(cfg, runtime, aggregator, public)
+    extras = dict(runtime.initial_extras)
+    if cfg.adapter.method == "prompt":  # the prompt and head are the only trainables
+        extras[PROMPT] = initial_prompt(
+            runtime, num_tokens=cfg.adapter.prompt_tokens, seed=cfg.seed
+        )
     coord = Coordinator(
         aggregator=aggregator,
-        shapes=runtime.shapes,
+        shapes={} if cfg.adapter.method == "prompt" else runtime.shapes,
         rank_of=cfg.adapter.rank_of,
         alpha=cfg.adapter.alpha,
-        extras=dict(runtime.initial_extras),
+        extras=extras,
         seed=cfg.seed,
         max_rank=builders.max_rank(cfg),
     )
     writer = MetricsWriter(out)
     first_round = 1
     ckpt_dir = out / "checkpoint"
+    accountants: dict[int, str] = {}
+    exhausted: set[int] = set()
+    spent: dict[int, float] = {}
     if resume:
         state = load_checkpoint(ckpt_dir)
         coord.load_state_dict(state["coordinator"])
         first_round = int(state["round"]) + 1
+        accountants.update({int(k): str(v) for k, v in state.get("accountants", {}).items()})
+        exhausted.update(int(i) for i in state.get("exhausted", []))
+        spent.update({int(k): float(v) for k, v in state.get("spent", {}).items()})
         logger.info("resuming after round %d", first_round - 1)
-    eval_kw = {"test": test, "batch_size": cfg.federation.eval_batch_size}
+    eval_kw: dict[str, Any] = {"test": test, "batch_size": cfg.federation.eval_batch_size}
     before = evaluate_global(
-        runtime, adapters=coord.global_adapters, base_delta=coord.dense_base_delta(),
-        extras=coord.extras, **eval_kw,
+        runtime,
+        adapters=coord.global_adapters,
+        base_delta=coord.dense_base_delta(),
+        extras=coord.extras,
+        **eval_kw,
     )
     if not resume:
-        writer.write(**{"round": 0, **_metric_fields(before), "bytes_up": 0, "bytes_down": 0,
-                      "epsilon": None, "clients": 0, "wall_s": 0.0})
+        writer.write(
+            **{
+                "round": 0,
+                **_metric_fields(before),
+                "bytes_up": 0,
+                "bytes_down": 0,
+                "epsilon": None,
+                "clients": 0,
+                "wall_s": 0.0,
+            }
+        )
     nodes = discover_clients(grid, num_clients=cfg.federation.num_clients)
     parts_up = aggregator.trainable
-    parts_down = "abr" if aggregator.trainable == "r" else "ab"
+    parts_down: Literal["abr", "ab"] = "abr" if aggregator.trainable == "r" else "ab"
     min_replies = cfg.federation.min_replies or 1
     timeout = cfg.federation.round_timeout_s or None
     last: dict[str, float] = dict(before)
-    bar = tqdm(range(first_round, cfg.federation.rounds + 1), desc=cfg.name, unit="round",
-               disable=not progress, initial=first_round - 1, total=cfg.federation.rounds)
+    bar = tqdm(
+        range(first_round, cfg.federation.rounds + 1),
+        desc=cfg.name,
+        unit="round",
+        disable=not progress,
+        initial=first_round - 1,
+        total=cfg.federation.rounds,
+    )
     for rnd in bar:
         t_round = time.monotonic()
-        chosen = sorted(random.Random(cfg.seed * 7919 + rnd).sample(
-            range(cfg.federation.num_clients), cfg.federation.clients_per_round))
+        decision = getattr(aggregator, "budget_decision", lambda: None)()
+        if decision is not None and not decision.allowed:
+            logger.warning("stopping before round %d: %s", rnd, decision.message)
+            break
+        able = [i for i in range(cfg.federation.num_clients) if i not in exhausted]
+        if not able:
+            logger.warning("no client can train within its privacy budget; stopping")
+            break
+        chosen = sorted(
+            random.Random(cfg.seed * 7919 + rnd).sample(
+                able, min(cfg.federation.clients_per_round, len(able))
+            )
+        )
         starts: dict[int, ClientStart] = {}
         messages, bytes_down = [], 0
         for idx in chosen:
             start = coord.start_for(idx)
             starts[idx] = start
+            conf = _client_config(cfg, rnd=rnd, idx=idx, start=start)
+            if idx in accountants:
+                conf["accountant"] = accountants[idx]
             content = serde.start_to_recorddict(
-                adapters=start.adapters, parts=parts_down, base_delta=start.base_delta,
-                extras=start.extras, config=_client_config(cfg, rnd=rnd, idx=idx, start=start),
+                adapters=start.adapters,
+                parts=parts_down,
+                base_delta=start.base_delta,
+                extras=start.extras,
+                config=conf,
             )
             bytes_down += serde.recorddict_nbytes(content)
-            messages.append(Message(content=content, dst_node_id=nodes[idx], message_type=TRAIN,
-                                    group_id=str(rnd)))
-        updates, bytes_up, eps = _collect(grid, messages, timeout, starts, nodes, parts_up, rnd)
-        record: dict[str, Any] = {"round": rnd, "bytes_up": bytes_up, "bytes_down": bytes_down,
-                                  "clients": len(updates), "sampled": len(chosen)}
+            messages.append(
+                Message(
+                    content=content, dst_node_id=nodes[idx], message_type=TRAIN, group_id=str(rnd)
+                )
+            )
+        replies = _collect(
+            grid,
+            messages,
+            timeout,
+            starts,
+            nodes,
+            parts_up,
+            rnd,
+            extras=coord.extras,
+            max_norm=cfg.aggregation.max_update_norm or None,
+        )
+        accountants.update(replies.accountants)
+        exhausted.update(replies.refused)
+        for idx, e in replies.epsilon.items():
+            spent[idx] = e
+        updates = replies.updates
+        eps = list(spent.values())
+        record: dict[str, Any] = {
+            "round": rnd,
+            "bytes_up": replies.bytes_up,
+            "bytes_down": bytes_down,
+            "clients": len(updates),
+            "sampled": len(chosen),
+            "refused": len(replies.refused),
+            "rejected": len(replies.rejected),
+        }
+        if spent:
+            record["epsilon_level"] = "sample"
+            record["epsilon_clients"] = {str(k): v for k, v in sorted(spent.items())}
+        if not updates and replies.refused and len(exhausted) == cfg.federation.num_clients:
+            logger.warning("round %d: every client has spent its privacy budget; stopping", rnd)
+            writer.write(
+                **{
+                    **record,
+                    **_metric_fields(last),
+                    "epsilon": max(eps, default=None),
+                    "stopped": "every client has spent its privacy budget",
+                    "wall_s": time.monotonic() - t_round,
+                }
+            )
+            break
         if len(updates) < min_replies:
-            logger.error("round %d: %d replies < federation.min_replies=%d; model unchanged",
-                         rnd, len(updates), min_replies)
-            writer.write(**{**record, **_metric_fields(last), "epsilon": max(eps, default=None),
-                          "failed": True, "wall_s": time.monotonic() - t_round})
+            logger.error(
+                "round %d: %d replies < federation.min_replies=%d; model unchanged",
+                rnd,
+                len(updates),
+                min_replies,
+            )
+            writer.write(
+                **{
+                    **record,
+                    **_metric_fields(last),
+                    "epsilon": max(eps, default=None),
+                    "failed": True,
+                    "wall_s": time.monotonic() - t_round,
+                }
+            )
             continue
         result = coord.aggregate(updates)
+        if "epsilon_user" in result.metrics:
+            eps = [float(result.metrics["epsilon_user"])]
+            record["epsilon_level"] = "user"
         last = evaluate_global(
-            runtime, adapters=coord.global_adapters, base_delta=coord.dense_base_delta(),
-            extras=coord.extras, **eval_kw,
+            runtime,
+            adapters=coord.global_adapters,
+            base_delta=coord.dense_base_delta(),
+            extras=coord.extras,
+            **eval_kw,
         )
-        train_loss = [u.metrics.get("train_loss") for u in updates if "train_loss" in u.metrics]
-        writer.write(**{
-            **record, **_metric_fields(last), "epsilon": max(eps, default=None),
-            "train_loss": sum(train_loss) / len(train_loss) if train_loss else None,
-            **{f"agg_{k}": v for k, v in result.metrics.items()},
-            "wall_s": time.monotonic() - t_round,
-        })
-        save_checkpoint(ckpt_dir, {"round": rnd, "coordinator": coord.state_dict(),
-                                   "config": cfg.to_dict()})
+        train_loss = [float(u.metrics["train_loss"]) for u in updates if "train_loss" in u.metrics]
+        writer.write(
+            **{
+                **record,
+                **_metric_fields(last),
+                "epsilon": max(eps, default=None),
+                "train_loss": sum(train_loss) / len(train_loss) if train_loss else None,
+                **{f"agg_{k}": v for k, v in result.metrics.items()},
+                "wall_s": time.monotonic() - t_round,
+            }
+        )
+        save_checkpoint(
+            ckpt_dir,
+            {
+                "round": rnd,
+                "coordinator": coord.state_dict(),
+                "config": cfg.to_dict(),
+                "accountants": {str(k): v for k, v in accountants.items()},
+                "exhausted": sorted(exhausted),
+                "spent": {str(k): v for k, v in spent.items()},
+            },
+        )
         bar.set_postfix(acc=f"{last['accuracy']:.3f}", loss=f"{last['loss']:.3f}")
     final = _finish(cfg, out, runtime, coord, before, last, t_start)
     return final
 
 
-def _metric_fields(ev: Mapping[str, float]) -> dict[str, float]:
+def _metric_fields(ev: Mapping[str, float]) -> dict[str, Any]:
     return {k: float(v) for k, v in ev.items()}
+
+
+@dataclass
+class RoundReplies:
+    """What came back in one round."""
+
+    updates: list[ClientUpdate] = field(default_factory=list)
+    bytes_up: int = 0
+    #: client index -> ε spent so far (sample-level DP)
+    epsilon: dict[int, float] = field(default_factory=dict)
+    #: client index -> its accountant state (JSON), mirrored into the checkpoint
+    accountants: dict[int, str] = field(default_factory=dict)
+    #: clients that refused to train because their budget is spent
+    refused: list[int] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
 
 
 def _collect(
@@ -213,36 +366,69 @@ def _collect(
     timeout: float | None,
     starts: Mapping[int, ClientStart],
     nodes: Mapping[int, int],
-    parts_up: str,
+    parts_up: Literal["ab", "b", "r"],
     rnd: int,
-) -> tuple[list[ClientUpdate], int, list[float]]:
-    """Send, wait, decode: the updates that arrived in time and decoded cleanly."""
+    *,
+    extras: Mapping[str, Any],
+    max_norm: float | None,
+) -> RoundReplies:
+    """Send, wait, decode and validate: the updates that arrived in time and are sound."""
     index_of = {nid: idx for idx, nid in nodes.items()}
-    updates: dict[int, ClientUpdate] = {}
-    bytes_up, eps = 0, []
+    out = RoundReplies()
+    got: dict[int, ClientUpdate] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         src = reply.metadata.src_node_id
         if reply.has_error():
             logger.warning("round %d: client on node %s failed: %s", rnd, src, reply.error)
             continue
         idx = index_of.get(src)
-        if idx is None or idx not in starts or idx in updates:
-            logger.warning("round %d: dropping unexpected or duplicate reply from node %s",
-                           rnd, src)
+        if idx is None or idx not in starts or idx in got or idx in out.refused:
+            logger.warning(
+                "round %d: dropping unexpected or duplicate reply from node %s", rnd, src
+            )
             continue
-        bytes_up += serde.recorddict_nbytes(reply.content)
+        out.bytes_up += serde.recorddict_nbytes(reply.content)
+        privacy = reply.content.get(PRIVACY_RECORD)
+        if privacy is not None:
+            out.accountants[idx] = str(privacy["accountant"])  # type: ignore[index]
+            if bool(privacy["refused"]):  # type: ignore[index]
+                logger.warning(
+                    "round %d: client %d stopped: %s",
+                    rnd,
+                    idx,
+                    privacy.get("message", "budget spent"),
+                )  # type: ignore[union-attr]
+                out.refused.append(idx)
+                continue
         try:
             update = serde.update_from_recorddict(
-                reply.content, client_id=str(idx), parts=parts_up,
+                reply.content,
+                client_id=str(idx),
+                parts=parts_up,
                 reference=starts[idx].adapters,
             )
         except ValueError as exc:
             logger.warning("round %d: rejected update of client %d: %s", rnd, idx, exc)
+            out.rejected.append((idx, str(exc)))
+            continue
+        problems = validate_update(
+            update,
+            expected=starts[idx].adapters,
+            parts=parts_up,
+            extras_expected=extras,
+            max_norm=max_norm,
+        )
+        if problems:
+            logger.warning(
+                "round %d: rejected update of client %d: %s", rnd, idx, "; ".join(problems)
+            )
+            out.rejected.append((idx, "; ".join(problems)))
             continue
         if "epsilon" in update.metrics:
-            eps.append(float(update.metrics["epsilon"]))
-        updates[idx] = update
-    return [updates[i] for i in sorted(updates)], bytes_up, eps
+            out.epsilon[idx] = float(update.metrics["epsilon"])
+        got[idx] = update
+    out.updates = [got[i] for i in sorted(got)]
+    return out
 
 
 def _finish(
@@ -257,14 +443,24 @@ def _finish(
     total = effective_delta(
         AggregationResult(adapters=coord.global_adapters, base_delta=coord.base_factors)
     )
-    peft_io.save_peft_adapter(
-        out / "adapter",
-        base_model_source=cfg.model.name,
-        deltas=total,
-        extras=coord.extras,
-        task=cfg.model.task,
-        target_modules=runtime.target_modules,
-    )
+    if PROMPT in coord.extras:
+        peft_io.save_prompt_adapter(
+            out / "adapter",
+            base_model=runtime.model,
+            base_model_source=cfg.model.name,
+            prompt=coord.extras[PROMPT],
+            extras={k: v for k, v in coord.extras.items() if k != PROMPT},
+            task=cfg.model.task,
+        )
+    else:
+        peft_io.save_peft_adapter(
+            out / "adapter",
+            base_model_source=cfg.model.name,
+            deltas=total,
+            extras=coord.extras,
+            task=cfg.model.task,
+            target_modules=runtime.target_modules,
+        )
     rows = read_metrics(out)
     eps = [r["epsilon"] for r in rows if r.get("epsilon") is not None]
     final = {

@@ -1,5 +1,8 @@
-"""The ``fedft simulate`` recipe: parse config -> build the apps -> run Flower's Simulation
-Engine -> check the outputs -> clean up."""
+"""The ``fedft simulate`` recipe.
+
+Parse config -> build the apps -> run Flower's Simulation Engine -> check the outputs ->
+clean up.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +21,10 @@ class SimulationFailed(RuntimeError):
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
-    """Flower/Ray resources: one CPU per virtual client (whole numbers only) and the
-    configured GPU fraction."""
+    """Flower/Ray resources.
+
+    One CPU per virtual client (whole numbers only) and the configured GPU fraction.
+    """
     return {
         "client_resources": {
             "num_cpus": cfg.federation.cpus_per_client,

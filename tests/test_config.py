@@ -83,9 +83,21 @@ def test_missing_file_is_a_config_error(tmp_path):
 def test_cli_exits_2_on_bad_config_before_any_work(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "fedft.cli", "simulate", str(ROOT / "simulations/quickstart.toml"),
-         "--set", "federation.clients_per_round=11", "--out", str(out)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "fedft.cli",
+            "simulate",
+            str(ROOT / "simulations/quickstart.toml"),
+            "--set",
+            "federation.clients_per_round=11",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert proc.returncode == 2, proc.stderr
     assert "federation.clients_per_round = 11" in proc.stderr

@@ -418,3 +418,41 @@ def save_peft_adapter(
         default_rank,
         len(extras),
     )
+
+
+def save_prompt_adapter(
+    out_dir: str | Path,
+    *,
+    base_model: nn.Module,
+    base_model_source: str,
+    prompt: Tensor,
+    extras: Mapping[str, Tensor],
+    task: Literal["classification", "causal_lm"],
+) -> None:
+    """Write a soft prompt (n, H) and the head in PEFT's prompt-tuning format.
+
+    ``PeftModel.from_pretrained(base, out_dir)`` then prepends the same virtual tokens as
+    :class:`fedft.prompt.PromptTunedModel` (and restores the head through
+    ``modules_to_save``). ``base_model`` is copied, never modified.
+    """
+    import copy
+
+    from peft import PromptTuningConfig
+
+    model = copy.deepcopy(base_model).cpu()
+    set_extras(model, extras)
+    hf_config: Any = getattr(model, "config", None)
+    config = PromptTuningConfig(
+        task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
+        num_virtual_tokens=int(prompt.shape[0]),
+        token_dim=int(prompt.shape[1]),
+        num_transformer_submodules=1,
+        num_attention_heads=int(getattr(hf_config, "num_attention_heads", 1)),
+        num_layers=int(getattr(hf_config, "num_hidden_layers", 1)),
+        base_model_name_or_path=base_model_source,
+    )
+    peft_model: Any = get_peft_model(cast(Any, model), config)
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(prompt)
+    peft_model.save_pretrained(str(out_dir))
+    logger.info("saved a %d-token soft prompt adapter to %s", prompt.shape[0], out_dir)

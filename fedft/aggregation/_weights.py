@@ -123,8 +123,8 @@ def check_updates(
         raise ValueError(f"{algorithm}: client(s) {dupes} reply more than once this round")
     ref = ordered[0]
     modules = set(ref.adapters)
-    if not modules:
-        raise ValueError(f"{algorithm}: client {ref.client_id!r} sends no adapters")
+    if not modules and not ref.extras:  # prompt tuning sends only extras; nothing is not ok
+        raise ValueError(f"{algorithm}: client {ref.client_id!r} sends no adapters or extras")
     for u in ordered:
         if set(u.adapters) != modules:
             missing = sorted(modules - set(u.adapters))

@@ -122,8 +122,6 @@ class Aggregator(ABC):
         self._shapes = {str(k): (int(v[0]), int(v[1])) for k, v in state["shapes"].items()}
 
     def _remember_shapes(self, shapes: Mapping[str, tuple[int, int]]) -> None:
-        if not shapes:
-            raise ValueError(f"{self.name}: no adapted modules given")
         for mod, shape in shapes.items():
             if len(shape) != 2 or min(int(s) for s in shape) <= 0:
                 raise ValueError(f"module {mod!r}: shape {shape} is not (out, in) > 0")

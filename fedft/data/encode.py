@@ -80,13 +80,20 @@ class Encoded:
             labels=self.labels[index],
         )
 
-    def as_batch(self) -> dict[str, Tensor]:
-        """The whole set as one batch dict (``input_ids``, ``attention_mask``, ``labels``)."""
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "labels": self.labels,
-        }
+    def as_batch(self, *, trim: bool = True) -> dict[str, Tensor]:
+        """The whole set as one batch dict (``input_ids``, ``attention_mask``, ``labels``).
+
+        With ``trim`` the columns after the longest real sequence are dropped: padding is on
+        the right, masked out and (causal LM) labelled -100, so the outputs on real tokens
+        are unchanged while short batches cost a fraction of ``max_length``.
+        """
+        ids, mask, labels = self.input_ids, self.attention_mask, self.labels
+        if trim and mask.numel():
+            width = max(int(mask.sum(dim=1).max()), 1)
+            ids, mask = ids[:, :width], mask[:, :width]
+            if labels.dim() == 2:
+                labels = labels[:, :width]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def _eos_id(tokenizer: Any) -> int:

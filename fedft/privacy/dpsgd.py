@@ -27,6 +27,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 
+from fedft.privacy import grad_samplers  # noqa: F401  (registers SoftPrompt with Opacus)
 from fedft.privacy.accountant import (
     BudgetDecision,
     BudgetExceededError,

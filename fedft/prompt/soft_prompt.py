@@ -52,9 +52,13 @@ class SoftPrompt(nn.Module):
             (B, n + T, H) embeddings and the (B, n + T) mask with ones for the prompt.
         """
         b = embeds.shape[0]
-        prompt = self.embedding.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)  # (B, n, H)
+        prompt = self(embeds)  # (B, n, H), through __call__ so DP-SGD hooks see it
         ones = attention_mask.new_ones(b, self.num_tokens)
         return torch.cat([prompt, embeds], dim=1), torch.cat([ones, attention_mask], dim=1)
+
+    def forward(self, embeds: Tensor) -> Tensor:
+        """The prompt repeated for every sequence of ``embeds`` (B, T, H): (B, n, H)."""
+        return self.embedding.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
 
     def extend_labels(self, labels: Tensor) -> Tensor:
         """Causal-LM labels (B, T) -> (B, n + T) with -100 (ignored) on the prompt."""

@@ -1,5 +1,7 @@
-"""The server's state across rounds, free of Flower: global adapters, folded base deltas,
-averaged extras, and what each client starts a round from.
+"""The server's state across rounds, free of Flower.
+
+Global adapters, folded base deltas, averaged extras, and what each client starts a round
+from.
 
 The Flower ServerApp (``server/app.py``) only moves these objects over the wire.
 """
@@ -116,6 +118,9 @@ class Coordinator:
     # -- aggregation ------------------------------------------------------------------
     def aggregate(self, updates: Sequence[ClientUpdate]) -> AggregationResult:
         """Aggregate one round's updates and move the global state forward."""
+        set_reference = getattr(self.aggregator, "set_reference", None)
+        if set_reference is not None:  # wrappers (norm bound, user-level DP) clip vs this
+            set_reference(self.global_adapters, extras=self.extras)
         result = self.aggregator.aggregate(updates)
         self.global_adapters = dict(result.adapters)
         for name, delta in result.base_delta.items():

@@ -8,9 +8,10 @@ local LoRA round (:func:`run_lora_round`) and the server's evaluation of the glo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from fedft.adapters import peft_io
 from fedft.data import FederatedData, build_federated_data
 from fedft.data.encode import Encoded, batches, encode, eval_batches
 from fedft.models import default_target_modules, head_parameter_names, load_base_model
+from fedft.prompt import PromptTunedModel, SoftPrompt, get_prompt, set_prompt
 from fedft.training.coordinator import ClientStart
 from fedft.training.local import evaluate, train_steps
 from fedft.types import ClientUpdate, LoraFactors
@@ -83,7 +85,7 @@ def get_runtime(
             model, tokenizer = load_base_model(
                 model_name, task=task, num_labels=num_labels, seed=seed
             )
-            model.to(device)
+            nn.Module.to(model, device)
             for p in model.parameters():
                 p.requires_grad_(False)
             targets = list(target_modules or default_target_modules(model))
@@ -121,6 +123,32 @@ def _dense(base_delta: Mapping[str, Tensor | LoraFactors]) -> dict[str, Tensor]:
     return {
         k: (v.delta() if isinstance(v, LoraFactors) else v).float() for k, v in base_delta.items()
     }
+
+
+PROMPT = "prompt"  # the extras key of a soft prompt (n, H)
+
+
+def initial_prompt(runtime: Runtime, *, num_tokens: int, seed: int) -> Tensor:
+    """The seeded initial soft prompt (n, H) every client starts from."""
+    hidden = int(runtime.model.get_input_embeddings().weight.shape[1])  # type: ignore[operator]
+    return SoftPrompt(num_tokens, hidden, seed=seed).embedding.detach().clone()
+
+
+def _train(
+    model: nn.Module,
+    runtime: Runtime,
+    data: Encoded,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    private_train: Callable[[nn.Module], dict[str, float]] | None,
+) -> dict[str, float]:
+    if private_train is not None:
+        return private_train(model)
+    it = batches(data, batch_size=batch_size, steps=steps, seed=seed)
+    return train_steps(model, it, lr=lr, device=runtime.device)
 
 
 def run_lora_round(
@@ -161,11 +189,16 @@ def run_lora_round(
         try:
             peft_io.set_factors(peft_model, start.adapters)
             peft_io.set_extras(peft_model, start.extras)
-            if private_train is not None:
-                metrics = private_train(peft_model)
-            else:
-                it = batches(data, batch_size=batch_size, steps=steps, seed=seed)
-                metrics = train_steps(peft_model, it, lr=lr, device=runtime.device)
+            metrics = _train(
+                peft_model,
+                runtime,
+                data,
+                steps=steps,
+                batch_size=batch_size,
+                lr=lr,
+                seed=seed,
+                private_train=private_train,
+            )
             factors = peft_io.get_factors(peft_model)
             extras = peft_io.get_extras(peft_model, runtime.extras_names)
         finally:
@@ -173,6 +206,69 @@ def run_lora_round(
     return ClientUpdate(
         client_id=client_id,
         adapters={k: _cpu(v) for k, v in factors.items()},
+        num_examples=len(data),
+        metrics=metrics,
+        extras={k: v.detach().cpu().clone() for k, v in extras.items()},
+    )
+
+
+@contextlib.contextmanager
+def _prompted(runtime: Runtime, extras: Mapping[str, Tensor]) -> Iterator[PromptTunedModel]:
+    """The shared base model behind a soft prompt set from ``extras`` (head set too).
+
+    The base model's head and ``requires_grad`` flags are restored on exit.
+    """
+    model = runtime.model
+    saved = peft_io.get_extras(model, runtime.extras_names)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    prompt = extras[PROMPT]
+    wrapped = PromptTunedModel(
+        model, num_tokens=int(prompt.shape[0]), train_head=bool(runtime.extras_names)
+    )
+    try:
+        set_prompt(wrapped, prompt)
+        wrapped.prompt.to(runtime.device)
+        peft_io.set_extras(model, {k: v for k, v in extras.items() if k != PROMPT})
+        yield wrapped
+    finally:
+        peft_io.set_extras(model, saved)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+
+
+def run_prompt_round(
+    runtime: Runtime,
+    *,
+    client_id: str,
+    start: ClientStart,
+    data: Encoded,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    private_train: Callable[[nn.Module], dict[str, float]] | None = None,
+) -> ClientUpdate:
+    """Soft prompt tuning: train the prompt (and the classifier head) on the frozen model.
+
+    Returns:
+        An update with no adapters; the prompt and head travel as extras (averaged by p_k).
+    """
+    with _LOCK, _prompted(runtime, start.extras) as model:
+        metrics = _train(
+            model,
+            runtime,
+            data,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            private_train=private_train,
+        )
+        extras = {PROMPT: get_prompt(model).cpu()}
+        extras.update(peft_io.get_extras(runtime.model, runtime.extras_names))
+    return ClientUpdate(
+        client_id=client_id,
+        adapters={},
         num_examples=len(data),
         metrics=metrics,
         extras={k: v.detach().cpu().clone() for k, v in extras.items()},
@@ -204,6 +300,14 @@ def evaluate_global(
         d = f.delta().float()
         dense[name] = dense[name] + d if name in dense else d
     with _LOCK, peft_io.base_delta_applied(model, dense):
+        if PROMPT in extras:
+            with _prompted(runtime, extras) as prompted:
+                return evaluate(
+                    prompted,
+                    eval_batches(test, batch_size=batch_size),
+                    task=runtime.task,
+                    device=runtime.device,
+                )
         saved = peft_io.get_extras(model, runtime.extras_names)
         try:
             peft_io.set_extras(model, extras)

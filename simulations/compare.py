@@ -1,0 +1,90 @@
+"""The ``fedft compare`` recipe: one config, every algorithm, the same split and seed.
+
+Each algorithm runs as its own simulation (``simulate``) into ``OUT/<algorithm>/``; then one
+table (``OUT/compare.md`` and ``OUT/compare.json``) and two plots (metric per round, metric vs
+total bytes) are written. Algorithms that accept clients of different ranks (FLoRA, HetLoRA)
+get the config's ``adapter.ranks``; the single-rank ones run every client at the smallest of
+those ranks — the rank every client can afford, which is the comparison heterogeneous-rank
+methods are meant to win.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedft.config import ALGORITHMS, MIXED_RANK_ALGORITHMS, RunConfig, build_config
+from fedft.reporting.metrics import read_metrics
+from fedft.reporting.report import plot_compare
+
+logger = logging.getLogger(__name__)
+
+
+def config_for(cfg: RunConfig, algorithm: str) -> RunConfig:
+    """``cfg`` with ``algorithm``; single-rank algorithms at the smallest configured rank."""
+    table = cfg.to_dict()
+    table["aggregation"]["algorithm"] = algorithm
+    table["name"] = f"{cfg.name}-{algorithm}"
+    ranks = list(cfg.adapter.ranks)
+    if ranks and algorithm not in MIXED_RANK_ALGORITHMS:
+        table["adapter"]["ranks"] = []
+        table["adapter"]["rank"] = min(ranks)
+    return build_config(table)
+
+
+def _row(algorithm: str, cfg: RunConfig, summary: dict[str, Any], metric: str) -> dict[str, Any]:
+    ranks = cfg.adapter.ranks or [cfg.adapter.rank]
+    return {
+        "algorithm": algorithm,
+        "ranks": "/".join(str(r) for r in sorted(set(ranks))),
+        f"{metric}_before": summary["before"][metric],
+        metric: summary["after"][metric],
+        "loss": summary["after"]["loss"],
+        "bytes_up": summary["bytes_up"],
+        "bytes_down": summary["bytes_down"],
+        "wall_s": summary["wall_s"],
+    }
+
+
+def _markdown(rows: Sequence[dict[str, Any]], metric: str) -> str:
+    head = f"| algorithm | ranks | {metric} before | {metric} after | loss | MB up | MB down | s |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['algorithm']} | {r['ranks']} | {r[f'{metric}_before']:.4f} | "
+            f"{r[metric]:.4f} | {r['loss']:.4f} | {r['bytes_up'] / 1e6:.2f} | "
+            f"{r['bytes_down'] / 1e6:.2f} | {r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def compare(
+    cfg: RunConfig,
+    out: Path,
+    *,
+    algorithms: Sequence[str] = ALGORITHMS,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every algorithm on ``cfg``'s split; write the table and plots; return the rows."""
+    from simulations.simulate import simulate
+
+    unknown = sorted(set(algorithms) - set(ALGORITHMS))
+    if unknown:
+        raise ValueError(f"unknown algorithms {unknown}; choose from {list(ALGORITHMS)}")
+    metric = "accuracy" if cfg.model.task == "classification" else "loss"
+    rows, runs = [], {}
+    for algorithm in algorithms:
+        run_cfg = config_for(cfg, algorithm)
+        logger.info("compare: running %s", algorithm)
+        summary = simulate(run_cfg, out / algorithm, progress=progress)
+        rows.append(_row(algorithm, run_cfg, summary, metric))
+        runs[algorithm] = read_metrics(out / algorithm)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "compare.md").write_text(_markdown(rows, metric))
+    plot_compare(runs, out, metric=metric)
+    return rows
+
