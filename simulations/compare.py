@@ -87,4 +87,3 @@ def compare(
     (out / "compare.md").write_text(_markdown(rows, metric))
     plot_compare(runs, out, metric=metric)
     return rows
-
