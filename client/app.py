@@ -13,6 +13,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.split_round import run_split_round
 from fedft import builders
 from fedft.aggregation import AGGREGATORS
 from fedft.config import RunConfig
@@ -97,7 +98,8 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
                             "message": privacy.decision.message,
                             "accountant": accountant_json(privacy.accountant),
                         }
-                    )
+                    ),
+                    ROUND_RECORD: ConfigRecord({"round": int(conf["round"])}),
                 }
             )
         rp = privacy
@@ -131,6 +133,31 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
     }
     if cfg.adapter.method == "prompt":
         update = run_prompt_round(runtime, **common)
+    elif cfg.adapter.method == "split":
+        if private_train is not None:  # never report an epsilon for training it did not protect
+            raise RuntimeError(
+                "privacy.mode = 'sample' is not supported with adapter.method = 'split'"
+            )
+        if not cfg.split.server:
+            raise RuntimeError("split.server is empty: set it to the split server's host:port")
+        update = run_split_round(
+            runtime,
+            client_id=str(idx),
+            start=start,
+            data=data,
+            server_address=cfg.split.server,
+            model_id=cfg.model.name,
+            front_layers=cfg.split.front_layers,
+            back_layers=cfg.split.back_layers,
+            wire_dtype=cfg.split.wire_dtype,
+            in_flight=cfg.split.micro_batches_in_flight,
+            local_loss_steps=cfg.split.local_loss_steps,
+            keep_fraction=cfg.split.keep_fraction,
+            steps=cfg.federation.local_steps,
+            batch_size=cfg.federation.batch_size,
+            lr=cfg.federation.lr,
+            seed=int(conf["seed"]),
+        )
     else:
         update = run_lora_round(
             runtime,
@@ -145,6 +172,7 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
         eps = acc.epsilon(cfg.privacy.delta)
         update = dataclasses.replace(update, metrics={**update.metrics, "epsilon": eps})
     content = serde.update_to_recorddict(update, parts=trainable)
+    content[ROUND_RECORD] = ConfigRecord({"round": int(conf["round"])})  # replay check
     if privacy is not None:
         content[PRIVACY_RECORD] = ConfigRecord(
             {"refused": False, "accountant": accountant_json(privacy.accountant)}
@@ -153,6 +181,7 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
 
 
 PRIVACY_RECORD = "fedft.privacy"
+ROUND_RECORD = "fedft.round"  # server/strategy.py drops replies for another round
 _STATE_KEY = "fedft.accountant"
 
 
@@ -180,6 +209,12 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         return Message(content=train_round(_config(context), msg.content, context), reply_to=msg)
+
+    @app.train("secagg")
+    def secagg(msg: Message, context: Context) -> Message:
+        from client.secure_round import handle
+
+        return Message(content=handle(_config(context), msg.content, context), reply_to=msg)
 
     return app
 

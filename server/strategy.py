@@ -42,13 +42,23 @@ from fedft.training.runtime import (
 )
 from fedft.transport import serde
 from fedft.types import AggregationResult, ClientUpdate
+from server.secure_round import run_secure_round
 
 PRIVACY_RECORD = "fedft.privacy"  # the same key client/app.py writes
+ROUND_RECORD = "fedft.round"  # client/app.py echoes the round it trained for (replay check)
 
 logger = logging.getLogger(__name__)
 
 QUERY = "query"
 TRAIN = "train"
+#: client metrics summed over a round's updates into metrics.jsonl (split learning).
+SUMMED_CLIENT_METRICS = (
+    "kept_samples",
+    "split_frames_up",
+    "split_frames_down",
+    "split_bytes_up",
+    "split_bytes_down",
+)
 
 
 class RoundFailed(RuntimeError):
@@ -148,13 +158,13 @@ def run_federation(
         )
         _public_init(cfg, runtime, aggregator, public)
     extras = dict(runtime.initial_extras)
-    if cfg.adapter.method == "prompt":  # the prompt and head are the only trainables
+    if cfg.adapter.method in ("prompt", "split"):  # the prompt and head: the only trainables
         extras[PROMPT] = initial_prompt(
             runtime, num_tokens=cfg.adapter.prompt_tokens, seed=cfg.seed
         )
     coord = Coordinator(
         aggregator=aggregator,
-        shapes={} if cfg.adapter.method == "prompt" else runtime.shapes,
+        shapes={} if cfg.adapter.method in ("prompt", "split") else runtime.shapes,
         rank_of=cfg.adapter.rank_of,
         alpha=cfg.adapter.alpha,
         extras=extras,
@@ -245,17 +255,43 @@ def run_federation(
                     content=content, dst_node_id=nodes[idx], message_type=TRAIN, group_id=str(rnd)
                 )
             )
-        replies = _collect(
-            grid,
-            messages,
-            timeout,
-            starts,
-            nodes,
-            parts_up,
-            rnd,
-            extras=coord.extras,
-            max_norm=cfg.aggregation.max_update_norm or None,
-        )
+        secure = None
+        if cfg.aggregation.secure:  # the server sees only the weighted sum
+            secure = run_secure_round(
+                grid,
+                messages,
+                nodes=nodes,
+                rnd=rnd,
+                parts=parts_up,
+                template=ClientUpdate(
+                    client_id="template",
+                    adapters=starts[chosen[0]].adapters,
+                    num_examples=1,
+                    extras=coord.extras,
+                ),
+                aggregator=aggregator,
+                timeout=timeout,
+                min_replies=min_replies,
+            )
+            bytes_down = secure.bytes_down
+            replies = RoundReplies(
+                bytes_up=secure.bytes_up,
+                epsilon=secure.epsilon,
+                accountants=secure.accountants,
+                refused=secure.refused,
+            )
+        else:
+            replies = _collect(
+                grid,
+                messages,
+                timeout,
+                starts,
+                nodes,
+                parts_up,
+                rnd,
+                extras=coord.extras,
+                max_norm=cfg.aggregation.max_update_norm or None,
+            )
         accountants.update(replies.accountants)
         exhausted.update(replies.refused)
         for idx, e in replies.epsilon.items():
@@ -266,11 +302,15 @@ def run_federation(
             "round": rnd,
             "bytes_up": replies.bytes_up,
             "bytes_down": bytes_down,
-            "clients": len(updates),
+            "clients": len(updates) if secure is None else secure.clients,
             "sampled": len(chosen),
             "refused": len(replies.refused),
             "rejected": len(replies.rejected),
         }
+        for key in SUMMED_CLIENT_METRICS:  # split learning: pruning and wire traffic
+            values = [float(u.metrics[key]) for u in updates if key in u.metrics]
+            if values:
+                record[key] = sum(values)
         if spent:
             record["epsilon_level"] = "sample"
             record["epsilon_clients"] = {str(k): v for k, v in sorted(spent.items())}
@@ -286,12 +326,13 @@ def run_federation(
                 }
             )
             break
-        if len(updates) < min_replies:
+        if record["clients"] < min_replies or (secure is not None and secure.result is None):
             logger.error(
-                "round %d: %d replies < federation.min_replies=%d; model unchanged",
+                "round %d: %d replies (federation.min_replies=%d)%s; model unchanged",
                 rnd,
-                len(updates),
+                record["clients"],
                 min_replies,
+                "" if secure is None else f", secure aggregation: {secure.failed}",
             )
             writer.write(
                 **{
@@ -303,7 +344,11 @@ def run_federation(
                 }
             )
             continue
-        result = coord.aggregate(updates)
+        if secure is None:
+            result = coord.aggregate(updates)
+        else:  # a failed secure round (result None) was written as failed above
+            assert secure.result is not None
+            result = coord.apply(secure.result)
         if "epsilon_user" in result.metrics:
             eps = [float(result.metrics["epsilon_user"])]
             record["epsilon_level"] = "user"
@@ -315,6 +360,7 @@ def run_federation(
             **eval_kw,
         )
         train_loss = [float(u.metrics["train_loss"]) for u in updates if "train_loss" in u.metrics]
+        train_loss += [] if secure is None else secure.train_loss
         writer.write(
             **{
                 **record,
@@ -388,6 +434,17 @@ def _collect(
             )
             continue
         out.bytes_up += serde.recorddict_nbytes(reply.content)
+        tag = reply.content.get(ROUND_RECORD)
+        if not isinstance(tag, ConfigRecord) or tag.get("round") != rnd:
+            stale = None if not isinstance(tag, ConfigRecord) else tag.get("round")
+            logger.warning(
+                "round %d: dropping a reply of client %d trained for round %r (stale or replayed)",
+                rnd,
+                idx,
+                stale,
+            )
+            out.rejected.append((idx, f"reply for round {stale!r}, not {rnd}"))
+            continue
         privacy = reply.content.get(PRIVACY_RECORD)
         if privacy is not None:
             out.accountants[idx] = str(privacy["accountant"])  # type: ignore[index]

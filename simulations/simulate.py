@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fedft.config import RunConfig
+from fedft.config import RunConfig, build_config
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,17 @@ def simulate(cfg: RunConfig, out: Path, *, progress: bool = True) -> dict[str, A
     from client.app import make_client_app
     from server.app import make_server_app
 
+    split_server = None
+    if cfg.adapter.method == "split" and not cfg.split.server:
+        from server.split_runner import SplitServerThread, build_split_service
+
+        split_server = SplitServerThread(build_split_service(cfg)).start()
+        table = cfg.to_dict()
+        table["split"]["server"] = split_server.address
+        cfg = build_config(table)
     errors: list[BaseException] = []
-    server_app = make_server_app(cfg, out_dir=out, progress=progress, on_error=errors.append)
     try:
+        server_app = make_server_app(cfg, out_dir=out, progress=progress, on_error=errors.append)
         run_simulation(
             server_app=server_app,
             client_app=make_client_app(cfg),
@@ -54,6 +62,8 @@ def simulate(cfg: RunConfig, out: Path, *, progress: bool = True) -> dict[str, A
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        if split_server is not None:
+            split_server.stop()
     if errors:
         raise SimulationFailed(f"the server failed: {errors[0]!r}") from errors[0]
     summary = out / "summary.json"

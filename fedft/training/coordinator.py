@@ -121,7 +121,14 @@ class Coordinator:
         set_reference = getattr(self.aggregator, "set_reference", None)
         if set_reference is not None:  # wrappers (norm bound, user-level DP) clip vs this
             set_reference(self.global_adapters, extras=self.extras)
-        result = self.aggregator.aggregate(updates)
+        return self.apply(self.aggregator.aggregate(updates))
+
+    def apply(self, result: AggregationResult) -> AggregationResult:
+        """Move the global state forward by a round's result computed elsewhere.
+
+        :meth:`aggregate` ends here; secure aggregation calls it directly with the result it
+        decoded from the unmasked sum (the server never holds the individual updates).
+        """
         self.global_adapters = dict(result.adapters)
         for name, delta in result.base_delta.items():
             part = delta if isinstance(delta, LoraFactors) else _dense_as_factors(delta)

@@ -1,0 +1,389 @@
+"""One secure-aggregation round over Flower messages (the server's side).
+
+Four ``grid.send_and_receive`` exchanges with the round's clients, each message carrying a
+:mod:`fedft.secagg` message as the ``fedft.secagg`` ConfigRecord
+(:mod:`fedft.transport.secagg_serde`; ``message_type = "train.secagg"``):
+
+1. ``advertise``: the round's start (the same content a plain round sends) plus the SecAgg
+   parameters; each client trains and replies with its two X25519 public keys;
+2. ``share``: the key directory U1 -> encrypted Shamir shares (U2);
+3. ``masked``: the shares routed to each client -> its masked vector (U3);
+4. ``unmask``: U3 -> the shares that remove the masks.
+
+The server learns only ``[sum w_k x_k, sum w_k]`` over U3 (w_k = n_k, or 1 under user-level
+DP) and rebuilds the round's result with :func:`fedft.secagg.encoding.decode_aggregate`.
+The threshold is t = max(federation.min_replies, floor(n/2) + 1): up to n - t clients may
+drop at any stage (a client that dies after sending its masked input is still in the
+sum); beyond that :class:`~fedft.secagg.SecAggAbort` fails the round cleanly and the global
+model is left unchanged. Dropped or late clients, replies from a node other than the one
+asked, replies claiming another SecAgg index and malformed records are logged and dropped.
+
+What the server cannot do here: validate an update's values or norm (it never sees one).
+Clients clip their own delta when a bound exists (user-level DP's C, robust
+``norm_bound``); the fixed-point clip of :class:`~fedft.secagg.SecAggParams` bounds every
+entry of every vector.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedft.aggregation.base import Aggregator
+from fedft.aggregation.robust import NormBound, flatten_trainables, unflatten_trainables
+from fedft.privacy import CentralDP
+from fedft.secagg import SecAggError, SecAggParams, SecAggResult, SecAggServer
+from fedft.secagg.encoding import decode_aggregate, vector_length
+from fedft.transport import secagg_serde as ss
+from fedft.transport import serde
+from fedft.types import AggregationResult, ClientUpdate
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_TYPE = "train.secagg"
+"""Flower message type of every SecAgg stage (client/app.py registers the action)."""
+
+PRIVACY_RECORD = "fedft.privacy"  # the same key client/app.py writes
+
+_T = TypeVar("_T")
+
+
+@dataclass
+class SecureRound:
+    """What one secure round produced.
+
+    Attributes:
+        result: the round's aggregate, or None when the round failed.
+        failed: why the round failed (None when it did not).
+        clients: |U3|, the clients whose vectors are in the sum.
+        dropped: SecAgg indices of the clients that dropped at any stage.
+        bytes_up: serialised bytes of every reply (all four stages).
+        bytes_down: serialised bytes of every server message (all four stages).
+        epsilon: client index -> ε spent so far (sample-level DP).
+        accountants: client index -> its accountant state (JSON).
+        refused: clients that refused to train (budget spent).
+        train_loss: the clients' reported local training losses.
+    """
+
+    result: AggregationResult | None = None
+    failed: str | None = None
+    clients: int = 0
+    dropped: list[int] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    epsilon: dict[int, float] = field(default_factory=dict)
+    accountants: dict[int, str] = field(default_factory=dict)
+    refused: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+
+
+def secagg_threshold(num_clients: int, min_replies: int) -> int:
+    """t = max(min_replies, floor(n/2) + 1): SecAgg needs t > n/2 survivors."""
+    return max(min_replies, num_clients // 2 + 1)
+
+
+def client_clip(aggregator: Aggregator) -> tuple[float, bool]:
+    """``(clip_delta, weighted)`` clients apply before masking, for this aggregator.
+
+    User-level DP: clip to C, uniform weights; robust ``norm_bound``: clip to its bound,
+    weights n_k; otherwise no clip, weights n_k.
+    """
+    if isinstance(aggregator, CentralDP):
+        return aggregator.clip_norm, False
+    if isinstance(aggregator, NormBound):
+        return aggregator.bound, True
+    return 0.0, True
+
+
+class _Exchange:
+    """Sends one stage's messages to SecAgg indices and keeps the usable replies."""
+
+    def __init__(
+        self, grid: Grid, *, node_of: Mapping[int, int], rnd: int, timeout: float | None
+    ) -> None:
+        self.grid = grid
+        self.node_of = dict(node_of)
+        self.index_of = {nid: i for i, nid in node_of.items()}
+        self.rnd = rnd
+        self.timeout = timeout
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.dropped: set[int] = set()
+
+    def send(self, stage: str, contents: Mapping[int, RecordDict]) -> dict[int, RecordDict]:
+        messages = []
+        for i, content in contents.items():
+            self.bytes_down += serde.recorddict_nbytes(content)
+            messages.append(
+                Message(
+                    content=content,
+                    dst_node_id=self.node_of[i],
+                    message_type=MESSAGE_TYPE,
+                    group_id=str(self.rnd),
+                )
+            )
+        got: dict[int, RecordDict] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            src = reply.metadata.src_node_id
+            k = self.index_of.get(src)
+            if reply.has_error():
+                logger.warning(
+                    "round %d secagg %s: client on node %s failed: %s",
+                    self.rnd,
+                    stage,
+                    src,
+                    reply.error,
+                )
+                continue
+            if k is None or k not in contents or k in got:
+                logger.warning(
+                    "round %d secagg %s: dropping unexpected reply from node %s",
+                    self.rnd,
+                    stage,
+                    src,
+                )
+                continue
+            self.bytes_up += serde.recorddict_nbytes(reply.content)
+            got[k] = reply.content
+        missing = set(contents) - set(got)
+        if missing:
+            logger.warning(
+                "round %d secagg %s: no reply from indices %s", self.rnd, stage, sorted(missing)
+            )
+            self.dropped |= missing
+        return got
+
+    def decode(
+        self, stage: str, replies: Mapping[int, RecordDict], decoder: Callable[[RecordDict], _T]
+    ) -> list[_T]:
+        """Decode each reply; drop (and log) malformed ones and ones claiming another index."""
+        out: list[_T] = []
+        for i, content in replies.items():
+            try:
+                msg = decoder(content)
+            except ValueError as exc:
+                logger.warning("round %d secagg %s: index %d sent %s", self.rnd, stage, i, exc)
+                self.dropped.add(i)
+                continue
+            if getattr(msg, "index", i) != i:
+                logger.warning(
+                    "round %d secagg %s: node of index %d claims index %s",
+                    self.rnd,
+                    stage,
+                    i,
+                    getattr(msg, "index", None),
+                )
+                self.dropped.add(i)
+                continue
+            out.append(msg)
+        return out
+
+
+def run_secure_round(
+    grid: Grid,
+    messages: Sequence[Message],
+    *,
+    nodes: Mapping[int, int],
+    rnd: int,
+    parts: Literal["ab", "b", "r"],
+    template: ClientUpdate,
+    aggregator: Aggregator,
+    timeout: float | None,
+    min_replies: int,
+    frac_bits: int = 24,
+    clip: float = float(2**20),
+) -> SecureRound:
+    """Run one SecAgg round for the clients ``messages`` address; return what it produced.
+
+    Args:
+        grid: the Flower grid.
+        messages: the round's start messages (one per sampled client, as a plain round
+            builds them); their content gains the ``fedft.secagg`` record.
+        nodes: client index -> node id.
+        rnd: the round number (the SecAgg round id: keys and masks are bound to it).
+        parts: what the aggregator trains (``aggregator.trainable``).
+        template: the adapters and extras every client starts from (all clients of a
+            linear aggregator start from the same global), as a ClientUpdate.
+        aggregator: the run's aggregator (linear; possibly wrapped by NormBound or
+            CentralDP).
+        timeout: seconds each stage waits for replies (None: wait for all).
+        min_replies: federation.min_replies; fewer clients in the sum fail the round.
+        frac_bits: fixed-point fractional bits (rounding error n * 2^(-f-1) per entry).
+        clip: fixed-point clip on each entry of [w x, w].
+    """
+    out = SecureRound()
+    client_of_node = {nid: idx for idx, nid in nodes.items()}
+    chosen = sorted(client_of_node[m.metadata.dst_node_id] for m in messages)
+    content_of = {client_of_node[m.metadata.dst_node_id]: m.content for m in messages}
+    secagg_index = {idx: k + 1 for k, idx in enumerate(chosen)}  # client index -> 1..n
+    client_index = {k: idx for idx, k in secagg_index.items()}
+    n = len(chosen)
+    t = secagg_threshold(n, min_replies)
+    if n < 2 or t > n:
+        out.failed = f"secure aggregation needs >= 2 clients and t={t} <= n={n}"
+        return out
+    params = SecAggParams(
+        num_clients=n,
+        max_dropouts=n - t,
+        vector_length=vector_length(template, parts=parts),
+        round_id=rnd,
+        frac_bits=frac_bits,
+        clip=clip,
+    )
+    clip_delta, weighted = client_clip(aggregator)
+    ex = _Exchange(
+        grid, node_of={k: nodes[idx] for idx, k in secagg_index.items()}, rnd=rnd, timeout=timeout
+    )
+    server = SecAggServer(params)
+    try:
+        # stage 0: train + advertise keys
+        starts: dict[int, RecordDict] = {}
+        for idx in chosen:
+            content = RecordDict(dict(content_of[idx].items()))
+            content[ss.RECORD] = ss.params_to_record(
+                params, index=secagg_index[idx], clip_delta=clip_delta, weighted=weighted
+            )
+            starts[secagg_index[idx]] = content
+        replies = ex.send("advertise", starts)
+        keyed: dict[int, RecordDict] = {}
+        for k, content in replies.items():
+            if _privacy(out, client_index[k], content, rnd):
+                keyed[k] = content
+        ads = ex.decode("advertise", keyed, lambda c: ss.advertise_from_record(c, num_clients=n))
+        directory = server.collect_keys(ads)
+        # stage 1: share keys
+        u1 = [k.index for k in directory.keys]
+        rec = ss.directory_to_record(directory, round_id=rnd)
+        replies = ex.send("share", {k: RecordDict({ss.RECORD: rec}) for k in u1})
+        shares = ex.decode("share", replies, lambda c: ss.share_keys_from_record(c, num_clients=n))
+        routed = server.collect_shares(shares)
+        # stage 2: masked input
+        replies = ex.send(
+            "masked",
+            {
+                k: RecordDict({ss.RECORD: ss.routed_to_record(r, round_id=rnd)})
+                for k, r in routed.items()
+            },
+        )
+        masked = ex.decode(
+            "masked",
+            replies,
+            lambda c: ss.masked_from_record(c, num_clients=n, vector_length=params.vector_length),
+        )
+        request = server.collect_masked(masked)
+        # stage 3: unmask
+        rec = ss.request_to_record(request, round_id=rnd)
+        replies = ex.send("unmask", {k: RecordDict({ss.RECORD: rec}) for k in request.survivors})
+        unmask = ex.decode("unmask", replies, lambda c: ss.unmask_from_record(c, num_clients=n))
+        total = server.collect_unmasking(unmask)
+    except SecAggError as exc:
+        logger.error("round %d: %s; model unchanged", rnd, exc)
+        out.failed = str(exc)
+        _close(out, ex)
+        return out
+    _close(out, ex)
+    out.clients = len(total.included)
+    for k in total.included:
+        loss = _metric(keyed[k], "train_loss")
+        if loss is not None:
+            out.train_loss.append(loss)
+    if out.clients < min_replies:
+        out.failed = f"{out.clients} clients in the sum < federation.min_replies={min_replies}"
+        return out
+    out.result = aggregate_from_sum(total, template=template, parts=parts, aggregator=aggregator)
+    return out
+
+
+def _close(out: SecureRound, ex: _Exchange) -> None:
+    out.bytes_up, out.bytes_down = ex.bytes_up, ex.bytes_down
+    out.dropped = sorted(ex.dropped)
+
+
+def _metric(content: RecordDict, name: str) -> float | None:
+    metrics = content.get(serde.METRICS)
+    if metrics is None or name not in metrics:  # type: ignore[operator]
+        return None
+    value = metrics[name]  # type: ignore[index]
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _privacy(out: SecureRound, idx: int, content: RecordDict, rnd: int) -> bool:
+    """Mirror the accountant and the ε of a stage-0 reply; False if the client refused."""
+    privacy = content.get(PRIVACY_RECORD)
+    if isinstance(privacy, ConfigRecord):
+        out.accountants[idx] = str(privacy.get("accountant", ""))
+        if bool(privacy.get("refused", False)):
+            logger.warning("round %d: client %d stopped: %s", rnd, idx, privacy.get("message"))
+            out.refused.append(idx)
+            return False
+    eps = _metric(content, "epsilon")
+    if eps is not None:
+        out.epsilon[idx] = eps
+    return True
+
+
+def aggregate_from_sum(
+    total: SecAggResult,
+    *,
+    template: ClientUpdate,
+    parts: Literal["ab", "b", "r"],
+    aggregator: Aggregator,
+) -> AggregationResult:
+    """The round's result from the unmasked sum ``[sum w_k x_k, sum w_k]``.
+
+    Plain linear aggregators and ``norm_bound`` (clients clipped themselves): the weighted
+    mean, formatted by the inner aggregator (:func:`decode_aggregate`). User-level DP: the
+    sum of clipped deltas gets N(0, sigma^2 C^2) noise once, is divided by the expected
+    cohort m, added to the reference and accounted, exactly as :class:`CentralDP` does
+    with individual updates (``fedft/privacy/central.py`` steps 3-5).
+    """
+    if isinstance(aggregator, CentralDP):
+        return _central_dp_from_sum(total, template=template, parts=parts, dp=aggregator)
+    inner = aggregator.inner if isinstance(aggregator, NormBound) else aggregator
+    return decode_aggregate(total, template=template, parts=parts, inner=inner)
+
+
+def _central_dp_from_sum(
+    total: SecAggResult,
+    *,
+    template: ClientUpdate,
+    parts: Literal["ab", "b", "r"],
+    dp: CentralDP,
+) -> AggregationResult:
+    vec = np.asarray(total.total, dtype=np.float64)  # [sum (x0 + clipped delta_k), K]
+    count = float(vec[-1])
+    if not count >= 0.5 or not math.isfinite(count):
+        raise ValueError(f"unmasked client count {count} is not a positive count")
+    x0 = flatten_trainables(template, parts).to(torch.float64)  # (D,) the reference
+    summed = torch.from_numpy(vec[:-1].copy()) - round(count) * x0  # sum of clipped deltas
+    if dp.noise_multiplier > 0:
+        gen = torch.Generator().manual_seed(secrets.randbits(63))  # fresh OS entropy
+        noise = torch.randn(summed.shape, generator=gen, dtype=torch.float64)
+        summed = summed + dp.noise_multiplier * dp.clip_norm * noise
+    mean = x0 + summed / dp.expected_clients  # fixed denominator m
+    private = unflatten_trainables(mean, template, parts, client_id="secagg-dp", num_examples=1)
+    result = dp.inner.aggregate([private])
+    dp.accountant.step(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=1)
+    dp.set_reference(result.adapters, extras=result.extras)
+    metrics = {
+        **result.metrics,
+        "clients": float(len(total.included)),
+        "user_dp_noise_std": dp.noise_multiplier * dp.clip_norm / dp.expected_clients,
+    }
+    if dp.delta is not None:
+        metrics["epsilon_user"] = dp.accountant.epsilon(dp.delta)
+    return AggregationResult(
+        adapters=result.adapters,
+        base_delta=result.base_delta,
+        metrics=metrics,
+        extras=result.extras,
+    )

@@ -1,0 +1,270 @@
+"""Fault-injecting ClientApps and helpers shared by the Flower fault tests (no tests here).
+
+The ClientApp wraps ``client.app``'s real handlers call for call (``train_round`` and
+``client.secure_round.handle``) and, for chosen ``(round, client index)`` pairs, injects a
+fault on the client side, as a hostile or broken client would:
+
+- ``"raise"``: crash before training (Flower returns an error reply);
+- ``"sleep:S"``: answer S seconds late (past ``federation.round_timeout_s``);
+- ``"replay"``: send this client's reply of an earlier round again;
+- ``"garbage"``: send a reply whose tensor bytes are truncated;
+- ``"poison:F"``: scale the update delta by F (a model-poisoning client);
+- ``"die:STAGE"``: secure rounds: crash at SecAgg stage STAGE (share, masked, unmask).
+
+``drop_rate`` drops each (round, client) with that probability, from a seeded hash (soak).
+With ``capture_dir`` every client saves what it started from and what it sent
+(safetensors, no pickle) so a test can recompute the aggregate from the survivors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedft.config import RunConfig, load_config
+from fedft.types import ClientUpdate, LoraFactors
+
+
+def tiny_config(model_dir: str, **sets: Any) -> RunConfig:
+    """A tiny-BERT run config with ``--set``-style overrides (values as TOML literals)."""
+    overrides = [
+        f"model.name='{model_dir}'",
+        "data.max_train_examples=200",
+        "data.test_size=32",
+        "data.public_size=16",
+        "data.partition='iid'",
+        "federation.local_steps=2",
+        "federation.batch_size=4",
+        "federation.device='cpu'",
+        "federation.eval_batch_size=32",
+        "adapter.rank=2",
+        *[f"{k}={v}" for k, v in sets.items()],
+    ]
+    return load_config(None, overrides)
+
+
+def _flat(adapters: dict[str, LoraFactors], extras: dict[str, torch.Tensor]) -> dict[str, Any]:
+    out: dict[str, torch.Tensor] = {}
+    for mod, f in adapters.items():
+        out[f"{mod}::a"] = f.a.contiguous()
+        out[f"{mod}::b"] = f.b.contiguous()
+        if f.r is not None:
+            out[f"{mod}::r"] = f.r.contiguous()
+    for k, v in extras.items():
+        out[f"extras::{k}"] = v.contiguous()
+    return out
+
+
+def save_update(path: Path, update: ClientUpdate) -> None:
+    """Save an update's tensors (safetensors) with n_k and scalings in the metadata."""
+    meta = {
+        "num_examples": str(update.num_examples),
+        "scalings": json.dumps({m: f.scaling for m, f in update.adapters.items()}),
+    }
+    save_file(_flat(dict(update.adapters), dict(update.extras)), str(path), metadata=meta)
+
+
+def load_update(path: Path, client_id: str) -> ClientUpdate:
+    """Inverse of :func:`save_update`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(path))
+    scalings = json.loads(meta["scalings"])
+    adapters = {
+        mod: LoraFactors(
+            a=tensors[f"{mod}::a"], b=tensors[f"{mod}::b"], scaling=s, r=tensors.get(f"{mod}::r")
+        )
+        for mod, s in scalings.items()
+    }
+    extras = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("extras::")}
+    return ClientUpdate(
+        client_id=client_id,
+        adapters=adapters,
+        num_examples=int(meta["num_examples"]),
+        extras=extras,
+    )
+
+
+def dropped(seed: int, rnd: int, idx: int, rate: float) -> bool:
+    """Whether client ``idx`` drops in round ``rnd`` (a seeded, reproducible coin)."""
+    h = hashlib.sha256(f"{seed}:{rnd}:{idx}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < rate
+
+
+def fault_client_app(
+    cfg: RunConfig,
+    *,
+    plan: dict[str, str] | None = None,
+    capture_dir: str | None = None,
+    drop_rate: float = 0.0,
+    drop_seed: int = 0,
+) -> Any:
+    """The real ClientApp plus injected faults; ``plan`` maps "round:index" to a fault."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.clientapp import ClientApp
+
+    faults = dict(plan or {})
+    app = ClientApp()
+
+    def _fault(rnd: int, idx: int) -> str:
+        if drop_rate and dropped(drop_seed, rnd, idx, drop_rate):
+            return "raise"
+        return faults.get(f"{rnd}:{idx}", "")
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        from client.app import client_index
+
+        info = ConfigRecord({"client_index": client_index(context)})
+        return Message(content=RecordDict({"info": info}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        from client.app import client_index, train_round
+        from fedft.aggregation import AGGREGATORS
+        from fedft.transport import serde
+
+        rnd = int(msg.content[serde.CONFIG]["round"])  # type: ignore[index]
+        idx = client_index(context)
+        fault = _fault(rnd, idx)
+        if fault == "raise":
+            raise RuntimeError(f"injected crash of client {idx} in round {rnd}")
+        if fault.startswith("sleep:"):
+            time.sleep(float(fault.split(":", 1)[1]))
+        content = train_round(cfg, msg.content, context)
+        parts = AGGREGATORS[cfg.aggregation.algorithm].trainable
+        start, _, start_extras, _ = serde.start_from_recorddict(msg.content)
+        update = serde.update_from_recorddict(
+            content, client_id=str(idx), parts=parts, reference=start
+        )
+        if fault.startswith("poison:"):
+            factor = float(fault.split(":", 1)[1])
+            adapters = {
+                m: LoraFactors(
+                    a=start[m].a + factor * (f.a - start[m].a),
+                    b=start[m].b + factor * (f.b - start[m].b),
+                    scaling=f.scaling,
+                    r=f.r,
+                )
+                for m, f in update.adapters.items()
+            }
+            extras = {
+                k: start_extras[k] + factor * (v - start_extras[k])
+                for k, v in update.extras.items()
+            }
+            update = ClientUpdate(
+                client_id=update.client_id,
+                adapters=adapters,
+                num_examples=update.num_examples,
+                metrics=update.metrics,
+                extras=extras,
+            )
+            tag = content["fedft.round"]
+            content = serde.update_to_recorddict(update, parts=parts)
+            content["fedft.round"] = tag
+        if capture_dir is not None:
+            d = Path(capture_dir)
+            start_update = ClientUpdate(
+                client_id="start", adapters=start, num_examples=1, extras=start_extras
+            )
+            save_update(d / f"start-{rnd}-{idx}.safetensors", start_update)
+            if not fault:
+                save_update(d / f"update-{rnd}-{idx}.safetensors", update)
+            elif fault.startswith("poison:"):
+                save_update(d / f"poison-{rnd}-{idx}.safetensors", update)
+        if fault == "replay":
+            old = {
+                k[len("test.last.") :]: v
+                for k, v in context.state.items()
+                if k.startswith("test.last.")
+            }
+            if not old:
+                raise RuntimeError("nothing to replay")
+            return Message(content=RecordDict(old), reply_to=msg)
+        for key, rec in content.items():
+            context.state[f"test.last.{key}"] = rec
+        if fault == "garbage":
+            arrays = content[serde.ADAPTERS]
+            key = next(iter(arrays))  # type: ignore[call-overload]
+            arr = arrays[key]  # type: ignore[index]
+            arr.data = arr.data[: len(arr.data) // 2]  # truncated tensor bytes
+        return Message(content=content, reply_to=msg)
+
+    @app.train("secagg")
+    def secagg(msg: Message, context: Context) -> Message:
+        from client.app import client_index
+        from client.secure_round import STATE_KEY, handle
+        from fedft.transport import secagg_serde as ss
+
+        stage = ss.stage_of(msg.content)
+        rnd = (
+            ss.round_of(msg.content)
+            if stage != "advertise"
+            else int(
+                msg.content[ss.RECORD]["round_id"]  # type: ignore[index]
+            )
+        )
+        idx = client_index(context)
+        fault = _fault(rnd, idx)
+        if fault == "raise" and stage == "advertise":
+            raise RuntimeError(f"injected crash of client {idx} in round {rnd}")
+        if fault == f"die:{stage}":
+            raise RuntimeError(f"injected crash of client {idx} at secagg stage {stage}")
+        content = handle(cfg, msg.content, context)
+        if stage == "advertise" and capture_dir is not None:
+            from fedft.transport import serde
+
+            start, _, start_extras, _ = serde.start_from_recorddict(msg.content)
+            save_update(
+                Path(capture_dir) / f"start-{rnd}-{idx}.safetensors",
+                ClientUpdate(
+                    client_id="start", adapters=start, num_examples=1, extras=start_extras
+                ),
+            )
+            _, vector = ss.client_state_from_record(context.state[STATE_KEY])  # type: ignore[arg-type]
+            torch_vec = torch.from_numpy(vector.copy())
+            save_file({"vector": torch_vec}, str(Path(capture_dir) / f"vector-{rnd}-{idx}.st"))
+        if stage == "masked" and capture_dir is not None:
+            raw = content[ss.RECORD]["masked"]  # type: ignore[index]
+            Path(capture_dir, f"masked-{rnd}-{idx}.bin").write_bytes(raw)  # type: ignore[arg-type]
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+def run_sim(cfg: RunConfig, out: Path, client_app: Any) -> dict[str, Any]:
+    """Run ``cfg`` on the Simulation Engine with ``client_app``; return the summary."""
+    import ray
+    from flwr.simulation import run_simulation
+
+    from server.app import make_server_app
+    from simulations.simulate import backend_config
+
+    errors: list[BaseException] = []
+    server_app = make_server_app(cfg, out_dir=out, progress=False, on_error=errors.append)
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.federation.num_clients,
+            backend_config=backend_config(cfg),  # type: ignore[arg-type]
+        )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    if errors:
+        raise errors[0]
+    return dict(json.loads((out / "summary.json").read_text())["final"])
+
+
+def metrics_rows(out: Path) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl rows."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
