@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -30,6 +30,7 @@ from fedft.training.runtime import (
 )
 from fedft.transport import serde
 from fedft.transport.flower_config import read_run_config
+from fedft.types import LoraFactors
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,14 @@ def client_index(context: Context) -> int:
 
 def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> RecordDict:
     """One local round for this node, from the server's message content to the reply."""
-    adapters, base_delta, extras, conf = serde.start_from_recorddict(content)
+    frozen = _cached_frozen(context, content)
+    try:
+        adapters, base_delta, extras, conf = serde.start_from_recorddict(content, reference=frozen)
+    except serde.SerdeError as exc:
+        raise RuntimeError(
+            f"cannot rebuild the shared frozen factors ({exc}); the server resends them in full"
+        ) from exc
+    _cache_frozen(context, content, adapters)
     idx = client_index(context)
     if int(conf["client_index"]) != idx:
         raise RuntimeError(f"message for client {conf['client_index']} reached client {idx}")
@@ -183,6 +191,40 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
 PRIVACY_RECORD = "fedft.privacy"
 ROUND_RECORD = "fedft.round"  # server/strategy.py drops replies for another round
 _STATE_KEY = "fedft.accountant"
+
+
+_FROZEN_KEY = "fedft.frozen"  # FFA's shared A / Fed-SB's shared B and A, sent once
+
+
+def _frozen_id(content: RecordDict) -> str:
+    record = content.get(serde.CONFIG)
+    value = record.get("frozen_id", "") if isinstance(record, ConfigRecord) else ""
+    return str(value)
+
+
+def _cached_frozen(context: Context, content: RecordDict) -> dict[str, LoraFactors] | None:
+    """The frozen factors this node already holds for the server's ``frozen_id``, if any."""
+    fid = _frozen_id(content)
+    meta = context.state.get(f"{_FROZEN_KEY}.meta")
+    if not fid or not isinstance(meta, ConfigRecord) or meta.get("id") != fid:
+        return None
+    parts = str(meta["parts"])
+    scalings = {k: float(v) for k, v in meta.items() if k not in ("id", "parts")}  # type: ignore[arg-type]
+    record = context.state[_FROZEN_KEY]
+    return serde.adapters_from_record(record, parts=parts, scalings=scalings)  # type: ignore[arg-type]
+
+
+def _cache_frozen(context: Context, content: RecordDict, adapters: dict[str, LoraFactors]) -> None:
+    """Keep the round's factors so the next rounds need only the trained part."""
+    fid = _frozen_id(content)
+    if not fid:
+        return
+    parts: Literal["abr", "ab"] = "abr" if any(f.r is not None for f in adapters.values()) else "ab"
+    context.state[_FROZEN_KEY] = serde.adapters_to_record(adapters, parts=parts)
+    meta = serde.scalings_to_config(adapters)
+    meta["id"] = fid
+    meta["parts"] = parts
+    context.state[f"{_FROZEN_KEY}.meta"] = meta
 
 
 def _stored_accountant(context: Context) -> str | None:

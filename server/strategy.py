@@ -8,6 +8,7 @@ line and a checkpoint. Byte counts are the serialised sizes of the real messages
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -41,7 +42,7 @@ from fedft.training.runtime import (
     initial_prompt,
 )
 from fedft.transport import serde
-from fedft.types import AggregationResult, ClientUpdate
+from fedft.types import AggregationResult, ClientUpdate, LoraFactors
 from server.secure_round import run_secure_round
 
 PRIVACY_RECORD = "fedft.privacy"  # the same key client/app.py writes
@@ -208,6 +209,9 @@ def run_federation(
     nodes = discover_clients(grid, num_clients=cfg.federation.num_clients)
     parts_up = aggregator.trainable
     parts_down: Literal["abr", "ab"] = "abr" if aggregator.trainable == "r" else "ab"
+    # FFA's A and Fed-SB's B, A never change: a client that holds them gets only what trains
+    frozen_id = _frozen_id(coord.global_adapters) if aggregator.trainable != "ab" else ""
+    holds_frozen: set[int] = set()
     min_replies = cfg.federation.min_replies or 1
     timeout = cfg.federation.round_timeout_s or None
     last: dict[str, float] = dict(before)
@@ -242,9 +246,11 @@ def run_federation(
             conf = _client_config(cfg, rnd=rnd, idx=idx, start=start)
             if idx in accountants:
                 conf["accountant"] = accountants[idx]
+            if frozen_id:
+                conf["frozen_id"] = frozen_id
             content = serde.start_to_recorddict(
                 adapters=start.adapters,
-                parts=parts_down,
+                parts=aggregator.trainable if idx in holds_frozen else parts_down,
                 base_delta=start.base_delta,
                 extras=start.extras,
                 config=conf,
@@ -292,6 +298,9 @@ def run_federation(
                 extras=coord.extras,
                 max_norm=cfg.aggregation.max_update_norm or None,
             )
+        holds_frozen.difference_update(replies.errored)  # e.g. a restarted client lost them
+        if frozen_id:
+            holds_frozen.update(int(u.client_id) for u in replies.updates)
         accountants.update(replies.accountants)
         exhausted.update(replies.refused)
         for idx, e in replies.epsilon.items():
@@ -387,6 +396,17 @@ def run_federation(
     return final
 
 
+def _frozen_id(adapters: Mapping[str, LoraFactors]) -> str:
+    """A fingerprint of the shared frozen factors (SHA-256 of their bytes)."""
+    digest = hashlib.sha256()
+    for name in sorted(adapters):
+        f = adapters[name]
+        digest.update(name.encode())
+        for t in (f.a, f.b):
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
 def _metric_fields(ev: Mapping[str, float]) -> dict[str, Any]:
     return {k: float(v) for k, v in ev.items()}
 
@@ -404,6 +424,8 @@ class RoundReplies:
     #: clients that refused to train because their budget is spent
     refused: list[int] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    #: clients whose reply was an error (crashed, could not decode the start, ...)
+    errored: list[int] = field(default_factory=list)
 
 
 def _collect(
@@ -426,6 +448,8 @@ def _collect(
         src = reply.metadata.src_node_id
         if reply.has_error():
             logger.warning("round %d: client on node %s failed: %s", rnd, src, reply.error)
+            if src in index_of:
+                out.errored.append(index_of[src])
             continue
         idx = index_of.get(src)
         if idx is None or idx not in starts or idx in got or idx in out.refused:

@@ -131,3 +131,18 @@ def test_prompt_tuning_round_and_peft_export(tiny_bert_dir, tmp_path):
     got = _evaluate_saved_adapter(cfg, out)
     assert got["accuracy"] == pytest.approx(summary["after"]["accuracy"], abs=1e-9)
     assert got["loss"] == pytest.approx(summary["after"]["loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("algorithm", ["fedsb", "ffa"])
+def test_frozen_factors_are_sent_once(tiny_bert_dir, tmp_path, algorithm):
+    """Fed-SB's shared B, A (FFA's A) travel in a client's first round only; later rounds
+    carry just R (B), so the download shrinks while the model keeps improving the same way."""
+    from simulations.simulate import simulate
+
+    cfg = _cfg(tiny_bert_dir, **{"aggregation.algorithm": f"'{algorithm}'", "federation.rounds": 3})
+    out = tmp_path / "run"
+    simulate(cfg, out, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients"] for r in rows[1:]] == [3, 3, 3]
+    assert rows[2]["bytes_down"] < rows[1]["bytes_down"]
+    assert abs(rows[3]["bytes_down"] - rows[2]["bytes_down"]) < 64  # same tensors, new values
