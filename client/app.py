@@ -17,6 +17,7 @@ from client.split_round import run_split_round
 from fedft import builders
 from fedft.aggregation import AGGREGATORS
 from fedft.config import RunConfig
+from fedft.data import Records, load_records
 from fedft.privacy import PrivacyAccountant, train_private
 from fedft.privacy.client import RoundPrivacy, accountant_json, prepare_round
 from fedft.training.coordinator import ClientStart
@@ -65,9 +66,12 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
         device=resolve_device(cfg.federation.device),
     )
     data_key = tuple(sorted(builders.data_kwargs(cfg).items()))
+    own_path = str(context.node_config.get("data-path", ""))  # an edge client's own file
     data = get_encoded(
-        ("client", idx, cfg.model.name, cfg.data.max_length, data_key),
-        lambda: fed.clients[idx],
+        ("client", idx, own_path, cfg.model.name, cfg.data.max_length, data_key),
+        (lambda: _own_records(cfg, own_path, fed.label_names))
+        if own_path
+        else (lambda: fed.clients[idx]),
         runtime.tokenizer,
         task=cfg.model.task,
         max_length=cfg.data.max_length,
@@ -191,6 +195,31 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
 PRIVACY_RECORD = "fedft.privacy"
 ROUND_RECORD = "fedft.round"  # server/strategy.py drops replies for another round
 _STATE_KEY = "fedft.accountant"
+
+
+def _own_records(cfg: RunConfig, path: str, label_names: tuple[str, ...]) -> Records:
+    """A deployed client's own CSV/JSONL (``fedft client --data PATH``).
+
+    Its labels must be the run's: the server evaluates on the configured dataset's test set.
+    """
+    records = load_records(
+        path,
+        task=cfg.model.task,
+        text_column=cfg.data.text_column,
+        label_column=cfg.data.label_column,
+    )
+    if cfg.model.task == "classification" and label_names and records.label_names:
+        unknown = sorted(set(records.label_names) - set(label_names))
+        if unknown:
+            raise ValueError(
+                f"{path}: labels {unknown} are not among the run's labels {list(label_names)}"
+            )
+        index = {name: i for i, name in enumerate(label_names)}
+        target = [index[records.label_names[int(t)]] for t in records.target]
+        records = Records(
+            text=records.text, target=target, group=records.group, label_names=label_names
+        )
+    return records
 
 
 _FROZEN_KEY = "fedft.frozen"  # FFA's shared A / Fed-SB's shared B and A, sent once

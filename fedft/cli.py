@@ -54,6 +54,118 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_INSECURE_BANNER = """
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!! --insecure: NO TLS and NO node authentication. Anyone who can reach the port !!
+!! can read the model updates and join as a client. Local experiments ONLY.      !!
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+"""
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    out = Path(args.out or f"runs/{cfg.name}")
+    from server.deploy import DeployError, ServerPlan, ServerTls, run_server
+
+    tls: ServerTls | None = None
+    keys: tuple[Path, ...] = ()
+    try:
+        if args.insecure:
+            print(_INSECURE_BANNER, file=sys.stderr)
+        elif args.certs is None:
+            print(
+                "fedft server: TLS needs --certs DIR (make one with `fedft certs DIR`); "
+                "--insecure is for local experiments only",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_CONFIG
+        else:
+            tls = ServerTls.from_dir(Path(args.certs))
+            keys = tuple(sorted(Path(args.certs).glob("client-*.pub")))
+            keys += tuple(Path(k) for k in args.node_key or ())
+        plan = ServerPlan(
+            out=out, address=args.address, tls=tls, node_keys=keys, resume=args.resume
+        )
+        code = run_server(cfg, plan)
+    except (DeployError, ValueError) as exc:
+        print(f"fedft server: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("fedft server: interrupted; the SuperLink was stopped", file=sys.stderr)
+        return EXIT_FAILED
+    if code == EXIT_OK:
+        print(f"{cfg.name}: run finished; outputs in {out}/")
+    else:
+        print(f"fedft server: the run failed; logs in {out}/.superlink/", file=sys.stderr)
+    return code
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if not 0 <= args.partition < cfg.federation.num_clients:
+        raise ConfigError(
+            f"--partition {args.partition} is not allowed: a client index from 0 to "
+            f"{cfg.federation.num_clients - 1} (federation.num_clients)"
+        )
+    from client.deploy import ClientPlan, run_client
+    from server.deploy import DeployError
+
+    certs = Path(args.certs) if args.certs else None
+    if args.insecure:
+        print(_INSECURE_BANNER, file=sys.stderr)
+        root, key = None, None
+    elif certs is None:
+        print(
+            "fedft client: TLS needs --certs DIR (with ca.crt and client-<N>.key); "
+            "--insecure is for local experiments only",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_CONFIG
+    else:
+        root = certs / "ca.crt"
+        key = Path(args.key) if args.key else certs / f"client-{args.partition}.key"
+    try:
+        plan = ClientPlan(
+            partition=args.partition,
+            server=args.server,
+            root_cert=root,
+            node_key=key,
+            data_path=Path(args.data) if args.data else None,
+            epsilon=args.epsilon,
+            max_wait_s=args.max_wait,
+        )
+        return run_client(plan)
+    except (DeployError, ValueError) as exc:
+        print(f"fedft client: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from fedft.certs import write_deployment_certs
+
+    try:
+        paths = write_deployment_certs(
+            args.out_dir,
+            clients=args.clients,
+            server_names=args.server_name or (),
+            days=args.days,
+            overwrite=args.force,
+        )
+    except (FileExistsError, ValueError) as exc:
+        print(f"fedft certs: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    d = paths.ca_cert.parent
+    print(f"""wrote a CA, a server certificate and {args.clients} client identities to {d}/
+
+server (holds ca.crt, server.crt, server.key and every client-<i>.pub):
+  fedft server CONFIG.toml --certs {d} --address 0.0.0.0:9092
+client i (holds ca.crt and its own client-<i>.key; client-<i>.crt/-tls.key: split mTLS):
+  fedft client CONFIG.toml --partition i --certs {d} --server SERVER_HOST:9092
+
+Keep ca.key off the server; give each client only its own files.""")
+    return EXIT_OK
+
+
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     p.add_argument("config", nargs=None if required else "?", help="run config (TOML)")
     p.add_argument(
@@ -74,6 +186,41 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", help="output folder (default runs/<name>)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.set_defaults(func=_cmd_simulate)
+
+    srv = sub.add_parser("server", help="serve a run: Flower SuperLink + the run's ServerApp")
+    _add_config_args(srv)
+    srv.add_argument("--out", help="output folder (default runs/<name>)")
+    srv.add_argument("--certs", help="folder from `fedft certs` (TLS files, client-*.pub)")
+    srv.add_argument("--node-key", action="append", help="another client public key")
+    srv.add_argument("--address", default="0.0.0.0:9092", help="HOST:PORT to listen on")
+    srv.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/")
+    srv.add_argument("--insecure", action="store_true", help="no TLS, no node auth (local)")
+    srv.set_defaults(func=_cmd_server)
+
+    cli = sub.add_parser("client", help="join a run as one edge client (a Flower SuperNode)")
+    _add_config_args(cli)
+    cli.add_argument("--partition", type=int, required=True, help="client index N")
+    cli.add_argument("--data", help="this client's own CSV/JSONL file")
+    cli.add_argument("--server", default="127.0.0.1:9092", help="SuperLink HOST:PORT")
+    cli.add_argument("--certs", help="folder with ca.crt (and client-N.key)")
+    cli.add_argument("--key", help="node private key (default CERTS/client-N.key)")
+    cli.add_argument("--epsilon", type=float, help="this client's own privacy budget")
+    cli.add_argument(
+        "--max-wait",
+        type=float,
+        default=600.0,
+        help="give up after this many seconds without the server (0: never)",
+    )
+    cli.add_argument("--insecure", action="store_true", help="no TLS, no node auth (local)")
+    cli.set_defaults(func=_cmd_client)
+
+    crt = sub.add_parser("certs", help="make a CA, server/client certificates and node keys")
+    crt.add_argument("out_dir", help="folder to write (created; refuses an existing CA)")
+    crt.add_argument("--clients", type=int, default=3, help="number of clients")
+    crt.add_argument("--server-name", action="append", help="extra server DNS name or IP")
+    crt.add_argument("--days", type=int, default=365, help="validity in days")
+    crt.add_argument("--force", action="store_true", help="replace an existing set")
+    crt.set_defaults(func=_cmd_certs)
     return parser
 
 

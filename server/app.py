@@ -37,7 +37,8 @@ def make_server_app(
         config = cfg if cfg is not None else read_run_config(context.run_config)
         out = Path(out_dir or str(context.run_config.get("fedft-out", f"runs/{config.name}")))
         try:
-            run_federation(grid, config, out, progress=progress, resume=resume)
+            resume_run = resume or bool(context.run_config.get("fedft-resume", False))
+            run_federation(grid, config, out, progress=progress, resume=resume_run)
         except BaseException as exc:
             logger.exception("the run failed")
             if on_error is not None:

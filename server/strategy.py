@@ -9,7 +9,9 @@ line and a checkpoint. Byte counts are the serialised sizes of the real messages
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import random
 import time
 from collections.abc import Mapping
@@ -172,7 +174,6 @@ def run_federation(
         seed=cfg.seed,
         max_rank=builders.max_rank(cfg),
     )
-    writer = MetricsWriter(out)
     first_round = 1
     ckpt_dir = out / "checkpoint"
     accountants: dict[int, str] = {}
@@ -186,15 +187,21 @@ def run_federation(
         exhausted.update(int(i) for i in state.get("exhausted", []))
         spent.update({int(k): float(v) for k, v in state.get("spent", {}).items()})
         logger.info("resuming after round %d", first_round - 1)
+        _reconcile_metrics(out, round_=first_round - 1, row=state.get("row"))
+    writer = MetricsWriter(out)
     eval_kw: dict[str, Any] = {"test": test, "batch_size": cfg.federation.eval_batch_size}
-    before = evaluate_global(
+    last = before = evaluate_global(
         runtime,
         adapters=coord.global_adapters,
         base_delta=coord.dense_base_delta(),
         extras=coord.extras,
         **eval_kw,
     )
-    if not resume:
+    if resume:  # the untuned model's figures are in the first run's round-0 line
+        first = [r for r in read_metrics(out) if int(r["round"]) == 0]
+        if first:
+            before = {k: float(first[0][k]) for k in before if first[0].get(k) is not None}
+    else:
         writer.write(
             **{
                 "round": 0,
@@ -214,7 +221,7 @@ def run_federation(
     holds_frozen: set[int] = set()
     min_replies = cfg.federation.min_replies or 1
     timeout = cfg.federation.round_timeout_s or None
-    last: dict[str, float] = dict(before)
+
     bar = tqdm(
         range(first_round, cfg.federation.rounds + 1),
         desc=cfg.name,
@@ -370,16 +377,15 @@ def run_federation(
         )
         train_loss = [float(u.metrics["train_loss"]) for u in updates if "train_loss" in u.metrics]
         train_loss += [] if secure is None else secure.train_loss
-        writer.write(
-            **{
-                **record,
-                **_metric_fields(last),
-                "epsilon": max(eps, default=None),
-                "train_loss": sum(train_loss) / len(train_loss) if train_loss else None,
-                **{f"agg_{k}": v for k, v in result.metrics.items()},
-                "wall_s": time.monotonic() - t_round,
-            }
-        )
+        row = {
+            **record,
+            **_metric_fields(last),
+            "epsilon": max(eps, default=None),
+            "train_loss": sum(train_loss) / len(train_loss) if train_loss else None,
+            **{f"agg_{k}": v for k, v in result.metrics.items()},
+            "wall_s": time.monotonic() - t_round,
+        }
+        # checkpoint first (it carries the row): a kill between the two loses no line on resume
         save_checkpoint(
             ckpt_dir,
             {
@@ -389,11 +395,28 @@ def run_federation(
                 "accountants": {str(k): v for k, v in accountants.items()},
                 "exhausted": sorted(exhausted),
                 "spent": {str(k): v for k, v in spent.items()},
+                "row": json.dumps(row, default=str),
             },
         )
+        writer.write(**row)
         bar.set_postfix(acc=f"{last['accuracy']:.3f}", loss=f"{last['loss']:.3f}")
     final = _finish(cfg, out, runtime, coord, before, last, t_start)
     return final
+
+
+def _reconcile_metrics(out: Path, *, round_: int, row: str | None) -> None:
+    """Make metrics.jsonl end exactly at the checkpoint's round before resuming.
+
+    Lines of rounds after the checkpoint (written by a run killed later) are dropped; the
+    checkpoint's own line is restored from the checkpoint if the kill came before it.
+    """
+    path = out / "metrics.jsonl"
+    rows = [r for r in read_metrics(out) if int(r["round"]) <= round_] if path.exists() else []
+    if row and all(int(r["round"]) != round_ for r in rows):
+        rows.append(json.loads(row))
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _frozen_id(adapters: Mapping[str, LoraFactors]) -> str:

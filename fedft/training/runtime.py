@@ -145,10 +145,13 @@ def _train(
     seed: int,
     private_train: Callable[[nn.Module], dict[str, float]] | None,
 ) -> dict[str, float]:
-    if private_train is not None:
+    if private_train is not None:  # DP noise never comes from a seed the server knows
         return private_train(model)
-    it = batches(data, batch_size=batch_size, steps=steps, seed=seed)
-    return train_steps(model, it, lr=lr, device=runtime.device)
+    devices = [runtime.device.index or 0] if runtime.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # dropout: same seed, same round, anywhere
+        torch.manual_seed(seed)
+        it = batches(data, batch_size=batch_size, steps=steps, seed=seed)
+        return train_steps(model, it, lr=lr, device=runtime.device)
 
 
 def run_lora_round(

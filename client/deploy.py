@@ -1,0 +1,179 @@
+"""The ``fedft client`` recipe: start one Flower SuperNode for one edge client and wait.
+
+The SuperNode connects to the SuperLink over TLS (verified against the deployment's CA),
+authenticates with the client's ECDSA P-384 node key, and runs ``client.app:app`` from the
+run's Flower App Bundle for every message it gets. What this client is, it says in its
+node config (read by ``client/app.py`` through ``context.node_config``):
+
+- ``partition-id`` (int): the client index (which partition of a built-in dataset);
+- ``data-path`` (str, optional): the client's own CSV/JSONL file;
+- ``epsilon`` (float, optional): this client's own privacy budget (ε at the run's δ).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.deploy import (
+    ChildProcess,
+    DeployError,
+    flower_env,
+    free_port,
+    program,
+    split_address,
+    terminate_as_interrupt,
+)
+
+logger = logging.getLogger(__name__)
+
+PARTITION_KEY, DATA_KEY, EPSILON_KEY = "partition-id", "data-path", "epsilon"
+#: a SuperNode that ran this long before exiting had been admitted by the SuperLink.
+ADMITTED_S = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientPlan:
+    """One edge client.
+
+    Attributes:
+        partition: the client index (``partition-id``), 0 <= partition.
+        server: HOST:PORT of the SuperLink.
+        root_cert: the CA certificate that signed the SuperLink's; None = plaintext.
+        node_key: the client's OpenSSH private node key; None without node authentication.
+        data_path: the client's own CSV/JSONL file, or None for a built-in partition.
+        epsilon: the client's own privacy budget, or None for the run's.
+        runtime_port: local port of the SuperNode's ClientApp API (0 = any free one).
+        max_wait_s: give up after the SuperNode has kept failing (refused or unable to
+            connect) for this many seconds (0 = never).
+        state_dir: FLWR_HOME of this SuperNode (None = a temporary folder, removed after).
+    """
+
+    partition: int
+    server: str
+    root_cert: Path | None = None
+    node_key: Path | None = None
+    data_path: Path | None = None
+    epsilon: float | None = None
+    runtime_port: int = 0
+    max_wait_s: float = 0.0
+    state_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        split_address(self.server)
+        if self.partition < 0:
+            raise DeployError(f"--partition {self.partition}: a client index >= 0")
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise DeployError(f"--epsilon {self.epsilon}: a privacy budget > 0 (e.g. 3.0)")
+        for name, path in (
+            ("--certs CA", self.root_cert),
+            ("--key", self.node_key),
+            ("--data", self.data_path),
+        ):
+            if path is not None and not path.is_file():
+                raise DeployError(f"{name}: {path} is not a file")
+        if self.data_path is not None and any(c in str(self.data_path) for c in "\"'\\"):
+            raise DeployError(f"--data {self.data_path}: the path may not contain quotes")
+        if self.node_key is not None and self.root_cert is None:
+            raise DeployError("a node key needs TLS (Flower refuses node auth in plaintext)")
+
+
+def node_config(plan: ClientPlan) -> str:
+    """The ``--node-config`` string: ``partition-id=N [data-path="..."] [epsilon=E]``."""
+    parts = [f"{PARTITION_KEY}={plan.partition}"]
+    if plan.data_path is not None:
+        parts.append(f'{DATA_KEY}="{plan.data_path.resolve()}"')
+    if plan.epsilon is not None:
+        parts.append(f"{EPSILON_KEY}={float(plan.epsilon)!r}")
+    return " ".join(parts)
+
+
+def supernode_argv(plan: ClientPlan, *, runtime_port: int) -> list[str]:
+    """The ``flower-supernode`` command line for ``plan``."""
+    argv = [
+        program("flower-supernode"),
+        "--superlink",
+        plan.server,
+        "--node-config",
+        node_config(plan),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
+    ]
+    if plan.root_cert is None:
+        argv.append("--insecure")
+    else:
+        argv += ["--root-certificates", str(plan.root_cert.resolve())]
+    if plan.node_key is not None:
+        argv += ["--auth-supernode-private-key", str(plan.node_key.resolve())]
+    if plan.max_wait_s > 0:
+        argv += ["--max-wait-time", str(plan.max_wait_s)]
+    return argv
+
+
+def run_client(plan: ClientPlan, *, log_path: Path | None = None, retry_s: float = 5.0) -> int:
+    """Run the SuperNode, restarting it when it exits, until SIGTERM/SIGINT or until it has
+    kept failing for ``plan.max_wait_s``.
+
+    A SuperNode exits when the SuperLink refuses it (its key is not registered yet: a client
+    may start before the server has registered the keys) or forgets it (a restarted
+    SuperLink); both heal by starting it again. A SuperNode that ran for a while before
+    exiting had been admitted, so its failure clock starts afresh.
+
+    Args:
+        plan: the client.
+        log_path: where the SuperNode's output goes (None = this process's stdout/stderr).
+        retry_s: seconds between restarts.
+
+    Returns:
+        0 after a requested stop; the SuperNode's last exit code (non-zero) when it was
+        refused for ``plan.max_wait_s`` seconds (e.g. an unregistered node key, or a
+        plaintext client on a TLS SuperLink).
+    """
+    state = plan.state_dir or Path(tempfile.mkdtemp(prefix=f"fedft-client-{plan.partition}-"))
+    state.mkdir(parents=True, exist_ok=True)
+    port = plan.runtime_port or free_port()
+    failing_since: float | None = None
+    node: ChildProcess | None = None
+    with terminate_as_interrupt():
+        try:
+            while True:
+                node = ChildProcess(
+                    name=f"flower-supernode[{plan.partition}]",
+                    argv=supernode_argv(plan, runtime_port=port),
+                    log_path=log_path,
+                    env=flower_env(state),
+                )
+                started = time.monotonic()
+                code = node.start().wait()
+                now = time.monotonic()
+                if failing_since is None or now - started > ADMITTED_S:
+                    failing_since = started
+                if plan.max_wait_s > 0 and now - failing_since >= plan.max_wait_s:
+                    logger.error(
+                        "the SuperNode kept exiting for %.0f s (last code %d); giving up\n%s",
+                        now - failing_since,
+                        code,
+                        node.log_tail(),
+                    )
+                    return code or 1
+                logger.warning(
+                    "the SuperNode exited with code %d (refused, or the server restarted); "
+                    "starting it again in %.0f s",
+                    code,
+                    retry_s,
+                )
+                time.sleep(retry_s)
+        except KeyboardInterrupt:
+            logger.info("stopping the SuperNode")
+            return 0
+        finally:
+            if node is not None:
+                node.stop()
+            if plan.state_dir is None:
+                shutil.rmtree(state, ignore_errors=True)

@@ -1,0 +1,482 @@
+"""The ``fedft server`` recipe: start a Flower SuperLink, register the client node keys,
+submit the run (the same ``server.app:app`` / ``client.app:app`` the simulation runs, as a
+Flower App Bundle built from this project), wait for it, stop what was started.
+
+Everything goes through Flower's own command-line programs (``flower-superlink`` and the
+``flwr`` CLI), run as child processes with a private ``FLWR_HOME`` under the output folder,
+so nothing here depends on Flower internals. The resolved :class:`~fedft.config.RunConfig`
+travels in Flower's run config under ``fedft-config`` (see
+:mod:`fedft.transport.flower_config`), the output folder under ``fedft-out`` and the resume
+flag under ``fedft-resume``.
+
+Layout under ``<out>/.superlink/``: ``config.toml`` (the ``flwr`` CLI's connection to this
+SuperLink), ``state.db`` (the SuperLink's SQLite state: registered nodes survive a restart,
+which is what lets running SuperNodes carry on after ``fedft server --resume``),
+``superlink.log`` and ``run_config.toml``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fedft.config import RunConfig
+from fedft.transport.flower_config import to_run_config
+
+logger = logging.getLogger(__name__)
+
+#: the project root: its pyproject.toml holds the ``[tool.flwr.app]`` section.
+APP_DIR = Path(__file__).resolve().parent.parent
+#: the name of the ``flwr`` CLI connection written into the private FLWR_HOME.
+CONNECTION = "fedft"
+OUT_KEY, RESUME_KEY = "fedft-out", "fedft-resume"
+DEFAULT_ADDRESS = "0.0.0.0:9092"
+
+
+class DeployError(RuntimeError):
+    """A deployment step failed; the message says which and what to do."""
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for Flower's programs: offline, no telemetry, no update check, no
+    ``uv sync`` at run time, this interpreter's ``bin`` first on PATH (the SuperLink and
+    SuperNode start ``flower-superexec`` by name)."""
+    env = dict(os.environ if base is None else base)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return env
+
+
+def program(name: str) -> str:
+    """Absolute path of a Flower program installed next to this interpreter."""
+    path = Path(sys.executable).parent / name
+    if path.is_file():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        raise DeployError(f"{name!r} not found; install the pinned flwr (make install)")
+    return found
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt, so ``finally`` clauses stop the
+    children (which run in their own sessions and would otherwise outlive us)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class ChildProcess:
+    """A child started in its own session, stopped by PID; its output goes to ``log_path``
+    (appended) or, when that is None, to our own stdout/stderr."""
+
+    name: str
+    argv: list[str]
+    log_path: Path | None
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def start(self) -> ChildProcess:
+        """Start the child."""
+        if self.log_path is None:
+            self.proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+                self.argv, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True
+            )
+        else:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "ab") as log_file:
+                self.proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+                    self.argv,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=self.env,
+                    start_new_session=True,
+                )
+        logger.info(
+            "started %s (pid %d); output: %s",
+            self.name,
+            self.proc.pid,
+            self.log_path or "this terminal",
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        """The child's PID (raises if not started)."""
+        if self.proc is None:
+            raise DeployError(f"{self.name} was never started")
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        """True while the child runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the child to exit; its exit code."""
+        if self.proc is None:
+            raise DeployError(f"{self.name} was never started")
+        return self.proc.wait(timeout=timeout)
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines of the child's log ("" without a log file)."""
+        if self.log_path is None:
+            return ""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, *, grace_s: float = 10.0) -> int | None:
+        """SIGTERM the child by PID, SIGKILL it after ``grace_s``; then end what is left of
+        the session we created for it (process group id = its PID: e.g. a ClientApp that a
+        stopped SuperNode left mid-round). Returns the child's exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, self.pid)
+                self.proc.kill()
+                self.proc.wait()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(1.0)
+        logger.info("%s (pid %d) exited with %s", self.name, self.pid, self.proc.returncode)
+        return self.proc.returncode
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (bind to port 0, read it, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` -> (host, port); IPv6 hosts in brackets (``"[::1]:9092"``)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address {address!r} is not HOST:PORT (e.g. 0.0.0.0:9092)")
+    return host.strip("[]"), int(port)
+
+
+def wait_for_port(host: str, port: int, *, child: ChildProcess, timeout_s: float) -> None:
+    """Block until ``host:port`` accepts TCP connections; fail if ``child`` dies first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise DeployError(
+                f"{child.name} exited with code {child.proc.returncode if child.proc else '?'}"
+                f" before listening on {host}:{port}:\n{child.log_tail()}"
+            )
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise DeployError(f"{child.name} did not listen on {host}:{port} within {timeout_s:.0f} s")
+
+
+# --- the flwr CLI ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlwrCli:
+    """The ``flwr`` CLI bound to one SuperLink through a private FLWR_HOME."""
+
+    flwr_home: Path
+    env: dict[str, str]
+
+    def call(self, *args: str, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Run ``flwr ARGS --format json``; the parsed JSON (``success`` is checked by the
+        caller: the CLI exits 0 on failures too)."""
+        argv = [program("flwr"), *args, "--format", "json"]
+        res = subprocess.run(  # noqa: S603 - fixed argv, no shell
+            argv, capture_output=True, env=self.env, timeout=timeout_s, check=False
+        )
+        out = res.stdout.decode("utf-8", errors="replace")
+        start = out.find("{")
+        try:
+            parsed = json.loads(out[start:]) if start >= 0 else None
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            err = res.stderr.decode("utf-8", errors="replace")[-2000:]
+            raise DeployError(
+                f"`flwr {' '.join(args)}` gave no JSON (exit {res.returncode}):"
+                f"\n{out[-2000:]}\n{err}"
+            )
+        return parsed
+
+
+def write_connection(flwr_home: Path, *, address: str, root_certificates: Path | None) -> Path:
+    """Write FLWR_HOME/config.toml with the default connection ``fedft`` to ``address``
+    (TLS verified against ``root_certificates``, or plaintext when it is None)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f"address = {json.dumps(address)}",
+    ]
+    if root_certificates is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f"root-certificates = {json.dumps(str(root_certificates.resolve()))}")
+    path = flwr_home / "config.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def register_node_keys(cli: FlwrCli, keys: Sequence[Path]) -> list[str]:
+    """``flwr supernode register`` each OpenSSH public key; a key already registered (a
+    restarted SuperLink with its state file) is fine. Returns the node ids or "known"."""
+    ids = []
+    for key in keys:
+        res = cli.call("supernode", "register", str(key), CONNECTION)
+        if res.get("success"):
+            ids.append(str(res["node-id"]))
+        elif "already in use" in str(res.get("error-message", "")):
+            ids.append("known")
+        else:
+            raise DeployError(f"could not register node key {key}: {res.get('error-message')}")
+        logger.info("node key %s registered (%s)", key, ids[-1])
+    return ids
+
+
+def stop_unfinished_runs(cli: FlwrCli) -> list[str]:
+    """Stop runs a killed server left ``running`` in the SuperLink's state."""
+    res = cli.call("ls", CONNECTION)
+    stopped = []
+    for run in res.get("runs", []) if res.get("success") else []:
+        if not str(run.get("status", "")).startswith("finished"):
+            cli.call("stop", str(run["run-id"]), CONNECTION)
+            stopped.append(str(run["run-id"]))
+    if stopped:
+        logger.info("stopped runs left over from a killed server: %s", stopped)
+    return stopped
+
+
+def write_run_config(path: Path, cfg: RunConfig, *, out: Path, resume: bool) -> Path:
+    """The run-config TOML ``flwr run --run-config`` reads: the resolved config as JSON,
+    the absolute output folder and the resume flag. (``json.dumps`` of a str is a valid
+    TOML basic string.)"""
+    ((key, value),) = to_run_config(cfg).items()
+    text = (
+        f"{key} = {json.dumps(value)}\n{OUT_KEY} = {json.dumps(str(out.resolve()))}\n"
+        f"{RESUME_KEY} = {'true' if resume else 'false'}\n"
+    )
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- the recipe ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerTls:
+    """The SuperLink's TLS material (PEM files, e.g. from ``fedft certs``)."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def from_dir(cls, certs: Path) -> ServerTls:
+        """``ca.crt``, ``server.crt``, ``server.key`` in ``certs``; all must exist."""
+        tls = cls(ca_cert=certs / "ca.crt", cert=certs / "server.crt", key=certs / "server.key")
+        missing = [str(p) for p in (tls.ca_cert, tls.cert, tls.key) if not p.is_file()]
+        if missing:
+            raise DeployError(f"missing TLS files {missing}; make them with `fedft certs {certs}`")
+        return tls
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerPlan:
+    """Everything ``fedft server`` needs besides the run config.
+
+    Attributes:
+        out: the run's output folder (metrics, adapter, checkpoint/, .superlink/).
+        address: HOST:PORT the SuperLink listens on (SuperNodes, CLI and ServerApp).
+        tls: the TLS files, or None for plaintext (``--insecure``: experiments only).
+        node_keys: OpenSSH public keys of the SuperNodes allowed in; node authentication
+            is on whenever TLS is on (Flower requires TLS for it).
+        resume: continue from ``out/checkpoint/`` instead of starting afresh.
+        poll_s: seconds between run-status checks.
+        start_timeout_s: how long the SuperLink may take to listen.
+    """
+
+    out: Path
+    address: str = DEFAULT_ADDRESS
+    tls: ServerTls | None = None
+    node_keys: tuple[Path, ...] = ()
+    resume: bool = False
+    poll_s: float = 3.0
+    start_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        split_address(self.address)
+        if self.tls is not None and not self.node_keys:
+            raise DeployError(
+                "node authentication is on with TLS but no node public keys were given; "
+                "pass --certs DIR holding client-<i>.pub (from `fedft certs`) or --node-key"
+            )
+        if self.resume and not (self.out / "checkpoint" / "state.json").is_file():
+            raise DeployError(
+                f"--resume: no checkpoint in {self.out / 'checkpoint'}; run without --resume"
+            )
+
+
+def superlink_argv(plan: ServerPlan, state_dir: Path) -> list[str]:
+    """The ``flower-superlink`` command line for ``plan``."""
+    host, port = split_address(plan.address)
+    argv = [
+        program("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str((state_dir / "state.db").resolve()),
+        "--disable-runtime-dependency-installation",
+    ]
+    if plan.tls is None:
+        argv.append("--insecure")
+    else:
+        argv += [
+            "--ssl-certfile",
+            str(plan.tls.cert.resolve()),
+            "--ssl-keyfile",
+            str(plan.tls.key.resolve()),
+            "--ssl-ca-certfile",
+            str(plan.tls.ca_cert.resolve()),
+            "--enable-supernode-auth",
+        ]
+    return argv
+
+
+def _local_address(address: str) -> tuple[str, int]:
+    host, port = split_address(address)
+    return ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host), port
+
+
+def wait_for_run(cli: FlwrCli, run_id: str, *, superlink: ChildProcess, poll_s: float) -> str:
+    """Poll the run's status until it is ``finished:*``; returns that status."""
+    status = "pending"
+    while True:
+        if not superlink.alive():
+            raise DeployError(f"the SuperLink exited during the run:\n{superlink.log_tail()}")
+        res = cli.call("ls", CONNECTION, "--run-id", run_id)
+        runs = res.get("runs") or []
+        if res.get("success") and runs:
+            new = str(runs[0].get("status", status))
+            if new != status:
+                logger.info("run %s: %s", run_id, new)
+                status = new
+            if status.startswith("finished"):
+                return status
+        time.sleep(poll_s)
+
+
+def run_server(cfg: RunConfig, plan: ServerPlan) -> int:
+    """Start the SuperLink, submit the run, wait for it, stop the SuperLink.
+
+    Args:
+        cfg: the resolved run configuration (sent to the ServerApp and every ClientApp).
+        plan: where and how to serve.
+
+    Returns:
+        0 when the run finished as completed, 1 otherwise (failed or stopped).
+
+    Raises:
+        DeployError: the SuperLink did not start, a node key or the run was refused.
+    """
+    out = plan.out.resolve()
+    state_dir = out / ".superlink"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    env = flower_env(state_dir)
+    host, port = _local_address(plan.address)
+    write_connection(
+        state_dir,
+        address=f"{host}:{port}",
+        root_certificates=None if plan.tls is None else plan.tls.ca_cert,
+    )
+    cli = FlwrCli(flwr_home=state_dir, env=env)
+    superlink = ChildProcess(
+        name="flower-superlink",
+        argv=superlink_argv(plan, state_dir),
+        log_path=state_dir / "superlink.log",
+        env=env,
+    )
+    run_id, status = "", "not started"
+    with terminate_as_interrupt():
+        try:
+            superlink.start()
+            (state_dir / "superlink.pid").write_text(f"{superlink.pid}\n", encoding="utf-8")
+            wait_for_port(host, port, child=superlink, timeout_s=plan.start_timeout_s)
+            if plan.tls is not None:
+                register_node_keys(cli, plan.node_keys)
+            stop_unfinished_runs(cli)
+            run_cfg = write_run_config(
+                state_dir / "run_config.toml", cfg, out=out, resume=plan.resume
+            )
+            res = cli.call("run", str(APP_DIR), CONNECTION, "--run-config", str(run_cfg))
+            if not res.get("success"):
+                raise DeployError(f"the SuperLink refused the run: {res.get('error-message')}")
+            run_id = str(res["run-id"])
+            logger.info(
+                "run %s of %r submitted (%s); waiting for %d clients",
+                run_id,
+                cfg.name,
+                "resuming" if plan.resume else "fresh",
+                cfg.federation.num_clients,
+            )
+            status = wait_for_run(cli, run_id, superlink=superlink, poll_s=plan.poll_s)
+        finally:
+            superlink.stop()
+    if status != "finished:completed":
+        logger.error("run %s ended %s; see %s", run_id, status, superlink.log_path)
+        return 1
+    return 0

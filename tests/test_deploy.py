@@ -1,0 +1,401 @@
+"""Deployment on loopback with real processes: `fedft server` (Flower SuperLink + ServerApp)
+and `fedft client` (Flower SuperNodes), TLS and node authentication on.
+
+One deployed run (module fixture) serves the default checks: three authenticated TLS clients
+finish two rounds and write the run's files, while a client with an unregistered node key
+and a plaintext client try to join the same SuperLink and are refused. The slow tests kill
+the server after round 1 and resume (the final adapter must equal the uninterrupted run's),
+and kill a client mid-round (the run still completes with the others).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedft.certs import make_node_keypair, write_deployment_certs, write_file
+from server.deploy import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_TIMEOUT_S = 420
+
+
+def _config(path: Path, model_dir: str, **federation) -> Path:
+    fed = {
+        "num_clients": 3,
+        "clients_per_round": 3,
+        "rounds": 2,
+        "local_steps": 2,
+        "batch_size": 8,
+        "device": '"cpu"',
+        **federation,
+    }
+    path.write_text(
+        "\n".join(
+            [
+                'name = "deploy-test"',
+                "seed = 0",
+                "[model]",
+                f"name = {json.dumps(model_dir)}",
+                "[data]",
+                "max_train_examples = 120",
+                "test_size = 32",
+                "public_size = 8",
+                "[federation]",
+                *[f"{k} = {v}" for k, v in fed.items()],
+                "[adapter]",
+                "rank = 4",
+            ]
+        )
+        + "\n"
+    )
+    return path
+
+
+@dataclass
+class Proc:
+    """A `python -m fedft.cli ...` child in its own session; stopped by its PID."""
+
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    @classmethod
+    def start(cls, name: str, args: list[str], logs: Path) -> Proc:
+        log = logs / f"{name}.log"
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fedft.cli", *args],
+                cwd=ROOT,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        return cls(name, proc, log)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.name} still running after {timeout} s:\n{self.text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def _rows(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _server(name: str, cfg: Path, out: Path, port: int, certs: Path, logs: Path, *extra: str):
+    return Proc.start(
+        name,
+        [
+            "server",
+            str(cfg),
+            "--out",
+            str(out),
+            "--certs",
+            str(certs),
+            "--address",
+            f"127.0.0.1:{port}",
+            *extra,
+        ],
+        logs,
+    )
+
+
+def _clients(cfg: Path, port: int, certs: Path, logs: Path, tag: str) -> list[Proc]:
+    return [
+        Proc.start(
+            f"{tag}-client-{i}",
+            [
+                "client",
+                str(cfg),
+                "--partition",
+                str(i),
+                "--certs",
+                str(certs),
+                "--server",
+                f"127.0.0.1:{port}",
+            ],
+            logs,
+        )
+        for i in range(3)
+    ]
+
+
+def _submitted(server: Proc) -> bool:
+    if server.proc.poll() is not None:
+        pytest.fail(f"{server.name} exited early:\n{server.text()[-3000:]}")
+    return "submitted" in server.text()
+
+
+def test_run_config_file_round_trips_through_flowers_parser(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    from fedft.config import load_config
+    from fedft.transport.flower_config import read_run_config
+    from server.deploy import write_run_config
+
+    cfg = load_config(None, ["name='quote \" and \\ back'", "federation.rounds=7"])
+    path = write_run_config(tmp_path / "rc.toml", cfg, out=tmp_path / "o", resume=True)
+    parsed = parse_config_args([str(path)])  # what `flwr run --run-config FILE` does
+    assert read_run_config(parsed) == cfg
+    assert parsed["fedft-out"] == str((tmp_path / "o").resolve())
+    assert parsed["fedft-resume"] is True
+
+
+def test_launch_commands_and_plans(pki, tmp_path):
+    from flwr.common.config import parse_config_args
+
+    from client.deploy import ClientPlan, node_config, supernode_argv
+    from server.deploy import DeployError, ServerPlan, ServerTls, superlink_argv
+
+    certs, rogue = pki
+    tls = ServerTls.from_dir(certs)
+    plan = ServerPlan(out=tmp_path, address="127.0.0.1:9", tls=tls, node_keys=(rogue,))
+    argv = superlink_argv(plan, tmp_path)
+    assert "--enable-supernode-auth" in argv and "--insecure" not in argv
+    assert argv[argv.index("--ssl-certfile") + 1] == str(tls.cert.resolve())
+    insecure = superlink_argv(ServerPlan(out=tmp_path, address="127.0.0.1:9"), tmp_path)
+    assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
+    with pytest.raises(DeployError, match="node public keys"):
+        ServerPlan(out=tmp_path, tls=tls)  # TLS means node auth: keys are required
+    with pytest.raises(DeployError, match="no checkpoint"):
+        ServerPlan(out=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        ServerPlan(out=tmp_path, address="nohost")
+
+    data = tmp_path / "my data.csv"
+    data.write_text("text,label\nok,1\n")
+    client = ClientPlan(
+        partition=2,
+        server="127.0.0.1:9",
+        root_cert=tls.ca_cert,
+        node_key=certs / "client-2.key",
+        data_path=data,
+        epsilon=2.5,
+    )
+    assert parse_config_args([node_config(client)]) == {
+        "partition-id": 2,
+        "data-path": str(data.resolve()),
+        "epsilon": 2.5,
+    }
+    argv = supernode_argv(client, runtime_port=5)
+    assert argv[argv.index("--auth-supernode-private-key") + 1] == str(
+        (certs / "client-2.key").resolve()
+    )
+    assert "--insecure" not in argv
+    with pytest.raises(DeployError, match="needs TLS"):
+        ClientPlan(partition=0, server="h:1", node_key=certs / "client-0.key")
+    with pytest.raises(DeployError, match="budget"):
+        ClientPlan(partition=0, server="h:1", epsilon=0.0)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pki")
+    paths = write_deployment_certs(root / "certs", clients=3)
+    rogue_private, rogue_public = make_node_keypair()  # never registered with the server
+    rogue = write_file(root / "rogue.key", rogue_private, private=True)
+    write_file(root / "rogue.pub", rogue_public, private=False)
+    return paths.ca_cert.parent, rogue
+
+
+@dataclass
+class Deployed:
+    out: Path
+    cfg: Path
+    server_code: int
+    rogue: Proc
+    rogue_code: int
+    plain: Proc
+    plain_code: int
+    superlink_log: str
+
+
+@pytest.fixture(scope="module")
+def deployed(tiny_bert_dir, pki, tmp_path_factory):
+    certs, rogue_key = pki
+    work = tmp_path_factory.mktemp("deploy")
+    cfg = _config(work / "run.toml", tiny_bert_dir)
+    out, port = work / "run", free_port()
+    server = _server("server", cfg, out, port, certs, work)
+    procs = [server]
+    try:
+        _wait_for(lambda: _submitted(server), 120, "the run to be submitted")
+        clients = _clients(cfg, port, certs, work, "ok")
+        addr = ["--server", f"127.0.0.1:{port}", "--max-wait", "6"]
+        # an unregistered node key (partition 0 is taken: were it admitted, the run would
+        # see two nodes claiming client 0 and fail)
+        rogue = Proc.start(
+            "rogue",
+            [
+                "client",
+                str(cfg),
+                "--partition",
+                "0",
+                "--certs",
+                str(certs),
+                "--key",
+                str(rogue_key),
+                *addr,
+            ],
+            work,
+        )
+        plain = Proc.start(
+            "plain", ["client", str(cfg), "--partition", "1", "--insecure", *addr], work
+        )
+        procs += [*clients, rogue, plain]
+        rogue_code, plain_code = rogue.wait(120), plain.wait(120)
+        server_code = server.wait(RUN_TIMEOUT_S)
+        log = (out / ".superlink" / "superlink.log").read_text(errors="replace")
+        yield Deployed(out, cfg, server_code, rogue, rogue_code, plain, plain_code, log)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def test_tls_auth_three_clients_two_rounds(deployed):
+    assert deployed.server_code == 0, deployed.superlink_log[-3000:]
+    assert "Uvicorn running on https://127.0.0.1" in deployed.superlink_log  # TLS on
+    rows = _rows(deployed.out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert r["clients"] == 3
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0
+        assert r["epsilon"] is None
+        for key in ("loss", "accuracy", "wall_s"):
+            assert isinstance(r[key], float)
+    summary = json.loads((deployed.out / "summary.json").read_text())
+    assert summary["config"]["federation"]["rounds"] == 2
+    assert (deployed.out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (deployed.out / "checkpoint" / "state.json").is_file()
+    # exactly three SuperNodes were admitted (their keys were registered first)
+    assert deployed.superlink_log.count('/v1/fleet/activate-node HTTP/1.1" 200') >= 3
+
+
+def test_unregistered_node_key_is_refused(deployed):
+    assert deployed.rogue_code != 0
+    assert "Failed to activate SuperNode" in deployed.rogue.text()
+    assert "No SuperNode found with the given public key" in deployed.superlink_log
+    # and it never took part: every round heard from the three registered clients only
+    assert all(r["clients"] == 3 for r in _rows(deployed.out)[1:])
+
+
+def test_plaintext_client_is_refused(deployed):
+    assert deployed.plain_code != 0
+    text = deployed.plain.text()
+    assert "--insecure: NO TLS" in text  # the loud warning
+    assert "could not establish a connection to the SuperLink" in text
+
+
+def _serverapp_gone(port: int) -> bool:
+    """No flwr-serverapp of this SuperLink is left (read-only scan of /proc)."""
+    needle = f"127.0.0.1:{port}".encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"flwr-serverapp" in cmd and needle in cmd:
+            return False
+    return True
+
+
+@pytest.mark.slow
+def test_killed_server_resumes_to_the_same_adapter(deployed, pki, tmp_path):
+    certs, _ = pki
+    out, port = tmp_path / "run", free_port()
+    server = _server("server-1", deployed.cfg, out, port, certs, tmp_path)
+    procs = [server]
+    try:
+        _wait_for(lambda: _submitted(server), 120, "the run to be submitted")
+        procs += _clients(deployed.cfg, port, certs, tmp_path, "resume")
+        ckpt = out / "checkpoint" / "state.json"
+        _wait_for(lambda: len(_rows(out)) >= 2 and ckpt.is_file(), RUN_TIMEOUT_S, "round 1")
+        assert json.loads(ckpt.read_text())["round"] == 1 and len(_rows(out)) == 2
+        # crash: SIGKILL the server and its SuperLink (both started by this test's command)
+        superlink_pid = int((out / ".superlink" / "superlink.pid").read_text())
+        server.proc.kill()
+        server.proc.wait()
+        os.kill(superlink_pid, signal.SIGKILL)
+        _wait_for(lambda: _serverapp_gone(port), 60, "the old ServerApp to exit")
+        assert len(_rows(out)) == 2  # round 2 never finished
+        resumed = _server("server-2", deployed.cfg, out, port, certs, tmp_path, "--resume")
+        procs.append(resumed)
+        assert resumed.wait(RUN_TIMEOUT_S) == 0, resumed.text()[-3000:]
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    ref = load_file(str(deployed.out / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert ref.keys() == got.keys()
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=0)
+    assert rows[2]["loss"] == pytest.approx(_rows(deployed.out)[2]["loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_client_killed_mid_round_does_not_stop_the_run(tiny_bert_dir, pki, tmp_path):
+    certs, _ = pki
+    cfg = _config(tmp_path / "run.toml", tiny_bert_dir, min_replies=2, round_timeout_s=45.0)
+    out, port = tmp_path / "run", free_port()
+    server = _server("server", cfg, out, port, certs, tmp_path)
+    procs = [server]
+    try:
+        _wait_for(lambda: _submitted(server), 120, "the run to be submitted")
+        clients = _clients(cfg, port, certs, tmp_path, "drop")
+        procs += clients
+        _wait_for(
+            lambda: "train message" in clients[2].text(),
+            RUN_TIMEOUT_S,
+            "client 2 to receive its round-1 training message",
+        )
+        clients[2].stop()  # stops its SuperNode mid-round: no reply will come
+        assert server.wait(RUN_TIMEOUT_S) == 0, server.text()[-3000:]
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["clients"] for r in rows[1:]] == [2, 2]
+    assert not any(r.get("failed") for r in rows)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
