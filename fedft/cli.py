@@ -166,6 +166,111 @@ Keep ca.key off the server; give each client only its own files.""")
     return EXIT_OK
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    out = Path(args.out or f"runs/{cfg.name}")
+    from simulations.compare import compare
+    from simulations.simulate import SimulationFailed
+
+    algorithms = args.algorithms.split(",") if args.algorithms else None
+    try:
+        rows = compare(
+            cfg,
+            out,
+            progress=not args.no_progress,
+            **({"algorithms": algorithms} if algorithms else {}),
+        )
+    except SimulationFailed as exc:
+        print(f"fedft compare: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as exc:
+        print(f"fedft compare: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    print((out / "compare.md").read_text(), end="")
+    print(f"{len(rows)} runs; table, plots and per-run outputs in {out}/")
+    return EXIT_OK
+
+
+def _cmd_privacy_plan(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from fedft import builders
+    from fedft.data import build_federated_data
+    from fedft.privacy import format_plan, plan, plan_user_level, sample_rate_for
+
+    p, f = cfg.privacy, cfg.federation
+    if p.mode == "user":
+        print(
+            format_plan(
+                plan_user_level(
+                    epsilon=p.epsilon,
+                    delta=p.delta,
+                    clients_per_round=f.clients_per_round,
+                    num_clients=f.num_clients,
+                    rounds=f.rounds,
+                    accountant=p.accountant,
+                )
+            )
+        )
+        return EXIT_OK
+    if p.mode == "off":
+        print("privacy.mode = 'off': planning sample-level DP-SGD for this run as if it were on")
+    fed = build_federated_data(**builders.data_kwargs(cfg))
+    sizes = [len(c) for c in fed.clients]
+    print(
+        f"sample-level DP-SGD, {f.rounds} rounds x {f.local_steps} local steps, batch "
+        f"{f.batch_size}, {p.accountant.upper()} accountant, delta = {p.delta:g}"
+    )
+    print("each client calibrates its own noise from its own budget and sampling rate:")
+    print("| client | examples | q = B/n | budget eps | sigma |")
+    print("|---|---|---|---|---|")
+    for idx, n in enumerate(sizes):
+        dp = builders.client_privacy(cfg, idx)
+        q = sample_rate_for(n, f.batch_size)
+        sigma = (
+            p.noise_multiplier
+            or plan(
+                epsilon=dp.epsilon,
+                delta=p.delta,
+                sample_rate=q,
+                steps_per_round=f.local_steps,
+                rounds=f.rounds,
+                accountant=p.accountant,
+                alternatives=(),
+            ).noise_multiplier
+        )
+        print(f"| {idx} | {n} | {q:.4f} | {dp.epsilon:g} | {sigma:.3f} |")
+    smallest = sizes.index(min(sizes))
+    print(f"\nthe plan of the client with the fewest examples (client {smallest}):")
+    print(
+        format_plan(
+            plan(
+                epsilon=builders.client_privacy(cfg, smallest).epsilon,
+                delta=p.delta,
+                sample_rate=sample_rate_for(sizes[smallest], f.batch_size),
+                steps_per_round=f.local_steps,
+                rounds=f.rounds,
+                accountant=p.accountant,
+            )
+        )
+    )
+    return EXIT_OK
+
+
+def _cmd_split_server(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from server.split_runner import serve_forever
+
+    print(
+        f"fedft split-server: serving the body of {cfg.model.name!r} on {args.address} "
+        "(Ctrl-C to stop)"
+    )
+    try:
+        serve_forever(cfg, address=args.address, session_timeout_s=args.session_timeout)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     p.add_argument("config", nargs=None if required else "?", help="run config (TOML)")
     p.add_argument(
@@ -213,6 +318,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cli.add_argument("--insecure", action="store_true", help="no TLS, no node auth (local)")
     cli.set_defaults(func=_cmd_client)
+
+    cmp = sub.add_parser("compare", help="every algorithm on the same split and seed")
+    _add_config_args(cmp)
+    cmp.add_argument("--out", help="output folder (default runs/<name>)")
+    cmp.add_argument("--algorithms", help="comma-separated subset (default: all)")
+    cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cmp.set_defaults(func=_cmd_compare)
+
+    prv = sub.add_parser("privacy", help="privacy budgets")
+    prv_sub = prv.add_subparsers(dest="privacy_command", required=True)
+    pln = prv_sub.add_parser("plan", help="noise and epsilon per round before anyone trains")
+    _add_config_args(pln)
+    pln.set_defaults(func=_cmd_privacy_plan)
+
+    spl = sub.add_parser("split-server", help="serve the middle of a split model over gRPC")
+    _add_config_args(spl)
+    spl.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT to listen on")
+    spl.add_argument(
+        "--session-timeout",
+        type=float,
+        default=60.0,
+        help="free a silent client's session after this many seconds",
+    )
+    spl.set_defaults(func=_cmd_split_server)
 
     crt = sub.add_parser("certs", help="make a CA, server/client certificates and node keys")
     crt.add_argument("out_dir", help="folder to write (created; refuses an existing CA)")
