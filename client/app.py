@@ -13,7 +13,7 @@ from typing import Any, Literal
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.split_round import run_split_round
+from client.split_round import client_tls_from_node_config, run_split_round
 from fedft import builders
 from fedft.aggregation import AGGREGATORS
 from fedft.config import RunConfig
@@ -169,6 +169,7 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
             batch_size=cfg.federation.batch_size,
             lr=cfg.federation.lr,
             seed=int(conf["seed"]),
+            tls=client_tls_from_node_config(context.node_config),  # split mTLS (deployment)
         )
     else:
         update = run_lora_round(

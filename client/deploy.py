@@ -7,7 +7,10 @@ node config (read by ``client/app.py`` through ``context.node_config``):
 
 - ``partition-id`` (int): the client index (which partition of a built-in dataset);
 - ``data-path`` (str, optional): the client's own CSV/JSONL file;
-- ``epsilon`` (float, optional): this client's own privacy budget (ε at the run's δ).
+- ``epsilon`` (float, optional): this client's own privacy budget (ε at the run's δ);
+- ``split-ca``, ``split-cert``, ``split-key``, ``split-client-id`` (str, optional): the CA
+  certificate, this client's TLS certificate and key, and its id (``client-<i>``) for mutual
+  TLS on the split-learning service (read by ``client.split_round.client_tls_from_node_config``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,13 @@ from server.deploy import (
 logger = logging.getLogger(__name__)
 
 PARTITION_KEY, DATA_KEY, EPSILON_KEY = "partition-id", "data-path", "epsilon"
+#: node-config keys of the split service's mutual TLS (same names as client/split_round.py).
+SPLIT_CA_KEY, SPLIT_CERT_KEY, SPLIT_KEY_KEY, SPLIT_ID_KEY = (
+    "split-ca",
+    "split-cert",
+    "split-key",
+    "split-client-id",
+)
 #: a SuperNode that ran this long before exiting had been admitted by the SuperLink.
 ADMITTED_S = 30.0
 
@@ -51,6 +61,9 @@ class ClientPlan:
         max_wait_s: give up after the SuperNode has kept failing (refused or unable to
             connect) for this many seconds (0 = never).
         state_dir: FLWR_HOME of this SuperNode (None = a temporary folder, removed after).
+        split_cert: this client's TLS certificate (``client-<i>.crt``, CN ``client-<i>``) for
+            mutual TLS on the split service; its CA is ``root_cert``. None = no split mTLS.
+        split_key: the certificate's private key (``client-<i>-tls.key``).
     """
 
     partition: int
@@ -62,6 +75,8 @@ class ClientPlan:
     runtime_port: int = 0
     max_wait_s: float = 0.0
     state_dir: Path | None = None
+    split_cert: Path | None = None
+    split_key: Path | None = None
 
     def __post_init__(self) -> None:
         split_address(self.server)
@@ -73,11 +88,25 @@ class ClientPlan:
             ("--certs CA", self.root_cert),
             ("--key", self.node_key),
             ("--data", self.data_path),
+            ("split certificate", self.split_cert),
+            ("split key", self.split_key),
         ):
             if path is not None and not path.is_file():
                 raise DeployError(f"{name}: {path} is not a file")
-        if self.data_path is not None and any(c in str(self.data_path) for c in "\"'\\"):
-            raise DeployError(f"--data {self.data_path}: the path may not contain quotes")
+        in_node_config = [("--data", self.data_path)]
+        if self.split_cert is not None:
+            in_node_config += [
+                ("--certs CA", self.root_cert),
+                ("split certificate", self.split_cert),
+                ("split key", self.split_key),
+            ]
+        for name, path in in_node_config:  # quoted inside --node-config
+            if path is not None and any(c in str(path.resolve()) for c in "\"'\\"):
+                raise DeployError(f"{name} {path}: the path may not contain quotes")
+        if (self.split_cert is None) != (self.split_key is None):
+            raise DeployError("split mutual TLS needs both the client certificate and its key")
+        if self.split_cert is not None and self.root_cert is None:
+            raise DeployError("split mutual TLS needs the CA certificate (--certs DIR/ca.crt)")
         if self.node_key is not None and self.root_cert is None:
             raise DeployError("a node key needs TLS (Flower refuses node auth in plaintext)")
 
@@ -89,7 +118,28 @@ def node_config(plan: ClientPlan) -> str:
         parts.append(f'{DATA_KEY}="{plan.data_path.resolve()}"')
     if plan.epsilon is not None:
         parts.append(f"{EPSILON_KEY}={float(plan.epsilon)!r}")
+    if plan.split_cert is not None and plan.split_key is not None and plan.root_cert is not None:
+        parts += [
+            f'{SPLIT_CA_KEY}="{plan.root_cert.resolve()}"',
+            f'{SPLIT_CERT_KEY}="{plan.split_cert.resolve()}"',
+            f'{SPLIT_KEY_KEY}="{plan.split_key.resolve()}"',
+            f'{SPLIT_ID_KEY}="{split_client_name(plan.partition)}"',
+        ]
     return " ".join(parts)
+
+
+def split_client_name(partition: int) -> str:
+    """The certificate identity client ``partition`` declares: ``client-<partition>``
+    (``fedft.certs.client_name``)."""
+    return f"client-{partition}"
+
+
+def split_tls_files(certs: Path, partition: int) -> tuple[Path, Path] | tuple[None, None]:
+    """``(certs/client-<i>.crt, certs/client-<i>-tls.key)`` when both exist, else (None, None):
+    the split service's mutual-TLS files ``fedft certs`` made for client ``partition``."""
+    name = split_client_name(partition)
+    cert, key = certs / f"{name}.crt", certs / f"{name}-tls.key"
+    return (cert, key) if cert.is_file() and key.is_file() else (None, None)
 
 
 def supernode_argv(plan: ClientPlan, *, runtime_port: int) -> list[str]:

@@ -3,6 +3,11 @@
 Runs the client half of the U-shape (front, back, loss) and exchanges only cut activations,
 the padding mask and gradients with the server. Micro-batches are pipelined up to the
 credits the server grants; each CUT_GRADIENT returns a credit.
+
+Mutual TLS: :class:`ClientTls` names the deployment CA, the client's certificate and key
+(``fedft certs``: ``ca.crt``, ``client-<i>.crt``, ``client-<i>-tls.key``) and the client id
+to declare; the server binds the session to the certificate's identity and refuses a
+declared id that differs from it (:class:`IdentityError`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -31,6 +37,10 @@ from fedft.transport.split_wire import Frame, Limits, StepId
 log = logging.getLogger(__name__)
 
 MicroBatch = tuple[Tensor, Tensor, Tensor]  # input_ids (B, T), attention_mask (B, T), labels
+#: OpenSession metadata key carrying the declared client id (server/split_service.py reads it).
+CLIENT_ID_METADATA = "fedft-client-id"
+#: largest PEM file read as a certificate or key (bytes).
+MAX_PEM_BYTES = 1 << 20
 
 
 class SplitError(RuntimeError):
@@ -39,6 +49,83 @@ class SplitError(RuntimeError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
+
+
+class IdentityError(SplitError):
+    """The server refused the call: this client's certificate identity does not own the
+    session, or the declared client id differs from it (gRPC ``PERMISSION_DENIED``)."""
+
+
+def _read_pem(path: str | Path, what: str) -> bytes:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: {p} is not a file (make it with `fedft certs DIR`)")
+    if p.stat().st_size > MAX_PEM_BYTES:
+        raise ValueError(f"{what}: {p} is larger than {MAX_PEM_BYTES} bytes; not a PEM file")
+    data = p.read_bytes()
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{what}: {p} is not PEM")
+    return data
+
+
+def mtls_channel_credentials(
+    *, ca_cert: str | Path, cert: str | Path, key: str | Path
+) -> grpc.ChannelCredentials:
+    """Channel credentials for mutual TLS with the split server.
+
+    Args:
+        ca_cert: PEM certificate of the CA that signed the server's certificate.
+        cert: PEM certificate of this client (CN = its identity, e.g. ``client-0``).
+        key: PEM private key of ``cert``.
+
+    Returns:
+        ``grpc.ssl_channel_credentials`` that verify the server and present the client cert.
+    """
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read_pem(ca_cert, "CA certificate"),
+        private_key=_read_pem(key, "client TLS key"),
+        certificate_chain=_read_pem(cert, "client certificate"),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientTls:
+    """A split client's mutual-TLS material.
+
+    Attributes:
+        ca_cert: the deployment CA certificate (``ca.crt``).
+        cert: this client's certificate (``client-<i>.crt``, CN = its identity).
+        key: its private key (``client-<i>-tls.key``).
+        client_id: the id declared at OpenSession (``client-<i>``); the server refuses it
+            unless it equals the certificate's CN. None declares nothing.
+        server_name: expected server name when the dialled address is not in the server
+            certificate's SANs (``grpc.ssl_target_name_override``); None = the address.
+    """
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+    client_id: str | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def from_dir(cls, certs: str | Path, *, name: str) -> ClientTls:
+        """``ca.crt``, ``<name>.crt`` and ``<name>-tls.key`` in ``certs``; declares ``name``."""
+        d = Path(certs)
+        return cls(
+            ca_cert=d / "ca.crt", cert=d / f"{name}.crt", key=d / f"{name}-tls.key", client_id=name
+        )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The channel credentials (files read now; see :func:`mtls_channel_credentials`)."""
+        return mtls_channel_credentials(ca_cert=self.ca_cert, cert=self.cert, key=self.key)
+
+
+def _typed(err: grpc.aio.AioRpcError) -> Exception:
+    """PERMISSION_DENIED as :class:`IdentityError`; any other RPC error unchanged."""
+    if err.code() == grpc.StatusCode.PERMISSION_DENIED:
+        return IdentityError("PERMISSION_DENIED", err.details() or "identity check failed")
+    return err
 
 
 @dataclass
@@ -65,6 +152,11 @@ class SplitClient:
         server_lr: server adapter learning rate.
         seed: server adapter init seed.
         channel_credentials: e.g. ``grpc.ssl_channel_credentials(...)`` for (m)TLS.
+        tls: mutual TLS from files (builds ``channel_credentials``, declares its client id,
+            sets the server name override); exclusive with ``channel_credentials``.
+        client_id: id declared at OpenSession (``fedft-client-id`` metadata); defaults to
+            ``tls.client_id``.
+        server_name_override: ``grpc.ssl_target_name_override`` (TLS only).
         interceptors: grpc.aio client interceptors (auditing, auth metadata).
     """
 
@@ -81,9 +173,21 @@ class SplitClient:
         server_lr: float = 1e-3,
         seed: int = 0,
         channel_credentials: grpc.ChannelCredentials | None = None,
+        tls: ClientTls | None = None,
+        client_id: str | None = None,
+        server_name_override: str | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         limits = limits or Limits()
+        if tls is not None:
+            if channel_credentials is not None:
+                raise ValueError("pass tls or channel_credentials, not both")
+            channel_credentials = tls.credentials()
+            client_id = client_id if client_id is not None else tls.client_id
+            server_name_override = server_name_override or tls.server_name
+        if server_name_override and channel_credentials is None:
+            raise ValueError("server_name_override needs TLS channel credentials")
+        self._metadata = () if client_id is None else ((CLIENT_ID_METADATA, client_id),)
         self.parts = parts
         self.wire_dtype = wire_dtype
         self.traffic = Traffic()
@@ -98,7 +202,9 @@ class SplitClient:
             server_lr=server_lr,
             seed=seed,
         )
-        opts = wire.channel_options(limits.max_message_bytes)
+        opts: list[tuple[str, int | str]] = list(wire.channel_options(limits.max_message_bytes))
+        if server_name_override:
+            opts.append(("grpc.ssl_target_name_override", server_name_override))
         icp = list(interceptors) or None
         if channel_credentials is None:
             self.channel = grpc.aio.insecure_channel(target, options=opts, interceptors=icp)
@@ -121,8 +227,16 @@ class SplitClient:
         await self.close()
 
     async def open(self) -> wire.OpenSessionReply:
-        """Open the session and the data stream."""
-        self.session = await self.stub.open_session(self._request)
+        """Open the session and the data stream.
+
+        Raises:
+            IdentityError: the declared client id is not this certificate's identity.
+            grpc.aio.AioRpcError: other refusals (UNAVAILABLE: no or untrusted certificate).
+        """
+        try:
+            self.session = await self.stub.open_session(self._request, metadata=self._metadata)
+        except grpc.aio.AioRpcError as err:
+            raise _typed(err) from err
         if self.session.hidden_size != self.parts.hidden_size:
             raise SplitError("SHAPE_REJECTED", "server hidden size differs from the client's")
         self.credits = self.session.credits
@@ -152,7 +266,10 @@ class SplitClient:
     async def receive(self) -> Frame:
         """The next frame from the server (raises on end of stream)."""
         assert self._call is not None
-        frame = await self._call.read()
+        try:
+            frame = await self._call.read()
+        except grpc.aio.AioRpcError as err:
+            raise _typed(err) from err
         if frame is grpc.aio.EOF:
             raise SplitError("EXPIRED", "the server ended the stream")
         assert isinstance(frame, Frame)
@@ -228,7 +345,10 @@ class SplitClient:
                 del fronts[mb]
                 self.credits += frame.credits
                 done += 1
-        await self.stub.commit(wire.CommitRequest(self.session.session_id, round_, step))
+        try:
+            await self.stub.commit(wire.CommitRequest(self.session.session_id, round_, step))
+        except grpc.aio.AioRpcError as err:
+            raise _typed(err) from err
         if optimizer is not None:
             optimizer.step()
         return sum(losses) / n

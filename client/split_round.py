@@ -21,6 +21,12 @@ Sample-level DP is not applied here: the caller must refuse ``privacy.mode = "sa
 split learning (per-sample clipping of the prompt's gradient would need per-sample cut
 gradients from the server, and the activations that cross the cut are not covered by
 DP-SGD on the client's weights in any case).
+
+Deployed clients reach the split server over mutual TLS: ``fedft client --certs DIR`` puts
+the paths of ``ca.crt``, ``client-<i>.crt`` and ``client-<i>-tls.key`` and the id
+``client-<i>`` in the node config (keys in :data:`SPLIT_TLS_KEYS`);
+:func:`client_tls_from_node_config` turns them into a :class:`~client.split_client.ClientTls`
+that ``run_split_round(..., tls=...)`` uses.
 """
 
 from __future__ import annotations
@@ -31,13 +37,14 @@ import logging
 import math
 import threading
 from collections.abc import Coroutine, Iterator, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import torch
 from torch import Tensor
 
-from client.split_client import MicroBatch, SplitClient, Traffic
+from client.split_client import ClientTls, MicroBatch, SplitClient, Traffic
 from fedft.adapters import peft_io
 from fedft.data.encode import Encoded, batches
 from fedft.prompt import SoftPrompt, get_prompt, set_prompt
@@ -51,6 +58,46 @@ from fedft.types import ClientUpdate
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: node-config keys (set by ``client/deploy.py``): CA, client certificate, its key, the id.
+SPLIT_CA_KEY, SPLIT_CERT_KEY, SPLIT_KEY_KEY, SPLIT_ID_KEY = (
+    "split-ca",
+    "split-cert",
+    "split-key",
+    "split-client-id",
+)
+SPLIT_TLS_KEYS = (SPLIT_CA_KEY, SPLIT_CERT_KEY, SPLIT_KEY_KEY, SPLIT_ID_KEY)
+
+
+def client_tls_from_node_config(node_config: Mapping[str, Any]) -> ClientTls | None:
+    """The split client's mutual-TLS material from a Flower node config.
+
+    Args:
+        node_config: ``context.node_config``; ``split-ca``, ``split-cert`` and ``split-key``
+            are paths to PEM files, ``split-client-id`` (optional) the id to declare.
+
+    Returns:
+        None when none of the three paths is set (plaintext: simulation, ``--insecure``).
+
+    Raises:
+        ValueError: only some of the three paths are set.
+    """
+    paths = {k: node_config.get(k) for k in (SPLIT_CA_KEY, SPLIT_CERT_KEY, SPLIT_KEY_KEY)}
+    given = {k: v for k, v in paths.items() if v not in (None, "")}
+    if not given:
+        return None
+    if len(given) != len(paths):
+        missing = sorted(set(paths) - set(given))
+        raise ValueError(
+            f"split mutual TLS needs all of {sorted(paths)} in the node config; missing {missing}"
+        )
+    client_id = node_config.get(SPLIT_ID_KEY)
+    return ClientTls(
+        ca_cert=Path(str(given[SPLIT_CA_KEY])),
+        cert=Path(str(given[SPLIT_CERT_KEY])),
+        key=Path(str(given[SPLIT_KEY_KEY])),
+        client_id=str(client_id) if client_id else None,
+    )
 
 
 class _DeviceSplitClient(SplitClient):
@@ -144,6 +191,7 @@ async def _split_phase(
     wire_dtype: wire.WireDType,
     in_flight: int,
     optimizer: torch.optim.Optimizer,
+    tls: ClientTls | None = None,
 ) -> tuple[list[float], Traffic]:
     """``len(steps)`` split-training steps in one session; returns losses and traffic."""
     max_batch = max(int(s[0].shape[0]) for s in steps)
@@ -155,7 +203,7 @@ async def _split_phase(
         max_in_flight=in_flight,
     )
     client = _DeviceSplitClient(
-        parts, target=target, model_id=model_id, wire_dtype=wire_dtype, limits=limits
+        parts, target=target, model_id=model_id, wire_dtype=wire_dtype, limits=limits, tls=tls
     )
     losses: list[float] = []
     async with client:
@@ -183,6 +231,7 @@ def run_split_round(
     batch_size: int,
     lr: float,
     seed: int,
+    tls: ClientTls | None = None,
 ) -> ClientUpdate:
     """One SFPrompt round: local-loss phase, EL2N pruning, split training over gRPC.
 
@@ -204,6 +253,8 @@ def run_split_round(
         batch_size: examples per step (cut into ``in_flight`` micro-batches).
         lr: AdamW learning rate of the prompt and head.
         seed: seeds batch order.
+        tls: mutual TLS to the split server (:func:`client_tls_from_node_config`); None =
+            plaintext (loopback simulation).
 
     Returns:
         An update with ``adapters={}`` and ``extras={"prompt": (n, H), <head>}``;
@@ -269,6 +320,7 @@ def run_split_round(
                     wire_dtype=wire_dtype,
                     in_flight=in_flight,
                     optimizer=optimizer,
+                    tls=tls,
                 )
             )
         except grpc.aio.AioRpcError as err:

@@ -84,7 +84,12 @@ def _cmd_server(args: argparse.Namespace) -> int:
             keys = tuple(sorted(Path(args.certs).glob("client-*.pub")))
             keys += tuple(Path(k) for k in args.node_key or ())
         plan = ServerPlan(
-            out=out, address=args.address, tls=tls, node_keys=keys, resume=args.resume
+            out=out,
+            address=args.address,
+            tls=tls,
+            node_keys=keys,
+            resume=args.resume,
+            split_address=args.split_address,
         )
         code = run_server(cfg, plan)
     except (DeployError, ValueError) as exc:
@@ -107,10 +112,12 @@ def _cmd_client(args: argparse.Namespace) -> int:
             f"--partition {args.partition} is not allowed: a client index from 0 to "
             f"{cfg.federation.num_clients - 1} (federation.num_clients)"
         )
-    from client.deploy import ClientPlan, run_client
+    from client.deploy import ClientPlan, run_client, split_tls_files
     from server.deploy import DeployError
 
     certs = Path(args.certs) if args.certs else None
+    split_cert: Path | None = None
+    split_key: Path | None = None
     if args.insecure:
         print(_INSECURE_BANNER, file=sys.stderr)
         root, key = None, None
@@ -124,6 +131,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     else:
         root = certs / "ca.crt"
         key = Path(args.key) if args.key else certs / f"client-{args.partition}.key"
+        split_cert, split_key = split_tls_files(certs, args.partition)  # split mTLS identity
     try:
         plan = ClientPlan(
             partition=args.partition,
@@ -133,6 +141,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
             data_path=Path(args.data) if args.data else None,
             epsilon=args.epsilon,
             max_wait_s=args.max_wait,
+            split_cert=split_cert,
+            split_key=split_key,
         )
         return run_client(plan)
     except (DeployError, ValueError) as exc:
@@ -264,8 +274,18 @@ def _cmd_split_server(args: argparse.Namespace) -> int:
         f"fedft split-server: serving the body of {cfg.model.name!r} on {args.address} "
         "(Ctrl-C to stop)"
     )
+    credentials = None
+    if args.certs:  # mutual TLS: every session bound to its client certificate
+        from server.split_runner import server_credentials_from_dir
+
+        credentials = server_credentials_from_dir(args.certs)
     try:
-        serve_forever(cfg, address=args.address, session_timeout_s=args.session_timeout)
+        serve_forever(
+            cfg,
+            address=args.address,
+            session_timeout_s=args.session_timeout,
+            server_credentials=credentials,
+        )
     except KeyboardInterrupt:
         pass
     return EXIT_OK
@@ -299,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--node-key", action="append", help="another client public key")
     srv.add_argument("--address", default="0.0.0.0:9092", help="HOST:PORT to listen on")
     srv.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/")
+    srv.add_argument("--split-address", help="HOST:PORT the split service binds (split runs)")
     srv.add_argument("--insecure", action="store_true", help="no TLS, no node auth (local)")
     srv.set_defaults(func=_cmd_server)
 
@@ -341,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="free a silent client's session after this many seconds",
     )
+    spl.add_argument("--certs", help="folder from `fedft certs`: mutual TLS (ca/server)")
     spl.set_defaults(func=_cmd_split_server)
 
     crt = sub.add_parser("certs", help="make a CA, server/client certificates and node keys")

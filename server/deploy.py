@@ -13,6 +13,12 @@ Layout under ``<out>/.superlink/``: ``config.toml`` (the ``flwr`` CLI's connecti
 SuperLink), ``state.db`` (the SuperLink's SQLite state: registered nodes survive a restart,
 which is what lets running SuperNodes carry on after ``fedft server --resume``),
 ``superlink.log`` and ``run_config.toml``.
+
+Split learning (``adapter.method = "split"``): the server also serves the model's body over
+fedft's own gRPC service (``fedft.split.v1``) in this process, on ``--split-address`` or, by
+default, on the SuperLink's host at ``split.server``'s port. With TLS on, it runs mutual TLS
+with the same ``ca.crt`` / ``server.crt`` / ``server.key``: only clients with a certificate
+from the deployment CA get in, and each session is bound to its certificate's identity.
 """
 
 from __future__ import annotations
@@ -29,13 +35,16 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedft.config import RunConfig
 from fedft.transport.flower_config import to_run_config
+
+if TYPE_CHECKING:
+    from server.split_runner import SplitServerThread
 
 logger = logging.getLogger(__name__)
 
@@ -344,6 +353,8 @@ class ServerPlan:
         node_keys: OpenSSH public keys of the SuperNodes allowed in; node authentication
             is on whenever TLS is on (Flower requires TLS for it).
         resume: continue from ``out/checkpoint/`` instead of starting afresh.
+        split_address: HOST:PORT the split-learning service binds (split runs only); None =
+            the SuperLink's host at ``split.server``'s port.
         poll_s: seconds between run-status checks.
         start_timeout_s: how long the SuperLink may take to listen.
     """
@@ -353,11 +364,14 @@ class ServerPlan:
     tls: ServerTls | None = None
     node_keys: tuple[Path, ...] = ()
     resume: bool = False
+    split_address: str | None = None
     poll_s: float = 3.0
     start_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         split_address(self.address)
+        if self.split_address is not None:
+            split_address(self.split_address)
         if self.tls is not None and not self.node_keys:
             raise DeployError(
                 "node authentication is on with TLS but no node public keys were given; "
@@ -402,6 +416,75 @@ def _local_address(address: str) -> tuple[str, int]:
     return ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host), port
 
 
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def split_service_addresses(cfg: RunConfig, plan: ServerPlan) -> tuple[str, RunConfig]:
+    """Where the split service binds, and ``cfg`` with ``split.server`` = what clients dial.
+
+    ``split.server`` is the address clients dial (the server certificate's SANs must cover
+    its host). The bind address is ``plan.split_address``, or the SuperLink's host with
+    ``split.server``'s port. An empty ``split.server`` is filled from ``plan.split_address``
+    when that names a dialable host.
+
+    Raises:
+        DeployError: neither gives an address clients can dial.
+    """
+    dial = cfg.split.server
+    if not dial:
+        if plan.split_address is None or split_address(plan.split_address)[0] in _WILDCARD_HOSTS:
+            raise DeployError(
+                "adapter.method = 'split' needs split.server = the HOST:PORT clients dial for "
+                "the split service (e.g. --set split.server='fl.example.org:9093'); "
+                "--split-address sets where it binds"
+            )
+        dial = plan.split_address
+        cfg = replace(cfg, split=replace(cfg.split, server=dial))
+    bind = plan.split_address
+    if bind is None:
+        bind = _join(split_address(plan.address)[0], split_address(dial)[1])
+    if split_address(bind)[1] == split_address(plan.address)[1]:
+        raise DeployError(f"the split service and the SuperLink cannot share the port of {bind}")
+    return bind, cfg
+
+
+def start_split_service(cfg: RunConfig, plan: ServerPlan, *, bind: str) -> SplitServerThread:
+    """Load the model, then serve its body on ``bind`` in a background thread.
+
+    With ``plan.tls``: mutual TLS from the same CA and server certificate as the SuperLink,
+    sessions bound to the client certificate's identity. Without (``--insecure``): plaintext.
+    """
+    from server.split_runner import (
+        SplitServerThread,
+        build_split_service,
+        mtls_server_credentials,
+    )
+
+    creds = None
+    if plan.tls is None:
+        logger.warning("split service on %s WITHOUT TLS (--insecure): local use only", bind)
+    else:
+        creds = mtls_server_credentials(
+            ca_cert=plan.tls.ca_cert, cert=plan.tls.cert, key=plan.tls.key
+        )
+    service = build_split_service(cfg, require_client_identity=plan.tls is not None)
+    try:
+        server = SplitServerThread(service, address=bind, server_credentials=creds).start()
+    except (RuntimeError, TimeoutError) as exc:
+        raise DeployError(f"could not start the split service on {bind}: {exc}") from exc
+    logger.info(
+        "split service on %s (%s); clients dial %s",
+        server.address,
+        "mutual TLS" if creds is not None else "plaintext",
+        cfg.split.server,
+    )
+    return server
+
+
 def wait_for_run(cli: FlwrCli, run_id: str, *, superlink: ChildProcess, poll_s: float) -> str:
     """Poll the run's status until it is ``finished:*``; returns that status."""
     status = "pending"
@@ -431,8 +514,12 @@ def run_server(cfg: RunConfig, plan: ServerPlan) -> int:
         0 when the run finished as completed, 1 otherwise (failed or stopped).
 
     Raises:
-        DeployError: the SuperLink did not start, a node key or the run was refused.
+        DeployError: the SuperLink did not start, a node key or the run was refused, or the
+            split service (split runs) has no address or did not start.
     """
+    split_bind: str | None = None
+    if cfg.adapter.method == "split":
+        split_bind, cfg = split_service_addresses(cfg, plan)
     out = plan.out.resolve()
     state_dir = out / ".superlink"
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -451,8 +538,11 @@ def run_server(cfg: RunConfig, plan: ServerPlan) -> int:
         env=env,
     )
     run_id, status = "", "not started"
+    split_server: SplitServerThread | None = None
     with terminate_as_interrupt():
         try:
+            if split_bind is not None:
+                split_server = start_split_service(cfg, plan, bind=split_bind)
             superlink.start()
             (state_dir / "superlink.pid").write_text(f"{superlink.pid}\n", encoding="utf-8")
             wait_for_port(host, port, child=superlink, timeout_s=plan.start_timeout_s)
@@ -476,6 +566,8 @@ def run_server(cfg: RunConfig, plan: ServerPlan) -> int:
             status = wait_for_run(cli, run_id, superlink=superlink, poll_s=plan.poll_s)
         finally:
             superlink.stop()
+            if split_server is not None:
+                split_server.stop()
     if status != "finished:completed":
         logger.error("run %s ended %s; see %s", run_id, status, superlink.log_path)
         return 1

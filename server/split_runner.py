@@ -5,6 +5,11 @@ asyncio event loop in a background thread (what ``fedft simulate`` starts on loo
 split run and stops afterwards). :func:`serve_forever` is the ``fedft split-server`` recipe:
 parse config -> load the model -> cut it -> serve the body until stopped.
 
+:func:`mtls_server_credentials` / :func:`server_credentials_from_dir` build mutual-TLS
+credentials from ``fedft certs`` files (``ca.crt``, ``server.crt``, ``server.key``): the
+server then admits only clients whose certificate the deployment CA signed, and binds each
+session to the certificate's identity (see :mod:`server.split_service`).
+
 The server loads its own copy of the base model (its body is the shared frozen middle;
 clients never send weights), on the CPU.
 """
@@ -39,10 +44,57 @@ def split_limits(cfg: RunConfig) -> Limits:
     )
 
 
-def build_split_service(cfg: RunConfig, *, session_timeout_s: float = 60.0) -> SplitService:
+#: largest PEM file read as a certificate or key (bytes).
+MAX_PEM_BYTES = 1 << 20
+
+
+def _read_pem(path: Path, what: str) -> bytes:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} is not a file (make it with `fedft certs DIR`)")
+    if path.stat().st_size > MAX_PEM_BYTES:
+        raise ValueError(f"{what}: {path} is larger than {MAX_PEM_BYTES} bytes; not a PEM file")
+    data = path.read_bytes()
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{what}: {path} is not PEM")
+    return data
+
+
+def mtls_server_credentials(
+    *, ca_cert: str | Path, cert: str | Path, key: str | Path
+) -> grpc.ServerCredentials:
+    """Server credentials for mutual TLS: clients must present a certificate signed by the CA.
+
+    Args:
+        ca_cert: PEM certificate of the deployment CA (verifies client certificates).
+        cert: PEM server certificate (its SANs must cover the address clients dial).
+        key: PEM private key of ``cert``.
+
+    Returns:
+        ``grpc.ssl_server_credentials(..., require_client_auth=True)``; a client without a
+        certificate, or with one from another CA, fails the handshake (UNAVAILABLE for it).
+    """
+    return grpc.ssl_server_credentials(
+        [(_read_pem(Path(key), "server TLS key"), _read_pem(Path(cert), "server certificate"))],
+        root_certificates=_read_pem(Path(ca_cert), "CA certificate"),
+        require_client_auth=True,
+    )
+
+
+def server_credentials_from_dir(certs: str | Path) -> grpc.ServerCredentials:
+    """:func:`mtls_server_credentials` from ``certs/ca.crt``, ``server.crt``, ``server.key``."""
+    d = Path(certs)
+    return mtls_server_credentials(
+        ca_cert=d / "ca.crt", cert=d / "server.crt", key=d / "server.key"
+    )
+
+
+def build_split_service(
+    cfg: RunConfig, *, session_timeout_s: float = 60.0, require_client_identity: bool = False
+) -> SplitService:
     """Load ``cfg``'s base model and serve the body between its client front and back.
 
-    The model id clients must name is ``cfg.model.name``.
+    The model id clients must name is ``cfg.model.name``. ``require_client_identity``: refuse
+    sessions from peers without a verified client certificate (set it under mutual TLS).
     """
     if cfg.adapter.method != "split":
         raise ValueError(
@@ -59,6 +111,7 @@ def build_split_service(cfg: RunConfig, *, session_timeout_s: float = 60.0) -> S
         back_layers=cfg.split.back_layers,
         limits=split_limits(cfg),
         session_timeout_s=session_timeout_s,
+        require_client_identity=require_client_identity,
     )
 
 
@@ -193,6 +246,7 @@ def serve_forever(
     server_credentials: grpc.ServerCredentials | None = None,
     session_timeout_s: float = 60.0,
     stop: threading.Event | None = None,
+    require_client_identity: bool | None = None,
 ) -> None:
     """``fedft split-server``: serve the body of ``config``'s model on ``address``.
 
@@ -200,12 +254,20 @@ def serve_forever(
         config: a TOML path (``overrides`` applied) or a built :class:`RunConfig`.
         address: ``host:port`` to bind, e.g. ``"0.0.0.0:9092"``.
         overrides: ``section.key=value`` overrides for a path.
-        server_credentials: TLS / mTLS credentials (plaintext when None).
+        server_credentials: TLS / mTLS credentials (plaintext when None), e.g.
+            :func:`server_credentials_from_dir`.
         session_timeout_s: idle sessions (killed clients) are freed after this.
         stop: returns after this event is set (None: until interrupted).
+        require_client_identity: refuse sessions without a verified client certificate;
+            None = whenever ``server_credentials`` is given (pass False to serve plain
+            server-authenticated TLS).
     """
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
-    service = build_split_service(cfg, session_timeout_s=session_timeout_s)
+    if require_client_identity is None:
+        require_client_identity = server_credentials is not None
+    service = build_split_service(
+        cfg, session_timeout_s=session_timeout_s, require_client_identity=require_client_identity
+    )
     server = SplitServerThread(service, address=address, server_credentials=server_credentials)
     with server:
         logger.info(

@@ -6,6 +6,16 @@ size, finiteness) before anything is allocated; a bad frame gets a typed ERROR f
 the stream (and the server) stay up. Body compute runs on one worker thread: the shared
 body is used by one forward/backward at a time, and the event loop stays free for I/O.
 Sessions idle for longer than ``session_timeout_s`` (a killed client) are freed.
+
+Identity: behind mutual TLS (``grpc.ssl_server_credentials(..., require_client_auth=True)``)
+gRPC verifies the client's certificate against the deployment CA and exposes its common name
+in ``context.auth_context()["x509_common_name"]``. OpenSession binds the new session to that
+identity; every later Commit, Close and Exchange stream on the session must come from the
+same identity, else the call ends with ``PERMISSION_DENIED`` and details starting with
+``IDENTITY_MISMATCH`` (the session id is a secret, but a leaked one is still useless to
+another client). A client may declare its id in the ``fedft-client-id`` metadata of
+OpenSession; behind mTLS it must equal its certificate's CN. Without TLS (loopback
+simulation, tests) the identity is None for everyone and nothing changes.
 """
 
 from __future__ import annotations
@@ -29,6 +39,33 @@ from fedft.transport.split_wire import Frame, Limits, WireError
 log = logging.getLogger(__name__)
 
 UP_ROLES = {"forward": ("hidden", "attention_mask"), "backward": ("grad",)}
+#: auth-context key of the verified peer certificate's common name (gRPC core).
+CN_KEY = "x509_common_name"
+#: OpenSession metadata key in which a client may declare its id (checked against its CN).
+CLIENT_ID_METADATA = "fedft-client-id"
+#: prefix of the details of a PERMISSION_DENIED caused by an identity check.
+IDENTITY_MISMATCH = "IDENTITY_MISMATCH"
+
+
+def peer_identity(context: grpc.aio.ServicerContext) -> str | None:
+    """The common name of the peer's verified client certificate; None without mutual TLS.
+
+    gRPC fills ``x509_common_name`` only for a certificate it verified against the server's
+    root certificates (``require_client_auth=True``); a certificate with several CNs has no
+    single identity and counts as none.
+    """
+    values = context.auth_context().get(CN_KEY) or []
+    if len(values) != 1:
+        return None
+    return bytes(values[0]).decode("utf-8", errors="replace")
+
+
+def declared_client_id(context: grpc.aio.ServicerContext) -> str | None:
+    """The ``fedft-client-id`` the client put in its call metadata (None if absent)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CLIENT_ID_METADATA:
+            return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+    return None
 
 
 @dataclass
@@ -40,6 +77,7 @@ class _Session:
     limits: Limits
     credits: int
     last_seen: float
+    identity: str | None = None
     committed: tuple[int, int] = (-1, -1)
     last_seq: int = -1
     pending: dict[tuple[int, int, int], BodyContext] = field(default_factory=dict)
@@ -64,6 +102,9 @@ class SplitService:
         limits: the server's own limits (message bytes, batch, sequence, in-flight).
         session_timeout_s: an idle session is freed after this many seconds.
         max_sessions: OpenSession beyond this is refused (RESOURCE_EXHAUSTED).
+        require_client_identity: refuse (UNAUTHENTICATED) an OpenSession whose peer has no
+            verified client certificate; set it whenever the server runs mutual TLS, so that a
+            misconfiguration (TLS without client auth) fails closed instead of open.
     """
 
     def __init__(
@@ -76,6 +117,7 @@ class SplitService:
         limits: Limits | None = None,
         session_timeout_s: float = 60.0,
         max_sessions: int = 64,
+        require_client_identity: bool = False,
     ) -> None:
         for p in body.parameters():
             p.requires_grad_(False)
@@ -87,6 +129,7 @@ class SplitService:
         self.limits = limits or Limits()
         self.session_timeout_s = session_timeout_s
         self.max_sessions = max_sessions
+        self.require_client_identity = require_client_identity
         self.sessions: dict[str, _Session] = {}
         self.frames_received = 0
         self.errors: dict[str, int] = {}
@@ -123,6 +166,21 @@ class SplitService:
             await asyncio.sleep(max(0.05, self.session_timeout_s / 4))
             self.expire_idle()
 
+    async def _deny(self, context: grpc.aio.ServicerContext, why: str) -> None:
+        self.errors["PERMISSION_DENIED"] = self.errors.get("PERMISSION_DENIED", 0) + 1
+        log.warning("split call refused: %s", why)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{IDENTITY_MISMATCH}: {why}")
+
+    async def _authorize(self, s: _Session, context: grpc.aio.ServicerContext, what: str) -> None:
+        """Abort with PERMISSION_DENIED unless the caller is the identity that opened ``s``."""
+        peer = peer_identity(context)
+        if peer != s.identity:
+            await self._deny(
+                context,
+                f"{what} on a session opened by another client identity "
+                f"(this caller's certificate identity: {peer!r})",
+            )
+
     async def _compute(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
@@ -131,6 +189,18 @@ class SplitService:
     async def open_session(
         self, req: wire.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> wire.OpenSessionReply:
+        identity = peer_identity(context)
+        if identity is None and self.require_client_identity:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this split server requires a client certificate signed by the deployment CA",
+            )
+        declared = declared_client_id(context)
+        if declared is not None and identity is not None and declared != identity:
+            await self._deny(
+                context,
+                f"declared client id {declared!r} != certificate identity {identity!r}",
+            )
         if req.model_id != self.model_id:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -167,9 +237,15 @@ class SplitService:
             opt = torch.optim.AdamW(adapter.parameters(), lr=req.server_lr or 1e-3)
         sid = secrets.token_hex(16)
         self.sessions[sid] = _Session(
-            sid, adapter, opt, req.wire_dtype, lim, lim.max_in_flight, time.monotonic()
+            sid, adapter, opt, req.wire_dtype, lim, lim.max_in_flight, time.monotonic(), identity
         )
-        log.info("split session %s… opened (%s, rank %d)", sid[:8], req.wire_dtype, req.lora_rank)
+        log.info(
+            "split session %s… opened for %s (%s, rank %d)",
+            sid[:8],
+            identity or declared or "an anonymous client",
+            req.wire_dtype,
+            req.lora_rank,
+        )
         return wire.OpenSessionReply(
             sid, lim, self.hidden_size, lim.max_in_flight, self.session_timeout_s
         )
@@ -181,6 +257,7 @@ class SplitService:
         if s is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "UNKNOWN_SESSION")
         assert s is not None
+        await self._authorize(s, context, "Commit")
         async with s.lock:
             if (req.round, req.step) <= s.committed:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "STALE commit")
@@ -195,6 +272,9 @@ class SplitService:
         return wire.CommitReply(count)
 
     async def close(self, req: wire.CloseRequest, context: grpc.aio.ServicerContext) -> None:
+        s = self.sessions.get(req.session_id)
+        if s is not None:
+            await self._authorize(s, context, "Close")
         self._free(req.session_id, "closed")
 
     # ------------------------------------------------------------------ data plane
@@ -215,6 +295,8 @@ class SplitService:
                     return
                 yield self._error(frame, "UNKNOWN_SESSION", "no such session on this server")
                 continue
+            if bound is None:  # the stream's identity is fixed: check it once, when binding
+                await self._authorize(s, context, "Exchange")
             sid = s.sid
             bound = sid
             s.last_seen = time.monotonic()
@@ -350,8 +432,12 @@ def build_service(
     back_layers: int,
     limits: Limits | None = None,
     session_timeout_s: float = 60.0,
+    require_client_identity: bool = False,
 ) -> SplitService:
-    """Cut ``model`` and serve its body (the front/back blocks are simply unused here)."""
+    """Cut ``model`` and serve its body (the front/back blocks are simply unused here).
+
+    ``require_client_identity``: see :class:`SplitService` (set it under mutual TLS).
+    """
     from fedft.split import split_model
 
     parts = split_model(model, front_layers=front_layers, back_layers=back_layers)
@@ -362,4 +448,5 @@ def build_service(
         front_layers=front_layers,
         limits=limits,
         session_timeout_s=session_timeout_s,
+        require_client_identity=require_client_identity,
     )

