@@ -22,6 +22,7 @@ import grpc
 import torch
 from torch import Tensor
 
+from fedft.certs import read_pem
 from fedft.split import (
     FrontOutput,
     SplitParts,
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 MicroBatch = tuple[Tensor, Tensor, Tensor]  # input_ids (B, T), attention_mask (B, T), labels
 #: OpenSession metadata key carrying the declared client id (server/split_service.py reads it).
 CLIENT_ID_METADATA = "fedft-client-id"
-#: largest PEM file read as a certificate or key (bytes).
-MAX_PEM_BYTES = 1 << 20
 
 
 class SplitError(RuntimeError):
@@ -54,18 +53,6 @@ class SplitError(RuntimeError):
 class IdentityError(SplitError):
     """The server refused the call: this client's certificate identity does not own the
     session, or the declared client id differs from it (gRPC ``PERMISSION_DENIED``)."""
-
-
-def _read_pem(path: str | Path, what: str) -> bytes:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what}: {p} is not a file (make it with `fedft certs DIR`)")
-    if p.stat().st_size > MAX_PEM_BYTES:
-        raise ValueError(f"{what}: {p} is larger than {MAX_PEM_BYTES} bytes; not a PEM file")
-    data = p.read_bytes()
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"{what}: {p} is not PEM")
-    return data
 
 
 def mtls_channel_credentials(
@@ -82,9 +69,9 @@ def mtls_channel_credentials(
         ``grpc.ssl_channel_credentials`` that verify the server and present the client cert.
     """
     return grpc.ssl_channel_credentials(
-        root_certificates=_read_pem(ca_cert, "CA certificate"),
-        private_key=_read_pem(key, "client TLS key"),
-        certificate_chain=_read_pem(cert, "client certificate"),
+        root_certificates=read_pem(ca_cert, "CA certificate"),
+        private_key=read_pem(key, "client TLS key"),
+        certificate_chain=read_pem(cert, "client certificate"),
     )
 
 

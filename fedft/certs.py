@@ -66,6 +66,28 @@ class CertPaths:
     node_pubs: tuple[Path, ...]
 
 
+#: largest PEM file read as a certificate or key (bytes).
+MAX_PEM_BYTES = 1 << 20
+
+
+def read_pem(path: str | Path, what: str) -> bytes:
+    """Read a PEM certificate or key, checking size and format before trusting it.
+
+    Args:
+        path: the file.
+        what: what it is, for the error message ("CA certificate", "client TLS key", ...).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: {p} is not a file (make it with `fedft certs DIR`)")
+    if p.stat().st_size > MAX_PEM_BYTES:
+        raise ValueError(f"{what}: {p} is larger than {MAX_PEM_BYTES} bytes; not a PEM file")
+    data = p.read_bytes()
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{what}: {p} is not PEM")
+    return data
+
+
 def client_name(index: int) -> str:
     """The name (certificate CN and file stem) of client ``index``: ``client-<index>``."""
     return f"client-{index}"

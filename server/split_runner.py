@@ -26,6 +26,7 @@ from types import TracebackType
 import grpc
 
 from fedft import builders
+from fedft.certs import read_pem
 from fedft.config import RunConfig, load_config
 from fedft.models import load_base_model
 from fedft.training.runtime import get_data
@@ -44,21 +45,6 @@ def split_limits(cfg: RunConfig) -> Limits:
     )
 
 
-#: largest PEM file read as a certificate or key (bytes).
-MAX_PEM_BYTES = 1 << 20
-
-
-def _read_pem(path: Path, what: str) -> bytes:
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: {path} is not a file (make it with `fedft certs DIR`)")
-    if path.stat().st_size > MAX_PEM_BYTES:
-        raise ValueError(f"{what}: {path} is larger than {MAX_PEM_BYTES} bytes; not a PEM file")
-    data = path.read_bytes()
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"{what}: {path} is not PEM")
-    return data
-
-
 def mtls_server_credentials(
     *, ca_cert: str | Path, cert: str | Path, key: str | Path
 ) -> grpc.ServerCredentials:
@@ -74,8 +60,8 @@ def mtls_server_credentials(
         certificate, or with one from another CA, fails the handshake (UNAVAILABLE for it).
     """
     return grpc.ssl_server_credentials(
-        [(_read_pem(Path(key), "server TLS key"), _read_pem(Path(cert), "server certificate"))],
-        root_certificates=_read_pem(Path(ca_cert), "CA certificate"),
+        [(read_pem(Path(key), "server TLS key"), read_pem(Path(cert), "server certificate"))],
+        root_certificates=read_pem(Path(ca_cert), "CA certificate"),
         require_client_auth=True,
     )
 
