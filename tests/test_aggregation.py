@@ -316,3 +316,30 @@ def test_frozen_factor_algorithms_refuse_unknown_modules():
     )
     with pytest.raises(ValueError, match="shared factors cover"):
         sb.aggregate([_update("c0", 1, u=init["w"])])
+
+
+def test_hetlora_keeps_global_rank_when_largest_clients_sit_out():
+    """A round sampled only rank-4/8 clients: the rank-16 client must still be served next."""
+    from fedft.aggregation import get_aggregator
+    from fedft.types import ClientUpdate
+
+    agg = get_aggregator("hetlora")
+    gen = torch.Generator().manual_seed(0)
+    glob = agg.init_global({"m": (6, 5)}, rank=16, scaling=16 / 16, generator=gen)
+    ups = []
+    for k, r in enumerate((4, 8)):
+        start = agg.client_start(glob, rank=r, scaling=16 / r, generator=gen)["m"]
+        trained = LoraFactors(
+            a=start.a + 0.1, b=torch.randn(6, r, generator=gen), scaling=start.scaling
+        )
+        ups.append(ClientUpdate(client_id=str(k), adapters={"m": trained}, num_examples=10))
+    result = agg.aggregate(ups)
+    assert result.adapters["m"].rank == 16
+    start16 = agg.client_start(result.adapters, rank=16, scaling=1.0, generator=gen)["m"]
+    assert start16.rank == 16
+    # rows no participating client trained are zero-padded, as HetLoRA prescribes
+    assert torch.count_nonzero(result.adapters["m"].a[8:]) == 0
+    # rows 0-3 average both clients, rows 4-7 average client 1 with client 0's zero padding
+    a0, a1 = ups[0].adapters["m"].a, ups[1].adapters["m"].a
+    assert torch.allclose(result.adapters["m"].a[:4], 0.5 * (a0 + a1[:4]), atol=1e-6)
+    assert torch.allclose(result.adapters["m"].a[4:8], 0.5 * a1[4:], atol=1e-6)

@@ -12,7 +12,7 @@ update. Inexact (like FedIT) by design; kept as a baseline.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -46,6 +46,25 @@ class HetLoRA(Aggregator):
     supports_mixed_ranks: ClassVar[bool] = True
     linear: ClassVar[bool] = False
     trainable: ClassVar[Literal["ab", "b", "r"]] = "ab"
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: the rank and scaling of the global adapters (the largest client rank): kept so a
+        #: round without any largest-rank client still returns adapters they can start from
+        self._global_rank = 0
+        self._global_scaling = 0.0
+
+    def init_global(
+        self,
+        shapes: Mapping[str, tuple[int, int]],
+        *,
+        rank: int,
+        scaling: float,
+        generator: torch.Generator,
+    ) -> dict[str, LoraFactors]:
+        """Peft's init at the largest client rank (remembered for later rounds)."""
+        self._global_rank, self._global_scaling = int(rank), float(scaling)
+        return super().init_global(shapes, rank=rank, scaling=scaling, generator=generator)
 
     def client_start(
         self,
@@ -84,8 +103,8 @@ class HetLoRA(Aggregator):
         adapters: dict[str, LoraFactors] = {}
         for mod in sorted(ups[0].adapters):
             fs = [u.adapters[mod] for u in ups]
-            r_max = max(f.rank for f in fs)
-            s_g = next(f.scaling for f in fs if f.rank == r_max)
+            r_max = max(max(f.rank for f in fs), self._global_rank)  # zero rows beyond
+            s_g = next((f.scaling for f in fs if f.rank == r_max), self._global_scaling)
             a_bar = weighted_mean([_pad_rows(f.a, r_max) for f in fs], p)  # (r_max, in)
             b_bar = weighted_mean(
                 [
@@ -101,3 +120,17 @@ class HetLoRA(Aggregator):
             metrics={"clients": float(len(ups))},
             extras=average_extras(ups, p),
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Shapes plus the global rank and scaling."""
+        return {
+            **super().state_dict(),
+            "global_rank": self._global_rank,
+            "global_scaling": self._global_scaling,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        super().load_state_dict(state)
+        self._global_rank = int(state.get("global_rank", 0))
+        self._global_scaling = float(state.get("global_scaling", 0.0))
