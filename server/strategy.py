@@ -134,6 +134,8 @@ def run_federation(
 ) -> dict[str, Any]:
     """Run every round of ``cfg`` on ``grid``; write metrics, report, adapter, checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _set_aside_previous_run(out)
     t_start = time.monotonic()
     device = resolve_device(cfg.federation.device)
     fed = get_data(**builders.data_kwargs(cfg))
@@ -402,6 +404,23 @@ def run_federation(
         bar.set_postfix(acc=f"{last['accuracy']:.3f}", loss=f"{last['loss']:.3f}")
     final = _finish(cfg, out, runtime, coord, before, last, t_start)
     return final
+
+
+#: what a run writes into its output folder (a fresh run sets an earlier run's aside)
+RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "report.html", "adapter", "checkpoint")
+
+
+def _set_aside_previous_run(out: Path) -> None:
+    """Move an earlier run's outputs to ``OUT/previous/<time>/``: a fresh run loses nothing."""
+    found = [p for p in out.iterdir() if p.name in RUN_OUTPUTS or p.name.startswith("plot_")]
+    if not found:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = out / "previous" / stamp
+    target.mkdir(parents=True, exist_ok=True)
+    for p in found:
+        os.replace(p, target / p.name)
+    logger.warning("%s held an earlier run; moved its outputs to %s", out, target)
 
 
 def _reconcile_metrics(out: Path, *, round_: int, row: str | None) -> None:

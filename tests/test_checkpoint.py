@@ -137,3 +137,20 @@ def test_checkpoint_files_are_json_and_safetensors_only(tmp_path: Path) -> None:
         save_checkpoint(tmp_path / "other", {"bad": object()})  # nothing pickle-only gets in
     src = Path(ckpt.__file__).read_text()
     assert "pickle" not in src.replace("without pickle", "") and "torch.load" not in src
+
+
+def test_fresh_run_sets_an_earlier_runs_outputs_aside(tmp_path):
+    from server.strategy import _set_aside_previous_run
+
+    (tmp_path / "metrics.jsonl").write_text('{"round": 0}\n')
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.json").write_text("{}")
+    (tmp_path / "plot_loss.png").write_bytes(b"png")
+    (tmp_path / "notes.txt").write_text("mine")
+    _set_aside_previous_run(tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+    (moved,) = (tmp_path / "previous").iterdir()
+    assert (moved / "metrics.jsonl").read_text() == '{"round": 0}\n'
+    assert (moved / "checkpoint" / "state.json").is_file()
+    assert (moved / "plot_loss.png").is_file()
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # not ours: left where it was
