@@ -104,14 +104,14 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
             _store_accountant(context, privacy.accountant)
             return RecordDict(
                 {
-                    PRIVACY_RECORD: ConfigRecord(
+                    serde.PRIVACY_RECORD: ConfigRecord(
                         {
                             "refused": True,
                             "message": privacy.decision.message,
                             "accountant": accountant_json(privacy.accountant),
                         }
                     ),
-                    ROUND_RECORD: ConfigRecord({"round": int(conf["round"])}),
+                    serde.ROUND_RECORD: ConfigRecord({"round": int(conf["round"])}),
                 }
             )
         rp = privacy
@@ -185,16 +185,14 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
         eps = acc.epsilon(cfg.privacy.delta)
         update = dataclasses.replace(update, metrics={**update.metrics, "epsilon": eps})
     content = serde.update_to_recorddict(update, parts=trainable)
-    content[ROUND_RECORD] = ConfigRecord({"round": int(conf["round"])})  # replay check
+    content[serde.ROUND_RECORD] = ConfigRecord({"round": int(conf["round"])})  # replay check
     if privacy is not None:
-        content[PRIVACY_RECORD] = ConfigRecord(
+        content[serde.PRIVACY_RECORD] = ConfigRecord(
             {"refused": False, "accountant": accountant_json(privacy.accountant)}
         )
     return content
 
 
-PRIVACY_RECORD = "fedft.privacy"
-ROUND_RECORD = "fedft.round"  # server/strategy.py drops replies for another round
 _STATE_KEY = "fedft.accountant"
 
 
@@ -247,8 +245,9 @@ def _cached_frozen(context: Context, content: RecordDict) -> dict[str, LoraFacto
 def _cache_frozen(context: Context, content: RecordDict, adapters: dict[str, LoraFactors]) -> None:
     """Keep the round's factors so the next rounds need only the trained part."""
     fid = _frozen_id(content)
-    if not fid:
-        return
+    meta = context.state.get(f"{_FROZEN_KEY}.meta")
+    if not fid or (isinstance(meta, ConfigRecord) and meta.get("id") == fid):
+        return  # nothing frozen, or already held: the frozen factors never change
     parts: Literal["abr", "ab"] = "abr" if any(f.r is not None for f in adapters.values()) else "ab"
     context.state[_FROZEN_KEY] = serde.adapters_to_record(adapters, parts=parts)
     meta = serde.scalings_to_config(adapters)

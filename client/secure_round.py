@@ -70,7 +70,8 @@ def secure_vector(
 
 
 def _advertise(cfg: RunConfig, content: RecordDict, context: Context) -> RecordDict:
-    from client.app import PRIVACY_RECORD, train_round  # the plain round, call for call
+    from client.app import train_round  # the plain round, call for call
+    from fedft.transport.serde import PRIVACY_RECORD
 
     params, index, clip_delta, weighted = ss.params_from_record(content)
     reply = train_round(cfg, content, context)

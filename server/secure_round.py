@@ -52,7 +52,6 @@ logger = logging.getLogger(__name__)
 MESSAGE_TYPE = "train.secagg"
 """Flower message type of every SecAgg stage (client/app.py registers the action)."""
 
-PRIVACY_RECORD = "fedft.privacy"  # the same key client/app.py writes
 
 _T = TypeVar("_T")
 
@@ -318,7 +317,7 @@ def _metric(content: RecordDict, name: str) -> float | None:
 
 def _privacy(out: SecureRound, idx: int, content: RecordDict, rnd: int) -> bool:
     """Mirror the accountant and the ε of a stage-0 reply; False if the client refused."""
-    privacy = content.get(PRIVACY_RECORD)
+    privacy = content.get(serde.PRIVACY_RECORD)
     if isinstance(privacy, ConfigRecord):
         out.accountants[idx] = str(privacy.get("accountant", ""))
         if bool(privacy.get("refused", False)):

@@ -47,9 +47,6 @@ from fedft.transport import serde
 from fedft.types import AggregationResult, ClientUpdate, LoraFactors
 from server.secure_round import run_secure_round
 
-PRIVACY_RECORD = "fedft.privacy"  # the same key client/app.py writes
-ROUND_RECORD = "fedft.round"  # client/app.py echoes the round it trained for (replay check)
-
 logger = logging.getLogger(__name__)
 
 QUERY = "query"
@@ -500,7 +497,7 @@ def _collect(
             )
             continue
         out.bytes_up += serde.recorddict_nbytes(reply.content)
-        tag = reply.content.get(ROUND_RECORD)
+        tag = reply.content.get(serde.ROUND_RECORD)
         if not isinstance(tag, ConfigRecord) or tag.get("round") != rnd:
             stale = None if not isinstance(tag, ConfigRecord) else tag.get("round")
             logger.warning(
@@ -511,7 +508,7 @@ def _collect(
             )
             out.rejected.append((idx, f"reply for round {stale!r}, not {rnd}"))
             continue
-        privacy = reply.content.get(PRIVACY_RECORD)
+        privacy = reply.content.get(serde.PRIVACY_RECORD)
         if privacy is not None:
             out.accountants[idx] = str(privacy["accountant"])  # type: ignore[index]
             if bool(privacy["refused"]):  # type: ignore[index]

@@ -166,7 +166,8 @@ def test_collect_counts_duplicates_once_and_drops_replays_and_strangers() -> Non
 
     from fedft.training.coordinator import ClientStart
     from fedft.transport import serde
-    from server.strategy import ROUND_RECORD, _collect
+    from fedft.transport.serde import ROUND_RECORD
+    from server.strategy import _collect
 
     g = torch.Generator().manual_seed(0)
     start = {

@@ -39,10 +39,6 @@ class ClientStart:
     rank: int
 
 
-def _factored_numel(f: LoraFactors) -> int:
-    return f.a.numel() + f.b.numel()
-
-
 def concat_factors(parts: Sequence[LoraFactors]) -> LoraFactors:
     """One exact factored form of a sum of low-rank deltas: Σ s_i B_i [R_i] A_i.
 
@@ -108,7 +104,7 @@ class Coordinator:
         out: dict[str, Tensor | LoraFactors] = {}
         for name, f in self.base_factors.items():
             rows, cols = f.shape
-            out[name] = f if _factored_numel(f) < rows * cols else f.delta()
+            out[name] = f if f.numel() < rows * cols else f.delta()
         return out
 
     def dense_base_delta(self) -> dict[str, Tensor]:
@@ -136,7 +132,7 @@ class Coordinator:
             self.base_factors[name] = part if prev is None else concat_factors([prev, part])
             # keep the factored form no larger than dense: re-factor exactly when it is
             merged = self.base_factors[name]
-            if _factored_numel(merged) > merged.shape[0] * merged.shape[1]:
+            if merged.numel() > merged.shape[0] * merged.shape[1]:
                 self.base_factors[name] = _dense_as_factors(merged.delta())
         if result.extras:
             self.extras = {k: v.detach().clone() for k, v in result.extras.items()}

@@ -68,6 +68,10 @@ BASE_SCALING = "fedft.base_scaling"
 EXTRAS = "fedft.extras"
 METRICS = "fedft.metrics"
 CONFIG = "fedft.config"
+#: a client's privacy state in its reply (accountant JSON, refusal); mirrored by the server
+PRIVACY_RECORD = "fedft.privacy"
+#: the round a reply was trained for; the server drops replies tagged for another round
+ROUND_RECORD = "fedft.round"
 
 _SEP = "::"
 _PARTS: tuple[str, ...] = get_args(Parts)
