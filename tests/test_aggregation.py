@@ -15,6 +15,7 @@ from fedft.aggregation import (
     fair_correction,
     get_aggregator,
 )
+from fedft.aggregation.lora_fair import _stacked_product_norm
 from fedft.types import AggregationResult, ClientUpdate, LoraFactors
 
 try:
@@ -224,6 +225,15 @@ def test_lora_fair_improves_the_cosine_over_fedit():
     assert fair.metrics["fair_cos_after"] == pytest.approx(cos_fair, abs=1e-5)
     assert torch.equal(fair.adapters["w"].a, fedit.adapters["w"].a)  # only B is corrected
     assert fair.base_delta == {}
+
+
+@pytest.mark.parametrize("clients", [2, 40])  # K r = 6 (Gram route) and 120 (dense route)
+def test_lora_fair_norm_of_the_stacked_product_either_route(clients: int) -> None:
+    g = torch.Generator().manual_seed(clients)
+    b_s = torch.randn(10, 3 * clients, generator=g, dtype=torch.float64)
+    a_s = torch.randn(3 * clients, 8, generator=g, dtype=torch.float64)
+    expected = torch.linalg.matrix_norm(b_s @ a_s)
+    assert float(_stacked_product_norm(b_s, a_s)) == pytest.approx(float(expected), rel=1e-12)
 
 
 def test_lora_fair_no_correction_when_clients_share_a():

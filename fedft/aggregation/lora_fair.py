@@ -57,6 +57,19 @@ class FairCorrection:
     cos_after: float
 
 
+def _stacked_product_norm(b_s: Tensor, a_s: Tensor) -> Tensor:
+    """||b_s @ a_s||_F for b_s (out, K r) and a_s (K r, in), by the cheaper route.
+
+    Through the (K r) x (K r) Gram matrices, O((K r)^2 (out + in)), while K r is below
+    out * in / (out + in); else through the dense (out, in) product, O(K r out in), which
+    stays linear in the number of clients.
+    """
+    kr, (out, inp) = a_s.shape[0], (b_s.shape[0], a_s.shape[1])
+    if kr * (out + inp) <= out * inp:
+        return torch.sqrt(((b_s.T @ b_s) * (a_s @ a_s.T)).sum().clamp_min(0.0))
+    return torch.linalg.matrix_norm(b_s @ a_s)
+
+
 def fair_correction(
     factors: Sequence[LoraFactors],
     weights: Sequence[float],
@@ -82,7 +95,7 @@ def fair_correction(
         [pk * s * f.a.detach().to(f64) for pk, f in zip(weights, factors, strict=True)]
     )  # (K r, in)
     b_s = torch.cat([f.b.detach().to(f64) for f in factors], dim=1)  # (out, K r)
-    dw_norm = torch.sqrt(((b_s.T @ b_s) * (a_s @ a_s.T)).sum().clamp_min(0.0))
+    dw_norm = _stacked_product_norm(b_s, a_s)
     cross = a_s @ a_bar.T  # (K r, r)
     gram_a = a_bar @ a_bar.T  # (r, r)
 
