@@ -26,6 +26,7 @@ from typing import Any, Literal, cast
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError, Message
 from torch import Tensor
 
 from fedft.transport._gen.fedft.split.v1 import split_pb2
@@ -353,13 +354,21 @@ def frame_to_bytes(f: Frame) -> bytes:
     return bytes(pb.SerializeToString())
 
 
+def _parse(cls: type[Message], raw: bytes) -> Any:
+    """``cls.FromString(raw)``; bytes that are no such protobuf raise WireError BAD_FRAME."""
+    try:
+        return cls.FromString(raw)
+    except DecodeError as err:
+        raise WireError("BAD_FRAME", f"not a {cls.__name__} message: {err}") from err
+
+
 def frame_from_bytes(raw: bytes) -> Frame:
     """Parse a :class:`Frame`; tensors stay undecoded (see :func:`decode_tensor`).
 
     Unknown frame kinds become "error" frames with code BAD_FRAME on the receiving side's
     validation path (the kind is checked by the handler).
     """
-    pb = split_pb2.Frame.FromString(raw)
+    pb = _parse(split_pb2.Frame, raw)
     code: Any = None
     if pb.HasField("error") and pb.error.code:
         name = split_pb2.ErrorCode.Name(pb.error.code) if pb.error.code in _ERR_VALUES else ""
@@ -436,7 +445,7 @@ def open_request_to_bytes(r: OpenSessionRequest) -> bytes:
 
 def open_request_from_bytes(raw: bytes) -> OpenSessionRequest:
     """Parse an :class:`OpenSessionRequest`; an unknown wire dtype raises UNSUPPORTED_DTYPE."""
-    pb = split_pb2.OpenSessionRequest.FromString(raw)
+    pb = _parse(split_pb2.OpenSessionRequest, raw)
     dtype = _PB_TO_DTYPE.get(pb.wire_dtype)
     if dtype is None or dtype == "uint8":
         raise WireError("UNSUPPORTED_DTYPE", f"wire dtype {pb.wire_dtype} is not fp32/bf16/fp16")
@@ -468,7 +477,7 @@ def open_reply_to_bytes(r: OpenSessionReply) -> bytes:
 
 def open_reply_from_bytes(raw: bytes) -> OpenSessionReply:
     """Parse an :class:`OpenSessionReply`."""
-    pb = split_pb2.OpenSessionReply.FromString(raw)
+    pb = _parse(split_pb2.OpenSessionReply, raw)
     return OpenSessionReply(
         pb.session_id, _limits_from_pb(pb.limits), pb.hidden_size, pb.credits, pb.session_timeout_s
     )
@@ -482,7 +491,7 @@ def commit_request_to_bytes(r: CommitRequest) -> bytes:
 
 def commit_request_from_bytes(raw: bytes) -> CommitRequest:
     """Parse a :class:`CommitRequest`."""
-    pb = split_pb2.CommitRequest.FromString(raw)
+    pb = _parse(split_pb2.CommitRequest, raw)
     return CommitRequest(pb.session_id, pb.round, pb.step)
 
 
@@ -493,7 +502,7 @@ def commit_reply_to_bytes(r: CommitReply) -> bytes:
 
 def commit_reply_from_bytes(raw: bytes) -> CommitReply:
     """Parse a :class:`CommitReply`."""
-    return CommitReply(split_pb2.CommitReply.FromString(raw).micro_batches)
+    return CommitReply(_parse(split_pb2.CommitReply, raw).micro_batches)
 
 
 def close_request_to_bytes(r: CloseRequest) -> bytes:
@@ -503,7 +512,7 @@ def close_request_to_bytes(r: CloseRequest) -> bytes:
 
 def close_request_from_bytes(raw: bytes) -> CloseRequest:
     """Parse a :class:`CloseRequest`."""
-    return CloseRequest(split_pb2.CloseRequest.FromString(raw).session_id)
+    return CloseRequest(_parse(split_pb2.CloseRequest, raw).session_id)
 
 
 def _empty_to_bytes(_: None) -> bytes:
@@ -511,7 +520,7 @@ def _empty_to_bytes(_: None) -> bytes:
 
 
 def _empty_from_bytes(raw: bytes) -> None:
-    split_pb2.CloseReply.FromString(raw)
+    _parse(split_pb2.CloseReply, raw)
 
 
 # ----------------------------------------------------------------------------- gRPC binding
