@@ -245,6 +245,24 @@ def _self_mask(seed: bytes, *, params: SecAggParams, u: int) -> np.ndarray:
     return expand_mask(seed, length=params.vector_length, context=_self_context(params.round_id, u))
 
 
+@dataclass(frozen=True)
+class SecAggClientState:
+    """A :class:`SecAggClient` between two steps, as plain values (see ``export_state``).
+
+    Holds the client's private keys and secret seed: it stays on the node that made it.
+    """
+
+    index: int
+    params: SecAggParams
+    step: int
+    enc_private: bytes  #: raw X25519 private key (32 bytes)
+    mask_private: bytes
+    seed: bytes
+    u2: tuple[int, ...]
+    directory: Mapping[int, AdvertiseKeys]
+    held: Mapping[int, tuple[int, int]]  #: sender -> (key share, seed share)
+
+
 class SecAggClient:
     """One client's side of a SecAgg round; call the four steps in order, once each.
 
@@ -265,6 +283,39 @@ class SecAggClient:
         self._held: dict[int, tuple[int, int]] = {}  # sender -> (key share, seed share)
         self._u2: tuple[int, ...] = ()
         self._step = 0
+
+    def export_state(self) -> SecAggClientState:
+        """This client's whole state, to continue in another process (:meth:`from_state`)."""
+        return SecAggClientState(
+            index=self.index,
+            params=self.params,
+            step=self._step,
+            enc_private=self._enc_key.private_bytes_raw(),
+            mask_private=self._mask_key.private_bytes_raw(),
+            seed=self._seed,
+            u2=self._u2,
+            directory=dict(self._directory),
+            held=dict(self._held),
+        )
+
+    @classmethod
+    def from_state(cls, state: SecAggClientState) -> SecAggClient:
+        """The client :meth:`export_state` described, ready for its next step."""
+        if not 0 <= state.step <= 4:
+            raise ValueError(f"client state step {state.step} outside [0, 4]")
+        if len(state.seed) != shamir.SECRET_BYTES:
+            raise ValueError(
+                f"client state seed has {len(state.seed)} bytes, not {shamir.SECRET_BYTES}"
+            )
+        client = cls(index=state.index, params=state.params)
+        client._enc_key = X25519PrivateKey.from_private_bytes(state.enc_private)
+        client._mask_key = X25519PrivateKey.from_private_bytes(state.mask_private)
+        client._seed = state.seed
+        client._step = state.step
+        client._u2 = tuple(state.u2)
+        client._directory = dict(state.directory)
+        client._held = dict(state.held)
+        return client
 
     def _advance(self, expected: int, name: str) -> None:
         if self._step != expected:

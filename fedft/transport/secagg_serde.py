@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from typing import Literal, get_args
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ConfigRecord, RecordDict
 
 from fedft.secagg import (
@@ -31,6 +30,7 @@ from fedft.secagg import (
     MaskedInput,
     RoutedShares,
     SecAggClient,
+    SecAggClientState,
     SecAggParams,
     ShareKeys,
     UnmaskRequest,
@@ -353,30 +353,26 @@ def unmask_from_record(rd: RecordDict, *, num_clients: int) -> UnmaskShares:
 def client_state_to_record(client: SecAggClient, *, vector: np.ndarray) -> ConfigRecord:
     """Everything one :class:`SecAggClient` needs for its next stage, plus its vector.
 
-    Reads the client's private attributes: :mod:`fedft.secagg.protocol` has no public
-    state accessors, and this is the one place that moves that state.
-
     Args:
-        client: the client after any of its steps.
+        client: the client after any of its steps (its ``export_state()`` is stored).
         vector: float64 (D,), the weighted vector it will mask (see
             :func:`fedft.secagg.encoding.encode_update`).
     """
-    p = client.params
-    held = client._held
-    directory = client._directory
+    st = client.export_state()
+    p, held, directory = st.params, st.held, st.directory
     out: dict[str, object] = {
-        "index": client.index,
+        "index": st.index,
         "num_clients": p.num_clients,
         "max_dropouts": p.max_dropouts,
         "vector_length": p.vector_length,
         "round_id": p.round_id,
         "frac_bits": p.frac_bits,
         "clip": float(p.clip),
-        "step": client._step,
-        "enc_private": client._enc_key.private_bytes_raw(),
-        "mask_private": client._mask_key.private_bytes_raw(),
-        "seed": client._seed,
-        "u2": list(client._u2),
+        "step": st.step,
+        "enc_private": st.enc_private,
+        "mask_private": st.mask_private,
+        "seed": st.seed,
+        "u2": list(st.u2),
         "dir_ids": sorted(directory),
         "dir_enc": [directory[i].enc_public for i in sorted(directory)],
         "dir_mask": [directory[i].mask_public for i in sorted(directory)],
@@ -401,23 +397,28 @@ def client_state_from_record(rec: ConfigRecord) -> tuple[SecAggClient, np.ndarra
         frac_bits=_int(rec, "frac_bits", 0, 62),
         clip=float(rec["clip"]),  # type: ignore[arg-type]
     )
-    client = SecAggClient(index=_int(rec, "index", 1, n), params=params)
-    client._enc_key = X25519PrivateKey.from_private_bytes(_bytes(rec, "enc_private", size=32))
-    client._mask_key = X25519PrivateKey.from_private_bytes(_bytes(rec, "mask_private", size=32))
-    client._seed = _bytes(rec, "seed", size=shamir.SECRET_BYTES)
-    client._step = _int(rec, "step", 0, 4)
-    client._u2 = tuple(_ints(rec, "u2", hi=n))
     ids = _ints(rec, "dir_ids", hi=n)
     enc = _blobs(rec, "dir_enc", len(ids), size=_KEY_BYTES)
     mask = _blobs(rec, "dir_mask", len(ids), size=_KEY_BYTES)
-    client._directory = {i: AdvertiseKeys(i, e, m) for i, e, m in zip(ids, enc, mask, strict=True)}
     held_ids = _ints(rec, "held_ids", hi=n)
     keys = _blobs(rec, "held_key", len(held_ids), size=shamir.SHARE_BYTES)
     seeds = _blobs(rec, "held_seed", len(held_ids), size=shamir.SHARE_BYTES)
-    client._held = {
-        i: (shamir.decode_share(k), shamir.decode_share(s))
-        for i, k, s in zip(held_ids, keys, seeds, strict=True)
-    }
+    client = SecAggClient.from_state(
+        SecAggClientState(
+            index=_int(rec, "index", 1, n),
+            params=params,
+            step=_int(rec, "step", 0, 4),
+            enc_private=_bytes(rec, "enc_private", size=32),
+            mask_private=_bytes(rec, "mask_private", size=32),
+            seed=_bytes(rec, "seed", size=shamir.SECRET_BYTES),
+            u2=tuple(_ints(rec, "u2", hi=n)),
+            directory={i: AdvertiseKeys(i, e, m) for i, e, m in zip(ids, enc, mask, strict=True)},
+            held={
+                i: (shamir.decode_share(k), shamir.decode_share(s))
+                for i, k, s in zip(held_ids, keys, seeds, strict=True)
+            },
+        )
+    )
     raw = _bytes(rec, "vector", size=8 * params.vector_length)
     vector = np.frombuffer(raw, dtype="<f8").astype(np.float64)
     return client, vector
