@@ -70,11 +70,12 @@ def run(*, size: Size = "default", doc: Path | None = DOC, model: str = "minilm"
     ]
     body = (
         f"N = {n} local steps: {rounds} rounds x 5 clients x {steps} steps of batch 8 "
-        f"(10 Dirichlet-0.5 clients); the plain loop takes {n} steps of batch 8 on the union "
-        f"of the same clients' {plain.examples} examples. *training s*: the federation's "
-        "round wall times (metrics.jsonl: send, train, receive, aggregate, evaluate on 32 test "
-        "examples, checkpoint) vs the plain loop's steps; *end to end*: `run_simulation` (Ray "
-        "start, server load, discovery, rounds, report) vs load + tokenise + train + evaluate. "
+        f"(10 Dirichlet-{cfg.data.alpha:g} clients); the plain loop takes {n} steps of batch 8 "
+        f"on the union of the same clients' {plain.examples} examples. *training s*: the "
+        "federation's round wall times (metrics.jsonl: send, train, receive, aggregate, "
+        "evaluate on 32 test examples, checkpoint) vs the plain loop's steps; *end to end*: "
+        "`run_simulation` (Ray start, server load, discovery, rounds, report) vs load + "
+        "tokenise + train + evaluate. "
         f"Per-round evaluation costs {per_round_eval:.1f} s (measured in the plain run); "
         f"without it the training-time ratio is {rounds_ratio_noeval:.2f}.\n\n"
         + md_table(["side", "end to end s", "training s", "ms per step"], rows)

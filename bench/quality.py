@@ -1,7 +1,7 @@
 """Quality: federated LoRA on the default non-IID task vs centralised LoRA, same data and steps.
 
 Federated: ``simulations/quickstart.toml`` (MiniLM, Rotten Tomatoes fresh vs rotten, 10
-clients with Dirichlet(0.5) label skew, 5 per round, FedIT). Centralised: the same LoRA,
+clients with Dirichlet(2.0) label skew, 5 per round, FedIT). Centralised: the same LoRA,
 head, batch size, lr and AdamW loop on the union of the 10 clients' examples, for as many
 optimiser steps as the federation took in total (rounds x clients per round x local
 steps). Both are evaluated on the same held-out test set.

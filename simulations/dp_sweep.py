@@ -169,7 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
     except ValueError:
-        p.error(f"--epsilons {args.epsilons!r}: expected numbers separated by commas, e.g. 1,3,8")
+        epsilons = []
+    if not epsilons or not all(e > 0 and math.isfinite(e) for e in epsilons):
+        p.error(f"--epsilons {args.epsilons!r}: expected finite numbers > 0 separated by commas")
     cfg = load_config(args.config, args.set)
     rows = sweep(
         cfg,
