@@ -74,7 +74,7 @@ def message_bytes(
     clients: int,
     rnd: int,
     extras: Mapping[str, Tensor] | None = None,
-    cached_shared: bool = False,
+    first_visit: bool = False,
 ) -> tuple[int, int]:
     """Serialised (up, down) bytes of one client's messages in round ``rnd``.
 
@@ -90,8 +90,9 @@ def message_bytes(
         clients: K, replies per round (FLoRA / FedEx fold K r per round into the base).
         rnd: the round (1 = nothing folded yet).
         extras: dense trainables that travel both ways (classifier head).
-        cached_shared: Fed-SB / FFA variant where the client keeps the frozen shared
-            factors after round 1 and only R (Fed-SB) or B (FFA) travels down.
+        first_visit: the client's first round: it receives Fed-SB's frozen B, A (FFA's
+            frozen A) too; afterwards it keeps them (``server/strategy.py`` sends them
+            once per client) and only R (Fed-SB) or B (FFA) travels down.
     """
     trainable = AGGREGATORS[algorithm].trainable
     extras = dict(extras or {})
@@ -107,7 +108,7 @@ def message_bytes(
             else:
                 base[name] = torch.zeros(out_f, in_f)  # type: ignore[assignment]
     parts_down = "abr" if trainable == "r" else "ab"
-    if cached_shared and rnd > 1 and trainable in ("r", "b"):
+    if not first_visit and trainable in ("r", "b"):
         parts_down = trainable
     down = serde.recorddict_nbytes(
         serde.start_to_recorddict(
@@ -171,6 +172,7 @@ def real_round_bytes(
     )
     trainable = agg.trainable
     parts_down = "abr" if trainable == "r" else "ab"
+    holds_frozen: set[int] = set()  # as server/strategy.py: frozen factors go once per client
     out = []
     for t, ids in enumerate(chosen, start=1):
         up = down = 0
@@ -180,7 +182,7 @@ def real_round_bytes(
             down += serde.recorddict_nbytes(
                 serde.start_to_recorddict(
                     adapters=start.adapters,
-                    parts=parts_down,  # type: ignore[arg-type]
+                    parts=trainable if idx in holds_frozen else parts_down,  # type: ignore[arg-type]
                     base_delta=start.base_delta,
                     extras=start.extras,
                     config={"round": t, "client_index": idx, "rank": start.rank, "seed": t},
@@ -196,6 +198,8 @@ def real_round_bytes(
             up += serde.recorddict_nbytes(serde.update_to_recorddict(update, parts=trainable))
             updates.append(update)
         coord.aggregate(updates)
+        if trainable in ("r", "b"):
+            holds_frozen.update(ids)
         out.append((up, down))
     return out
 
@@ -204,21 +208,22 @@ def real_round_bytes(
 
 
 def llama_table(ranks: Sequence[int], clients: Sequence[int]) -> dict[tuple[str, int, int], dict]:
-    """Per (algorithm, rank, K): up, down at round 2 and 10 (whole model, bytes)."""
+    """Per (algorithm, rank, K): up, down at rounds 1, 2 and 10 (whole model, bytes).
+
+    Round 1 is the client's first visit; rounds 2 and 10 assume it has taken part before
+    (it keeps Fed-SB's / FFA's frozen factors).
+    """
     res: dict[tuple[str, int, int], dict] = {}
     for k in clients:
         for r in ranks:
             for alg in ALGORITHMS:
                 row: dict[str, float] = {}
-                for rnd in (2, 10):
-                    up, down = message_bytes(alg, shapes=LLAMA7B_LAYER, rank=r, clients=k, rnd=rnd)
+                for rnd in (1, 2, 10):
+                    up, down = message_bytes(
+                        alg, shapes=LLAMA7B_LAYER, rank=r, clients=k, rnd=rnd, first_visit=rnd == 1
+                    )
                     row["up"] = up * LLAMA7B_LAYERS
                     row[f"down{rnd}"] = down * LLAMA7B_LAYERS
-                if alg in ("fedsb", "ffa"):
-                    _, down = message_bytes(
-                        alg, shapes=LLAMA7B_LAYER, rank=r, clients=k, rnd=2, cached_shared=True
-                    )
-                    row["down_cached"] = down * LLAMA7B_LAYERS
                 res[(alg, r, k)] = row
     return res
 
@@ -315,19 +320,24 @@ def run(*, size: Size = "default", doc: Path | None = DOC) -> list[str]:
         "### Llama-2-7B-shaped adapters (computed from serialised messages)\n",
         "Adapters on q/k/v/o (4096 x 4096) of all 32 layers, fp32. Sizes are "
         "`serde.recorddict_nbytes` of the very RecordDicts the ServerApp / ClientApp send, "
-        "built for one layer and multiplied by 32. MiB per client per round; *down r2* is "
-        "round 2 (one aggregation folded into the base), *down r10* round 10 (FLoRA and "
-        "FedEx send everything folded so far, factored while that is smaller than dense, "
-        "else dense).\n",
+        "built for one layer and multiplied by 32. MiB per client per round; *down r1* is "
+        "a client's first round (Fed-SB's frozen B, A and FFA's frozen A included: the "
+        "ServerApp sends them once per client), *down r2* round 2 (one aggregation folded "
+        "into the base), *down r10* round 10 (FLoRA and FedEx send everything folded so far, "
+        "factored while that is smaller than dense, else dense); r2 and r10 are for a "
+        "client that has taken part before.\n",
     ]
     for k in clients:
-        header = ["algorithm"] + [f"r={r}: up / down r2 / down r10" for r in ranks]
+        header = ["algorithm"] + [f"r={r}: up / down r1 / r2 / r10" for r in ranks]
         rows = []
         for alg in ALGORITHMS:
             cells = [alg]
             for r in ranks:
                 x = table[(alg, r, k)]
-                cells.append(f"{_mib(x['up'])} / {_mib(x['down2'])} / {_mib(x['down10'])}")
+                cells.append(
+                    f"{_mib(x['up'])} / {_mib(x['down1'])} / {_mib(x['down2'])} / "
+                    f"{_mib(x['down10'])}"
+                )
             rows.append(cells)
         body.append(f"**{k} clients per round** (MiB):\n\n" + md_table(header, rows) + "\n")
     # headline ratios at each rank: totals (up + down) at round 2 and round 10
@@ -335,14 +345,14 @@ def run(*, size: Size = "default", doc: Path | None = DOC) -> list[str]:
     for k in clients:
         for r in ranks:
             sb = table[("fedsb", r, k)]
-            cached = sb["up"] + sb["down_cached"]
             cells = [f"{k}", f"{r}"]
             for ref in ("fedit", "flora", "fedex"):
                 x = table[(ref, r, k)]
                 cells.append(
-                    f"{(x['up'] + x['down2']) / (sb['up'] + sb['down2']):.2f} / "
-                    f"{(x['up'] + x['down10']) / (sb['up'] + sb['down10']):.2f} / "
-                    f"{(x['up'] + x['down10']) / cached:.0f}"
+                    " / ".join(
+                        f"{(x['up'] + x[d]) / (sb['up'] + sb[d]):.3g}"
+                        for d in ("down1", "down2", "down10")
+                    )
                 )
             ratio_rows.append(cells)
     k0, k1, r0 = clients[0], clients[-1], ranks[0]
@@ -364,8 +374,7 @@ def run(*, size: Size = "default", doc: Path | None = DOC) -> list[str]:
     )
     body.append(
         "**Ratios of total traffic (up + down) per client per round, other / Fed-SB at the "
-        "same rank**: round 2 / round 10 / round 10 against Fed-SB with the frozen B, A "
-        "cached on the client (only R travels down after round 1):\n\n"
+        "same rank**: a client's first round / round 2 / round 10:\n\n"
         + md_table(["K", "rank", "FedIT", "FLoRA", "FedEx"], ratio_rows)
         + "\n"
     )
