@@ -42,6 +42,7 @@ SECTIONS = (
     "dp_overhead",
     "quality",
     "profile_sim",
+    "padding",
     "split",
 )
 

@@ -50,13 +50,18 @@ def _row(algorithm: str, cfg: RunConfig, summary: dict[str, Any], metric: str) -
 
 
 def _markdown(rows: Sequence[dict[str, Any]], metric: str) -> str:
-    head = f"| algorithm | ranks | {metric} before | {metric} after | loss | MB up | MB down | s |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    """The comparison table; the loss column is left out when the metric is the loss."""
+    extra = metric != "loss"
+    head = f"| algorithm | ranks | {metric} before | {metric} after |"
+    head += " loss |" if extra else ""
+    lines = [head + " MB up | MB down | s |", "|---" * (7 + extra) + "|"]
     for r in rows:
+        line = (
+            f"| {r['algorithm']} | {r['ranks']} | {r[f'{metric}_before']:.4f} | {r[metric]:.4f} |"
+        )
+        line += f" {r['loss']:.4f} |" if extra else ""
         lines.append(
-            f"| {r['algorithm']} | {r['ranks']} | {r[f'{metric}_before']:.4f} | "
-            f"{r[metric]:.4f} | {r['loss']:.4f} | {r['bytes_up'] / 1e6:.2f} | "
-            f"{r['bytes_down'] / 1e6:.2f} | {r['wall_s']:.0f} |"
+            line + f" {r['bytes_up'] / 1e6:.2f} | {r['bytes_down'] / 1e6:.2f} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
