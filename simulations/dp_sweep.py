@@ -132,6 +132,7 @@ def markdown(rows: Sequence[dict[str, Any]], metric: str) -> str:
 def plot(rows: Sequence[dict[str, Any]], path: Path, *, metric: str) -> Path:
     """``metric`` against ε (log axis), one line per algorithm; no-DP values dashed."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(6, 3.6))
     ax = fig.add_subplot()
@@ -145,6 +146,10 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, *, metric: str) -> Path:
             if r["epsilon_target"] is None:
                 ax.axhline(r[metric], color=color, linestyle="--", label=f"{algorithm}, no DP")
     ax.set_xscale("log")
+    ticks = sorted({r["epsilon_target"] for r in rows if r["epsilon_target"]})
+    if ticks:
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("ε (δ fixed; sample-level DP-SGD)")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs privacy budget")
