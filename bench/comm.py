@@ -422,20 +422,22 @@ FedEx send r (in + out) numbers per matrix, FFA-LoRA r * out, Fed-SB r^2. At equ
 Fed-SB's upload is (in + out) / r smaller than FedIT's in numbers (1024x at r = 8, 128x at
 r = 64 for 4096 x 4096); serialised, the per-array keys and headers weigh on Fed-SB's tiny
 r x r arrays, so the measured byte ratio is 617x at r = 8 and 127x at r = 64.
-The download is where the exact methods pay: FLoRA and FedEx must
-ship everything folded into the base, which grows by K r (FedEx K r + r) ranks per round
-until the dense 4096 x 4096 delta (64 MiB per matrix, 8 GiB for the model) is cheaper, so
-their traffic grows with the number of clients and rounds while Fed-SB's does not. As
-implemented, the ServerApp re-sends Fed-SB's frozen B and A (and FFA's frozen A) in every
-start message (stateless simulated clients), so Fed-SB's *total* is only ~2x below
-FedIT's; with the shared factors cached on the client after round 1 (the *cached* column,
-computed with serde parts "r") its total drops by the same (in + out) / r factor as the
-upload. The paper's "up to 230x vs FLoRA/FedEx and ~9x vs FedIT" compares methods at the
-ranks the paper tuned for equal accuracy (Fed-SB at a much larger rank than FedIT); at
-equal rank our measured ratios are larger (upload) or far smaller (download without
-caching), and which holds depends on the rank, K and the round: see the table. Bytes are
-the protobuf payload; gRPC framing and Flower's message metadata come on top (a few
-hundred bytes per message).
+The download is where the exact methods pay: FLoRA and FedEx must ship everything folded
+into the base, which grows by K r (FedEx K r + r) ranks per round until the dense
+4096 x 4096 delta (64 MiB per matrix, 8 GiB for the model) is cheaper, so their traffic
+grows with the number of clients and the round while Fed-SB's does not. Fed-SB pays once:
+a client's first start message carries the frozen B and A (as large as a FedIT message,
+so its first round costs ~2x less than FedIT's in total); the client keeps them, keyed by a
+fingerprint (`tests/test_simulation.py::test_frozen_factors_are_sent_once`), and from then
+on only R travels either way: 610x less traffic than FedIT at r = 8 and 127x at r = 64, per
+client per round. On the MiniLM wire, Fed-SB's round-2 download averages 123.9 KiB over its
+5 clients because two of them were new that round (297.9 KiB each) and three returning
+(7.9 KiB: the R's and the 2-class head). The paper's "up to 230x vs FLoRA/FedEx and ~9x vs
+FedIT" compares methods at the ranks the paper tuned for equal accuracy (Fed-SB at a much
+larger rank than FedIT); at equal rank, after a client's first round, our ratios are larger
+than both claims, and against FLoRA and FedEx they grow with K and the round. Bytes are the
+protobuf payload; gRPC framing and Flower's message metadata come on top (a few hundred
+bytes per message).
 """
 
 

@@ -35,58 +35,81 @@ def _overrides(clients: int, model: str) -> list[str]:
     ]
 
 
-def run(*, size: Size = "default", doc: Path | None = DOC, model: str = "minilm") -> list[str]:
+#: a second, larger model for the load-per-call comparison (loading costs more than a step)
+LARGER_MODEL = "smollm2-135m"
+
+
+def run(
+    *,
+    size: Size = "default",
+    doc: Path | None = DOC,
+    model: str = "minilm",
+    larger_model: str | None = LARGER_MODEL,
+) -> list[str]:
     """Run the simulation-scale benchmark; return its RATIO lines."""
     ours_n, ref_n = {"smoke": (4, 4), "default": (1000, 40), "full": (1000, 200)}[size]
-    results: dict[str, tuple[int, SimResult]] = {}
+    plan = [(model, "ours", ref_n, False), (model, "reference", ref_n, True)]
+    if ours_n != ref_n:
+        plan.append((model, "ours", ours_n, False))
+    if larger_model and size != "smoke":
+        plan += [(larger_model, "ours", 20, False), (larger_model, "reference", 20, True)]
+    results: dict[tuple[str, str, int], SimResult] = {}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
-        plan = [("ours", ref_n, False), ("reference", ref_n, True)]
-        if ours_n != ref_n:
-            plan.append(("ours", ours_n, False))
-        for label, n, reload in plan:
+        for name, label, n, reload in plan:
             res = run_sim(
-                config(_overrides(n, model)), Path(tmp) / f"{label}-{n}", reload_each_call=reload
+                config(_overrides(n, name)),
+                Path(tmp) / f"{Path(name).name}-{label}-{n}",
+                reload_each_call=reload,
             )
-            results[f"{label}-{n}"] = (n, res)
-            logger.info("%s n=%d: %s", label, n, res)
-    rows = []
-    for key, (n, r) in results.items():
-        rows.append(
-            [
-                key.split("-")[0],
-                str(n),
-                f"{r.wall_s:.0f}",
-                f"{r.rounds_s:.1f}",
-                f"{r.rounds_s / n * 1e3:.0f}",
-                f"{r.peak_mib:.0f}",
-                str(r.client_loads),
-                str(r.worker_processes),
-                str(r.client_calls),
-            ]
-        )
-    ours_small = results[f"ours-{ref_n}"][1]
-    ref = results[f"reference-{ref_n}"][1]
-    ours_big_n, ours_big = results[f"ours-{ours_n}"]
-    per_client_ratio = (ref.rounds_s / ref_n) / (ours_small.rounds_s / ref_n)
-    lines = [
-        ratio_line(
-            "sim_scale",
-            f"reference/ours round time at {ref_n} clients = {per_client_ratio:.1f}x; "
-            f"loads {ref.client_loads} vs {ours_small.client_loads}; "
-            f"{ours_big_n} clients: round {ours_big.rounds_s:.0f} s, "
-            f"{ours_big.client_loads} loads, peak {ours_big.peak_mib:.0f} MiB",
-        )
+            results[(name, label, n)] = res
+            logger.info("%s %s n=%d: %s", name, label, n, res)
+    rows = [
+        [
+            Path(name).name,
+            label,
+            str(n),
+            f"{r.wall_s:.0f}",
+            f"{r.rounds_s:.1f}",
+            f"{r.rounds_s / n * 1e3:.0f}",
+            f"{r.peak_mib:.0f}",
+            str(r.client_loads),
+            str(r.worker_processes),
+            str(r.client_calls),
+        ]
+        for (name, label, n), r in results.items()
     ]
+    ours_small, ref = results[(model, "ours", ref_n)], results[(model, "reference", ref_n)]
+    ours_big = results[(model, "ours", ours_n)]
+    per_client_ratio = ref.rounds_s / ours_small.rounds_s
+    text = (
+        f"reference/ours round time at {ref_n} clients = {per_client_ratio:.1f}x; "
+        f"loads {ref.client_loads} vs {ours_small.client_loads}; "
+        f"{ours_n} clients: round {ours_big.rounds_s:.0f} s, "
+        f"{ours_big.client_loads} loads, peak {ours_big.peak_mib:.0f} MiB"
+    )
+    if (larger_model, "reference", 20) in results:
+        big_ref, big_ours = (
+            results[(larger_model, "reference", 20)],
+            results[(larger_model, "ours", 20)],
+        )
+        text += (
+            f"; {Path(larger_model).name} at 20 clients: reference/ours round time "
+            f"{big_ref.rounds_s / big_ours.rounds_s:.1f}x, loads {big_ref.client_loads} vs "
+            f"{big_ours.client_loads}"
+        )
+    lines = [ratio_line("sim_scale", text)]
     body = (
-        "MiniLM + LoRA r=8, every client sampled (clients_per_round = num_clients), 1 round, "
-        "1 local step of batch 4, IID Rotten Tomatoes, 2 Ray workers (1 CPU each), test set 32 "
-        "examples. *round s*: the round's `wall_s` in metrics.jsonl (send, train, receive, "
-        "aggregate, evaluate); *run s*: `run_simulation` end to end (Ray start, data and "
-        "model loading on the server, discovery query to every node); *peak MiB*: summed RSS "
-        "of the process tree (driver, Ray GCS/raylet, workers) sampled every 0.5 s; *loads*: "
-        "`fedft.models.load_count()` summed over client worker processes.\n\n"
+        "LoRA r=8, every client sampled (clients_per_round = num_clients), 1 round, "
+        "1 local step of batch 4, IID Rotten Tomatoes (SmolLM2 as a sequence classifier), 2 Ray "
+        "workers (1 CPU each), test set 32 examples. *round s*: the round's `wall_s` in "
+        "metrics.jsonl (send, train, receive, aggregate, evaluate); *run s*: `run_simulation` "
+        "end to end (Ray start, data and model loading on the server, discovery query to every "
+        "node); *peak MiB*: summed RSS of the process tree (driver, Ray GCS/raylet, workers) "
+        "sampled every 0.5 s; *loads*: `fedft.models.load_count()` summed over client worker "
+        "processes; *calls*: client train calls counted in the workers.\n\n"
         + md_table(
             [
+                "model",
                 "ClientApp",
                 "clients",
                 "run s",

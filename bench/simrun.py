@@ -65,6 +65,9 @@ def _client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        # this closure is pickled by value into the workers (with copies of the globals it
+        # names), so per-process state lives in the imported module, which persists
+        from bench import simrun
         from client.app import train_round
         from fedft import models
         from fedft.training import runtime
@@ -72,7 +75,8 @@ def _client_app(
         if reload_each_call:
             with runtime._LOCK:
                 runtime._RUNTIMES.clear()
-        prof = _PROFILES.setdefault(os.getpid(), cProfile.Profile()) if profile_dir else None
+        pid = os.getpid()
+        prof = simrun._PROFILES.setdefault(pid, cProfile.Profile()) if profile_dir else None
         if prof is not None:
             prof.enable()
         try:
@@ -80,10 +84,10 @@ def _client_app(
         finally:
             if prof is not None:
                 prof.disable()
-                prof.dump_stats(str(Path(profile_dir) / f"{os.getpid()}.prof"))  # type: ignore[arg-type]
-        _CALLS[os.getpid()] = _CALLS.get(os.getpid(), 0) + 1
-        (Path(count_dir) / f"{os.getpid()}.json").write_text(
-            json.dumps({"loads": models.load_count(), "calls": _CALLS[os.getpid()]})
+                prof.dump_stats(str(Path(profile_dir) / f"{pid}.prof"))  # type: ignore[arg-type]
+        simrun._CALLS[pid] = simrun._CALLS.get(pid, 0) + 1
+        (Path(count_dir) / f"{pid}.json").write_text(
+            json.dumps({"loads": models.load_count(), "calls": simrun._CALLS[pid]})
         )
         return Message(content=content, reply_to=msg)
 
@@ -234,7 +238,7 @@ def train_central(cfg: RunConfig, *, steps: int) -> CentralResult:
     t2 = time.perf_counter()
     ev = evaluate(
         peft_model,
-        eval_batches(test, batch_size=cfg.federation.eval_batch_size),
+        eval_batches(test, batch_size=cfg.federation.eval_batch_size, by_length=True),
         task=cfg.model.task,
         device=device,
     )

@@ -156,3 +156,10 @@ def test_simulation_benchmarks_smoke(name, tiny_bert_dir, tmp_path, capsys):
     assert f"RATIO {name}:" in capsys.readouterr().out
     if name == "sim_scale":
         assert "loads 4 vs 2" in lines[0]  # reference loads per call, ours per worker
+        rows = [r.split("|") for r in (tmp_path / "b.md").read_text().splitlines()]
+        counted = [
+            (r[3].strip(), r[-2].strip())
+            for r in rows
+            if r[1:2] and r[2].strip() in ("ours", "reference")
+        ]
+        assert counted == [("4", "4"), ("4", "4")]  # every client call counted in the workers

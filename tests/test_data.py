@@ -395,3 +395,20 @@ def test_eval_batches_in_order() -> None:
     data = _numbered(7)
     got = [b["labels"].tolist() for b in eval_batches(data, batch_size=3)]
     assert got == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_eval_batches_by_length_cover_every_example_with_less_padding() -> None:
+    from fedft.data import Encoded
+
+    lengths = [3, 8, 1, 8, 5, 2, 7, 4]  # real tokens per example, right-padded to 8
+    mask = torch.tensor([[1] * k + [0] * (8 - k) for k in lengths])
+    data = Encoded(input_ids=mask * 7, attention_mask=mask, labels=torch.arange(len(lengths)))
+    got = list(eval_batches(data, batch_size=3, by_length=True))
+    order = [i for b in got for i in b["labels"].tolist()]
+    assert order == [1, 3, 6, 4, 7, 0, 5, 2]  # longest first, ties in dataset order
+    assert [b["input_ids"].shape[1] for b in got] == [8, 5, 2]
+    plain = list(eval_batches(data, batch_size=3))
+    assert [b["input_ids"].shape[1] for b in plain] == [8, 8, 7]
+    for b in got:  # rows stay aligned: each row's mask is its example's
+        for row, i in zip(b["attention_mask"], b["labels"].tolist(), strict=True):
+            assert int(row.sum()) == lengths[i]

@@ -229,9 +229,21 @@ def batches(
             done += 1
 
 
-def eval_batches(data: Encoded, *, batch_size: int) -> Iterator[dict[str, Tensor]]:
-    """Yield the data in order, in batches of ``batch_size`` (the last may be smaller)."""
+def eval_batches(
+    data: Encoded, *, batch_size: int, by_length: bool = False
+) -> Iterator[dict[str, Tensor]]:
+    """Yield every example once, in batches of ``batch_size`` (the last may be smaller).
+
+    In dataset order by default. With ``by_length`` the examples are ordered by length
+    (longest first, ties in dataset order), so each trimmed batch is about as wide as its
+    own examples rather than the longest one that happens to share it: much less padding,
+    for consumers that only sum over examples (``evaluate``), not for per-example outputs.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    order = torch.arange(len(data))
+    if by_length and len(data):
+        lengths = data.attention_mask.sum(dim=1)
+        order = torch.sort(-lengths, stable=True).indices
     for start in range(0, len(data), batch_size):
-        yield data.subset(torch.arange(start, min(start + batch_size, len(data)))).as_batch()
+        yield data.subset(order[start : start + batch_size]).as_batch()

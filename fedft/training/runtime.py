@@ -307,7 +307,7 @@ def evaluate_global(
             with _prompted(runtime, extras) as prompted:
                 return evaluate(
                     prompted,
-                    eval_batches(test, batch_size=batch_size),
+                    eval_batches(test, batch_size=batch_size, by_length=True),
                     task=runtime.task,
                     device=runtime.device,
                 )
@@ -316,7 +316,7 @@ def evaluate_global(
             peft_io.set_extras(model, extras)
             return evaluate(
                 model,
-                eval_batches(test, batch_size=batch_size),
+                eval_batches(test, batch_size=batch_size, by_length=True),
                 task=runtime.task,
                 device=runtime.device,
             )
