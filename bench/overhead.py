@@ -97,7 +97,7 @@ same number of optimiser steps in one process: what remains is Flower's messagin
 adapters, attaching/detaching the peft adapter per client, aggregation, the per-round
 evaluation and the checkpoint. The end-to-end ratio adds the fixed costs of a simulation
 (starting Ray and its workers, loading the model in every worker and on the server), which
-only amortise over longer runs: compare the default and `--full` rows.
+only amortise over longer runs (`--full` runs 4 rounds of 40 steps).
 """
 
 
