@@ -8,7 +8,8 @@ with sample-level DP-SGD (``privacy.mode = "sample"``, noise calibrated by each 
 the whole planned run); ``off`` is the same run without DP. Writes ``OUT/dp_sweep.md``,
 ``OUT/dp_sweep.json`` and ``OUT/dp_sweep.png`` (the metric against ε, one line per
 algorithm, the no-DP value drawn as a dashed line). The noise multiplier column is what the
-clients calibrate: the planner's σ for the smallest and the largest client.
+clients train with: the smallest and the largest σ over the clients (each client's own
+budget, or the configured ``privacy.noise_multiplier``).
 """
 
 from __future__ import annotations
@@ -46,25 +47,26 @@ def _label(epsilon: float | None) -> str:
 
 
 def noise_range(cfg: RunConfig) -> tuple[float, float]:
-    """σ the clients calibrate for ``cfg``'s budget: (largest client, smallest client)."""
+    """The smallest and largest σ ``cfg``'s clients train with (their own calibration)."""
     from fedft import builders
     from fedft.data import build_federated_data
-    from fedft.privacy.planner import calibrate_noise, sample_rate_for
+    from fedft.privacy.client import client_noise
 
     fed = build_federated_data(**builders.data_kwargs(cfg))
-    steps = cfg.federation.rounds * cfg.federation.local_steps
-    sizes = sorted({len(c) for c in fed.clients})
-    sigmas = [
-        calibrate_noise(
-            epsilon=cfg.privacy.epsilon,
-            delta=cfg.privacy.delta,
-            sample_rate=sample_rate_for(n, cfg.federation.batch_size),
-            steps=steps,
-            accountant=cfg.privacy.accountant,
+    sigmas = []
+    for index, records in enumerate(fed.clients):
+        dp = builders.client_privacy(cfg, index)
+        sigma, _ = client_noise(
+            epsilon=dp.epsilon,
+            delta=dp.delta,
+            mechanism=dp.mechanism,  # type: ignore[arg-type]
+            noise_multiplier=dp.noise_multiplier,
+            planned_steps=dp.planned_steps,
+            num_examples=len(records),
+            batch_size=cfg.federation.batch_size,
         )
-        for n in (sizes[-1], sizes[0])
-    ]
-    return sigmas[0], sigmas[1]
+        sigmas.append(sigma)
+    return min(sigmas), max(sigmas)
 
 
 def sweep(

@@ -47,6 +47,16 @@ def test_smaller_budget_needs_more_noise(tiny_bert_dir: str) -> None:
     assert hi[0] > lo[0] and hi[1] > lo[1]
 
 
+def test_noise_range_is_what_the_clients_train_with(tiny_bert_dir: str) -> None:
+    from fedft.config import apply_overrides, build_config
+
+    base = dp_sweep.config_for(_cfg(tiny_bert_dir), "fedit", 8.0)
+    fixed = build_config(apply_overrides(base.to_dict(), ["privacy.noise_multiplier=0.7"]))
+    assert dp_sweep.noise_range(fixed) == (0.7, 0.7)
+    stricter = build_config(apply_overrides(base.to_dict(), ["privacy.client_epsilon.0=1.0"]))
+    assert dp_sweep.noise_range(stricter)[1] > dp_sweep.noise_range(base)[1]
+
+
 def test_sweep_runs_each_budget_and_spends_at_most_it(tiny_bert_dir: str, tmp_path) -> None:
     rows = dp_sweep.sweep(
         _cfg(tiny_bert_dir), tmp_path, algorithms=["fedsb"], epsilons=[2.0], progress=False

@@ -31,6 +31,29 @@ def planned_noise(
     )
 
 
+def client_noise(
+    *,
+    epsilon: float,
+    delta: float,
+    mechanism: Mechanism,
+    noise_multiplier: float,
+    planned_steps: int,
+    num_examples: int,
+    batch_size: int,
+) -> tuple[float, float]:
+    """``(σ, q)`` a client trains with: σ as configured, else calibrated over the plan.
+
+    Args:
+        noise_multiplier: σ as configured; 0 = calibrate from ``epsilon`` at ``delta`` over
+            ``planned_steps`` steps at the client's sampling rate q = batch / examples.
+    """
+    q = sample_rate_for(num_examples, batch_size)
+    sigma = noise_multiplier or planned_noise(
+        epsilon=epsilon, delta=delta, sample_rate=q, steps=planned_steps, mechanism=mechanism
+    )
+    return sigma, q
+
+
 def restore_accountant(mechanism: Mechanism, *states: str | None) -> PrivacyAccountant:
     """The accountant with the longest history among the JSON states given (or a new one)."""
     best = PrivacyAccountant(mechanism, level="sample")
@@ -74,9 +97,14 @@ def prepare_round(
         planned_steps: rounds × local steps (the most this client can ever be asked for).
         states: JSON accountant states to resume from (client state, server mirror).
     """
-    q = sample_rate_for(num_examples, batch_size)
-    sigma = noise_multiplier or planned_noise(
-        epsilon=epsilon, delta=delta, sample_rate=q, steps=planned_steps, mechanism=mechanism
+    sigma, q = client_noise(
+        epsilon=epsilon,
+        delta=delta,
+        mechanism=mechanism,
+        noise_multiplier=noise_multiplier,
+        planned_steps=planned_steps,
+        num_examples=num_examples,
+        batch_size=batch_size,
     )
     acc = restore_accountant(mechanism, *states)
     decision = check_budget(
