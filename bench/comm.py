@@ -107,13 +107,10 @@ def message_bytes(
                 )
             else:
                 base[name] = torch.zeros(out_f, in_f)  # type: ignore[assignment]
-    parts_down = "abr" if trainable == "r" else "ab"
-    if not first_visit and trainable in ("r", "b"):
-        parts_down = trainable
     down = serde.recorddict_nbytes(
         serde.start_to_recorddict(
             adapters=adapters,
-            parts=parts_down,  # type: ignore[arg-type]
+            parts=serde.start_parts(trainable, holds_frozen=not first_visit),
             base_delta=base,  # type: ignore[arg-type]
             extras=extras,
             config=_config(rnd, rank),
@@ -171,7 +168,6 @@ def real_round_bytes(
         max_rank=max_rank,
     )
     trainable = agg.trainable
-    parts_down = "abr" if trainable == "r" else "ab"
     holds_frozen: set[int] = set()  # as server/strategy.py: frozen factors go once per client
     out = []
     for t, ids in enumerate(chosen, start=1):
@@ -182,7 +178,7 @@ def real_round_bytes(
             down += serde.recorddict_nbytes(
                 serde.start_to_recorddict(
                     adapters=start.adapters,
-                    parts=trainable if idx in holds_frozen else parts_down,  # type: ignore[arg-type]
+                    parts=serde.start_parts(trainable, holds_frozen=idx in holds_frozen),
                     base_delta=start.base_delta,
                     extras=start.extras,
                     config={"round": t, "client_index": idx, "rank": start.rank, "seed": t},
@@ -198,8 +194,7 @@ def real_round_bytes(
             up += serde.recorddict_nbytes(serde.update_to_recorddict(update, parts=trainable))
             updates.append(update)
         coord.aggregate(updates)
-        if trainable in ("r", "b"):
-            holds_frozen.update(ids)
+        holds_frozen.update(ids)
         out.append((up, down))
     return out
 

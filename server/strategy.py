@@ -214,7 +214,6 @@ def run_federation(
         )
     nodes = discover_clients(grid, num_clients=cfg.federation.num_clients)
     parts_up = aggregator.trainable
-    parts_down: Literal["abr", "ab"] = "abr" if aggregator.trainable == "r" else "ab"
     # FFA's A and Fed-SB's B, A never change: a client that holds them gets only what trains
     frozen_id = _frozen_id(coord.global_adapters) if aggregator.trainable != "ab" else ""
     holds_frozen: set[int] = set()
@@ -256,7 +255,7 @@ def run_federation(
                 conf["frozen_id"] = frozen_id
             content = serde.start_to_recorddict(
                 adapters=start.adapters,
-                parts=aggregator.trainable if idx in holds_frozen else parts_down,
+                parts=serde.start_parts(aggregator.trainable, holds_frozen=idx in holds_frozen),
                 base_delta=start.base_delta,
                 extras=start.extras,
                 config=conf,

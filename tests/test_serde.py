@@ -396,3 +396,12 @@ def test_config_record_values_are_type_checked() -> None:
     rd[serde.ADAPTERS] = ArrayRecord({"noseparator": serde.tensor_to_array(torch.ones(1))})
     with pytest.raises(SerdeError, match="unexpected entry 'noseparator'"):
         serde.start_from_recorddict(rd)
+
+
+def test_start_parts_send_frozen_factors_only_to_clients_without_them() -> None:
+    assert serde.start_parts("ab", holds_frozen=False) == "ab"
+    assert serde.start_parts("ab", holds_frozen=True) == "ab"  # nothing frozen: all trained
+    assert serde.start_parts("b", holds_frozen=False) == "ab"  # FFA: A once
+    assert serde.start_parts("b", holds_frozen=True) == "b"
+    assert serde.start_parts("r", holds_frozen=False) == "abr"  # Fed-SB: B, A once
+    assert serde.start_parts("r", holds_frozen=True) == "r"

@@ -564,6 +564,17 @@ def update_from_recorddict(
     )
 
 
+def start_parts(trainable: Literal["ab", "b", "r"], *, holds_frozen: bool) -> Parts:
+    """The factor parts a start message carries for a client training ``trainable``.
+
+    Every part the client needs, except that a client already holding the shared, frozen
+    factors (FFA's A, Fed-SB's B and A) gets only what it trains: they travel once.
+    """
+    if holds_frozen and trainable != "ab":
+        return trainable
+    return "abr" if trainable == "r" else "ab"
+
+
 def start_to_recorddict(
     *,
     adapters: Mapping[str, LoraFactors],
