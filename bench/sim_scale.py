@@ -37,6 +37,7 @@ def _overrides(clients: int, model: str) -> list[str]:
 
 #: a second, larger model for the load-per-call comparison (loading costs more than a step)
 LARGER_MODEL = "smollm2-135m"
+LARGER_CLIENTS = 20
 
 
 def run(
@@ -52,7 +53,10 @@ def run(
     if ours_n != ref_n:
         plan.append((model, "ours", ours_n, False))
     if larger_model and size != "smoke":
-        plan += [(larger_model, "ours", 20, False), (larger_model, "reference", 20, True)]
+        plan += [
+            (larger_model, "ours", LARGER_CLIENTS, False),
+            (larger_model, "reference", LARGER_CLIENTS, True),
+        ]
     results: dict[tuple[str, str, int], SimResult] = {}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         for name, label, n, reload in plan:
@@ -87,13 +91,13 @@ def run(
         f"{ours_n} clients: round {ours_big.rounds_s:.0f} s, "
         f"{ours_big.client_loads} loads, peak {ours_big.peak_mib:.0f} MiB"
     )
-    if (larger_model, "reference", 20) in results:
+    if (larger_model, "reference", LARGER_CLIENTS) in results:
         big_ref, big_ours = (
-            results[(larger_model, "reference", 20)],
-            results[(larger_model, "ours", 20)],
+            results[(larger_model, "reference", LARGER_CLIENTS)],
+            results[(larger_model, "ours", LARGER_CLIENTS)],
         )
         text += (
-            f"; {Path(larger_model).name} at 20 clients: reference/ours round time "
+            f"; {Path(larger_model).name} at {LARGER_CLIENTS} clients: reference/ours round time "
             f"{big_ref.rounds_s / big_ours.rounds_s:.1f}x, loads {big_ref.client_loads} vs "
             f"{big_ours.client_loads}"
         )
