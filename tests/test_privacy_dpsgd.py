@@ -169,6 +169,26 @@ def test_same_seed_same_result_whatever_the_physical_batch():
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 
+def test_accountant_records_q_of_the_logical_batch_whatever_the_physical_batch():
+    """q = B / n, never (physical batch) / n: memory settings must not change epsilon."""
+    data = toy_data(n=12)
+    histories, epsilons, rates = [], [], []
+    for physical in (0, 1, 5, 20):
+        acc = PrivacyAccountant("rdp")
+        m = train_private(
+            tiny_lora_bert(), data, steps=2, batch_size=6, lr=0.1, noise_multiplier=1.2,
+            max_grad_norm=1.0, accountant=acc, seed=5, delta=1e-5,
+            performance=PerformanceFlags(physical_batch_size=physical),
+        )  # fmt: skip
+        histories.append(acc.history)
+        epsilons.append(m["epsilon_sample"])
+        rates.append(m["sample_rate"])
+    assert histories == [[(1.2, 6 / 12, 2)]] * 4
+    assert rates == [0.5] * 4
+    assert len(set(epsilons)) == 1
+    assert epsilons[0] == epsilon_of([(1.2, 0.5, 2)], delta=1e-5, mechanism="rdp")
+
+
 def test_accountant_records_exactly_the_steps_taken_across_rounds():
     model, data = tiny_lora_bert(), toy_data()
     acc = PrivacyAccountant("rdp")
