@@ -154,6 +154,31 @@ def test_client_refuses_short_survivor_list_and_second_unmask_request() -> None:
         clients[2].unmask(UnmaskRequest(survivors=(1, 2, 3, 4, 5)))
 
 
+def test_unmask_reveals_seed_shares_of_survivors_and_key_shares_of_dropped_only() -> None:
+    """Never both secrets of one client: b_u shares only for u in U3, s_u shares only for
+    u in U2 minus U3, and nothing for a client that never shared keys (U1 minus U2).
+
+    A client that also sent key shares of survivors would let the server rebuild a
+    survivor's pairwise masks and, with its seed, read that survivor's input in clear; the
+    sum stays right, so only this test sees it.
+    """
+    params = _params(n=8, max_dropouts=3, d=16)
+    clients = {i: SecAggClient(index=i, params=params) for i in range(1, 9)}
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    u2 = [1, 2, 3, 4, 5, 6, 7]  # client 8 vanishes before sharing keys
+    routed = server.collect_shares([clients[i].share_keys(directory) for i in u2])
+    u3 = [1, 2, 3, 4, 5]  # 6 and 7 vanish before sending masked input
+    request = server.collect_masked([clients[i].masked_input(routed[i], np.ones(16)) for i in u3])
+    assert set(request.survivors) == set(u3)
+    for i in u3:
+        reply = clients[i].unmask(request)
+        assert set(reply.seed_shares) == set(u3)
+        assert set(reply.key_shares) == {6, 7}
+        assert not set(reply.seed_shares) & set(reply.key_shares)
+        assert 8 not in set(reply.seed_shares) | set(reply.key_shares)
+
+
 def test_masked_vector_is_uncorrelated_with_the_input() -> None:
     params = _params(n=5, max_dropouts=2, d=D)
     rs = []
