@@ -71,7 +71,7 @@ def _client(model, port, **kw):  # type: ignore[no-untyped-def]
     return SplitClient(parts, target=f"127.0.0.1:{port}", model_id=MODEL_ID, **kw)
 
 
-def _forward_frame(c: SplitClient, ids, mask, mb=0, step=0, dtype="fp32") -> Frame:  # type: ignore[no-untyped-def]
+def _forward_frame(c: SplitClient, ids, mask, mb=0, step=0, dtype="fp32", round_=0) -> Frame:  # type: ignore[no-untyped-def]
     from fedft.split import front_forward
 
     f = front_forward(c.parts, ids, mask)
@@ -79,7 +79,7 @@ def _forward_frame(c: SplitClient, ids, mask, mb=0, step=0, dtype="fp32") -> Fra
     return Frame(
         c.session.session_id,
         "forward",
-        c.next_step_id(0, step, mb),
+        c.next_step_id(round_, step, mb),
         (
             wire.encode_tensor("hidden", f.hidden, dtype),
             wire.encode_tensor("attention_mask", f.attention_mask, "uint8"),
@@ -277,6 +277,34 @@ def test_duplicate_and_stale_steps_rejected_not_double_counted() -> None:
                 with pytest.raises(grpc.aio.AioRpcError):
                     await c.stub.commit(wire.CommitRequest(sid, 0, 0))
                 assert srv.service.stats()["in_flight"] == 0
+        finally:
+            await srv.stop()
+
+    asyncio.run(run())
+
+
+def test_frames_and_commits_of_an_earlier_round_are_stale_whatever_their_step() -> None:
+    """Order is (round, step): after commit(1, 0), step 5 of round 0 is in the past even
+    with a fresh sequence number, and so is a commit of (0, 9)."""
+    model = tiny_bert(layers=3)
+    ids, mask, _ = batch("bert", b=2)
+
+    async def run() -> None:
+        srv = await _server(model)
+        try:
+            async with _client(model, srv.port, wire_dtype="fp32", lora_rank=2) as c:
+                sid = c.session.session_id  # type: ignore[union-attr]
+                assert (await c.stub.commit(wire.CommitRequest(sid, 1, 0))).micro_batches == 0
+                await c.send(_forward_frame(c, ids, mask, mb=0, step=5))  # round 0, step 5
+                late = await c.receive()
+                assert late.kind == "error" and late.error_code == "STALE"
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await c.stub.commit(wire.CommitRequest(sid, 0, 9))
+                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                # control: the next step of round 1 is accepted and counted
+                await c.send(_forward_frame(c, ids, mask, mb=0, step=1, round_=1))
+                assert (await c.receive()).kind == "body_output"
+                assert srv.service.stats()["in_flight"] == 1
         finally:
             await srv.stop()
 
