@@ -177,3 +177,54 @@ def test_dedupe_drops_stale_and_counts_replays_once(caplog: pytest.LogCaptureFix
     assert kept[0] is first  # the first reply wins
     assert "duplicate update from client x" in caplog.text
     assert "client z for round 4" in caplog.text
+
+
+def _transposed_head(cid: str) -> ClientUpdate:
+    """A head with the right element count in the wrong layout: (4, 2) for (2, 4)."""
+    return dataclasses.replace(_good("ab", cid), extras={"head": torch.zeros(4, 2)})
+
+
+def test_transposed_head_is_a_shape_problem_not_a_count_match() -> None:
+    problems = _check(_transposed_head("t"))
+    assert problems == ["extras.head: shape (4, 2), expected (2, 4)"]
+
+
+def test_transposed_head_is_rejected_alone_and_the_round_goes_on() -> None:
+    accepted, rejected = filter_valid(
+        [_good("ab", "a"), _transposed_head("t"), _good("ab", "c")],
+        expected=_expected("ab"),
+        parts="ab",
+        extras_expected=HEAD,
+        max_norm=10.0,
+    )
+    assert [u.client_id for u in accepted] == ["a", "c"]
+    assert [cid for cid, _ in rejected] == ["t"] and "extras.head" in rejected[0][1]
+
+
+def test_an_update_that_breaks_the_checks_is_rejected_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Defence in depth: if a check itself raises on one hostile update (here: a shape
+    check weakened to compare element counts, so the norm of (4, 2) - (2, 4) fails), that
+    update is rejected with the reason and the others are still aggregated; the server
+    never crashes on what one client sent."""
+    import math
+
+    import fedft.aggregation.validate as v
+
+    def by_count(name: str, t: object, shape: tuple[int, ...], problems: list[str]) -> bool:
+        assert isinstance(t, torch.Tensor)
+        return t.numel() == math.prod(shape)
+
+    monkeypatch.setattr(v, "_check_tensor", by_count)
+    problems = _check(_transposed_head("t"))
+    assert len(problems) == 1 and "could not be checked" in problems[0]
+    accepted, rejected = filter_valid(
+        [_good("ab", "a"), _transposed_head("t"), _good("ab", "c")],
+        expected=_expected("ab"),
+        parts="ab",
+        extras_expected=HEAD,
+        max_norm=10.0,
+    )
+    assert [u.client_id for u in accepted] == ["a", "c"]
+    assert [cid for cid, _ in rejected] == ["t"]

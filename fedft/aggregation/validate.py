@@ -94,6 +94,10 @@ def validate_update(
 ) -> list[str]:
     """List what is wrong with one client update (an empty list means it is acceptable).
 
+    Never raises on what a client sent: should a check itself fail on a hostile update,
+    that failure is the update's one problem, so the caller rejects this update alone and
+    the round goes on with the others.
+
     Args:
         update: the client's reply.
         expected: module -> the LoraFactors the server sent this round (names, shapes,
@@ -108,7 +112,30 @@ def validate_update(
     Returns:
         Human-readable problems, each naming the module/tensor and what was expected.
     """
-    extras_expected = extras_expected or {}
+    try:
+        return _problems(
+            update,
+            expected=expected,
+            parts=parts,
+            extras_expected=extras_expected or {},
+            max_norm=max_norm,
+            max_examples=max_examples,
+        )
+    except Exception as exc:  # untrusted input: one update's failure is that update's problem
+        logger.warning("checking the update of client %s failed", update.client_id, exc_info=True)
+        return [f"update could not be checked ({type(exc).__name__}: {exc})"]
+
+
+def _problems(
+    update: ClientUpdate,
+    *,
+    expected: Mapping[str, LoraFactors],
+    parts: Literal["ab", "b", "r"],
+    extras_expected: Mapping[str, Tensor],
+    max_norm: float | None,
+    max_examples: int,
+) -> list[str]:
+    """The checks of :func:`validate_update` (which turns an exception into a problem)."""
     problems: list[str] = []
     n = update.num_examples
     if isinstance(n, bool) or not isinstance(n, int):
