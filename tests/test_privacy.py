@@ -355,3 +355,27 @@ def test_central_dp_refuses_what_it_cannot_protect():
     cheat = client_update(ref, "ab", "c0", 0.1)  # moved the frozen, shared A
     with pytest.raises(ValueError, match="frozen"):
         dp.aggregate([cheat])
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
+def test_last_planned_round_at_exactly_the_budget_is_allowed(mechanism):
+    """The budget is spendable to the last bit: ε after == budget is allowed, more is not."""
+    sigma, q, per_round, rounds, delta = 1.1, 0.05, 20, 4, 1e-5
+    budget = epsilon_of([(sigma, q, per_round * rounds)], delta=delta, mechanism=mechanism)
+    acc = PrivacyAccountant(mechanism)
+    for r in range(rounds):
+        decision = check_budget(
+            acc,
+            noise_multiplier=sigma,
+            sample_rate=q,
+            steps=per_round,
+            epsilon_budget=budget,
+            delta=delta,
+        )
+        assert decision.allowed, (r, decision.message)
+        acc.step(noise_multiplier=sigma, sample_rate=q, steps=per_round)
+    assert decision.epsilon_after == budget  # the last round lands exactly on the budget
+    one_more = check_budget(
+        acc, noise_multiplier=sigma, sample_rate=q, steps=1, epsilon_budget=budget, delta=delta
+    )
+    assert not one_more.allowed and "refused" in one_more.message
