@@ -8,13 +8,14 @@ failed run exits with 1.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fedft.config import ConfigError, RunConfig, load_config
+from fedft.config import ConfigError, RunConfig, load_config, load_table
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
 
@@ -177,15 +178,16 @@ Keep ca.key off the server; give each client only its own files.""")
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    out = Path(args.out or f"runs/{cfg.name}")
+    # the base config's own algorithm is replaced: compare validates each variant up front
+    table = load_table(args.config, args.set or ())
+    out = Path(args.out or f"runs/{table.get('name', 'run')}")
     from simulations.compare import compare
     from simulations.simulate import SimulationFailed
 
     algorithms = args.algorithms.split(",") if args.algorithms else None
     try:
         rows = compare(
-            cfg,
+            table,
             out,
             progress=not args.no_progress,
             **({"algorithms": algorithms} if algorithms else {}),
@@ -263,6 +265,20 @@ def _cmd_privacy_plan(args: argparse.Namespace) -> int:
             )
         )
     )
+    return EXIT_OK
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from fedft.config import defaults_toml, json_schema
+
+    if args.config_command == "schema":
+        print(json.dumps(json_schema(), indent=2))
+    elif args.config_command == "defaults":
+        print(defaults_toml(), end="")
+    else:  # check
+        cfg = _load(args)
+        print(json.dumps(cfg.to_dict(), indent=2))
+        print(f"fedft config check: {args.config} is valid", file=sys.stderr)
     return EXIT_OK
 
 
@@ -364,6 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     spl.add_argument("--certs", help="folder from `fedft certs`: mutual TLS (ca/server)")
     spl.set_defaults(func=_cmd_split_server)
+
+    conf = sub.add_parser("config", help="the run configuration: schema, defaults, check a file")
+    cfg_sub = conf.add_subparsers(dest="config_command", required=True)
+    cfg_sub.add_parser("schema", help="JSON schema of every key").set_defaults(func=_cmd_config)
+    cfg_sub.add_parser("defaults", help="every key, its default and what is allowed (TOML)")
+    cfg_sub.choices["defaults"].set_defaults(func=_cmd_config)
+    chk = cfg_sub.add_parser("check", help="validate a config (exit 2 if bad); print it resolved")
+    _add_config_args(chk)
+    chk.set_defaults(func=_cmd_config)
 
     crt = sub.add_parser("certs", help="make a CA, server/client certificates and node keys")
     crt.add_argument("out_dir", help="folder to write (created; refuses an existing CA)")

@@ -1,23 +1,34 @@
-"""The run configuration: frozen, typed, validated when built.
+"""The run configuration: frozen, typed, validated when built (pydantic).
 
 This is the one place that parses config files. A TOML file plus ``--set dotted.key=value``
 overrides become a :class:`RunConfig`; any unknown key, wrong type or impossible value raises
-:class:`ConfigError` naming the key, the value and what is allowed, before any work starts.
-Nothing below the builders receives a config object: see ``as_kwargs`` helpers in the
-modules that consume a section.
+:class:`ConfigError` naming the exact key path, the value and what is allowed, before any work
+starts. Every problem in the input is reported, one per line.
+
+The sections are pydantic dataclasses: real ``dataclasses`` (frozen, keyword-only, usable with
+``dataclasses.replace`` / ``asdict``) whose fields pydantic validates from their annotations
+and ``Field`` constraints; rules between fields live in ``__post_init__`` and raise
+:class:`Refusal`. The same field definitions give the JSON schema (:func:`json_schema`,
+``fedft config schema``) and the documented TOML block in the README
+(:func:`defaults_toml`, ``fedft config defaults``).
+
+Nothing below the builders receives a config object: see ``fedft/builders.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
-import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import annotated_types
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 ALGORITHMS = ("fedit", "flora", "fedsb", "lora_fair", "hetlora", "ffa", "fedex")
 #: aggregators whose result is a p_k-weighted mean of what clients upload (user-level DP and
@@ -26,237 +37,271 @@ LINEAR_ALGORITHMS = ("fedit", "fedsb", "ffa")
 #: aggregators that accept clients of different ranks.
 MIXED_RANK_ALGORITHMS = ("flora", "hetlora")
 
+# Strict scalars: TOML/JSON types are taken as they are (no "5" -> 5, no 2.0 -> 2, no
+# true -> 1); an integer is accepted where a number is expected.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Str = Annotated[str, Strict()]
+Bool = Annotated[bool, Strict()]
+
+_SECTION = ConfigDict(extra="forbid")
+
 
 class ConfigError(ValueError):
-    """A bad configuration value: the message names the key, the value and what is allowed."""
+    """A bad configuration: the message names the key, the value and what is allowed."""
 
 
-def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
-    raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
+class Refusal(ValueError):
+    """A rule between fields failed: ``key`` (relative to the section), value, what is allowed.
+
+    Raised inside ``__post_init__``; :func:`build_config` prefixes the section's path.
+    """
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        super().__init__(f"{key} = {value!r} is not allowed: {allowed}")
+        self.key, self.value, self.allowed = key, value, allowed
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class ModelConfig:
     """Which pretrained model, for which task."""
 
-    name: str = "minilm"
-    task: Literal["classification", "causal_lm"] = "classification"
-    #: module names (suffixes) that get adapters; empty = the model family's default.
-    target_modules: list[str] = field(default_factory=list)
+    name: Str = Field(
+        default="minilm", description='"minilm" | "smollm2-135m" | a local folder | a hub id'
+    )
+    task: Literal["classification", "causal_lm"] = Field(
+        default="classification", description="sequence classification or instruction tuning"
+    )
+    target_modules: list[Str] = Field(
+        default_factory=list,
+        description="module names (suffixes) that get adapters; [] = the model family's "
+        "default (query/value for BERT, q_proj/v_proj for Llama)",
+    )
 
     def __post_init__(self) -> None:
         if not self.name.strip():
-            _fail("model.name", self.name, '"minilm", "smollm2-135m", a local folder or a hub id')
+            raise Refusal("name", self.name, "a non-empty model name or path")
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class DataConfig:
     """Dataset, partitioning and tokenisation."""
 
-    dataset: str = "rotten_tomatoes"
-    partition: Literal["iid", "dirichlet", "natural"] = "dirichlet"
-    alpha: float = 0.5
-    max_length: int = 64
-    #: held-out global test examples (never seen by a client).
-    test_size: int = 500
-    #: public examples held by the server (Fed-SB init); not in any client or the test set.
-    public_size: int = 64
-    #: cap on training examples over all clients (0 = all).
-    max_train_examples: int = 0
-    text_column: str = "text"
-    label_column: str = "label"
+    dataset: Str = Field(
+        default="rotten_tomatoes",
+        description='"rotten_tomatoes" | "chatterbot" | a local .csv/.jsonl file',
+    )
+    partition: Literal["iid", "dirichlet", "natural"] = Field(
+        default="dirichlet",
+        description="how training examples are split over clients; natural = whole "
+        "groups (movie / category) per client",
+    )
+    alpha: Float = Field(
+        default=0.5, gt=0, description="Dirichlet concentration (smaller = more label skew)"
+    )
+    max_length: Int = Field(default=64, ge=8, le=4096, description="tokens per example")
+    test_size: Int = Field(
+        default=500, ge=1, description="held-out global test examples (never seen by a client)"
+    )
+    public_size: Int = Field(
+        default=64, ge=0, description="the server's public examples (Fed-SB init); in no client"
+    )
+    max_train_examples: Int = Field(
+        default=0, ge=0, description="cap on all clients' training examples together (0 = all)"
+    )
+    text_column: Str = Field(default="text", description="text column of a local file")
+    label_column: Str = Field(
+        default="label", description="label (or, for causal_lm, answer) column of a local file"
+    )
 
-    def __post_init__(self) -> None:
-        if self.alpha <= 0:
-            _fail("data.alpha", self.alpha, "the Dirichlet concentration must be > 0")
-        if not 8 <= self.max_length <= 4096:
-            _fail("data.max_length", self.max_length, "an integer from 8 to 4096")
-        if self.test_size < 1:
-            _fail("data.test_size", self.test_size, "at least 1 held-out example")
-        if self.public_size < 0 or self.max_train_examples < 0:
-            key = "data.public_size" if self.public_size < 0 else "data.max_train_examples"
-            _fail(key, getattr(self, key.split(".")[1]), "an integer >= 0")
 
-
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class FederationConfig:
     """Rounds, clients and local training knobs."""
 
-    num_clients: int = 10
-    clients_per_round: int = 5
-    rounds: int = 5
-    local_steps: int = 20
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    lr: float = 5e-4
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    gpus_per_client: float = 0.0
-    cpus_per_client: int = 1
-    #: fewest replies a round needs; fewer and the round fails, the model unchanged (0 = 1).
-    min_replies: int = 0
-    #: seconds to wait for replies in a round (0 = no limit).
-    round_timeout_s: float = 0.0
+    num_clients: Int = Field(default=10, ge=1, description="clients holding data")
+    clients_per_round: Int = Field(default=5, ge=1, description="clients sampled each round")
+    rounds: Int = Field(default=5, ge=1, description="federated rounds")
+    local_steps: Int = Field(default=20, ge=1, description="optimiser steps per client per round")
+    batch_size: Int = Field(default=16, ge=1, description="training batch (examples)")
+    eval_batch_size: Int = Field(default=64, ge=1, description="evaluation batch (examples)")
+    lr: Float = Field(default=5e-4, gt=0, lt=10, description="client learning rate")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto = CUDA when present, else CPU"
+    )
+    gpus_per_client: Float = Field(
+        default=0.0, ge=0, le=1, description="simulation: fraction of a GPU per virtual client"
+    )
+    cpus_per_client: Int = Field(
+        default=1, ge=1, description="simulation: whole CPUs per virtual client"
+    )
+    min_replies: Int = Field(
+        default=0,
+        ge=0,
+        description="fewest replies a round needs; fewer and the round fails, the model "
+        "unchanged (0 = 1)",
+    )
+    round_timeout_s: Float = Field(
+        default=0.0, ge=0, description="seconds to wait for replies in a round (0 = no limit)"
+    )
 
     def __post_init__(self) -> None:
-        positive = ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size")
-        for key in (*positive, "eval_batch_size", "cpus_per_client"):
-            if getattr(self, key) < 1:
-                _fail(f"federation.{key}", getattr(self, key), "an integer >= 1")
         if self.clients_per_round > self.num_clients:
-            _fail(
-                "federation.clients_per_round",
+            raise Refusal(
+                "clients_per_round",
                 self.clients_per_round,
                 f"at most federation.num_clients ({self.num_clients})",
             )
-        if not 0 < self.lr < 10:
-            _fail("federation.lr", self.lr, "a learning rate in (0, 10)")
-        if not 0 <= self.gpus_per_client <= 1:
-            _fail("federation.gpus_per_client", self.gpus_per_client, "a fraction in [0, 1]")
-        if not 0 <= self.min_replies <= self.clients_per_round:
-            _fail(
-                "federation.min_replies",
+        if self.min_replies > self.clients_per_round:
+            raise Refusal(
+                "min_replies",
                 self.min_replies,
                 f"0..federation.clients_per_round ({self.clients_per_round})",
             )
-        if self.round_timeout_s < 0:
-            _fail("federation.round_timeout_s", self.round_timeout_s, "seconds >= 0")
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class AdapterConfig:
     """What clients train: LoRA (one rank or per-client ranks), soft prompts, or split."""
 
-    method: Literal["lora", "prompt", "split"] = "lora"
-    rank: int = 8
-    #: per-client ranks, assigned to clients in turn (client k gets ranks[k % len]).
-    ranks: list[int] = field(default_factory=list)
-    alpha: float = 16.0
-    dropout: float = 0.0
-    #: soft prompt length (method = "prompt", or prompts inside split learning).
-    prompt_tokens: int = 8
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            _fail("adapter.rank", self.rank, "an integer >= 1")
-        if any(r < 1 for r in self.ranks):
-            _fail("adapter.ranks", self.ranks, "a list of integers >= 1")
-        if self.alpha <= 0:
-            _fail("adapter.alpha", self.alpha, "a number > 0")
-        if not 0 <= self.dropout < 1:
-            _fail("adapter.dropout", self.dropout, "a probability in [0, 1)")
-        if self.prompt_tokens < 1:
-            _fail("adapter.prompt_tokens", self.prompt_tokens, "an integer >= 1")
+    method: Literal["lora", "prompt", "split"] = Field(
+        default="lora", description="LoRA adapters, soft prompts, or split learning"
+    )
+    rank: Int = Field(default=8, ge=1, description="LoRA rank of every client")
+    ranks: list[Annotated[int, Strict(), Field(ge=1)]] = Field(
+        default_factory=list,
+        description="per-client ranks, e.g. [16, 8, 4], assigned to clients in turn "
+        "(overrides rank)",
+    )
+    alpha: Float = Field(default=16.0, gt=0, description="LoRA scaling = alpha / rank")
+    dropout: Float = Field(default=0.0, ge=0, lt=1, description="LoRA dropout")
+    prompt_tokens: Int = Field(
+        default=8, ge=1, description="soft prompt length (method = prompt, and prompts in split)"
+    )
 
     def rank_of(self, client_index: int) -> int:
         """The rank client ``client_index`` trains at."""
         return self.ranks[client_index % len(self.ranks)] if self.ranks else self.rank
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class AggregationConfig:
     """Server-side aggregation and its options."""
 
-    algorithm: Literal["fedit", "flora", "fedsb", "lora_fair", "hetlora", "ffa", "fedex"] = "fedit"
-    #: LoRA-FAIR: regulariser weight and optimisation steps of the server correction.
-    fair_lambda: float = 0.01
-    fair_steps: int = 200
-    fair_lr: float = 0.01
-    #: Fed-SB: where the init gradient comes from ("public": the server's public split).
-    fedsb_init: Literal["public"] = "public"
-    fedsb_init_steps: int = 4
-    #: robust aggregation around a linear aggregator.
-    robust: Literal["off", "norm_bound", "median", "trimmed_mean"] = "off"
-    norm_bound: float = 10.0
-    trim_fraction: float = 0.1
-    #: reject updates whose whole norm exceeds this (0 = no bound).
-    max_update_norm: float = 0.0
-    secure: bool = False
+    algorithm: Literal["fedit", "flora", "fedsb", "lora_fair", "hetlora", "ffa", "fedex"] = Field(
+        default="fedit", description="how the server combines client adapters"
+    )
+    fair_lambda: Float = Field(
+        default=0.01, ge=0, description="LoRA-FAIR: weight of the regulariser on the correction"
+    )
+    fair_steps: Int = Field(
+        default=200, ge=0, description="LoRA-FAIR: optimisation steps of the server correction"
+    )
+    fair_lr: Float = Field(default=0.01, gt=0, description="LoRA-FAIR: step size of the correction")
+    fedsb_init: Literal["public"] = Field(
+        default="public",
+        description="Fed-SB: the init gradient comes from the server's public split",
+    )
+    fedsb_init_steps: Int = Field(
+        default=4, ge=1, description="Fed-SB: gradient steps of the initialisation"
+    )
+    robust: Literal["off", "norm_bound", "median", "trimmed_mean"] = Field(
+        default="off", description="robust aggregation around a linear algorithm"
+    )
+    norm_bound: Float = Field(
+        default=10.0,
+        gt=0,
+        description='robust = "norm_bound": updates are scaled down to this norm',
+    )
+    trim_fraction: Float = Field(
+        default=0.1, ge=0, lt=0.5, description='robust = "trimmed_mean": fraction cut at each end'
+    )
+    max_update_norm: Float = Field(
+        default=0.0, ge=0, description="reject an update whose L2 norm exceeds this (0 = no bound)"
+    )
+    secure: Bool = Field(
+        default=False, description="secure aggregation: the server sees only the sum"
+    )
 
-    def __post_init__(self) -> None:
-        if self.fair_lambda < 0:
-            _fail("aggregation.fair_lambda", self.fair_lambda, "a number >= 0")
-        if self.fair_steps < 0 or self.fedsb_init_steps < 1:
-            key = "fair_steps" if self.fair_steps < 0 else "fedsb_init_steps"
-            _fail(f"aggregation.{key}", getattr(self, key), "a non-negative integer")
-        if not 0 <= self.trim_fraction < 0.5:
-            _fail("aggregation.trim_fraction", self.trim_fraction, "a fraction in [0, 0.5)")
-        if self.norm_bound <= 0 or self.max_update_norm < 0:
-            _fail("aggregation.norm_bound", self.norm_bound, "a positive norm")
 
-
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class PrivacyConfig:
     """The privacy guarantee: every knob here changes it, and it is logged with results."""
 
-    mode: Literal["off", "sample", "user"] = "off"
-    epsilon: float = 3.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    accountant: Literal["rdp", "prv", "gdp"] = "prv"
-    #: per-client budgets stricter than the run's: client index (as a string) -> epsilon.
-    client_epsilon: dict[str, float] = field(default_factory=dict)
-    #: set the noise directly instead of calibrating it from epsilon (0 = calibrate).
-    noise_multiplier: float = 0.0
+    mode: Literal["off", "sample", "user"] = Field(
+        default="off",
+        description="sample = DP-SGD on each client; user = clip + noise on the server",
+    )
+    epsilon: Float = Field(default=3.0, gt=0, description="the budget ε at privacy.delta")
+    delta: Float = Field(default=1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee")
+    max_grad_norm: Float = Field(
+        default=1.0, gt=0, description="clipping norm (per sample, or per client update for user)"
+    )
+    accountant: Literal["prv", "rdp", "gdp"] = Field(
+        default="prv", description="how spent ε is computed"
+    )
+    client_epsilon: dict[str, Annotated[float, Strict(), Field(gt=0)]] = Field(
+        default_factory=dict,
+        description='stricter per-client budgets: client index -> ε, e.g. { "3" = 1.0 }',
+    )
+    noise_multiplier: Float = Field(
+        default=0.0,
+        ge=0,
+        description="set σ directly instead of calibrating it from ε (0 = calibrate)",
+    )
 
     def __post_init__(self) -> None:
-        if self.epsilon <= 0:
-            _fail("privacy.epsilon", self.epsilon, "a budget > 0 (e.g. 3.0)")
-        if not 0 < self.delta < 1:
-            _fail("privacy.delta", self.delta, "a probability in (0, 1), e.g. 1e-5")
-        if self.max_grad_norm <= 0:
-            _fail("privacy.max_grad_norm", self.max_grad_norm, "a clipping norm > 0")
-        if self.noise_multiplier < 0:
-            _fail("privacy.noise_multiplier", self.noise_multiplier, "a number >= 0")
         for client, eps in self.client_epsilon.items():
             if not client.isdigit():
-                _fail(f"privacy.client_epsilon.{client}", eps, "keys are client indices")
-            if not 0 < eps:
-                _fail(f"privacy.client_epsilon.{client}", eps, "a budget > 0")
+                raise Refusal(f"client_epsilon.{client}", eps, "keys are client indices")
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class SplitConfig:
     """Split learning (adapter.method = "split") and the SFPrompt pipeline."""
 
-    #: transformer blocks kept on the client before / after the server's body.
-    front_layers: int = 1
-    back_layers: int = 1
-    #: "" = start a split server on loopback for the run; else host:port of one.
-    server: str = ""
-    wire_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
-    micro_batches_in_flight: int = 2
-    #: SFPrompt: local-loss steps before split training, and the EL2N keep fraction.
-    local_loss_steps: int = 0
-    keep_fraction: float = 1.0
+    front_layers: Int = Field(
+        default=1, ge=1, description="transformer blocks on the client before the server's body"
+    )
+    back_layers: Int = Field(
+        default=1, ge=0, description="transformer blocks on the client after the server's body"
+    )
+    server: Str = Field(
+        default="", description='"" = start a split server on loopback for the run; else HOST:PORT'
+    )
+    wire_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        default="bf16", description="tensors across the cut (fp16 with a per-tensor scale)"
+    )
+    micro_batches_in_flight: Int = Field(
+        default=2, ge=1, description="micro-batches a client sends before awaiting replies"
+    )
+    local_loss_steps: Int = Field(
+        default=0, ge=0, description="SFPrompt: local-loss steps before split training"
+    )
+    keep_fraction: Float = Field(
+        default=1.0, gt=0, le=1, description="SFPrompt: EL2N pruning keeps this fraction"
+    )
 
-    def __post_init__(self) -> None:
-        if self.front_layers < 1 or self.back_layers < 0:
-            _fail("split.front_layers", self.front_layers, "front >= 1, back >= 0 blocks")
-        if not 0 < self.keep_fraction <= 1:
-            _fail("split.keep_fraction", self.keep_fraction, "a fraction in (0, 1]")
-        if self.micro_batches_in_flight < 1:
-            _fail("split.micro_batches_in_flight", self.micro_batches_in_flight, ">= 1")
 
-
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class RunConfig:
-    """A whole run. Build with :func:`load_config`."""
+    """A whole run. Build with :func:`load_config` or :func:`build_config`."""
 
-    name: str = "run"
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
+    name: Str = Field(default="run", description="run name; outputs go to runs/<name>/ by default")
+    seed: Int = Field(default=0, ge=0, description="seeds the split, the partition and the init")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
 
     def __post_init__(self) -> None:
         algo = self.aggregation.algorithm
         if self.adapter.ranks and len(set(self.adapter.ranks)) > 1:
             if algo not in MIXED_RANK_ALGORITHMS:
-                _fail(
+                raise Refusal(
                     "adapter.ranks",
                     self.adapter.ranks,
                     f"clients of different ranks need aggregation.algorithm in "
@@ -264,40 +309,40 @@ class RunConfig:
                 )
         if self.privacy.mode == "user":
             if algo not in LINEAR_ALGORITHMS:
-                _fail(
+                raise Refusal(
                     "privacy.mode",
                     "user",
                     f"user-level DP adds noise to a weighted sum, so it needs a linear "
                     f"aggregator {list(LINEAR_ALGORITHMS)}; {algo!r} is not linear",
                 )
         if self.aggregation.secure and algo not in LINEAR_ALGORITHMS:
-            _fail(
+            raise Refusal(
                 "aggregation.secure",
                 True,
                 f"secure aggregation reveals only a sum, so it needs one of "
                 f"{list(LINEAR_ALGORITHMS)}; {algo!r} needs each client's factors",
             )
         if self.aggregation.robust != "off" and algo not in LINEAR_ALGORITHMS:
-            _fail(
+            raise Refusal(
                 "aggregation.robust",
                 self.aggregation.robust,
                 f"robust aggregation composes with {list(LINEAR_ALGORITHMS)}, not {algo!r}",
             )
         if self.privacy.mode == "user" and self.aggregation.robust != "off":
-            _fail(
+            raise Refusal(
                 "aggregation.robust",
                 self.aggregation.robust,
                 "user-level DP already clips every update to privacy.max_grad_norm; a robust "
                 "wrapper inside it would change its sensitivity bound: use 'off'",
             )
         if self.aggregation.secure and self.aggregation.robust in ("median", "trimmed_mean"):
-            _fail(
+            raise Refusal(
                 "aggregation.robust",
                 self.aggregation.robust,
                 "a median or trimmed mean needs each update, which secure aggregation hides",
             )
         if self.adapter.method in ("prompt", "split") and algo != "fedit":
-            _fail(
+            raise Refusal(
                 "aggregation.algorithm",
                 algo,
                 f"adapter.method = {self.adapter.method!r} trains soft prompts and client-side "
@@ -305,7 +350,7 @@ class RunConfig:
                 "apply to method = 'lora')",
             )
         if self.adapter.method == "split" and self.privacy.mode == "sample":
-            _fail(
+            raise Refusal(
                 "privacy.mode",
                 "sample",
                 "sample-level DP-SGD is not implemented for adapter.method = 'split': clipping "
@@ -315,7 +360,7 @@ class RunConfig:
             )
         for client in self.privacy.client_epsilon:
             if int(client) >= self.federation.num_clients:
-                _fail(
+                raise Refusal(
                     f"privacy.client_epsilon.{client}",
                     self.privacy.client_epsilon[client],
                     f"client indices run from 0 to {self.federation.num_clients - 1}",
@@ -330,81 +375,154 @@ class RunConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-# --- building ---------------------------------------------------------------------------
-
-_SECTIONS: dict[str, type] = {
-    f.name: f.type if isinstance(f.type, type) else globals()[str(f.type)]
-    for f in dataclasses.fields(RunConfig)
-    if f.name not in ("name", "seed")
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "federation": FederationConfig,
+    "adapter": AdapterConfig,
+    "aggregation": AggregationConfig,
+    "privacy": PrivacyConfig,
+    "split": SplitConfig,
 }
 
-
-def _allowed(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-        tp, str(tp).replace("typing.", "")
-    )
+_ADAPTER: TypeAdapter[RunConfig] = TypeAdapter(RunConfig)
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it in the right type."""
+# --- what is allowed, in words (errors and docs share it) -------------------------------
+
+
+def _strip(tp: Any) -> tuple[Any, list[Any]]:
+    """Annotation without ``Annotated`` wrappers, and the constraints they carried."""
+    metadata: list[Any] = []
+    while get_origin(tp) is Annotated:
+        tp, *extra = get_args(tp)
+        metadata.extend(extra)
+    flat: list[Any] = []
+    for m in metadata:  # Field(ge=...) inside Annotated arrives as a FieldInfo
+        flat.extend(getattr(m, "metadata", [m]))
+    return tp, flat
+
+
+def _field_info(cls: type, name: str) -> tuple[Any, list[Any], str]:
+    """Annotation, ``Field`` constraints and description of field ``name`` of ``cls``."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)  # type: ignore[arg-type]
+    hint = typing.get_type_hints(cls, include_extras=True)[name]
+    info = field.default
+    metadata = list(getattr(info, "metadata", []))
+    return hint, metadata, str(getattr(info, "description", "") or "")
+
+
+def _annotation_at(loc: Sequence[str | int]) -> tuple[Any, list[Any], str] | None:
+    """What the value at key path ``loc`` must be: (annotation, constraints, description)."""
+    cls: Any = RunConfig
+    found: tuple[Any, list[Any], str] | None = None
+    for part in loc:
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+            names = {f.name for f in dataclasses.fields(cls)}
+            if not isinstance(part, str) or part not in names:
+                return None
+            found = _field_info(cls, part)
+            cls = found[0]
+            continue
+        if found is None:
+            return None
+        base, _ = _strip(found[0])
+        if get_origin(base) not in (list, dict):
+            return None
+        item = get_args(base)[-1]  # an item of a list, a value of a table
+        found = (item, [], found[2])
+        cls = item
+    return found
+
+
+def _bounds(metadata: Sequence[Any]) -> str:
+    lo = hi = ""
+    for m in metadata:
+        if isinstance(m, annotated_types.Ge):
+            lo = f">= {m.ge}"
+        elif isinstance(m, annotated_types.Gt):
+            lo = f"> {m.gt}"
+        elif isinstance(m, annotated_types.Le):
+            hi = f"<= {m.le}"
+        elif isinstance(m, annotated_types.Lt):
+            hi = f"< {m.lt}"
+    return f"{lo} and {hi}" if lo and hi else lo or hi
+
+
+def _plural(text: str) -> str:
+    for one, many in (("an integer", "integers"), ("a number", "numbers"), ("a string", "strings")):
+        if text.startswith(one):
+            return many + text[len(one) :]
+    return text
+
+
+def allowed_text(tp: Any, metadata: Sequence[Any] = (), *, quote: Any = repr) -> str:
+    """What a value of annotation ``tp`` (with ``Field`` constraints) may be, in words."""
+    tp, inner = _strip(tp)
     origin = get_origin(tp)
     if origin is Literal:
-        if value not in get_args(tp):
-            _fail(key, value, _allowed(tp))
-        return value
-    if origin in (types.UnionType, typing.Union):
-        for option in get_args(tp):
-            try:
-                return _coerce(key, value, option)
-            except ConfigError:
-                continue
-        _fail(key, value, " or ".join(_allowed(a) for a in get_args(tp)))
+        return "one of " + ", ".join(quote(a) for a in get_args(tp))
     if origin is list:
-        (item,) = get_args(tp)
-        if not isinstance(value, list):
-            _fail(key, value, f"a list of {_allowed(item)}")
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+        return f"a list of {_plural(allowed_text(get_args(tp)[0], quote=quote))}"
     if origin is dict:
-        _, item = get_args(tp)
-        if not isinstance(value, Mapping):
-            _fail(key, value, f"a table of {_allowed(item)}")
-        return {str(k): _coerce(f"{key}.{k}", v, item) for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            _fail(key, value, "true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(key, value, "an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            _fail(key, value, "a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            _fail(key, value, "a string")
-        return value
-    if tp is type(None):
-        if value is not None:
-            _fail(key, value, "nothing")
-        return None
-    raise TypeError(f"unsupported annotation {tp} for {key}")
+        return f"a table of {_plural(allowed_text(get_args(tp)[1], quote=quote))}"
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    word = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, str(tp)
+    )
+    bounds = _bounds([*inner, *metadata])
+    return f"{word} {bounds}" if bounds else word
 
 
-def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in table.items():
-        dotted = f"{prefix}{key}"
-        if key not in names:
-            known = ", ".join(sorted(names))
-            raise ConfigError(f"unknown key {dotted!r}; known keys here: {known}")
-        kwargs[key] = _coerce(dotted, value, hints[key])
-    return cls(**kwargs)
+# --- errors -----------------------------------------------------------------------------
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe(error: Any) -> str:
+    """One pydantic error as ``key = value is not allowed: what is allowed``."""
+    loc: tuple[str | int, ...] = tuple(error["loc"])
+    kind, value = error["type"], error["input"]
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        section = SECTIONS.get(str(loc[0])) if len(loc) > 1 else None
+        if section is not None:
+            known = sorted(f.name for f in dataclasses.fields(section))  # type: ignore[arg-type]
+            return f"unknown key {_dotted(loc)!r}; known keys here: {', '.join(known)}"
+        known = ["name", "seed", *sorted(SECTIONS)]
+        return f"unknown key {_dotted(loc)!r}; known top-level keys: {', '.join(known)}"
+    refusal = error.get("ctx", {}).get("error")
+    if kind == "value_error" and isinstance(refusal, Refusal):
+        key = _dotted((*loc, refusal.key)) if loc else refusal.key
+        return f"{key} = {refusal.value!r} is not allowed: {refusal.allowed}"
+    key = _dotted(loc)
+    if kind in ("dataclass_type", "dataclass_exact_type") and len(loc) == 1:
+        return f"{key} = {value!r} is not allowed: a [{key}] table"
+    spec = _annotation_at(loc)
+    if spec is None:
+        return f"{key} = {value!r} is not allowed: {error['msg']}"
+    hint, metadata, description = spec
+    if _strip(hint)[0] is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # shown as the config holds it
+    allowed = allowed_text(hint, metadata)
+    if description and not description.startswith('"'):
+        allowed += f" ({description})"
+    return f"{key} = {value!r} is not allowed: {allowed}"
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    problems = [_describe(e) for e in exc.errors()]
+    if len(problems) == 1:
+        return ConfigError(problems[0])
+    return ConfigError(f"{len(problems)} problems:\n  " + "\n  ".join(problems))
+
+
+# --- building ---------------------------------------------------------------------------
 
 
 def _parse_value(text: str) -> Any:
@@ -438,28 +556,17 @@ def apply_overrides(table: dict[str, Any], overrides: Sequence[str]) -> dict[str
 
 
 def build_config(table: Mapping[str, Any]) -> RunConfig:
-    """Validate a nested dict (parsed TOML) into a :class:`RunConfig`."""
-    kwargs: dict[str, Any] = {}
-    for key, value in table.items():
-        if key in ("name", "seed"):
-            kwargs[key] = _coerce(key, value, str if key == "name" else int)
-        elif key in _SECTIONS:
-            if not isinstance(value, Mapping):
-                _fail(key, value, f"a [{key}] table")
-            kwargs[key] = _build(_SECTIONS[key], value, f"{key}.")
-        else:
-            known = ", ".join(["name", "seed", *sorted(_SECTIONS)])
-            raise ConfigError(f"unknown key {key!r}; known top-level keys: {known}")
+    """Validate a nested dict (parsed TOML or JSON) into a :class:`RunConfig`."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"config = {table!r} is not allowed: a table of sections")
     try:
-        return RunConfig(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:  # pragma: no cover - defensive
-        raise ConfigError(str(exc)) from exc
+        return _ADAPTER.validate_python(dict(table))
+    except ValidationError as exc:
+        raise _config_error(exc) from None
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a TOML file (or the defaults when ``path`` is None), apply overrides, validate."""
+def load_table(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A TOML file (or nothing) with overrides applied, not yet validated (see build_config)."""
     table: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -469,9 +576,65 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
             table = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p}: not valid TOML ({exc})") from exc
-    return build_config(apply_overrides(table, overrides))
+    return apply_overrides(table, overrides)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a TOML file (or the defaults when ``path`` is None), apply overrides, validate."""
+    return build_config(load_table(path, overrides))
 
 
 def config_from_json(text: str) -> RunConfig:
     """Rebuild a config from :meth:`RunConfig.to_json` (how it travels in Flower's run config)."""
     return build_config(json.loads(text))
+
+
+# --- documentation generated from the fields --------------------------------------------
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of the run configuration (what ``fedft config schema`` prints)."""
+    schema = _ADAPTER.json_schema()
+    schema["title"] = "fedft run configuration"
+    return schema
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
+            return f"{value:g}".replace("e-0", "e-")
+        return repr(value) if math.isfinite(value) else str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }" if inner else "{}"
+    return str(value)
+
+
+def _doc_lines(cls: type, instance: Any) -> list[str]:
+    lines = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in SECTIONS:
+            continue
+        hint, metadata, description = _field_info(cls, f.name)
+        allowed = allowed_text(hint, metadata, quote=json.dumps)
+        comment = description
+        if not description.startswith('"'):
+            comment = f"{description}; {allowed}" if description else allowed
+        lines.append(f"{f.name} = {_toml_value(getattr(instance, f.name))}  # {comment}")
+    width = max(line.index("  # ") for line in lines)
+    return [f"{(k := line.split('  # ', 1))[0]:<{width}}  # {k[1]}" for line in lines]
+
+
+def defaults_toml() -> str:
+    """Every key with its default and what is allowed, as TOML (the README's config block)."""
+    cfg = RunConfig()
+    out = _doc_lines(RunConfig, cfg)
+    for name, cls in SECTIONS.items():
+        out += ["", f"[{name}]", *_doc_lines(cls, getattr(cfg, name))]
+    return "\n".join(out) + "\n"

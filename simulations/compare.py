@@ -12,27 +12,58 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedft.config import ALGORITHMS, MIXED_RANK_ALGORITHMS, RunConfig, build_config
+from fedft.config import ALGORITHMS, MIXED_RANK_ALGORITHMS, ConfigError, RunConfig, build_config
 from fedft.reporting.metrics import read_metrics
 from fedft.reporting.report import plot_compare
 
 logger = logging.getLogger(__name__)
 
 
-def config_for(cfg: RunConfig, algorithm: str) -> RunConfig:
-    """``cfg`` with ``algorithm``; single-rank algorithms at the smallest configured rank."""
-    table = cfg.to_dict()
-    table["aggregation"]["algorithm"] = algorithm
-    table["name"] = f"{cfg.name}-{algorithm}"
-    ranks = list(cfg.adapter.ranks)
+def config_for(base: RunConfig | Mapping[str, Any], algorithm: str) -> RunConfig:
+    """``base`` with ``algorithm``; single-rank algorithms at the smallest configured rank.
+
+    ``base`` is a validated config or a raw table (TOML + overrides): its own
+    ``aggregation.algorithm`` is replaced, so only the variants themselves are validated.
+    """
+    table = base.to_dict() if isinstance(base, RunConfig) else json.loads(json.dumps(base))
+    name = table.get("name", "run")
+    table.setdefault("aggregation", {})["algorithm"] = algorithm
+    table["name"] = f"{name}-{algorithm}"
+    adapter = table.get("adapter", {})
+    ranks = list(adapter.get("ranks", [])) if isinstance(adapter, dict) else []
     if ranks and algorithm not in MIXED_RANK_ALGORITHMS:
-        table["adapter"]["ranks"] = []
-        table["adapter"]["rank"] = min(ranks)
+        adapter["ranks"] = []
+        adapter["rank"] = min(ranks)
     return build_config(table)
+
+
+def configs_for(
+    base: RunConfig | Mapping[str, Any], algorithms: Sequence[str]
+) -> dict[str, RunConfig]:
+    """Every algorithm's config, all validated before any run starts.
+
+    Raises:
+        ConfigError: naming every algorithm the config is refused for, and why.
+    """
+    configs, refused = {}, []
+    for algorithm in algorithms:
+        try:
+            configs[algorithm] = config_for(base, algorithm)
+        except ConfigError as exc:
+            refused.append(f"{algorithm}: {exc}")
+    if refused:
+        allowed = [a for a in algorithms if a in configs]
+        raise ConfigError(
+            "this config is refused for "
+            f"{len(refused)} of {len(algorithms)} algorithms (nothing was run):\n  "
+            + "\n  ".join(refused)
+            + (f"\nrun the others with --algorithms {','.join(allowed)}" if allowed else "")
+        )
+    return configs
 
 
 def _row(algorithm: str, cfg: RunConfig, summary: dict[str, Any], metric: str) -> dict[str, Any]:
@@ -67,22 +98,26 @@ def _markdown(rows: Sequence[dict[str, Any]], metric: str) -> str:
 
 
 def compare(
-    cfg: RunConfig,
+    base: RunConfig | Mapping[str, Any],
     out: Path,
     *,
     algorithms: Sequence[str] = ALGORITHMS,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run every algorithm on ``cfg``'s split; write the table and plots; return the rows."""
+    """Run every algorithm on ``base``'s split; write the table and plots; return the rows.
+
+    Every variant is validated before the first run (:func:`configs_for`).
+    """
     from simulations.simulate import simulate
 
     unknown = sorted(set(algorithms) - set(ALGORITHMS))
     if unknown:
         raise ValueError(f"unknown algorithms {unknown}; choose from {list(ALGORITHMS)}")
-    metric = "accuracy" if cfg.model.task == "classification" else "loss"
+    configs = configs_for(base, algorithms)
+    task = next(iter(configs.values())).model.task
+    metric = "accuracy" if task == "classification" else "loss"
     rows, runs = [], {}
-    for algorithm in algorithms:
-        run_cfg = config_for(cfg, algorithm)
+    for algorithm, run_cfg in configs.items():
         logger.info("compare: running %s", algorithm)
         summary = simulate(run_cfg, out / algorithm, progress=progress)
         rows.append(_row(algorithm, run_cfg, summary, metric))
