@@ -14,8 +14,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedft.config import ConfigError, RunConfig, load_config, load_table
+
+if TYPE_CHECKING:
+    from fedft.data import FederatedData
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
 
@@ -36,8 +40,29 @@ def _load(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, args.set or ())
 
 
+def _check_data(cfg: RunConfig) -> FederatedData:
+    """Load, split and partition the run's data now, before Ray, a SuperLink or a model.
+
+    Raises:
+        DataError: what is wrong with the data for this run, in one line (exit 2).
+    """
+    from fedft import builders
+    from fedft.data.check import check_data, describe
+
+    quiet = logging.getLogger("fedft.data")  # a refusal is one line, not loader chatter
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        fed = check_data(**builders.data_kwargs(cfg))
+    finally:
+        quiet.setLevel(level)
+    logging.getLogger("fedft").info("data %s: %s", cfg.data.dataset, describe(fed))
+    return fed
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    _check_data(cfg)
     out = Path(args.out or f"runs/{cfg.name}")
     from simulations.simulate import SimulationFailed, simulate
 
@@ -65,6 +90,7 @@ _INSECURE_BANNER = """
 
 def _cmd_server(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    _check_data(cfg)  # the server evaluates on the configured dataset's test split
     out = Path(args.out or f"runs/{cfg.name}")
     from server.deploy import DeployError, ServerPlan, ServerTls, run_server
 
@@ -181,10 +207,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     # the base config's own algorithm is replaced: compare validates each variant up front
     table = load_table(args.config, args.set or ())
     out = Path(args.out or f"runs/{table.get('name', 'run')}")
-    from simulations.compare import compare
+    from fedft.config import ALGORITHMS
+    from simulations.compare import compare, configs_for
     from simulations.simulate import SimulationFailed
 
     algorithms = args.algorithms.split(",") if args.algorithms else None
+    configs = configs_for(table, algorithms or ALGORITHMS)  # ConfigError: exit 2
+    _check_data(next(iter(configs.values())))  # every variant shares the data keys
     try:
         rows = compare(
             table,
@@ -206,8 +235,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_privacy_plan(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from fedft import builders
-    from fedft.data import build_federated_data
     from fedft.privacy import format_plan, plan, plan_user_level, sample_rate_for
+
+    fed = _check_data(cfg)  # the run would refuse bad data: so do we
 
     p, f = cfg.privacy, cfg.federation
     if p.mode == "user":
@@ -226,7 +256,6 @@ def _cmd_privacy_plan(args: argparse.Namespace) -> int:
         return EXIT_OK
     if p.mode == "off":
         print("privacy.mode = 'off': planning sample-level DP-SGD for this run as if it were on")
-    fed = build_federated_data(**builders.data_kwargs(cfg))
     sizes = [len(c) for c in fed.clients]
     print(
         f"sample-level DP-SGD, {f.rounds} rounds x {f.local_steps} local steps, batch "
@@ -406,10 +435,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_environment()
     func: Callable[[argparse.Namespace], int] = args.func
+    from fedft.data.check import DataError
+
     try:
         return func(args)
     except ConfigError as exc:
         print(f"fedft: configuration error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except DataError as exc:
+        print(f"fedft: data error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
 

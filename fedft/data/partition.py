@@ -136,7 +136,12 @@ def partition(
     rng = np.random.default_rng(seed)
     if method == "iid":
         parts = _iid(n, num_clients, rng)
-        _check_sizes(parts, min_size=1, method=method, hint="use fewer clients or more data")
+        _check_sizes(
+            parts,
+            min_size=1,
+            method=method,
+            hint="use fewer clients (federation.num_clients) or more data",
+        )
     elif method == "dirichlet":
         if n < num_clients * min_size:
             raise ValueError(
