@@ -7,6 +7,7 @@ for the in-process Simulation Engine.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +39,14 @@ def make_server_app(
         out = Path(out_dir or str(context.run_config.get("fedft-out", f"runs/{config.name}")))
         try:
             resume_run = resume or bool(context.run_config.get("fedft-resume", False))
-            run_federation(grid, config, out, progress=progress, resume=resume_run)
+            run_federation(
+                grid,
+                config,
+                out,
+                progress=progress,
+                resume=resume_run,
+                bound_nodes=bound_nodes(context.run_config.get("fedft-nodes")),
+            )
         except BaseException as exc:
             logger.exception("the run failed")
             if on_error is not None:
@@ -46,6 +54,17 @@ def make_server_app(
             raise
 
     return app
+
+
+def bound_nodes(value: object) -> dict[int, int] | None:
+    """``fedft-nodes`` of the run config (JSON node id -> client index, written by
+    ``fedft server`` from the registered node keys) as {node id: index}; None without it."""
+    if value is None or value == "":
+        return None
+    parsed = json.loads(str(value))
+    if not isinstance(parsed, dict):
+        raise ValueError(f"fedft-nodes is not a JSON object: {value!r}")
+    return {int(node): int(idx) for node, idx in parsed.items()}
 
 
 app = make_server_app()

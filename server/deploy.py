@@ -14,6 +14,13 @@ SuperLink), ``state.db`` (the SuperLink's SQLite state: registered nodes survive
 which is what lets running SuperNodes carry on after ``fedft server --resume``),
 ``superlink.log`` and ``run_config.toml``.
 
+Exposure: the SuperLink listens on 127.0.0.1 only (``ServerPlan.local_port``), because
+its one port also serves the Control API (register-node, start-run, stop-run, ls) with no
+caller authentication in flwr 1.41. The public ``--address`` is a reverse proxy
+(:mod:`server.fleet_front`) that forwards the Fleet API a SuperNode needs, with the same TLS
+certificate, and refuses every other path. Runs are submitted by this process over the
+loopback connection; an app bundle runs on the nodes only if it came through that door.
+
 Split learning (``adapter.method = "split"``): the server also serves the model's body over
 fedft's own gRPC service (``fedft.split.v1``) in this process, on ``--split-address`` or, by
 default, on the SuperLink's host at ``split.server``'s port. With TLS on, it runs mutual TLS
@@ -23,9 +30,11 @@ from the deployment CA get in, and each session is bound to its certificate's id
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -42,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedft.config import RunConfig
 from fedft.transport.flower_config import to_run_config
+from server.fleet_front import FleetFront, FrontTls
 
 if TYPE_CHECKING:
     from server.split_runner import SplitServerThread
@@ -52,7 +62,7 @@ logger = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parent.parent
 #: the name of the ``flwr`` CLI connection written into the private FLWR_HOME.
 CONNECTION = "fedft"
-OUT_KEY, RESUME_KEY = "fedft-out", "fedft-resume"
+OUT_KEY, RESUME_KEY, NODES_KEY = "fedft-out", "fedft-resume", "fedft-nodes"
 DEFAULT_ADDRESS = "0.0.0.0:9092"
 
 
@@ -295,6 +305,42 @@ def register_node_keys(cli: FlwrCli, keys: Sequence[Path]) -> list[str]:
     return ids
 
 
+_KEY_INDEX = re.compile(r"client-(\d+)\.pub")
+
+
+def bind_node_keys(keys: Sequence[Path], ids: Sequence[str], state_dir: Path) -> dict[str, int]:
+    """Node id -> client index for the registered keys named ``client-<i>.pub``.
+
+    A key's index comes from its file name (what ``fedft certs`` writes), never from what
+    the node later declares; the ServerApp serves index i only to the node holding that key.
+    Node ids are kept in ``state_dir/nodes.json`` (key fingerprint -> node id) so a
+    restarted SuperLink, which answers "already registered", keeps the same binding.
+    """
+    saved_path = state_dir / "nodes.json"
+    saved: dict[str, str] = {}
+    if saved_path.is_file():
+        loaded = json.loads(saved_path.read_text(encoding="utf-8"))
+        saved = {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
+    binding: dict[str, int] = {}
+    for key, node_id in zip(keys, ids, strict=True):
+        fingerprint = hashlib.sha256(key.read_bytes().strip()).hexdigest()
+        if node_id == "known":
+            if fingerprint not in saved:
+                raise DeployError(
+                    f"node key {key} is registered with the SuperLink but its node id is not "
+                    f"in {saved_path}; start afresh in a new --out folder"
+                )
+            node_id = saved[fingerprint]
+        saved[fingerprint] = node_id
+        match = _KEY_INDEX.fullmatch(key.name)
+        if match is None:
+            logger.warning("node key %s: no client index in its name; not bound", key)
+            continue
+        binding[node_id] = int(match.group(1))
+    saved_path.write_text(json.dumps(saved, sort_keys=True) + "\n", encoding="utf-8")
+    return binding
+
+
 def stop_unfinished_runs(cli: FlwrCli) -> list[str]:
     """Stop runs a killed server left ``running`` in the SuperLink's state."""
     res = cli.call("ls", CONNECTION)
@@ -308,15 +354,25 @@ def stop_unfinished_runs(cli: FlwrCli) -> list[str]:
     return stopped
 
 
-def write_run_config(path: Path, cfg: RunConfig, *, out: Path, resume: bool) -> Path:
+def write_run_config(
+    path: Path,
+    cfg: RunConfig,
+    *,
+    out: Path,
+    resume: bool,
+    nodes: Mapping[str, int] | None = None,
+) -> Path:
     """The run-config TOML ``flwr run --run-config`` reads: the resolved config as JSON,
-    the absolute output folder and the resume flag. (``json.dumps`` of a str is a valid
+    the absolute output folder, the resume flag and the node binding (node id -> client
+    index, JSON; absent without node authentication). (``json.dumps`` of a str is a valid
     TOML basic string.)"""
     ((key, value),) = to_run_config(cfg).items()
     text = (
         f"{key} = {json.dumps(value)}\n{OUT_KEY} = {json.dumps(str(out.resolve()))}\n"
         f"{RESUME_KEY} = {'true' if resume else 'false'}\n"
     )
+    if nodes is not None:
+        text += f"{NODES_KEY} = {json.dumps(json.dumps(dict(nodes), sort_keys=True))}\n"
     path.write_text(text, encoding="utf-8")
     return path
 
@@ -348,13 +404,16 @@ class ServerPlan:
 
     Attributes:
         out: the run's output folder (metrics, adapter, checkpoint/, .superlink/).
-        address: HOST:PORT the SuperLink listens on (SuperNodes, CLI and ServerApp).
+        address: the public HOST:PORT SuperNodes dial: the Fleet front
+            (:mod:`server.fleet_front`), the only listener off the loopback interface.
         tls: the TLS files, or None for plaintext (``--insecure``: experiments only).
         node_keys: OpenSSH public keys of the SuperNodes allowed in; node authentication
             is on whenever TLS is on (Flower requires TLS for it).
         resume: continue from ``out/checkpoint/`` instead of starting afresh.
         split_address: HOST:PORT the split-learning service binds (split runs only); None =
             the SuperLink's host at ``split.server``'s port.
+        local_port: the SuperLink's own port on 127.0.0.1 (Fleet, Control and runtime
+            APIs); None = a free port chosen at start.
         poll_s: seconds between run-status checks.
         start_timeout_s: how long the SuperLink may take to listen.
     """
@@ -365,6 +424,7 @@ class ServerPlan:
     node_keys: tuple[Path, ...] = ()
     resume: bool = False
     split_address: str | None = None
+    local_port: int | None = None
     poll_s: float = 3.0
     start_timeout_s: float = 60.0
 
@@ -383,13 +443,15 @@ class ServerPlan:
             )
 
 
-def superlink_argv(plan: ServerPlan, state_dir: Path) -> list[str]:
-    """The ``flower-superlink`` command line for ``plan``."""
-    host, port = split_address(plan.address)
+LOCAL_HOST = "127.0.0.1"
+
+
+def superlink_argv(plan: ServerPlan, state_dir: Path, *, port: int) -> list[str]:
+    """The ``flower-superlink`` command line for ``plan``: loopback only, on ``port``."""
     argv = [
         program("flower-superlink"),
         "--host",
-        host,
+        LOCAL_HOST,
         "--port",
         str(port),
         "--database",
@@ -409,11 +471,6 @@ def superlink_argv(plan: ServerPlan, state_dir: Path) -> list[str]:
             "--enable-supernode-auth",
         ]
     return argv
-
-
-def _local_address(address: str) -> tuple[str, int]:
-    host, port = split_address(address)
-    return ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host), port
 
 
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -485,6 +542,19 @@ def start_split_service(cfg: RunConfig, plan: ServerPlan, *, bind: str) -> Split
     return server
 
 
+def start_fleet_front(plan: ServerPlan, *, upstream_port: int) -> FleetFront:
+    """Serve the Fleet API (only) on ``plan.address``, forwarding to the local SuperLink."""
+    host, public_port = split_address(plan.address)
+    tls = None
+    if plan.tls is not None:
+        tls = FrontTls(cert=plan.tls.cert, key=plan.tls.key, ca_cert=plan.tls.ca_cert)
+    front = FleetFront(host=host, port=public_port, upstream_port=upstream_port, tls=tls)
+    try:
+        return front.start()
+    except RuntimeError as exc:
+        raise DeployError(str(exc)) from exc
+
+
 def wait_for_run(cli: FlwrCli, run_id: str, *, superlink: ChildProcess, poll_s: float) -> str:
     """Poll the run's status until it is ``finished:*``; returns that status."""
     status = "pending"
@@ -523,34 +593,41 @@ def run_server(cfg: RunConfig, plan: ServerPlan) -> int:
     out = plan.out.resolve()
     state_dir = out / ".superlink"
     state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)  # state.db holds every client update: owner only
     env = flower_env(state_dir)
-    host, port = _local_address(plan.address)
+    port = plan.local_port or free_port(LOCAL_HOST)
+    while port == split_address(plan.address)[1]:  # the front takes that one
+        port = free_port(LOCAL_HOST)
     write_connection(
         state_dir,
-        address=f"{host}:{port}",
+        address=f"{LOCAL_HOST}:{port}",
         root_certificates=None if plan.tls is None else plan.tls.ca_cert,
     )
     cli = FlwrCli(flwr_home=state_dir, env=env)
     superlink = ChildProcess(
         name="flower-superlink",
-        argv=superlink_argv(plan, state_dir),
+        argv=superlink_argv(plan, state_dir, port=port),
         log_path=state_dir / "superlink.log",
         env=env,
     )
     run_id, status = "", "not started"
     split_server: SplitServerThread | None = None
+    front: FleetFront | None = None
     with terminate_as_interrupt():
         try:
             if split_bind is not None:
                 split_server = start_split_service(cfg, plan, bind=split_bind)
             superlink.start()
             (state_dir / "superlink.pid").write_text(f"{superlink.pid}\n", encoding="utf-8")
-            wait_for_port(host, port, child=superlink, timeout_s=plan.start_timeout_s)
+            wait_for_port(LOCAL_HOST, port, child=superlink, timeout_s=plan.start_timeout_s)
+            nodes = None
             if plan.tls is not None:
-                register_node_keys(cli, plan.node_keys)
+                ids = register_node_keys(cli, plan.node_keys)
+                nodes = bind_node_keys(plan.node_keys, ids, state_dir) or None
             stop_unfinished_runs(cli)
+            front = start_fleet_front(plan, upstream_port=port)
             run_cfg = write_run_config(
-                state_dir / "run_config.toml", cfg, out=out, resume=plan.resume
+                state_dir / "run_config.toml", cfg, out=out, resume=plan.resume, nodes=nodes
             )
             res = cli.call("run", str(APP_DIR), CONNECTION, "--run-config", str(run_cfg))
             if not res.get("success"):
@@ -565,6 +642,8 @@ def run_server(cfg: RunConfig, plan: ServerPlan) -> int:
             )
             status = wait_for_run(cli, run_id, superlink=superlink, poll_s=plan.poll_s)
         finally:
+            if front is not None:
+                front.stop()
             superlink.stop()
             if split_server is not None:
                 split_server.stop()

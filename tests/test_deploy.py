@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,14 +169,19 @@ def test_run_config_file_round_trips_through_flowers_parser(tmp_path):
 
     from fedft.config import load_config
     from fedft.transport.flower_config import read_run_config
+    from server.app import bound_nodes
     from server.deploy import write_run_config
 
     cfg = load_config(None, ["name='quote \" and \\ back'", "federation.rounds=7"])
-    path = write_run_config(tmp_path / "rc.toml", cfg, out=tmp_path / "o", resume=True)
+    path = write_run_config(
+        tmp_path / "rc.toml", cfg, out=tmp_path / "o", resume=True, nodes={"123": 0, "45": 2}
+    )
     parsed = parse_config_args([str(path)])  # what `flwr run --run-config FILE` does
     assert read_run_config(parsed) == cfg
     assert parsed["fedft-out"] == str((tmp_path / "o").resolve())
     assert parsed["fedft-resume"] is True
+    assert bound_nodes(parsed["fedft-nodes"]) == {123: 0, 45: 2}  # what the ServerApp reads
+    assert bound_nodes("") is None  # no node authentication: no binding
 
 
 def test_launch_commands_and_plans(pki, tmp_path):
@@ -187,10 +193,13 @@ def test_launch_commands_and_plans(pki, tmp_path):
     certs, rogue = pki
     tls = ServerTls.from_dir(certs)
     plan = ServerPlan(out=tmp_path, address="127.0.0.1:9", tls=tls, node_keys=(rogue,))
-    argv = superlink_argv(plan, tmp_path)
+    argv = superlink_argv(plan, tmp_path, port=7)
     assert "--enable-supernode-auth" in argv and "--insecure" not in argv
+    # the SuperLink (Control API included) listens on the loopback interface only
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "7"
     assert argv[argv.index("--ssl-certfile") + 1] == str(tls.cert.resolve())
-    insecure = superlink_argv(ServerPlan(out=tmp_path, address="127.0.0.1:9"), tmp_path)
+    insecure = superlink_argv(ServerPlan(out=tmp_path, address="0.0.0.0:9"), tmp_path, port=7)
+    assert insecure[insecure.index("--host") + 1] == "127.0.0.1"
     assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
     with pytest.raises(DeployError, match="node public keys"):
         ServerPlan(out=tmp_path, tls=tls)  # TLS means node auth: keys are required
@@ -213,6 +222,9 @@ def test_launch_commands_and_plans(pki, tmp_path):
         "partition-id": 2,
         "data-path": str(data.resolve()),
         "epsilon": 2.5,
+        # TLS on: the split channel gets the CA even without a split certificate, so a
+        # split round refuses plaintext (tests/test_split_fail_closed.py)
+        "split-ca": str(tls.ca_cert.resolve()),
     }
     argv = supernode_argv(client, runtime_port=5)
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(
@@ -225,10 +237,27 @@ def test_launch_commands_and_plans(pki, tmp_path):
         ClientPlan(partition=0, server="h:1", epsilon=0.0)
 
 
+def test_node_keys_bind_client_indices_across_restarts(tmp_path):
+    from server.deploy import DeployError, bind_node_keys
+
+    keys = []
+    for name in ("client-0.pub", "client-1.pub", "extra.pub"):
+        keys.append(write_file(tmp_path / name, make_node_keypair()[1], private=False))
+    state = tmp_path / "state"
+    state.mkdir()
+    assert bind_node_keys(keys, ["11", "12", "13"], state) == {"11": 0, "12": 1}
+    # a restarted SuperLink answers "already registered": the saved ids keep the binding
+    assert bind_node_keys(keys, ["known", "known", "known"], state) == {"11": 0, "12": 1}
+    with pytest.raises(DeployError, match="node id"):
+        bind_node_keys(keys, ["known"] * 3, tmp_path / "fresh-state")
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     root = tmp_path_factory.mktemp("pki")
-    paths = write_deployment_certs(root / "certs", clients=3)
+    # client-3 is a registered node (its key is in the server's --certs) that no run of 3
+    # clients needs: the deployed run uses it as a hostile insider
+    paths = write_deployment_certs(root / "certs", clients=4)
     rogue_private, rogue_public = make_node_keypair()  # never registered with the server
     rogue = write_file(root / "rogue.key", rogue_private, private=True)
     write_file(root / "rogue.pub", rogue_public, private=False)
@@ -245,6 +274,7 @@ class Deployed:
     plain: Proc
     plain_code: int
     superlink_log: str
+    attack: dict[str, object]
 
 
 @pytest.fixture(scope="module")
@@ -257,8 +287,23 @@ def deployed(tiny_bert_dir, pki, tmp_path_factory):
     procs = [server]
     try:
         _wait_for(lambda: _submitted(server), 120, "the run to be submitted")
-        clients = _clients(cfg, port, certs, work, "ok")
+        attack = _outsider_attack(work / "attacker", port=port, ca_cert=certs / "ca.crt")
         addr = ["--server", f"127.0.0.1:{port}", "--max-wait", "6"]
+        # an insider: registered key client-3, declares client 0's index; it connects first
+        slog = out / ".superlink" / "superlink.log"
+        insider = Proc.start(
+            "insider",
+            ["client", str(cfg), "--partition", "0", "--certs", str(certs)]
+            + ["--key", str(certs / "client-3.key"), "--server", f"127.0.0.1:{port}"],
+            work,
+        )
+        procs.append(insider)
+        _wait_for(
+            lambda: slog.read_text(errors="replace").count("/v1/fleet/activate-node") >= 1,
+            120,
+            "the insider to connect",
+        )
+        clients = _clients(cfg, port, certs, work, "ok")
         # an unregistered node key (partition 0 is taken: were it admitted, the run would
         # see two nodes claiming client 0 and fail)
         rogue = Proc.start(
@@ -283,10 +328,44 @@ def deployed(tiny_bert_dir, pki, tmp_path_factory):
         rogue_code, plain_code = rogue.wait(120), plain.wait(120)
         server_code = server.wait(RUN_TIMEOUT_S)
         log = (out / ".superlink" / "superlink.log").read_text(errors="replace")
-        yield Deployed(out, cfg, server_code, rogue, rogue_code, plain, plain_code, log)
+        yield Deployed(out, cfg, server_code, rogue, rogue_code, plain, plain_code, log, attack)
     finally:
         for p in reversed(procs):
             p.stop()
+
+
+def _outsider_attack(home: Path, *, port: int, ca_cert: Path) -> dict[str, object]:
+    """Play an outsider who holds only the public ``ca.crt`` and the server's address: with
+    the ``flwr`` CLI, register their own node key, list the nodes and list the runs."""
+    from server.deploy import CONNECTION, DeployError, FlwrCli, flower_env, write_connection
+
+    home.mkdir(parents=True)
+    shutil.copy(ca_cert, home / "ca.crt")
+    _, public = make_node_keypair()
+    key = write_file(home / "attacker.pub", public, private=False)
+    write_connection(home, address=f"127.0.0.1:{port}", root_certificates=home / "ca.crt")
+    cli = FlwrCli(flwr_home=home, env=flower_env(home))
+    results: dict[str, object] = {}
+    for name, args in {
+        "register": ("supernode", "register", str(key), CONNECTION),
+        "nodes": ("supernode", "ls", CONNECTION),
+        "runs": ("ls", CONNECTION),
+    }.items():
+        try:
+            results[name] = cli.call(*args, timeout_s=60)
+        except DeployError as exc:  # no JSON at all: refused too
+            results[name] = {"success": False, "error-message": str(exc)}
+    return results
+
+
+def test_outsider_cannot_use_the_control_api(deployed):
+    """Attack: with only ca.crt, register a node key and list nodes and runs through the
+    server's public address. The public address serves the Fleet API only: all refused."""
+    for name, res in deployed.attack.items():
+        assert res.get("success") is not True, (name, res)
+    # the SuperLink saw exactly the operator's four registrations, none from the attacker
+    assert deployed.superlink_log.count("POST /v1/control/register-node") == 4
+    assert "Starting the SuperLink Control HTTP API on 127.0.0.1:" in deployed.superlink_log
 
 
 def test_tls_auth_three_clients_two_rounds(deployed):
@@ -304,8 +383,19 @@ def test_tls_auth_three_clients_two_rounds(deployed):
     assert summary["config"]["federation"]["rounds"] == 2
     assert (deployed.out / "adapter" / "adapter_model.safetensors").is_file()
     assert (deployed.out / "checkpoint" / "state.json").is_file()
+    # the SuperLink's state (every client update) and the checkpoint: owner only
+    for private in (deployed.out / ".superlink", deployed.out / "checkpoint"):
+        assert private.stat().st_mode & 0o777 == 0o700, private
     # exactly three SuperNodes were admitted (their keys were registered first)
     assert deployed.superlink_log.count('/v1/fleet/activate-node HTTP/1.1" 200') >= 3
+
+
+def test_insider_cannot_take_another_clients_index(deployed):
+    """Attack: a registered node (key client-3) declares client index 0 before client 0
+    connects. Its index is bound to its key (3, outside this 3-client run), so it neither
+    aborts the run ("two nodes claim client index 0") nor gets client 0's settings."""
+    assert deployed.server_code == 0, deployed.superlink_log[-3000:]
+    assert all(r["clients"] == 3 for r in _rows(deployed.out)[1:])
 
 
 def test_unregistered_node_key_is_refused(deployed):
@@ -352,10 +442,13 @@ def test_killed_server_resumes_to_the_same_adapter(deployed, pki, tmp_path):
         assert json.loads(ckpt.read_text())["round"] == 1 and len(_rows(out)) == 2
         # crash: SIGKILL the server and its SuperLink (both started by this test's command)
         superlink_pid = int((out / ".superlink" / "superlink.pid").read_text())
+        # the SuperLink's own (loopback) port, which its ServerApp dials
+        local = (out / ".superlink" / "config.toml").read_text().split('address = "')[1]
+        local_port = int(local.split('"')[0].rsplit(":", 1)[1])
         server.proc.kill()
         server.proc.wait()
         os.kill(superlink_pid, signal.SIGKILL)
-        _wait_for(lambda: _serverapp_gone(port), 60, "the old ServerApp to exit")
+        _wait_for(lambda: _serverapp_gone(local_port), 60, "the old ServerApp to exit")
         assert len(_rows(out)) == 2  # round 2 never finished
         resumed = _server("server-2", deployed.cfg, out, port, certs, tmp_path, "--resume")
         procs.append(resumed)
