@@ -219,9 +219,33 @@ class AggregationConfig:
     max_update_norm: Float = Field(
         default=0.0, ge=0, description="reject an update whose L2 norm exceeds this (0 = no bound)"
     )
+    max_examples: Int = Field(
+        default=0,
+        ge=0,
+        description="largest example count (FedAvg weight) one client may claim "
+        "(0 = the largest partition of the run's split; set it when clients bring their data)",
+    )
     secure: Bool = Field(
         default=False, description="secure aggregation: the server sees only the sum"
     )
+
+    def __post_init__(self) -> None:
+        if self.secure and self.robust == "norm_bound":
+            raise Refusal(
+                "robust",
+                "norm_bound",
+                "under secure aggregation the server sees only the sum, so it cannot check "
+                "that each client clipped to norm_bound (one client could send any vector); "
+                "use secure with privacy.mode = 'user' (whose sum is checked against "
+                "clients x clip) or norm_bound without secure",
+            )
+        if self.secure and self.max_update_norm > 0:
+            raise Refusal(
+                "max_update_norm",
+                self.max_update_norm,
+                "the server checks each update's norm, which secure aggregation hides: use 0 "
+                "with secure (or privacy.mode = 'user' to bound each client's contribution)",
+            )
 
 
 @dataclass(frozen=True, kw_only=True, config=_SECTION)

@@ -19,9 +19,11 @@ model is left unchanged. Dropped or late clients, replies from a node other than
 asked, replies claiming another SecAgg index and malformed records are logged and dropped.
 
 What the server cannot do here: validate an update's values or norm (it never sees one).
-Clients clip their own delta when a bound exists (user-level DP's C, robust
-``norm_bound``); the fixed-point clip of :class:`~fedft.secagg.SecAggParams` bounds every
-entry of every vector.
+It checks what the sum still reveals (:func:`check_sum`): the total weight lies in
+[|U3|, |U3| * max_examples], and under user-level DP the count is exactly |U3| and the sum
+of clipped deltas has norm <= |U3| * C. A sum that fails is refused whole (the round fails,
+the model is unchanged). The configuration refuses ``secure`` with a robust ``norm_bound``
+or a ``max_update_norm``, whose per-client bounds no sum can show.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from flwr.serverapp import Grid
 from fedft.aggregation.base import Aggregator
 from fedft.aggregation.robust import NormBound, flatten_trainables, unflatten_trainables
 from fedft.privacy import CentralDP
+from fedft.replies import check_epsilon, parse_privacy_record
 from fedft.secagg import SecAggError, SecAggParams, SecAggResult, SecAggServer
+from fedft.secagg.bounds import sum_problems
 from fedft.secagg.encoding import decode_aggregate, vector_length
 from fedft.transport import secagg_serde as ss
 from fedft.transport import serde
@@ -70,6 +74,7 @@ class SecureRound:
         epsilon: client index -> ε spent so far (sample-level DP).
         accountants: client index -> its accountant state (JSON).
         refused: clients that refused to train (budget spent).
+        rejected: (client index, why) for stage-0 replies with an unacceptable record.
         train_loss: the clients' reported local training losses.
     """
 
@@ -82,6 +87,7 @@ class SecureRound:
     epsilon: dict[int, float] = field(default_factory=dict)
     accountants: dict[int, str] = field(default_factory=dict)
     refused: list[int] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
 
 
@@ -198,6 +204,7 @@ def run_secure_round(
     aggregator: Aggregator,
     timeout: float | None,
     min_replies: int,
+    max_examples: int,
     frac_bits: int = 24,
     clip: float = float(2**20),
 ) -> SecureRound:
@@ -216,6 +223,7 @@ def run_secure_round(
             CentralDP).
         timeout: seconds each stage waits for replies (None: wait for all).
         min_replies: federation.min_replies; fewer clients in the sum fail the round.
+        max_examples: the largest n_k a client may weigh in with (bounds the total weight).
         frac_bits: fixed-point fractional bits (rounding error n * 2^(-f-1) per entry).
         clip: fixed-point clip on each entry of [w x, w].
     """
@@ -298,8 +306,41 @@ def run_secure_round(
     if out.clients < min_replies:
         out.failed = f"{out.clients} clients in the sum < federation.min_replies={min_replies}"
         return out
+    problems = check_sum(
+        total, template=template, parts=parts, aggregator=aggregator, max_examples=max_examples
+    )
+    if problems:
+        out.failed = "; ".join(problems)
+        logger.error("round %d: refused the secure sum: %s; model unchanged", rnd, out.failed)
+        return out
     out.result = aggregate_from_sum(total, template=template, parts=parts, aggregator=aggregator)
     return out
+
+
+def check_sum(
+    total: SecAggResult,
+    *,
+    template: ClientUpdate,
+    parts: Literal["ab", "b", "r"],
+    aggregator: Aggregator,
+    max_examples: int,
+    frac_bits: int = 24,
+) -> list[str]:
+    """Why the unmasked sum cannot come from honest clients ([] = it can), see
+    :func:`fedft.secagg.bounds.sum_problems`."""
+    clip_delta, weighted = client_clip(aggregator)
+    reference = None
+    if not weighted:
+        reference = flatten_trainables(template, parts).to(torch.float64).numpy()
+    return sum_problems(
+        np.asarray(total.total, dtype=np.float64),
+        included=len(total.included),
+        weighted=weighted,
+        max_examples=max_examples,
+        reference=reference,
+        clip_norm=clip_delta if clip_delta > 0 else None,
+        rounding=len(total.included) * 2.0 ** (-frac_bits - 1),
+    )
 
 
 def _close(out: SecureRound, ex: _Exchange) -> None:
@@ -316,17 +357,33 @@ def _metric(content: RecordDict, name: str) -> float | None:
 
 
 def _privacy(out: SecureRound, idx: int, content: RecordDict, rnd: int) -> bool:
-    """Mirror the accountant and the ε of a stage-0 reply; False if the client refused."""
+    """Mirror the accountant and the ε of a stage-0 reply (checked by
+    :mod:`fedft.replies`); False if the client refused or its record is unacceptable."""
     privacy = content.get(serde.PRIVACY_RECORD)
-    if isinstance(privacy, ConfigRecord):
-        out.accountants[idx] = str(privacy.get("accountant", ""))
-        if bool(privacy.get("refused", False)):
-            logger.warning("round %d: client %d stopped: %s", rnd, idx, privacy.get("message"))
+    if privacy is not None:
+        checked = (
+            parse_privacy_record(privacy)
+            if isinstance(privacy, ConfigRecord)
+            else "privacy record is not a ConfigRecord"
+        )
+        if isinstance(checked, str):
+            logger.warning("round %d: rejected reply of client %d: %s", rnd, idx, checked)
+            out.rejected.append((idx, checked))
+            return False
+        out.accountants[idx] = checked.accountant
+        if checked.refused:
+            logger.warning("round %d: client %d stopped: %s", rnd, idx, checked.message)
             out.refused.append(idx)
             return False
-    eps = _metric(content, "epsilon")
-    if eps is not None:
-        out.epsilon[idx] = eps
+    metrics = content.get(serde.METRICS)
+    if metrics is not None and "epsilon" in metrics:  # type: ignore[operator]
+        eps = metrics["epsilon"]  # type: ignore[index]
+        bad = check_epsilon(eps)
+        if bad is not None:
+            logger.warning("round %d: rejected reply of client %d: %s", rnd, idx, bad)
+            out.rejected.append((idx, bad))
+            return False
+        out.epsilon[idx] = float(eps)  # type: ignore[arg-type]
     return True
 
 

@@ -30,6 +30,7 @@ from fedft.aggregation.validate import validate_update
 from fedft.checkpoint import load_checkpoint, save_checkpoint
 from fedft.config import RunConfig
 from fedft.data.encode import batches
+from fedft.replies import bind_client_indices, check_epsilon, parse_privacy_record
 from fedft.reporting.metrics import MetricsWriter, read_metrics, write_summary
 from fedft.reporting.report import write_report
 from fedft.training.coordinator import ClientStart, Coordinator
@@ -65,8 +66,18 @@ class RoundFailed(RuntimeError):
     """Fewer replies than the configured minimum: the global model stays unchanged."""
 
 
-def discover_clients(grid: Grid, *, num_clients: int, timeout_s: float = 600.0) -> dict[int, int]:
-    """Ask every connected node for its partition id: {client index: node id}."""
+def discover_clients(
+    grid: Grid,
+    *,
+    num_clients: int,
+    timeout_s: float = 600.0,
+    bound: Mapping[int, int] | None = None,
+) -> dict[int, int]:
+    """Ask every connected node for its partition id: {client index: node id}.
+
+    ``bound`` (node id -> client index, from the operator's registered node keys) overrides
+    what nodes declare, so one node cannot take another's index (:mod:`fedft.replies`).
+    """
     deadline = time.monotonic() + timeout_s
     node_ids: list[int] = list(grid.get_node_ids())
     while len(node_ids) < num_clients and time.monotonic() < deadline:
@@ -80,21 +91,23 @@ def discover_clients(grid: Grid, *, num_clients: int, timeout_s: float = 600.0) 
     messages = [
         Message(content=RecordDict(), dst_node_id=nid, message_type=QUERY) for nid in node_ids
     ]
-    mapping: dict[int, int] = {}
+    claims: list[tuple[int, object]] = []
     for reply in grid.send_and_receive(messages, timeout=timeout_s):
         if reply.has_error():
             logger.warning(
                 "node %s did not answer the query: %s", reply.metadata.src_node_id, reply.error
             )
             continue
-        idx = int(reply.content["info"]["client_index"])  # type: ignore[arg-type]
-        if idx in mapping:
-            raise RuntimeError(f"two nodes claim client index {idx}; give each its own partition")
-        mapping[idx] = reply.metadata.src_node_id
-    missing = sorted(set(range(num_clients)) - set(mapping))
+        info = reply.content.get("info")
+        claimed = info.get("client_index") if isinstance(info, ConfigRecord) else None
+        claims.append((reply.metadata.src_node_id, claimed))
+    binding = bind_client_indices(claims, num_clients=num_clients, bound=bound)
+    for node, reason in binding.ignored:
+        logger.warning("node %s: %s; ignored", node, reason)
+    missing = sorted(set(range(num_clients)) - set(binding.nodes))
     if missing:
         raise RuntimeError(f"no node serves client indices {missing}")
-    return mapping
+    return binding.nodes
 
 
 def _client_config(cfg: RunConfig, *, rnd: int, idx: int, start: ClientStart) -> dict[str, Any]:
@@ -127,9 +140,18 @@ def _public_init(cfg: RunConfig, runtime: Runtime, aggregator: Any, public: Any)
 
 
 def run_federation(
-    grid: Grid, cfg: RunConfig, out: Path, *, progress: bool = True, resume: bool = False
+    grid: Grid,
+    cfg: RunConfig,
+    out: Path,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    bound_nodes: Mapping[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Run every round of ``cfg`` on ``grid``; write metrics, report, adapter, checkpoint."""
+    """Run every round of ``cfg`` on ``grid``; write metrics, report, adapter, checkpoint.
+
+    ``bound_nodes`` (node id -> client index) binds client indices to node identities.
+    """
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         _set_aside_previous_run(out)
@@ -212,12 +234,14 @@ def run_federation(
                 "wall_s": 0.0,
             }
         )
-    nodes = discover_clients(grid, num_clients=cfg.federation.num_clients)
+    nodes = discover_clients(grid, num_clients=cfg.federation.num_clients, bound=bound_nodes)
     parts_up = aggregator.trainable
     # FFA's A and Fed-SB's B, A never change: a client that holds them gets only what trains
     frozen_id = _frozen_id(coord.global_adapters) if aggregator.trainable != "ab" else ""
     holds_frozen: set[int] = set()
     min_replies = cfg.federation.min_replies or 1
+    # the largest FedAvg weight one client may claim (its n_k)
+    max_examples = cfg.aggregation.max_examples or max(len(c) for c in fed.clients)
     timeout = cfg.federation.round_timeout_s or None
 
     bar = tqdm(
@@ -283,6 +307,7 @@ def run_federation(
                 aggregator=aggregator,
                 timeout=timeout,
                 min_replies=min_replies,
+                max_examples=max_examples,
             )
             bytes_down = secure.bytes_down
             replies = RoundReplies(
@@ -290,6 +315,7 @@ def run_federation(
                 epsilon=secure.epsilon,
                 accountants=secure.accountants,
                 refused=secure.refused,
+                rejected=secure.rejected,
             )
         else:
             replies = _collect(
@@ -302,6 +328,7 @@ def run_federation(
                 rnd,
                 extras=coord.extras,
                 max_norm=cfg.aggregation.max_update_norm or None,
+                max_examples=max_examples,
             )
         holds_frozen.difference_update(replies.errored)  # e.g. a restarted client lost them
         if frozen_id:
@@ -477,6 +504,7 @@ def _collect(
     *,
     extras: Mapping[str, Any],
     max_norm: float | None,
+    max_examples: int,
 ) -> RoundReplies:
     """Send, wait, decode and validate: the updates that arrived in time and are sound."""
     index_of = {nid: idx for idx, nid in nodes.items()}
@@ -509,14 +537,18 @@ def _collect(
             continue
         privacy = reply.content.get(serde.PRIVACY_RECORD)
         if privacy is not None:
-            out.accountants[idx] = str(privacy["accountant"])  # type: ignore[index]
-            if bool(privacy["refused"]):  # type: ignore[index]
-                logger.warning(
-                    "round %d: client %d stopped: %s",
-                    rnd,
-                    idx,
-                    privacy.get("message", "budget spent"),
-                )  # type: ignore[union-attr]
+            checked = (
+                parse_privacy_record(privacy)
+                if isinstance(privacy, ConfigRecord)
+                else "privacy record is not a ConfigRecord"
+            )
+            if isinstance(checked, str):
+                logger.warning("round %d: rejected reply of client %d: %s", rnd, idx, checked)
+                out.rejected.append((idx, checked))
+                continue
+            out.accountants[idx] = checked.accountant
+            if checked.refused:
+                logger.warning("round %d: client %d stopped: %s", rnd, idx, checked.message)
                 out.refused.append(idx)
                 continue
         try:
@@ -536,6 +568,7 @@ def _collect(
             parts=parts_up,
             extras_expected=extras,
             max_norm=max_norm,
+            max_examples=max_examples,
         )
         if problems:
             logger.warning(
@@ -544,6 +577,11 @@ def _collect(
             out.rejected.append((idx, "; ".join(problems)))
             continue
         if "epsilon" in update.metrics:
+            bad_eps = check_epsilon(update.metrics["epsilon"])
+            if bad_eps is not None:
+                logger.warning("round %d: rejected update of client %d: %s", rnd, idx, bad_eps)
+                out.rejected.append((idx, bad_eps))
+                continue
             out.epsilon[idx] = float(update.metrics["epsilon"])
         got[idx] = update
     out.updates = [got[i] for i in sorted(got)]

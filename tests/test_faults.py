@@ -194,7 +194,18 @@ def test_collect_counts_duplicates_once_and_drops_replays_and_strangers() -> Non
         reply(3, 5),
         _Reply(999, reply(1, 5).content),  # a node nobody asked
     ]
-    got = _collect(_FakeGrid(replies), [], None, starts, nodes, "ab", 5, extras={}, max_norm=None)  # type: ignore[arg-type]
+    got = _collect(
+        _FakeGrid(replies),
+        [],
+        None,
+        starts,
+        nodes,
+        "ab",
+        5,
+        extras={},
+        max_norm=None,
+        max_examples=100,
+    )  # type: ignore[arg-type]
     assert [u.client_id for u in got.updates] == ["0", "1", "3"]
     assert {i for i, _ in got.rejected} == {3, 2}
     fed = get_aggregator("fedit")

@@ -9,7 +9,11 @@ fault on the client side, as a hostile or broken client would:
 - ``"replay"``: send this client's reply of an earlier round again;
 - ``"garbage"``: send a reply whose tensor bytes are truncated;
 - ``"poison:F"``: scale the update delta by F (a model-poisoning client);
-- ``"die:STAGE"``: secure rounds: crash at SecAgg stage STAGE (share, masked, unmask).
+- ``"die:STAGE"``: secure rounds: crash at SecAgg stage STAGE (share, masked, unmask);
+- ``"examples:N"``: claim N training examples (a FedAvg weight grab);
+- ``"no-accountant"``: send a privacy record without the accountant state;
+- ``"offset:V:W"``: secure rounds: after masking, add V to every value entry and W to the
+  weight entry of the masked vector, in the ring (one client forging the sum).
 
 ``drop_rate`` drops each (round, client) with that probability, from a seeded hash (soak).
 With ``capture_dir`` every client saves what it started from and what it sent
@@ -170,6 +174,19 @@ def fault_client_app(
             tag = content["fedft.round"]
             content = serde.update_to_recorddict(update, parts=parts)
             content["fedft.round"] = tag
+        if fault.startswith("examples:"):
+            update = ClientUpdate(
+                client_id=update.client_id,
+                adapters=update.adapters,
+                num_examples=int(fault.split(":", 1)[1]),
+                metrics=update.metrics,
+                extras=update.extras,
+            )
+            tag = content["fedft.round"]
+            content = serde.update_to_recorddict(update, parts=parts)
+            content["fedft.round"] = tag
+        if fault == "no-accountant":
+            content[serde.PRIVACY_RECORD] = ConfigRecord({"refused": False})
         if capture_dir is not None:
             d = Path(capture_dir)
             start_update = ClientUpdate(
@@ -219,6 +236,17 @@ def fault_client_app(
         if fault == f"die:{stage}":
             raise RuntimeError(f"injected crash of client {idx} at secagg stage {stage}")
         content = handle(cfg, msg.content, context)
+        if stage == "masked" and fault.startswith("offset:"):
+            import numpy as np
+
+            value, weight = (float(x) for x in fault.split(":")[1:])
+            rec = content[ss.RECORD]
+            masked = np.frombuffer(rec["masked"], dtype="<u8").copy()  # type: ignore[arg-type,index]
+            ring = 1 << 64
+            scale = 2.0**24  # the server's frac_bits
+            masked[:-1] += np.uint64(round(value * scale) % ring)
+            masked[-1] += np.uint64(round(weight * scale) % ring)
+            rec["masked"] = masked.astype("<u8").tobytes()  # type: ignore[index]
         if stage == "advertise" and capture_dir is not None:
             from fedft.transport import serde
 

@@ -141,7 +141,10 @@ def _problems(
     if isinstance(n, bool) or not isinstance(n, int):
         problems.append(f"num_examples={n!r} is not an integer")
     elif not 0 < n <= max_examples:
-        problems.append(f"num_examples={n} outside [1, {max_examples}]")
+        problems.append(
+            f"num_examples={n} outside [1, {max_examples}] (a client's FedAvg weight is capped "
+            "at aggregation.max_examples; raise it if clients hold more data)"
+        )
     names, want_names = set(update.adapters), set(expected)
     if names != want_names:
         problems.append(

@@ -1,0 +1,178 @@
+"""One hostile client against the server's round, played through real Flower rounds.
+
+Each simulation runs the real ServerApp and the real ClientApp with one client turned
+hostile by ``tests/test_faults_apps.py`` (the same handlers, then the attack on what it
+sends). Without the server-side checks these attacks replaced the model (a forged SecAgg
+sum, a claimed example count of 1e7) or failed the whole run (a reply without its
+accountant state raised KeyError). Now the bad reply or the forged sum is refused alone and
+the run carries on with the honest clients. Fast tests pin the pure checks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_faults_apps import fault_client_app, metrics_rows, run_sim, tiny_config
+
+from fedft.aggregation.robust import flatten_trainables
+from fedft.checkpoint import load_checkpoint
+from fedft.config import ConfigError, load_config
+from fedft.replies import (
+    MAX_ACCOUNTANT_CHARS,
+    PrivacyReply,
+    bind_client_indices,
+    check_epsilon,
+    parse_privacy_record,
+)
+from fedft.secagg.bounds import sum_problems
+from fedft.types import ClientUpdate, LoraFactors
+
+THREE = {
+    "federation.num_clients": 3,
+    "federation.clients_per_round": 3,
+    "federation.round_timeout_s": 60.0,
+}
+
+
+def _global_norm(out: Path) -> float:
+    ck = load_checkpoint(out / "checkpoint")["coordinator"]
+    g = ClientUpdate(
+        client_id="g",
+        adapters={
+            m: LoraFactors(a=e["a"], b=e["b"], scaling=float(e["scaling"]))
+            for m, e in ck["global_adapters"].items()
+        },
+        num_examples=1,
+        extras=ck["extras"],
+    )
+    return float(flatten_trainables(g, "ab").abs().max())
+
+
+# --- through Flower -----------------------------------------------------------------------
+
+
+def test_plain_round_rejects_a_weight_grab_and_a_malformed_record(
+    tiny_bert_dir: str, tmp_path: Path
+) -> None:
+    """Attack: client 0 claims 1e7 examples (all of FedAvg's weight); client 1 sends a
+    privacy record without its accountant state. Both are rejected alone."""
+    cfg = tiny_config(tiny_bert_dir, **THREE, **{"federation.rounds": 2})
+    plan = {"1:0": "examples:10000000", "1:1": "no-accountant"}
+    run_sim(cfg, tmp_path / "run", fault_client_app(cfg, plan=plan))
+    rows = {r["round"]: r for r in metrics_rows(tmp_path / "run")}
+    assert rows[1]["clients"] == 1 and rows[1]["rejected"] == 2
+    assert rows[2]["clients"] == 3 and rows[2]["rejected"] == 0
+    assert not any(r.get("failed") for r in rows.values())
+
+
+def test_forged_secure_sum_is_refused(tiny_bert_dir: str, tmp_path: Path) -> None:
+    """Attack: under secure aggregation, client 0 adds 1e6 to every masked value and 1e9 to
+    its masked weight (its vector then outweighs everyone and moves the model by ~1e6).
+    The total weight is out of [3, 3 * max_examples]: the round is refused."""
+    cfg = tiny_config(
+        tiny_bert_dir, **THREE, **{"federation.rounds": 2, "aggregation.secure": "true"}
+    )
+    out = tmp_path / "run"
+    run_sim(cfg, out, fault_client_app(cfg, plan={"1:0": "offset:1000000:1000000000"}))
+    rows = {r["round"]: r for r in metrics_rows(out)}
+    assert rows[1].get("failed") is True
+    assert rows[2]["clients"] == 3 and not rows[2].get("failed")
+    assert _global_norm(out) < 100.0  # the model was never replaced
+
+
+def test_forged_sum_under_user_dp_is_refused(tiny_bert_dir: str, tmp_path: Path) -> None:
+    """Attack under secure aggregation + user-level DP (clients clip to C, weight 1):
+    round 1 client 0 adds 1e3 to every masked value (the sum of clipped deltas then exceeds
+    3 C); round 2 it subtracts 1 from its masked count (count 2 != 3 clients). Both
+    rounds are refused; round 3 is clean."""
+    cfg = tiny_config(
+        tiny_bert_dir,
+        **THREE,
+        **{
+            "federation.rounds": 3,
+            "aggregation.secure": "true",
+            "privacy.mode": "'user'",
+            "privacy.noise_multiplier": 0.1,
+            "privacy.max_grad_norm": 1.0,
+        },
+    )
+    out = tmp_path / "run"
+    plan = {"1:0": "offset:1000:0", "2:0": "offset:0:-1"}
+    run_sim(cfg, out, fault_client_app(cfg, plan=plan))
+    rows = {r["round"]: r for r in metrics_rows(out)}
+    assert rows[1].get("failed") is True and rows[2].get("failed") is True
+    assert rows[3]["clients"] == 3 and not rows[3].get("failed")
+    assert _global_norm(out) < 100.0
+
+
+# --- the pure checks ----------------------------------------------------------------------
+
+
+def test_sum_bounds_weighted() -> None:
+    vec = np.array([1.0, 2.0, 30.0])  # weight 30 over 3 clients
+    assert sum_problems(vec, included=3, weighted=True, max_examples=10) == []
+    assert sum_problems(vec, included=3, weighted=True, max_examples=9)  # 30 > 27
+    assert sum_problems(np.array([1.0, 2.0, 1.0]), included=3, weighted=True, max_examples=10)
+    assert sum_problems(np.array([1.0, np.nan]), included=1, weighted=True, max_examples=10)
+
+
+def test_sum_bounds_uniform_weights() -> None:
+    ref = np.zeros(4)
+    delta = np.array([0.6, 0.0, 0.8, 0.0])  # norm 1 each
+    ok = np.concatenate([3 * delta, [3.0]])
+    assert (
+        sum_problems(ok, included=3, weighted=False, max_examples=1, reference=ref, clip_norm=1.0)
+        == []
+    )
+    big = np.concatenate([3 * delta + 0.5, [3.0]])
+    assert sum_problems(
+        big, included=3, weighted=False, max_examples=1, reference=ref, clip_norm=1.0
+    )
+    miscount = np.concatenate([3 * delta, [2.0]])
+    assert "count" in sum_problems(miscount, included=3, weighted=False, max_examples=1)[0]
+
+
+def test_privacy_record_and_epsilon_checks() -> None:
+    acc = json.dumps({"history": []})
+    assert parse_privacy_record({"refused": False, "accountant": acc}) == PrivacyReply(
+        refused=False, accountant=acc, message=""
+    )
+    for bad in (
+        {"refused": False},
+        {"refused": "yes", "accountant": acc},
+        {"refused": False, "accountant": "not json"},
+        {"refused": False, "accountant": "[1]"},
+        {"refused": False, "accountant": json.dumps({"x": "y" * MAX_ACCOUNTANT_CHARS})},
+    ):
+        assert isinstance(parse_privacy_record(bad), str), bad
+    assert check_epsilon(2.5) is None
+    for bad_eps in (-1.0, float("nan"), float("inf"), 1e9, "3", True):
+        assert check_epsilon(bad_eps) is not None
+
+
+def test_client_index_binding() -> None:
+    # without identities: a duplicated claim goes to nobody (no first-come takeover)
+    free = bind_client_indices([(10, 0), (11, 1), (12, 0), (13, 7)], num_clients=2)
+    assert free.nodes == {1: 11} and {n for n, _ in free.ignored} == {10, 12, 13}
+    # bound by the operator: declarations cannot move a node off its index
+    bound = bind_client_indices(
+        [(10, 0), (11, 1), (12, 0), (99, 0)], num_clients=3, bound={10: 0, 11: 1, 12: 2}
+    )
+    assert bound.nodes == {0: 10, 1: 11, 2: 12}
+    assert {n for n, _ in bound.ignored} == {12, 99}
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["aggregation.secure=true", "aggregation.robust='norm_bound'"],
+        ["aggregation.secure=true", "aggregation.max_update_norm=5.0"],
+        ["aggregation.max_examples=-1"],
+    ],
+)
+def test_unverifiable_combinations_are_config_errors(sets: list[str]) -> None:
+    with pytest.raises(ConfigError):
+        load_config(None, sets)
