@@ -118,13 +118,16 @@ def node_config(plan: ClientPlan) -> str:
         parts.append(f'{DATA_KEY}="{plan.data_path.resolve()}"')
     if plan.epsilon is not None:
         parts.append(f"{EPSILON_KEY}={float(plan.epsilon)!r}")
-    if plan.split_cert is not None and plan.split_key is not None and plan.root_cert is not None:
-        parts += [
-            f'{SPLIT_CA_KEY}="{plan.root_cert.resolve()}"',
-            f'{SPLIT_CERT_KEY}="{plan.split_cert.resolve()}"',
-            f'{SPLIT_KEY_KEY}="{plan.split_key.resolve()}"',
-            f'{SPLIT_ID_KEY}="{split_client_name(plan.partition)}"',
-        ]
+    if plan.root_cert is not None:
+        # TLS on: the split channel is mutual TLS or nothing. Without this client's split
+        # certificate only the CA goes in, and a split round refuses to dial in plaintext.
+        parts.append(f'{SPLIT_CA_KEY}="{plan.root_cert.resolve()}"')
+        if plan.split_cert is not None and plan.split_key is not None:
+            parts += [
+                f'{SPLIT_CERT_KEY}="{plan.split_cert.resolve()}"',
+                f'{SPLIT_KEY_KEY}="{plan.split_key.resolve()}"',
+                f'{SPLIT_ID_KEY}="{split_client_name(plan.partition)}"',
+            ]
     return " ".join(parts)
 
 

@@ -89,7 +89,10 @@ def client_tls_from_node_config(node_config: Mapping[str, Any]) -> ClientTls | N
     if len(given) != len(paths):
         missing = sorted(set(paths) - set(given))
         raise ValueError(
-            f"split mutual TLS needs all of {sorted(paths)} in the node config; missing {missing}"
+            f"split mutual TLS needs all of {sorted(paths)} in the node config; missing "
+            f"{missing}: this node talks TLS to the server but has no split client "
+            "certificate (client-<i>.crt and client-<i>-tls.key from `fedft certs` in "
+            "--certs DIR), and the split channel never falls back to plaintext"
         )
     client_id = node_config.get(SPLIT_ID_KEY)
     return ClientTls(

@@ -192,12 +192,25 @@ def _cmd_certs(args: argparse.Namespace) -> int:
         print(f"fedft certs: {exc}", file=sys.stderr)
         return EXIT_FAILED
     d = paths.ca_cert.parent
+    from fedft.certs import DEFAULT_SERVER_NAMES
+
+    names = [*DEFAULT_SERVER_NAMES, *(args.server_name or ())]
+    host = args.server_name[0] if args.server_name else "localhost"
+    if not args.server_name:
+        print(
+            "fedft certs: no --server-name given: the server certificate covers only "
+            f"{', '.join(DEFAULT_SERVER_NAMES)}, so clients on other machines will fail TLS. "
+            "For a real deployment run again into a new folder with --server-name "
+            "<the host name or IP clients dial>.",
+            file=sys.stderr,
+        )
     print(f"""wrote a CA, a server certificate and {args.clients} client identities to {d}/
+server certificate names (clients must dial one of them): {", ".join(names)}
 
 server (holds ca.crt, server.crt, server.key and every client-<i>.pub):
   fedft server CONFIG.toml --certs {d} --address 0.0.0.0:9092
 client i (holds ca.crt and its own client-<i>.key; client-<i>.crt/-tls.key: split mTLS):
-  fedft client CONFIG.toml --partition i --certs {d} --server SERVER_HOST:9092
+  fedft client CONFIG.toml --partition i --certs {d} --server {host}:9092
 
 Keep ca.key off the server; give each client only its own files.""")
     return EXIT_OK
@@ -315,15 +328,25 @@ def _cmd_split_server(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from server.split_runner import serve_forever
 
-    print(
-        f"fedft split-server: serving the body of {cfg.model.name!r} on {args.address} "
-        "(Ctrl-C to stop)"
-    )
     credentials = None
     if args.certs:  # mutual TLS: every session bound to its client certificate
         from server.split_runner import server_credentials_from_dir
 
         credentials = server_credentials_from_dir(args.certs)
+    elif args.insecure:
+        print(_INSECURE_BANNER, file=sys.stderr)
+    else:
+        print(
+            "fedft split-server: mutual TLS needs --certs DIR (make one with `fedft certs "
+            "DIR`); --insecure serves plaintext with no client identities, for local "
+            "experiments only",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_CONFIG
+    print(
+        f"fedft split-server: serving the body of {cfg.model.name!r} on {args.address} "
+        f"({'mutual TLS' if credentials is not None else 'PLAINTEXT'}; Ctrl-C to stop)"
+    )
     try:
         serve_forever(
             cfg,
@@ -408,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="free a silent client's session after this many seconds",
     )
     spl.add_argument("--certs", help="folder from `fedft certs`: mutual TLS (ca/server)")
+    spl.add_argument(
+        "--insecure", action="store_true", help="plaintext, no client identities (local)"
+    )
     spl.set_defaults(func=_cmd_split_server)
 
     conf = sub.add_parser("config", help="the run configuration: schema, defaults, check a file")
