@@ -24,6 +24,7 @@ import datetime
 import ipaddress
 import logging
 import os
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,18 +298,42 @@ def _pem_cert(cert: x509.Certificate) -> bytes:
 
 
 def write_file(path: Path, data: bytes, *, private: bool) -> Path:
-    """Write ``data`` to ``path`` with mode 0600 (``private``) or 0644, replacing it."""
+    """Write ``data`` to ``path`` with mode 0600 (``private``) or 0644, replacing it.
+
+    The bytes go to a new file created next to ``path`` (``O_CREAT | O_EXCL |
+    O_NOFOLLOW``: never an existing file, never through a symlink) that is then renamed
+    over ``path``. A symlink planted at ``path`` is replaced, never followed.
+    """
     mode = 0o600 if private else 0o644
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
-        os.fchmod(fd, mode)  # an existing file keeps its old mode under O_CREAT
+        os.fchmod(fd, mode)  # the umask may have narrowed it further
         with os.fdopen(fd, "wb") as fh:
             fd = -1
             fh.write(data)
-    finally:
+        os.replace(tmp, path)
+    except BaseException:
         if fd >= 0:
             os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def _check_private_dir(out: Path) -> None:
+    """Create ``out`` with mode 0700, or refuse an existing one that others may enter."""
+    if not out.exists():
+        out.mkdir(parents=True, mode=0o700)
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise ValueError(f"{out} is not a plain folder; private keys go into a real folder")
+    mode = out.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ValueError(
+            f"{out} has mode {mode:o}: other users could read or swap the private keys "
+            f"written there; `chmod 700 {out}` or choose a new folder"
+        )
 
 
 def write_deployment_certs(
@@ -322,7 +347,8 @@ def write_deployment_certs(
     """Write a CA, a server certificate, and per-client TLS certificates and node keys.
 
     Args:
-        out_dir: folder to write into (created, mode 0700 when new).
+        out_dir: folder to write into (created with mode 0700; an existing one must be
+            0700 already).
         clients: number of clients (``client-0`` .. ``client-<clients-1>``), >= 1.
         server_names: extra DNS names / IPs for the server certificate's SANs.
         days: validity of every certificate in days.
@@ -333,7 +359,8 @@ def write_deployment_certs(
         The paths written.
 
     Raises:
-        ValueError: ``clients < 1``, a bad server name, or ``days < 1``.
+        ValueError: ``clients < 1``, a bad server name, ``days < 1``, or an existing
+            ``out_dir`` that other users can enter.
         FileExistsError: ``out_dir/ca.key`` exists and ``overwrite`` is false.
     """
     if clients < 1:
@@ -344,8 +371,7 @@ def write_deployment_certs(
             f"{out / 'ca.key'} exists; choose another folder or pass overwrite=True "
             "(--force) to replace the whole set"
         )
-    if not out.exists():
-        out.mkdir(parents=True, mode=0o700)
+    _check_private_dir(out)
     ca_key, ca_cert = make_ca(days=days)
     server_key, server_cert = make_server_cert(ca_key, ca_cert, names=server_names, days=days)
     paths: dict[str, list[Path]] = {"crt": [], "tls": [], "key": [], "pub": []}

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -306,6 +306,7 @@ def adapters_from_record(
     scalings: Mapping[str, float] | None = None,
     max_numel: int = DEFAULT_MAX_NUMEL,
     check_finite: bool = False,
+    modules: Collection[str] | None = None,
 ) -> dict[str, LoraFactors]:
     """Decode adapters, rebuilding the factors that did not travel from ``reference``.
 
@@ -319,6 +320,8 @@ def adapters_from_record(
             reference's scalings are used.
         max_numel: largest element count accepted per tensor.
         check_finite: reject NaN/inf values.
+        modules: the module names the receiver accepts (None: any); checked on the keys
+            before any tensor is decoded.
 
     Returns:
         module -> LoraFactors, in the record's order.
@@ -332,8 +335,17 @@ def adapters_from_record(
     needs_reference = parts in ("b", "r")
     if needs_reference and reference is None:
         raise SerdeError(f"parts={parts!r} needs the reference factors the receiver holds")
+    grouped = _group(record, set(parts))
+    if modules is not None:
+        unknown = sorted(set(grouped) - set(modules))
+        if unknown:
+            shown = ", ".join(repr(m[:80]) for m in unknown[:3])
+            raise SerdeError(
+                f"{len(unknown)} adapter module(s) the receiver never sent ({shown}"
+                f"{', ...' if len(unknown) > 3 else ''}); refused before decoding"
+            )
     out: dict[str, LoraFactors] = {}
-    for module, arrays in _group(record, set(parts)).items():
+    for module, arrays in grouped.items():
         if set(arrays) != set(parts):
             raise SerdeError(
                 f"adapter {module!r}: got parts {sorted(arrays)}, expected {sorted(parts)}"
@@ -552,6 +564,7 @@ def update_from_recorddict(
         scalings=_scalings(rd, SCALING),
         max_numel=max_numel,
         check_finite=check_finite,
+        modules=None if reference is None else reference.keys(),
     )
     extras = tensors_from_record(extras_rec, max_numel=max_numel, check_finite=check_finite)
     metrics: dict[str, float] = {}
