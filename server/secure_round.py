@@ -75,6 +75,8 @@ class SecureRound:
         accountants: client index -> its accountant state (JSON).
         refused: clients that refused to train (budget spent).
         rejected: (client index, why) for stage-0 replies with an unacceptable record.
+        suspects: client indices caught sending or dealing wrong secret shares (the sum was
+            still rebuilt; see :func:`fedft.secagg.protocol.blame`).
         train_loss: the clients' reported local training losses.
     """
 
@@ -88,6 +90,7 @@ class SecureRound:
     accountants: dict[int, str] = field(default_factory=dict)
     refused: list[int] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    suspects: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
 
 
@@ -299,6 +302,11 @@ def run_secure_round(
         return out
     _close(out, ex)
     out.clients = len(total.included)
+    out.suspects = sorted(client_index[k] for k in total.suspects)
+    if out.suspects:
+        logger.warning(
+            "round %d: clients %s sent or dealt wrong secret shares (corrected)", rnd, out.suspects
+        )
     for k in total.included:
         loss = _metric(keyed[k], "train_loss")
         if loss is not None:

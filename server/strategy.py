@@ -348,6 +348,8 @@ def run_federation(
             "refused": len(replies.refused),
             "rejected": len(replies.rejected),
         }
+        if secure is not None and secure.suspects:
+            record["secagg_suspects"] = secure.suspects
         for key in SUMMED_CLIENT_METRICS:  # split learning: pruning and wire traffic
             values = [float(u.metrics[key]) for u in updates if key in u.metrics]
             if values:

@@ -320,3 +320,65 @@ def test_secure_weighted_mean_matches_inner_aggregator(name: str) -> None:
         torch.testing.assert_close(secure.adapters[m].a, plain.adapters[m].a, atol=1e-5, rtol=0)
         torch.testing.assert_close(secure.adapters[m].b, plain.adapters[m].b, atol=1e-5, rtol=0)
     torch.testing.assert_close(secure.extras["head"], plain.extras["head"], atol=1e-5, rtol=0)
+
+
+# --- one hostile client against the unmasking (issue 14, item 3) -------------------------
+
+
+def test_lying_share_holder_is_named_and_the_round_completes() -> None:
+    """Attack: n = 20, t = 11, every client answers the unmasking; client 1 sends a wrong
+    value for every share it reveals. Subset search (4,096 tries, every early subset holds
+    client 1) aborted the round; Reed-Solomon decoding corrects up to 4 wrong shares per
+    secret, names client 1 and the sum is exact."""
+    params = _params(n=20, max_dropouts=9, d=64)
+    vectors = _vectors(20, 64, seed=5)
+    result = run_round(params, vectors, tamper_unmask=(1,))
+    expected = np.sum([vectors[i] for i in result.included], axis=0)
+    assert np.abs(result.total - expected).max() <= params.error_bound
+    assert result.suspects == (1,)
+
+
+def test_bad_dealer_is_named_and_the_round_completes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack: client 3 deals inconsistent shares of its secrets (holders 5 and 6 get values
+    off its polynomial). Before, the first 4,096 subsets all held share 5 or 6 and the round
+    aborted without naming anyone; now decoding corrects both, the dealer is named."""
+    params = _params(n=20, max_dropouts=9, d=64)
+    vectors = _vectors(20, 64, seed=6)
+    clients = {i: SecAggClient(index=i, params=params) for i in vectors}
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    real_split = shamir.split
+
+    def bad_split(secret: bytes, *, threshold: int, indices: list[int]) -> dict[int, int]:
+        shares = real_split(secret, threshold=threshold, indices=indices)
+        return {i: (v + 1) % shamir.PRIME if i in (5, 6) else v for i, v in shares.items()}
+
+    shares = []
+    for i, c in clients.items():
+        if i == 3:
+            with monkeypatch.context() as m:
+                m.setattr(shamir, "split", bad_split)
+                shares.append(c.share_keys(directory))
+        else:
+            shares.append(c.share_keys(directory))
+    routed = server.collect_shares(shares)
+    request = server.collect_masked(
+        [c.masked_input(routed[i], vectors[i]) for i, c in clients.items()]
+    )
+    result = server.collect_unmasking([c.unmask(request) for c in clients.values()])
+    expected = np.sum([vectors[i] for i in result.included], axis=0)
+    assert np.abs(result.total - expected).max() <= params.error_bound
+    assert result.suspects == (3,)
+
+
+def test_reed_solomon_decoding_corrects_half_the_surplus() -> None:
+    import secrets as pysecrets
+
+    secret = pysecrets.token_bytes(32)
+    shares = shamir.split(secret, threshold=6, indices=list(range(1, 11)))
+    forged = {i: (v + 9) % shamir.PRIME if i in (2, 7) else v for i, v in shares.items()}
+    assert shamir.decode_shares(forged, threshold=6) == (secret, {2, 7})  # e = 2 of 4 spare
+    three = {i: (v + 9) % shamir.PRIME if i in (2, 7, 9) else v for i, v in shares.items()}
+    with pytest.raises(shamir.ShareError, match="correct"):
+        shamir.decode_shares(three, threshold=6)
+    assert shamir.decode_shares(shares, threshold=6) == (secret, set())

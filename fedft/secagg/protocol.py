@@ -192,11 +192,16 @@ class SecAggResult:
         total: float64 (D,), the decoded sum over ``included`` clients of their vectors.
         included: U3, the clients whose vectors are in the sum.
         dropped: U2 minus U3, clients that shared keys but never sent masked input.
+        suspects: clients caught sending wrong unmask shares (wrong for two or more
+            secrets), or dealing inconsistent shares (their secret had wrong shares from
+            holders whose shares of every other secret were right); the sum was still
+            rebuilt (Reed-Solomon decoding corrected their shares).
     """
 
     total: np.ndarray
     included: tuple[int, ...]
     dropped: tuple[int, ...]
+    suspects: tuple[int, ...] = ()
 
 
 def _round_bytes(round_id: int) -> bytes:
@@ -562,15 +567,18 @@ class SecAggServer:
         total = np.zeros(self.params.vector_length, dtype=np.uint64)
         for y in self._masked.values():
             total = total + y
+        wrong: dict[int, set[int]] = {}  # secret owner -> holders whose share was wrong
         for u in survivors:
             shares = self._gather(responses, u, seeds=True)
             commitment = self._commitments[u]
-            seed = self._rebuild(shares, u, partial(_seed_matches, commitment))
+            wrong[u] = set()
+            seed = self._rebuild(shares, u, partial(_seed_matches, commitment), wrong[u])
             total = total - _self_mask(seed, params=self.params, u=u)
         for u in dropped:
             shares = self._gather(responses, u, seeds=False)
             public = self._keys[u].mask_public
-            raw = self._rebuild(shares, u, partial(_key_matches, public))
+            wrong[u] = set()
+            raw = self._rebuild(shares, u, partial(_key_matches, public), wrong[u])
             key = X25519PrivateKey.from_private_bytes(raw)
             for v in survivors:
                 secret = _agree(key, self._keys[v].mask_public)
@@ -582,10 +590,19 @@ class SecAggServer:
             t,
             len(dropped),
         )
+        suspects = blame(wrong)
+        if suspects:
+            logger.warning(
+                "secagg round %d: wrong shares %s; suspects %s (corrected, round completed)",
+                self.params.round_id,
+                {u: sorted(h) for u, h in wrong.items() if h},
+                suspects,
+            )
         return SecAggResult(
             total=dequantize(total, frac_bits=self.params.frac_bits),
             included=survivors,
             dropped=dropped,
+            suspects=suspects,
         )
 
     def _gather(self, responses: Sequence[UnmaskShares], u: int, *, seeds: bool) -> dict[int, int]:
@@ -600,13 +617,41 @@ class SecAggServer:
                 logger.warning("secagg server: malformed share of %d from %d", u, r.index)
         return shares
 
-    def _rebuild(self, shares: Mapping[int, int], u: int, verify: Callable[[bytes], bool]) -> bytes:
+    def _rebuild(
+        self,
+        shares: Mapping[int, int],
+        u: int,
+        verify: Callable[[bytes], bool],
+        wrong: set[int] | None = None,
+    ) -> bytes:
         try:
             return shamir.reconstruct_verified(
-                shares, threshold=self.params.threshold, verify=verify
+                shares, threshold=self.params.threshold, verify=verify, wrong=wrong
             )
         except shamir.ShareError as exc:
             raise SecAggAbort(f"secure aggregation aborted: secret of client {u}: {exc}") from exc
+
+
+def blame(wrong: Mapping[int, set[int]]) -> tuple[int, ...]:
+    """Who to blame for wrong shares.
+
+    ``wrong`` maps each rebuilt secret's owner to the holders whose share of it was wrong.
+    A holder wrong about two or more secrets lied in its unmask answer. A secret with wrong
+    shares from two or more holders that are right about every other secret was dealt
+    inconsistently by its owner. One holder wrong about one secret only cannot be told apart
+    from that secret's owner having dealt it a bad share: both are named.
+    """
+    count: dict[int, int] = {}
+    for holders in wrong.values():
+        for h in holders:
+            count[h] = count.get(h, 0) + 1
+    suspects = {h for h, c in count.items() if c >= 2}
+    for owner, holders in wrong.items():
+        if holders and all(count[h] == 1 for h in holders):
+            suspects.add(owner)
+            if len(holders) == 1:
+                suspects |= holders
+    return tuple(sorted(suspects))
 
 
 def _seed_matches(commitment: bytes, seed: bytes) -> bool:

@@ -6,7 +6,11 @@ the prime) is the constant term of a random polynomial f of degree t - 1; share 
 independent of s. The field is the Mersenne prime 2^521 - 1, so a 32-byte secret (an X25519
 private key or a mask seed) is one field element.
 
-Shamir shares carry no integrity: a wrong share silently gives a wrong secret. Callers
+Shamir shares carry no integrity: a wrong share silently gives a wrong secret. Shares are
+a Reed-Solomon codeword (the evaluations of a degree t - 1 polynomial), so
+:func:`decode_shares` corrects up to floor((m - t) / 2) wrong shares among m and names the
+holders whose shares were wrong (Berlekamp-Welch: E. Berlekamp and L. Welch, US patent
+4,633,470, 1986; the linear-system form in e.g. Gemmell and Sudan, IPL 43(4), 1992). Callers
 verify a reconstruction against a public commitment (see :func:`reconstruct_verified`).
 """
 
@@ -89,20 +93,147 @@ def reconstruct(shares: Mapping[int, int]) -> bytes:
     return secret.to_bytes(SECRET_BYTES, "big")
 
 
+def _interpolate(points: Sequence[tuple[int, int]]) -> list[int]:
+    """The polynomial of degree < len(points) through ``points`` (Lagrange, O(k^2)).
+
+    Returns its coefficients, constant term first.
+    """
+    k = len(points)
+    coeffs = [0] * k
+    for i, (xi, yi) in enumerate(points):
+        basis = [1]  # prod_{j != i} (x - xj), built up one factor at a time
+        den = 1
+        for j, (xj, _) in enumerate(points):
+            if j == i:
+                continue
+            basis = (
+                [(-xj * basis[0]) % PRIME]
+                + [(basis[d - 1] - xj * basis[d]) % PRIME for d in range(1, len(basis))]
+                + [basis[-1]]
+            )
+            den = den * (xi - xj) % PRIME
+        scale = yi * pow(den, -1, PRIME) % PRIME
+        for d in range(k):
+            coeffs[d] = (coeffs[d] + scale * basis[d]) % PRIME
+    return coeffs
+
+
+def _solve(rows: list[list[int]], rhs: list[int], unknowns: int) -> list[int] | None:
+    """One solution of the linear system over GF(PRIME) (free variables 0), or None."""
+    m = len(rows)
+    a = [row[:] + [b] for row, b in zip(rows, rhs, strict=True)]
+    pivots: list[int] = []
+    r = 0
+    for c in range(unknowns):
+        pivot = next((i for i in range(r, m) if a[i][c]), None)
+        if pivot is None:
+            continue
+        a[r], a[pivot] = a[pivot], a[r]
+        inv = pow(a[r][c], -1, PRIME)
+        a[r] = [v * inv % PRIME for v in a[r]]
+        for i in range(m):
+            if i != r and a[i][c]:
+                f = a[i][c]
+                a[i] = [(vi - f * vr) % PRIME for vi, vr in zip(a[i], a[r], strict=True)]
+        pivots.append(c)
+        r += 1
+        if r == m:
+            break
+    if any(a[i][unknowns] for i in range(r, m)):
+        return None  # inconsistent
+    x = [0] * unknowns
+    for i, c in enumerate(pivots):
+        x[c] = a[i][unknowns]
+    return x
+
+
+def _poly_divide(num: list[int], den: list[int]) -> tuple[list[int], list[int]]:
+    """(quotient, remainder) of polynomials over GF(PRIME), constant term first."""
+    num = num[:]
+    while len(den) > 1 and den[-1] == 0:
+        den = den[:-1]
+    inv = pow(den[-1], -1, PRIME)
+    quotient = [0] * max(1, len(num) - len(den) + 1)
+    for d in range(len(num) - len(den), -1, -1):
+        coef = num[d + len(den) - 1] * inv % PRIME
+        quotient[d] = coef
+        for j, dj in enumerate(den):
+            num[d + j] = (num[d + j] - coef * dj) % PRIME
+    return quotient, num[: len(den) - 1]
+
+
+def decode_shares(shares: Mapping[int, int], *, threshold: int) -> tuple[bytes, set[int]]:
+    """Reed-Solomon decode: the secret and the indices whose shares were wrong.
+
+    With m shares of a degree t - 1 polynomial of which at most e = floor((m - t) / 2) are
+    wrong, the polynomial is unique and found in polynomial time (Berlekamp-Welch: solve
+    Q(x_i) = y_i E(x_i) for E monic of degree e and Q of degree < t + e; f = Q / E). The
+    shares that f does not pass through are the wrong ones. Without errors this is one
+    interpolation through t shares plus a check of the rest.
+
+    Raises:
+        ShareError: fewer than t shares, more errors than the code corrects, or f(0) is not
+            a 32-byte secret.
+    """
+    _check_indices(list(shares))
+    t, m = threshold, len(shares)
+    if m < t:
+        raise ShareError(f"need {t} shares, got {m}")
+    points = sorted(shares.items())
+    f = _interpolate(points[:t])
+    wrong = {x for x, y in points if _eval_poly(f, x) != y}
+    if wrong:
+        f = []
+        for e in range(1, (m - t) // 2 + 1):
+            # unknowns: E_0..E_{e-1} (E_e = 1), Q_0..Q_{t+e-1}
+            rows, rhs = [], []
+            for x, y in points:
+                row = [(-y * pow(x, j, PRIME)) % PRIME for j in range(e)]
+                row += [pow(x, j, PRIME) for j in range(t + e)]
+                rows.append(row)
+                rhs.append(y * pow(x, e, PRIME) % PRIME)
+            sol = _solve(rows, rhs, e + t + e)
+            if sol is None:
+                continue
+            quotient, remainder = _poly_divide(sol[e:], [*sol[:e], 1])
+            if any(remainder):
+                continue
+            candidate = (quotient + [0] * t)[:t]
+            bad = {x for x, y in points if _eval_poly(candidate, x) != y}
+            if len(bad) <= e:
+                f, wrong = candidate, bad
+                break
+        if not f:
+            raise ShareError(
+                f"{m} shares of threshold {t}: more wrong shares than the "
+                f"{(m - t) // 2} this many can correct"
+            )
+    secret = f[0]
+    if secret >= 1 << (8 * SECRET_BYTES):
+        raise ShareError("reconstructed value is not a 32-byte secret (wrong or missing shares)")
+    return secret.to_bytes(SECRET_BYTES, "big"), wrong
+
+
 def reconstruct_verified(
-    shares: Mapping[int, int], *, threshold: int, verify: Callable[[bytes], bool]
+    shares: Mapping[int, int],
+    *,
+    threshold: int,
+    verify: Callable[[bytes], bool],
+    wrong: set[int] | None = None,
 ) -> bytes:
     """Reconstruct a secret and check it against a commitment, tolerating bad shares.
 
-    Tries t-subsets of the shares (first the first t, then others, at most
-    :data:`MAX_SUBSETS`) until ``verify`` accepts the secret. With at least t honest
-    shares among those given, and bad shares no more than the surplus, one subset is all
-    honest and the secret is found.
+    First Reed-Solomon decoding (:func:`decode_shares`): corrects up to half the surplus
+    of wrong shares at polynomial cost and names the holders of the wrong ones (added to
+    ``wrong`` when given). If that fails or does not verify, t-subsets are tried (at most
+    :data:`MAX_SUBSETS`) until ``verify`` accepts the secret: with at least t honest shares
+    and bad shares no more than the surplus, one subset is all honest.
 
     Args:
         shares: index -> share value, at least ``threshold`` of them.
         threshold: t, the polynomial degree plus one.
         verify: returns True for the committed secret (e.g. recomputes a public key).
+        wrong: a set that receives the indices whose shares decoding found wrong.
 
     Returns:
         the verified 32-byte secret.
@@ -112,6 +243,15 @@ def reconstruct_verified(
     """
     if len(shares) < threshold:
         raise ShareError(f"need {threshold} shares, got {len(shares)}")
+    try:
+        secret, bad = decode_shares(shares, threshold=threshold)
+    except ShareError:
+        pass
+    else:
+        if verify(secret):
+            if wrong is not None:
+                wrong |= bad
+            return secret
     items = sorted(shares.items())
     for n_tried, subset in enumerate(itertools.combinations(items, threshold)):
         if n_tried >= MAX_SUBSETS:
