@@ -245,7 +245,7 @@ def fault_client_app(
             ring = 1 << 64
             scale = 2.0**24  # the server's frac_bits
             masked[:-1] += np.uint64(round(value * scale) % ring)
-            masked[-1] += np.uint64(round(weight * scale) % ring)
+            masked[-1:] += np.uint64(round(weight * scale) % ring)
             rec["masked"] = masked.astype("<u8").tobytes()  # type: ignore[index]
         if stage == "advertise" and capture_dir is not None:
             from fedft.transport import serde

@@ -176,3 +176,82 @@ def test_client_index_binding() -> None:
 def test_unverifiable_combinations_are_config_errors(sets: list[str]) -> None:
     with pytest.raises(ConfigError):
         load_config(None, sets)
+
+
+# --- the same forgeries through the SecAgg protocol in process (no Ray) ------------------
+
+
+def _forged_round(*, weighted: bool, clip: float, value: float, weight: float):  # type: ignore[no-untyped-def]
+    """Three clients run the real protocol; client 1 adds ``value`` to every masked value
+    entry and ``weight`` to its masked weight (in the ring) before sending."""
+    from test_secure_flower import _updates
+
+    from client.secure_round import secure_vector
+    from fedft.secagg import MaskedInput, SecAggClient, SecAggParams, SecAggServer
+
+    start, extras, ups = _updates(3)
+    template = ClientUpdate(client_id="t", adapters=start, num_examples=1, extras=extras)
+    vectors = [
+        secure_vector(u, start=template, parts="ab", clip_delta=clip, weighted=weighted)
+        for u in ups
+    ]
+    params = SecAggParams(num_clients=3, max_dropouts=1, vector_length=len(vectors[0]), round_id=1)
+    clients = {i: SecAggClient(index=i, params=params) for i in (1, 2, 3)}
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    routed = server.collect_shares([c.share_keys(directory) for c in clients.values()])
+    masked = []
+    for i, c in clients.items():
+        m = c.masked_input(routed[i], vectors[i - 1])
+        if i == 1:
+            arr = np.frombuffer(m.masked, dtype="<u8").copy()
+            scale = 2.0**params.frac_bits
+            arr[:-1] += np.uint64(round(value * scale) % (1 << 64))
+            arr[-1:] += np.uint64(round(weight * scale) % (1 << 64))
+            m = MaskedInput(index=1, masked=arr.tobytes())
+        masked.append(m)
+    request = server.collect_masked(masked)
+    total = server.collect_unmasking([c.unmask(request) for c in clients.values()])
+    return total, template, start, extras
+
+
+@pytest.mark.parametrize(
+    ("weight", "refused"), [(0.0, False), (1e9, True), (-float(4 + 7 + 10 - 1), True)]
+)
+def test_forged_weight_in_the_protocol_is_refused(weight: float, refused: bool) -> None:
+    from fedft.aggregation import get_aggregator
+    from server.secure_round import check_sum
+
+    # honest weights n_k = 4, 7, 10 (tests/test_secure_flower.py::_updates); max 10 each
+    total, template, _, _ = _forged_round(weighted=True, clip=0.0, value=0.0, weight=weight)
+    problems = check_sum(
+        total, template=template, parts="ab", aggregator=get_aggregator("fedit"), max_examples=10
+    )
+    assert bool(problems) is refused, problems
+
+
+@pytest.mark.parametrize(
+    ("value", "weight", "refused"), [(0.0, 0.0, False), (1e3, 0.0, True), (0.0, -1.0, True)]
+)
+def test_forged_sum_under_user_dp_in_the_protocol_is_refused(
+    value: float, weight: float, refused: bool
+) -> None:
+    from fedft.aggregation import get_aggregator
+    from fedft.privacy import CentralDP
+    from server.secure_round import check_sum
+
+    total, template, start, extras = _forged_round(
+        weighted=False, clip=0.5, value=value, weight=weight
+    )
+    dp = CentralDP(
+        get_aggregator("fedit"),
+        clip_norm=0.5,
+        noise_multiplier=0.0,
+        expected_clients=3,
+        num_clients=3,
+        seed=0,
+        delta=1e-5,
+    )
+    dp.set_reference(start, extras=extras)
+    problems = check_sum(total, template=template, parts="ab", aggregator=dp, max_examples=10)
+    assert bool(problems) is refused, problems
