@@ -36,7 +36,7 @@ def test_split_server_without_certs_refuses_to_serve(tiny_bert_dir, tmp_path):
     cfg = tmp_path / "split.toml"
     cfg.write_text(
         f"[model]\nname = {json.dumps(tiny_bert_dir)}\n[adapter]\nmethod = 'split'\n"
-        "[aggregation]\nalgorithm = 'fedit'\n"
+        "[aggregation]\nalgorithm = 'fedit'\n[split]\nfront_layers = 1\nback_layers = 0\n"
     )
     port = free_port()
     proc = subprocess.Popen(
@@ -48,7 +48,7 @@ def test_split_server_without_certs_refuses_to_serve(tiny_bert_dir, tmp_path):
         start_new_session=True,
     )
     try:
-        out, _ = proc.communicate(timeout=120)
+        out, _ = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:
         served = _listening(port)
         proc.kill()
