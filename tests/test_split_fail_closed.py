@@ -48,7 +48,7 @@ def test_split_server_without_certs_refuses_to_serve(tiny_bert_dir, tmp_path):
         start_new_session=True,
     )
     try:
-        out, _ = proc.communicate(timeout=90)
+        out, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         served = _listening(port)
         proc.kill()
