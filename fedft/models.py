@@ -1,4 +1,4 @@
-"""Base models from offline sources (DESIGN.md §5).
+"""Base models from offline sources.
 
 Three kinds of model name are understood:
 

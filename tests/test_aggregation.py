@@ -66,7 +66,7 @@ def _one(value: float) -> LoraFactors:
     return LoraFactors(a=torch.tensor([[value]]), b=torch.tensor([[value]]), scaling=1.0)
 
 
-# -- the two-client example of DESIGN §3 -------------------------------------------------
+# -- the two-client example of docs/algorithms.md (FedIT) --------------------------------
 def test_design_two_client_example_fedit_is_wrong_exact_ones_are_right():
     ups = [_update("x", 1, w=_one(1.0)), _update("y", 1, w=_one(-1.0))]
     assert float(_ideal(ups, "w")) == 1.0

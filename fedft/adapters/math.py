@@ -1,8 +1,8 @@
 """LoRA algebra over plain tensors: the effective delta, rank padding, SVD factorisation.
 
-Conventions (DESIGN.md §2): ``LoraFactors(a, b, scaling, r=None)`` with ``a: (rank, in)``,
-``b: (out, rank)`` and optional Fed-SB middle ``r: (rank, rank)``; the update to a weight
-``W: (out, in)`` is ``scaling * b @ [r @] a``.
+Conventions (docs/algorithms.md, Notation): ``LoraFactors(a, b, scaling, r=None)`` with
+``a: (rank, in)``, ``b: (out, rank)`` and optional Fed-SB middle ``r: (rank, rank)``; the
+update to a weight ``W: (out, in)`` is ``scaling * b @ [r @] a``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _add(out: dict[str, Tensor], module: str, delta: Tensor) -> None:
 def effective_delta(
     x: ClientUpdate | AggregationResult | Mapping[str, LoraFactors],
 ) -> dict[str, Tensor]:
-    """What an update does to the base weights: ``{module: Tensor(out, in)}`` (DESIGN §2, §4).
+    """What an update does to the base weights: ``{module: Tensor(out, in)}`` (docs/algorithms.md).
 
     Args:
         x: a ClientUpdate (the delta of its adapters), an AggregationResult (``base_delta``,

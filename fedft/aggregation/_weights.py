@@ -1,6 +1,6 @@
 """Helpers every aggregator shares: client weights, weighted means, input checks, LoRA init.
 
-Weights follow DESIGN.md §3: ``p_k = n_k / sum_j n_j`` over the clients that replied this
+Weights follow docs/algorithms.md: ``p_k = n_k / sum_j n_j`` over the clients that replied this
 round (the updates given), never over the clients that were sampled.
 """
 

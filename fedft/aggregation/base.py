@@ -4,7 +4,7 @@ A round on the server is: ``client_start`` tells each replying client what adapt
 start from, clients train and send :class:`~fedft.types.ClientUpdate` objects, and
 ``aggregate`` turns them into an :class:`~fedft.types.AggregationResult` (next global
 adapters plus an optional delta folded into the frozen base). Every invariant is stated
-through ``fedft.adapters.effective_delta`` (DESIGN.md §2).
+through ``fedft.adapters.effective_delta`` (docs/algorithms.md).
 """
 
 from __future__ import annotations

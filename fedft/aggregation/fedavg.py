@@ -1,7 +1,7 @@
 """FedIT: FedAvg on the LoRA factors (Zhang et al., 2024, "Towards Building the Federated GPT").
 
 ``A = sum_k p_k A_k`` and ``B = sum_k p_k B_k``. Inexact for the product: the error is
-``sum_k p_k B_k A_k - B A = sum_k p_k (B_k - B)(A_k - A)`` (DESIGN.md §3).
+``sum_k p_k B_k A_k - B A = sum_k p_k (B_k - B)(A_k - A)`` (docs/algorithms.md, FedIT).
 """
 
 from __future__ import annotations

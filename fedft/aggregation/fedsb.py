@@ -9,7 +9,7 @@ first update ``U = -lr * sign(G)``, its truncated SVD ``U ~ Q S P^T`` and set ``
 ``A = P^T[:r]`` and ``R = diag(S[:r]) / s``. Dividing by the scaling s makes the first
 effective update ``s B R A`` the best rank-r approximation of U itself, whatever alpha is.
 The gradient touches data: compute it on public data, or privatise it and count it in the
-privacy budget when DP is on (DESIGN.md §3).
+privacy budget when DP is on (docs/algorithms.md, Fed-SB).
 """
 
 from __future__ import annotations

