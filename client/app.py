@@ -20,6 +20,7 @@ from fedft.config import RunConfig
 from fedft.data import Records, load_records
 from fedft.privacy import PrivacyAccountant, train_private
 from fedft.privacy.client import RoundPrivacy, accountant_json, prepare_round
+from fedft.split.dp import SplitPrivacy
 from fedft.training.coordinator import ClientStart
 from fedft.training.local import resolve_device
 from fedft.training.runtime import (
@@ -94,7 +95,7 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
             planned_steps=dp.planned_steps,
             num_examples=len(data),
             batch_size=cfg.federation.batch_size,
-            local_steps=cfg.federation.local_steps,
+            local_steps=builders.steps_per_round(cfg),
             states=(_stored_accountant(context), str(conf.get("accountant", "")) or None),
         )
         if not privacy.decision.allowed:
@@ -146,10 +147,6 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
     if cfg.adapter.method == "prompt":
         update = run_prompt_round(runtime, **common)
     elif cfg.adapter.method == "split":
-        if private_train is not None:  # never report an epsilon for training it did not protect
-            raise RuntimeError(
-                "privacy.mode = 'sample' is not supported with adapter.method = 'split'"
-            )
         if not cfg.split.server:
             raise RuntimeError("split.server is empty: set it to the split server's host:port")
         update = run_split_round(
@@ -170,6 +167,16 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
             lr=cfg.federation.lr,
             seed=int(conf["seed"]),
             tls=client_tls_from_node_config(context.node_config),  # split mTLS (deployment)
+            dp=None
+            if privacy is None
+            else SplitPrivacy(
+                noise_multiplier=privacy.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                accountant=privacy.accountant,
+                delta=dp.delta,
+                epsilon_budget=dp.epsilon,
+                seed=None,  # fresh OS randomness: a known seed would let anyone remove noise
+            ),
         )
     else:
         update = run_lora_round(

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fedft.certs import read_pem
+from fedft.privacy.persample import ClippedSum
 from fedft.split import (
     FrontOutput,
     SplitParts,
@@ -31,6 +32,15 @@ from fedft.split import (
     front_backward,
     front_forward,
     local_loss_phase,
+)
+from fedft.split.dp import (
+    Grads,
+    PerSampleFront,
+    back_per_sample,
+    client_trainables,
+    front_grads_per_sample,
+    front_per_sample,
+    merge,
 )
 from fedft.transport import split_wire as wire
 from fedft.transport.split_wire import Frame, Limits, StepId
@@ -138,6 +148,8 @@ class SplitClient:
         lora_alpha: server-side LoRA alpha.
         server_lr: server adapter learning rate.
         seed: server adapter init seed.
+        server_dp: sample-level DP-SGD on the server adapter (needs ``lora_rank >= 1``); the
+            session is refused (:class:`SplitError` DP_REFUSED) unless the server confirms it.
         channel_credentials: e.g. ``grpc.ssl_channel_credentials(...)`` for (m)TLS.
         tls: mutual TLS from files (builds ``channel_credentials``, declares its client id,
             sets the server name override); exclusive with ``channel_credentials``.
@@ -159,6 +171,7 @@ class SplitClient:
         lora_alpha: float = 16.0,
         server_lr: float = 1e-3,
         seed: int = 0,
+        server_dp: wire.ServerDP | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
         tls: ClientTls | None = None,
         client_id: str | None = None,
@@ -188,6 +201,7 @@ class SplitClient:
             lora_alpha=lora_alpha,
             server_lr=server_lr,
             seed=seed,
+            server_dp=server_dp,
         )
         opts: list[tuple[str, int | str]] = list(wire.channel_options(limits.max_message_bytes))
         if server_name_override:
@@ -226,6 +240,14 @@ class SplitClient:
             raise _typed(err) from err
         if self.session.hidden_size != self.parts.hidden_size:
             raise SplitError("SHAPE_REJECTED", "server hidden size differs from the client's")
+        if self._request.server_dp is not None and not self.session.server_dp:
+            await self.stub.close(wire.CloseRequest(self.session.session_id))
+            self.session = None
+            raise SplitError(
+                "DP_REFUSED",
+                "the split server did not confirm DP on its adapter (an older server?); the "
+                "released adapter would not be private",
+            )
         self.credits = self.session.credits
         self._call = self.stub.exchange(self._requests())
         return self.session
@@ -280,6 +302,7 @@ class SplitClient:
         round_: int,
         step: int,
         optimizer: torch.optim.Optimizer | None = None,
+        clip: ClippedSum | None = None,
     ) -> float:
         """One optimiser step over ``micro_batches`` (loss = their mean), then Commit.
 
@@ -288,22 +311,35 @@ class SplitClient:
             round_: federated round.
             step: step within the round (strictly increasing per round).
             optimizer: client optimiser; zeroed before and stepped after (None: leave grads).
+                Ignored with ``clip``.
+            clip: sample-level DP: instead of accumulating ``.grad``, form each example's
+                gradient of every client trainable (back half + front half seeded with the
+                returned cut gradient), clip it and add it here; the caller adds the noise
+                and steps. ``micro_batches`` may then be empty (an empty Poisson batch still
+                commits, so the server's DP adapter releases its noise too).
 
         Returns:
-            The mean loss over the micro-batches.
+            The mean loss over the micro-batches (with ``clip``: over the examples; 0 for none).
         """
         assert self.session is not None, "call open() first"
         n = len(micro_batches)
-        if optimizer is not None:
+        if optimizer is not None and clip is None:
             optimizer.zero_grad(set_to_none=True)
-        fronts: dict[int, FrontOutput] = {}
+        params = client_trainables(self.parts) if clip is not None else {}
+        back_grads: dict[int, list[Grads]] = {}
+        examples = 0
+        fronts: dict[int, FrontOutput | PerSampleFront] = {}
         labels = {i: mb[2] for i, mb in enumerate(micro_batches)}
         losses: list[float] = []
         sent = done = 0
         while done < n:
             while sent < n and self.credits > 0:
                 ids, mask, _ = micro_batches[sent]
-                front = front_forward(self.parts, ids, mask)
+                front = (
+                    front_forward(self.parts, ids, mask)
+                    if clip is None
+                    else front_per_sample(self.parts, ids, mask)
+                )
                 fronts[sent] = front
                 hidden = wire.encode_tensor("hidden", front.hidden, self.wire_dtype)
                 m = wire.encode_tensor("attention_mask", front.attention_mask, "uint8")
@@ -319,16 +355,29 @@ class SplitClient:
             front = fronts[mb]
             if frame.kind == "body_output":
                 body_out = self._decode(frame, front.hidden)
-                back = back_forward(
-                    self.parts, body_out, front.attention_mask, labels[mb], loss_scale=1.0 / n
-                )
-                grad = back_backward(back)
-                losses.append(float(back.loss.detach()) * n)
+                if clip is None:
+                    back = back_forward(
+                        self.parts, body_out, front.attention_mask, labels[mb], loss_scale=1.0 / n
+                    )
+                    grad = back_backward(back)
+                    losses.append(float(back.loss.detach()) * n)
+                else:  # per example: ℓ_i, d ℓ_i / d body output_i, the back's grads
+                    per, grad, back_grads[mb] = back_per_sample(
+                        self.parts, params, body_out, front.attention_mask, labels[mb]
+                    )
+                    losses.append(float(per.sum()))
+                    examples += int(per.numel())
                 g = wire.encode_tensor("grad", grad, self.wire_dtype)
                 step_id = self.next_step_id(round_, step, mb)
                 await self.send(Frame(self.session.session_id, "backward", step_id, (g,)))
             elif frame.kind == "cut_gradient":
-                front_backward(front, self._decode(frame, front.hidden))
+                grad_cut = self._decode(frame, front.hidden)
+                if isinstance(front, PerSampleFront):
+                    assert clip is not None
+                    halves = front_grads_per_sample(front, params, grad_cut)
+                    clip.add([merge(b, f) for b, f in zip(back_grads.pop(mb), halves, strict=True)])
+                else:
+                    front_backward(front, grad_cut)
                 del fronts[mb]
                 self.credits += frame.credits
                 done += 1
@@ -336,6 +385,8 @@ class SplitClient:
             await self.stub.commit(wire.CommitRequest(self.session.session_id, round_, step))
         except grpc.aio.AioRpcError as err:
             raise _typed(err) from err
+        if clip is not None:
+            return sum(losses) / examples if examples else 0.0
         if optimizer is not None:
             optimizer.step()
         return sum(losses) / n

@@ -17,10 +17,14 @@ The split parts are built over the worker's cached base model (``runtime.model``
 modules are shared, never copied, and the model's head values, ``requires_grad`` flags,
 gradients and train/eval mode are restored on exit.
 
-Sample-level DP is not applied here: the caller must refuse ``privacy.mode = "sample"`` for
-split learning (per-sample clipping of the prompt's gradient would need per-sample cut
-gradients from the server, and the activations that cross the cut are not covered by
-DP-SGD on the client's weights in any case).
+Sample-level DP (``dp=SplitPrivacy(...)``): every step that touches the client's examples
+is a DP-SGD step over a Poisson batch (q = B / N): the local-loss steps on the shortcut, and
+the split steps, where each example's gradient of every client trainable is formed from the
+back and from the cut gradient the server returns (:mod:`fedft.split.dp`), clipped to one
+norm C, noised once per step; the accountant records each step. EL2N pruning is skipped
+under DP: keeping the top γ by score makes whether one example trains depend on every other
+example's score, which no per-example clipping bounds. The cut activations and gradients the
+split server sees are not covered (see docs/threat-model.md).
 
 Deployed clients reach the split server over mutual TLS: ``fedft client --certs DIR`` puts
 the paths of ``ca.crt``, ``client-<i>.crt`` and ``client-<i>-tls.key`` and the id
@@ -35,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import secrets
 import threading
 from collections.abc import Coroutine, Iterator, Mapping
 from pathlib import Path
@@ -47,8 +52,12 @@ from torch import Tensor
 from client.split_client import ClientTls, MicroBatch, SplitClient, Traffic
 from fedft.adapters import peft_io
 from fedft.data.encode import Encoded, batches
+from fedft.privacy.accountant import BudgetExceededError, check_budget
+from fedft.privacy.persample import ClippedSum, poisson_sample
+from fedft.privacy.planner import sample_rate_for
 from fedft.prompt import SoftPrompt, get_prompt, set_prompt
 from fedft.split import SplitParts, local_loss_phase, select_samples, split_model
+from fedft.split.dp import SplitPrivacy, apply_noisy_step, client_trainables, shortcut_per_sample
 from fedft.training.coordinator import ClientStart
 from fedft.training.runtime import _LOCK, PROMPT, Runtime
 from fedft.transport import split_wire as wire
@@ -171,6 +180,16 @@ def _tuples(
         yield b["input_ids"].to(device), b["attention_mask"].to(device), b["labels"].to(device)
 
 
+def _poisson_batch(data: Encoded, idx: Tensor, device: torch.device) -> MicroBatch:
+    """The examples at ``idx`` as one (b, T) batch on ``device`` (b may be 0)."""
+    if len(idx) == 0:
+        t = data.input_ids.shape[1]
+        empty = torch.zeros(0, t, dtype=data.input_ids.dtype, device=device)
+        return empty, empty.clone(), data.labels[:0].to(device)
+    b = data.subset(idx).as_batch()
+    return b["input_ids"].to(device), b["attention_mask"].to(device), b["labels"].to(device)
+
+
 def _micro_batches(batch: MicroBatch, count: int) -> list[MicroBatch]:
     """Cut a (B, ...) batch into at most ``count`` near-equal micro-batches along B."""
     ids, mask, labels = batch
@@ -195,10 +214,15 @@ async def _split_phase(
     in_flight: int,
     optimizer: torch.optim.Optimizer,
     tls: ClientTls | None = None,
+    dp: _PrivateRun | None = None,
 ) -> tuple[list[float], Traffic]:
-    """``len(steps)`` split-training steps in one session; returns losses and traffic."""
-    max_batch = max(int(s[0].shape[0]) for s in steps)
-    max_seq = max(int(s[0].shape[1]) for s in steps)
+    """``len(steps)`` split-training steps in one session; returns losses and traffic.
+
+    With ``dp`` each step is one DP-SGD step (an empty Poisson batch still takes its noisy
+    step and commits).
+    """
+    max_batch = max([int(s[0].shape[0]) for s in steps] + [1])
+    max_seq = max([int(s[0].shape[1]) for s in steps] + [1])
     prompt_len = 0 if parts.front.prompt is None else int(parts.front.prompt.num_tokens)
     limits = Limits(
         max_batch=max(1, math.ceil(max_batch / in_flight)),
@@ -211,9 +235,92 @@ async def _split_phase(
     losses: list[float] = []
     async with client:
         for step, batch in enumerate(steps):
-            mbs = _micro_batches(batch, in_flight)
-            losses.append(await client.train_step(mbs, round_=0, step=step, optimizer=optimizer))
+            mbs = _micro_batches(batch, in_flight) if batch[0].shape[0] else []
+            if dp is None:
+                loss = await client.train_step(mbs, round_=0, step=step, optimizer=optimizer)
+            else:
+                clip = dp.clip()
+                loss = await client.train_step(mbs, round_=0, step=step, clip=clip)
+                dp.step(clip, optimizer)
+            losses.append(loss)
     return losses, client.traffic
+
+
+class _PrivateRun:
+    """One round's DP-SGD state on the client: trainables, q, B, the generators, counters."""
+
+    def __init__(self, dp: SplitPrivacy, parts: SplitParts, n: int, batch_size: int) -> None:
+        self.dp = dp
+        self.params = client_trainables(parts)
+        self.n = n
+        self.q = sample_rate_for(n, batch_size)
+        self.expected_batch = min(batch_size, n)  # = q n
+        base = secrets.randbits(63) if dp.seed is None else dp.seed
+        self.sampler = torch.Generator().manual_seed(base)
+        self.noise = torch.Generator().manual_seed((base * 1_000_003 + 1) % 2**63)
+        self.taken = self.samples = self.clipped = 0
+
+    def draw(self) -> Tensor:
+        """A Poisson batch's indices."""
+        return poisson_sample(self.n, self.q, self.sampler)
+
+    def clip(self) -> ClippedSum:
+        return ClippedSum(self.params, max_grad_norm=self.dp.max_grad_norm)
+
+    def step(self, clip: ClippedSum, optimizer: torch.optim.Optimizer) -> None:
+        """Noise once, step, and record the step on the accountant."""
+        apply_noisy_step(
+            self.params,
+            clip,
+            optimizer,
+            noise_multiplier=self.dp.noise_multiplier,  # one part clipped: the client's side
+            expected_batch_size=self.expected_batch,
+            generator=self.noise,
+        )
+        self.dp.accountant.step(noise_multiplier=self.dp.noise_multiplier, sample_rate=self.q)
+        self.taken += 1
+        self.samples += clip.samples
+        self.clipped += clip.clipped
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "sample_rate": self.q,
+            "noise_multiplier": float(self.dp.noise_multiplier),
+            "max_grad_norm": float(self.dp.max_grad_norm),
+            "dp_steps": float(self.taken),
+            "mean_batch_size": self.samples / self.taken if self.taken else 0.0,
+            "clip_fraction": self.clipped / self.samples if self.samples else 0.0,
+            "epsilon_sample": self.dp.accountant.epsilon(self.dp.delta),
+            "delta": float(self.dp.delta),
+        }
+
+
+def _private_local_phase(
+    parts: SplitParts,
+    data: Encoded,
+    run: _PrivateRun,
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> list[float]:
+    """SFPrompt's local-loss phase as DP-SGD steps on the shortcut (no server traffic)."""
+    losses = []
+    for _ in range(steps):
+        clip = run.clip()
+        idx = run.draw()
+        if len(idx):
+            b = data.subset(idx).as_batch()
+            per, grads = shortcut_per_sample(
+                parts,
+                run.params,
+                b["input_ids"].to(device),
+                b["attention_mask"].to(device),
+                b["labels"].to(device),
+            )
+            clip.add(grads)
+            losses.append(float(per.mean()))
+        run.step(clip, optimizer)
+    return losses
 
 
 def run_split_round(
@@ -235,6 +342,7 @@ def run_split_round(
     lr: float,
     seed: int,
     tls: ClientTls | None = None,
+    dp: SplitPrivacy | None = None,
 ) -> ClientUpdate:
     """One SFPrompt round: local-loss phase, EL2N pruning, split training over gRPC.
 
@@ -258,15 +366,21 @@ def run_split_round(
         seed: seeds batch order.
         tls: mutual TLS to the split server (:func:`client_tls_from_node_config`); None =
             plaintext (loopback simulation).
+        dp: sample-level DP-SGD (module docstring): every local-loss and split step is a
+            DP-SGD step over a Poisson batch, recorded on ``dp.accountant``; no EL2N pruning.
 
     Returns:
         An update with ``adapters={}`` and ``extras={"prompt": (n, H), <head>}``;
         ``num_examples = N``; metrics ``train_loss`` (mean split loss), ``local_loss``,
         ``kept_samples``, ``steps``, ``split_frames_up/down`` and ``split_bytes_up/down``
-        (tensor payload bytes on the split wire).
+        (tensor payload bytes on the split wire); with ``dp`` also ``sample_rate``,
+        ``noise_multiplier``, ``max_grad_norm``, ``dp_steps``, ``mean_batch_size``,
+        ``clip_fraction``, ``epsilon_sample`` and ``delta``.
 
     Raises:
         RuntimeError: the split server could not be reached or refused the session.
+        BudgetExceededError: with ``dp.epsilon_budget``, the round would exceed it (nothing
+            is trained).
     """
     if PROMPT not in start.extras:
         raise ValueError("split learning needs the soft prompt in the start's extras")
@@ -277,6 +391,17 @@ def run_split_round(
         )
     if steps < 1 or in_flight < 1:
         raise ValueError(f"steps = {steps}, in_flight = {in_flight}: both must be >= 1")
+    if dp is not None and dp.epsilon_budget is not None:
+        decision = check_budget(
+            dp.accountant,
+            noise_multiplier=dp.noise_multiplier,
+            sample_rate=sample_rate_for(len(data), batch_size),
+            steps=local_loss_steps + steps,
+            epsilon_budget=dp.epsilon_budget,
+            delta=dp.delta,
+        )
+        if not decision.allowed:
+            raise BudgetExceededError(decision)
     device = runtime.device
     with (
         _LOCK,
@@ -288,16 +413,28 @@ def run_split_round(
         params = [p for p in parts.front.parameters() if p.requires_grad]
         params += [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr)
+        private = None if dp is None else _PrivateRun(dp, parts, len(data), batch_size)
 
         model.train()
-        local = local_loss_phase(
-            parts,
-            _tuples(data, batch_size=batch_size, steps=local_loss_steps, seed=seed, device=device),
-            optimizer,
-        )
+        if private is not None:
+            local = _private_local_phase(parts, data, private, local_loss_steps, optimizer, device)
+        else:
+            local = local_loss_phase(
+                parts,
+                _tuples(
+                    data, batch_size=batch_size, steps=local_loss_steps, seed=seed, device=device
+                ),
+                optimizer,
+            )
 
         kept = data
-        if keep_fraction < 1.0:
+        if keep_fraction < 1.0 and private is not None:
+            logger.info(
+                "client %s: EL2N pruning skipped under sample-level DP (top-γ selection "
+                "depends on every example's score)",
+                client_id,
+            )
+        elif keep_fraction < 1.0:
             model.eval()
             idx = select_samples(
                 parts,
@@ -310,9 +447,12 @@ def run_split_round(
             kept = data.subset(idx.cpu())
 
         model.train()
-        split_steps = list(
-            _tuples(kept, batch_size=batch_size, steps=steps, seed=seed + 1, device=device)
-        )
+        if private is not None:
+            split_steps = [_poisson_batch(data, private.draw(), device) for _ in range(steps)]
+        else:
+            split_steps = list(
+                _tuples(kept, batch_size=batch_size, steps=steps, seed=seed + 1, device=device)
+            )
         try:
             losses, traffic = _run(
                 _split_phase(
@@ -324,6 +464,7 @@ def run_split_round(
                     in_flight=in_flight,
                     optimizer=optimizer,
                     tls=tls,
+                    dp=private,
                 )
             )
         except grpc.aio.AioRpcError as err:
@@ -359,6 +500,8 @@ def run_split_round(
     }
     if local:
         metrics["local_loss"] = sum(local) / len(local)
+    if private is not None:
+        metrics.update(private.metrics())
     return ClientUpdate(
         client_id=client_id,
         adapters={},

@@ -127,8 +127,18 @@ def client_privacy(cfg: RunConfig, client_index: int, *, node_epsilon: float = 0
         max_grad_norm=p.max_grad_norm,
         mechanism=p.accountant,
         noise_multiplier=p.noise_multiplier,
-        planned_steps=cfg.federation.rounds * cfg.federation.local_steps,
+        planned_steps=cfg.federation.rounds * steps_per_round(cfg),
     )
+
+
+def steps_per_round(cfg: RunConfig) -> int:
+    """DP-SGD steps one client takes per round.
+
+    The local steps, plus, for split learning, SFPrompt's local-loss steps (they train the
+    same parameters on the same examples).
+    """
+    extra = cfg.split.local_loss_steps if cfg.adapter.method == "split" else 0
+    return cfg.federation.local_steps + extra
 
 
 def max_rank(cfg: RunConfig) -> int:

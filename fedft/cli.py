@@ -270,8 +270,9 @@ def _cmd_privacy_plan(args: argparse.Namespace) -> int:
     if p.mode == "off":
         print("privacy.mode = 'off': planning sample-level DP-SGD for this run as if it were on")
     sizes = [len(c) for c in fed.clients]
+    per_round = builders.steps_per_round(cfg)  # split: + SFPrompt's local-loss steps
     print(
-        f"sample-level DP-SGD, {f.rounds} rounds x {f.local_steps} local steps, batch "
+        f"sample-level DP-SGD, {f.rounds} rounds x {per_round} DP-SGD steps, batch "
         f"{f.batch_size}, {p.accountant.upper()} accountant, delta = {p.delta:g}"
     )
     print("each client calibrates its own noise from its own budget and sampling rate:")
@@ -286,7 +287,7 @@ def _cmd_privacy_plan(args: argparse.Namespace) -> int:
                 epsilon=dp.epsilon,
                 delta=p.delta,
                 sample_rate=q,
-                steps_per_round=f.local_steps,
+                steps_per_round=per_round,
                 rounds=f.rounds,
                 accountant=p.accountant,
                 alternatives=(),
@@ -301,7 +302,7 @@ def _cmd_privacy_plan(args: argparse.Namespace) -> int:
                 epsilon=builders.client_privacy(cfg, smallest).epsilon,
                 delta=p.delta,
                 sample_rate=sample_rate_for(sizes[smallest], f.batch_size),
-                steps_per_round=f.local_steps,
+                steps_per_round=per_round,
                 rounds=f.rounds,
                 accountant=p.accountant,
             )

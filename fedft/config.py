@@ -373,15 +373,6 @@ class RunConfig:
                 "parts, which the server averages by p_k: use 'fedit' (the LoRA algorithms "
                 "apply to method = 'lora')",
             )
-        if self.adapter.method == "split" and self.privacy.mode == "sample":
-            raise Refusal(
-                "privacy.mode",
-                "sample",
-                "sample-level DP-SGD is not implemented for adapter.method = 'split': clipping "
-                "the prompt's per-sample gradients needs per-sample cut gradients from the split "
-                "server, and the activations sent across the cut are not covered by DP-SGD on "
-                "the client's weights; use privacy.mode = 'off' or 'user', or method = 'prompt'",
-            )
         for client in self.privacy.client_epsilon:
             if int(client) >= self.federation.num_clients:
                 raise Refusal(

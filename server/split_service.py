@@ -32,7 +32,9 @@ from typing import Any
 import grpc
 import torch
 
+from fedft.privacy.persample import ClippedSum, noisy_mean
 from fedft.split import Blocks, BodyAdapter, BodyContext, body_backward, body_forward
+from fedft.split.dp import DetachedBody, body_backward_per_sample, body_forward_detached
 from fedft.transport import split_wire as wire
 from fedft.transport.split_wire import Frame, Limits, WireError
 
@@ -69,6 +71,28 @@ def declared_client_id(context: grpc.aio.ServicerContext) -> str | None:
 
 
 @dataclass
+class _ServerDP:
+    """A DP session's mechanism on its adapter: the step's clipped sum, σ, B, the noise."""
+
+    config: wire.ServerDP
+    clip: ClippedSum
+    generator: torch.Generator
+
+    def release(self, adapter: BodyAdapter) -> None:
+        """Set the adapter's ``.grad`` to (Σ clipped + N(0, σ²C²)) / B and start a new sum."""
+        grads = noisy_mean(
+            self.clip,
+            noise_multiplier=self.config.noise_multiplier,
+            expected_batch_size=self.config.expected_batch_size,
+            generator=self.generator,
+        )
+        for name, p in adapter.named_parameters():
+            p.grad = grads[name].to(p.dtype)
+        params = dict(adapter.named_parameters())
+        self.clip = ClippedSum(params, max_grad_norm=self.clip.max_grad_norm)
+
+
+@dataclass
 class _Session:
     sid: str
     adapter: BodyAdapter | None
@@ -80,9 +104,10 @@ class _Session:
     identity: str | None = None
     committed: tuple[int, int] = (-1, -1)
     last_seq: int = -1
-    pending: dict[tuple[int, int, int], BodyContext] = field(default_factory=dict)
+    pending: dict[tuple[int, int, int], BodyContext | DetachedBody] = field(default_factory=dict)
     done: set[tuple[int, int, int]] = field(default_factory=set)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    dp: _ServerDP | None = None
 
     def state_bytes(self) -> int:
         n = self.adapter.nbytes() if self.adapter is not None else 0
@@ -229,15 +254,35 @@ class SplitService:
             max_seq_len=pick(mine.max_seq_len, theirs.max_seq_len),
             max_in_flight=pick(mine.max_in_flight, theirs.max_in_flight),
         )
+        if req.server_dp is not None and req.lora_rank < 1:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "server_dp needs a server adapter (lora_rank >= 1): a frozen body trains nothing",
+            )
         adapter = opt = None
+        dp = None
         if req.lora_rank > 0:
             adapter = BodyAdapter(
                 self.body, rank=req.lora_rank, alpha=req.lora_alpha or 16.0, seed=req.seed
             )
             opt = torch.optim.AdamW(adapter.parameters(), lr=req.server_lr or 1e-3)
+            if req.server_dp is not None:
+                clip = ClippedSum(
+                    dict(adapter.named_parameters()), max_grad_norm=req.server_dp.max_grad_norm
+                )
+                noise = torch.Generator().manual_seed(secrets.randbits(63))  # never the client's
+                dp = _ServerDP(req.server_dp, clip, noise)
         sid = secrets.token_hex(16)
         self.sessions[sid] = _Session(
-            sid, adapter, opt, req.wire_dtype, lim, lim.max_in_flight, time.monotonic(), identity
+            sid,
+            adapter,
+            opt,
+            req.wire_dtype,
+            lim,
+            lim.max_in_flight,
+            time.monotonic(),
+            identity,
+            dp=dp,
         )
         log.info(
             "split session %s… opened for %s (%s, rank %d)",
@@ -247,7 +292,7 @@ class SplitService:
             req.lora_rank,
         )
         return wire.OpenSessionReply(
-            sid, lim, self.hidden_size, lim.max_in_flight, self.session_timeout_s
+            sid, lim, self.hidden_size, lim.max_in_flight, self.session_timeout_s, dp is not None
         )
 
     async def commit(
@@ -262,7 +307,12 @@ class SplitService:
             if (req.round, req.step) <= s.committed:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "STALE commit")
             count = len(s.done)
-            if s.optimizer is not None and count:
+            if s.dp is not None and s.adapter is not None and s.optimizer is not None:
+                # DP: every committed step releases noise, also one with no micro-batches
+                await self._compute(s.dp.release, s.adapter)
+                await self._compute(s.optimizer.step)
+                s.optimizer.zero_grad(set_to_none=True)
+            elif s.optimizer is not None and count:
                 await self._compute(s.optimizer.step)
                 s.optimizer.zero_grad(set_to_none=True)
             s.committed = (req.round, req.step)
@@ -352,7 +402,8 @@ class SplitService:
         if b > lim.max_batch or t > lim.max_seq_len:
             raise WireError("SHAPE_REJECTED", f"batch {b} x seq {t} exceeds {lim}")
         mask = wire.decode_mask(frame.tensor("attention_mask"), batch=b, seq_len=t)
-        ctx = await self._compute(body_forward, self.body, s.adapter, hidden, mask)
+        forward = body_forward_detached if s.dp is not None else body_forward
+        ctx = await self._compute(forward, self.body, s.adapter, hidden, mask)
         s.pending[key] = ctx
         out = wire.encode_tensor("hidden", ctx.output, s.wire_dtype)
         return Frame(s.sid, "body_output", frame.step, (out,))
@@ -367,7 +418,13 @@ class SplitService:
         grad = wire.decode_tensor(
             frame.tensor("grad"), max_elements=ctx.output.numel(), expect_shape=shape
         )
-        grad_cut = await self._compute(body_backward, ctx, grad)
+        if isinstance(ctx, DetachedBody):  # DP session: per-example adapter grads, clipped
+            assert s.dp is not None and s.adapter is not None
+            grad_cut = await self._compute(
+                body_backward_per_sample, self.body, s.adapter, ctx, grad, s.dp.clip
+            )
+        else:
+            grad_cut = await self._compute(body_backward, ctx, grad)
         del s.pending[key]
         s.done.add(key)
         out = wire.encode_tensor("grad", grad_cut, s.wire_dtype)

@@ -70,7 +70,6 @@ def test_overrides_apply_with_types():
         (["federation.device=tpu"], "federation.device = 'tpu'"),
         (["privacy.client_epsilon={12 = 1.0}"], "client indices run from 0 to 9"),
         (["rounds"], "--set 'rounds'"),
-        (["adapter.method=split", "privacy.mode=sample"], "not implemented for adapter.method"),
         (["adapter.method=prompt", "aggregation.algorithm=flora"], "use 'fedit'"),
     ],
 )

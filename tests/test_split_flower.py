@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import socket
@@ -299,3 +300,95 @@ def test_simulate_split_rounds_on_loopback_server(tiny_bert4_dir, tmp_path):
     got = _evaluate_saved_adapter(cfg, out)
     assert got["accuracy"] == pytest.approx(summary["after"]["accuracy"], abs=1e-9)
     assert got["loss"] == pytest.approx(summary["after"]["loss"], rel=1e-4)
+
+
+def test_private_split_round_accounts_every_step_across_rounds_and_refuses_past_budget(
+    tiny_bert4_dir,
+):
+    from fedft.privacy import BudgetExceededError, PrivacyAccountant
+    from fedft.split.dp import SplitPrivacy
+
+    cfg = _cfg(tiny_bert4_dir)
+    fed = build_federated_data(**builders.data_kwargs(cfg))
+    runtime = get_runtime(
+        **builders.runtime_kwargs(cfg, num_labels=fed.num_labels), device=torch.device("cpu")
+    )
+    data = encode(fed.clients[0], runtime.tokenizer, task="classification", max_length=24)
+    extras = {**runtime.initial_extras}
+    extras[PROMPT] = initial_prompt(runtime, num_tokens=PROMPT_TOKENS, seed=0)
+    acc = PrivacyAccountant("rdp", level="sample")
+    local_loss_steps, steps, batch_size = 2, 3, 8
+    rec = Recorder()
+
+    def one_round(start_extras, dp):
+        return run_split_round(
+            runtime,
+            client_id="0",
+            start=ClientStart(adapters={}, base_delta={}, extras=start_extras, rank=1),
+            data=data,
+            server_address=server.address,
+            model_id=cfg.model.name,
+            front_layers=1,
+            back_layers=1,
+            wire_dtype="bf16",
+            in_flight=2,
+            local_loss_steps=local_loss_steps,
+            keep_fraction=0.5,
+            steps=steps,
+            batch_size=batch_size,
+            lr=0.01,
+            seed=0,
+            dp=dp,
+        )
+
+    dp = SplitPrivacy(
+        noise_multiplier=1.0, max_grad_norm=0.5, accountant=acc, delta=1e-5, epsilon_budget=50.0
+    )
+    eps = []
+    with SplitServerThread(build_split_service(cfg), interceptors=[rec]) as server:
+        update = one_round(extras, dp)
+        eps.append(acc.epsilon(1e-5))
+        update = one_round({**extras, **update.extras}, dp)
+        eps.append(acc.epsilon(1e-5))
+        frames = len(rec.up)
+
+        # every local-loss and split step is one DP-SGD step on the one accountant
+        q = batch_size / len(data)
+        assert acc.steps == 2 * (local_loss_steps + steps)
+        assert acc.history == [(1.0, q, 2 * (local_loss_steps + steps))]
+        assert 0 < eps[0] < eps[1]
+        m = update.metrics
+        assert m["epsilon_sample"] == eps[1] and m["dp_steps"] == local_loss_steps + steps
+        assert m["sample_rate"] == q and m["noise_multiplier"] == 1.0
+        assert m["kept_samples"] == len(data)  # no EL2N pruning under DP
+        assert not torch.allclose(update.extras[PROMPT], extras[PROMPT])
+        assert frames > 0 and all(f.kind in ("forward", "backward") for f in rec.up)
+
+        # past the budget: refused before anything is trained or sent
+        strict = dataclasses.replace(dp, epsilon_budget=eps[1] * 1.01)
+        with pytest.raises(BudgetExceededError):
+            one_round(extras, strict)
+        assert acc.steps == 2 * (local_loss_steps + steps) and len(rec.up) == frames
+
+
+def test_simulate_split_with_sample_dp_reports_epsilon_per_client_per_round(
+    tiny_bert4_dir, tmp_path
+):
+    from simulations.simulate import simulate
+
+    cfg = _cfg(tiny_bert4_dir, **{"privacy.mode": "'sample'", "privacy.epsilon": "8.0"})
+    out = tmp_path / "run"
+    simulate(cfg, out, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    previous: dict[str, float] = {}
+    for r in rows[1:]:
+        assert r["clients"] == 3 and r["epsilon_level"] == "sample"
+        spent = r["epsilon_clients"]
+        assert sorted(spent) == ["0", "1", "2"]
+        for client, e in spent.items():
+            assert previous.get(client, 0.0) < e <= 8.0
+        previous = spent
+        assert r["epsilon"] == pytest.approx(max(spent.values()))
+    # the plan spends (almost) the whole budget over rounds x (local + local-loss) steps
+    assert max(previous.values()) == pytest.approx(8.0, rel=0.05)

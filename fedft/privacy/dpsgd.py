@@ -34,6 +34,7 @@ from fedft.privacy.accountant import (
     PrivacyAccountant,
     check_budget,
 )
+from fedft.privacy.persample import poisson_sample
 from fedft.privacy.planner import sample_rate_for
 
 logger = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ def train_private(
         gsm.train()
         for _ in range(steps):
             dp_opt.zero_grad(set_to_none=True)
-            chosen = (torch.rand(n, generator=sampler_gen) < q).nonzero().flatten()  # (b,)
+            chosen = poisson_sample(n, q, sampler_gen)  # (b,)
             if len(chosen) == 0:  # an empty Poisson batch still releases noise
                 for p in params:
                     empty = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)

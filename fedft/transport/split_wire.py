@@ -167,6 +167,35 @@ class Limits:
     max_in_flight: int = 2
 
 
+@dataclass(frozen=True, kw_only=True)
+class ServerDP:
+    """Sample-level DP-SGD on the client's server-side adapter.
+
+    Attributes:
+        noise_multiplier: σ this side adds (std σ·C per coordinate, once per step).
+        max_grad_norm: C, each example's adapter gradient is clipped to it.
+        expected_batch_size: B = q n, the noisy sum is divided by it.
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    expected_batch_size: int
+
+    def __post_init__(self) -> None:
+        if not (
+            math.isfinite(self.noise_multiplier)
+            and self.noise_multiplier >= 0
+            and math.isfinite(self.max_grad_norm)
+            and self.max_grad_norm > 0
+            and self.expected_batch_size >= 1
+        ):
+            raise WireError(
+                "BAD_FRAME",
+                f"server DP needs noise_multiplier >= 0, max_grad_norm > 0 and "
+                f"expected_batch_size >= 1; got {self}",
+            )
+
+
 @dataclass(frozen=True)
 class OpenSessionRequest:
     """Control plane: ask for a session for one client's cut of ``model_id``."""
@@ -180,17 +209,22 @@ class OpenSessionRequest:
     lora_alpha: float = 16.0
     server_lr: float = 1e-3
     seed: int = 0
+    server_dp: ServerDP | None = None
 
 
 @dataclass(frozen=True)
 class OpenSessionReply:
-    """The session id (a secret), the server's limits, hidden size and initial credits."""
+    """The session id (a secret), the server's limits, hidden size and initial credits.
+
+    ``server_dp`` is True when the server applies the requested :class:`ServerDP`.
+    """
 
     session_id: str
     limits: Limits
     hidden_size: int
     credits: int
     session_timeout_s: float
+    server_dp: bool = False
 
 
 @dataclass(frozen=True)
@@ -439,6 +473,13 @@ def open_request_to_bytes(r: OpenSessionRequest) -> bytes:
             lora_alpha=r.lora_alpha,
             server_lr=r.server_lr,
             seed=r.seed,
+            server_dp=None
+            if r.server_dp is None
+            else split_pb2.ServerDP(
+                noise_multiplier=r.server_dp.noise_multiplier,
+                max_grad_norm=r.server_dp.max_grad_norm,
+                expected_batch_size=r.server_dp.expected_batch_size,
+            ),
         ).SerializeToString()
     )
 
@@ -459,6 +500,13 @@ def open_request_from_bytes(raw: bytes) -> OpenSessionRequest:
         lora_alpha=pb.lora_alpha,
         server_lr=pb.server_lr,
         seed=pb.seed,
+        server_dp=ServerDP(
+            noise_multiplier=pb.server_dp.noise_multiplier,
+            max_grad_norm=pb.server_dp.max_grad_norm,
+            expected_batch_size=pb.server_dp.expected_batch_size,
+        )
+        if pb.HasField("server_dp")
+        else None,
     )
 
 
@@ -471,6 +519,7 @@ def open_reply_to_bytes(r: OpenSessionReply) -> bytes:
             hidden_size=r.hidden_size,
             credits=r.credits,
             session_timeout_s=r.session_timeout_s,
+            server_dp=r.server_dp,
         ).SerializeToString()
     )
 
@@ -479,7 +528,12 @@ def open_reply_from_bytes(raw: bytes) -> OpenSessionReply:
     """Parse an :class:`OpenSessionReply`."""
     pb = _parse(split_pb2.OpenSessionReply, raw)
     return OpenSessionReply(
-        pb.session_id, _limits_from_pb(pb.limits), pb.hidden_size, pb.credits, pb.session_timeout_s
+        pb.session_id,
+        _limits_from_pb(pb.limits),
+        pb.hidden_size,
+        pb.credits,
+        pb.session_timeout_s,
+        pb.server_dp,
     )
 
 

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64\x66t/split/v1/split.proto\x12\x0e\x66\x65\x64\x66t.split.v1\"h\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.fedft.split.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05scale\x18\x05 \x01(\x02\"L\n\x06StepId\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\r\x12\x10\n\x08sequence\x18\x04 \x01(\x04\"A\n\x05\x45rror\x12\'\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x19.fedft.split.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xca\x01\n\x05\x46rame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.fedft.split.v1.FrameKind\x12$\n\x04step\x18\x03 \x01(\x0b\x32\x16.fedft.split.v1.StepId\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.fedft.split.v1.Tensor\x12\x0f\n\x07\x63redits\x18\x05 \x01(\r\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x15.fedft.split.v1.Error\"b\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x11\n\tmax_batch\x18\x02 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x03 \x01(\r\x12\x15\n\rmax_in_flight\x18\x04 \x01(\r\"\xec\x01\n\x12OpenSessionRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66ront_layers\x18\x02 \x01(\r\x12\x13\n\x0b\x62ody_layers\x18\x03 \x01(\r\x12)\n\nwire_dtype\x18\x04 \x01(\x0e\x32\x15.fedft.split.v1.DType\x12&\n\x06limits\x18\x05 \x01(\x0b\x32\x16.fedft.split.v1.Limits\x12\x11\n\tlora_rank\x18\x06 \x01(\r\x12\x12\n\nlora_alpha\x18\x07 \x01(\x02\x12\x11\n\tserver_lr\x18\x08 \x01(\x02\x12\x0c\n\x04seed\x18\t \x01(\x04\"\x8f\x01\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x06limits\x18\x02 \x01(\x0b\x32\x16.fedft.split.v1.Limits\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x0f\n\x07\x63redits\x18\x04 \x01(\r\x12\x19\n\x11session_timeout_s\x18\x05 \x01(\x01\"@\n\rCommitRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\"$\n\x0b\x43ommitReply\x12\x15\n\rmicro_batches\x18\x01 \x01(\r\"\"\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x0c\n\nCloseReply*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x04*\xa7\x01\n\tFrameKind\x12\x1a\n\x16\x46RAME_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46RAME_KIND_FORWARD\x10\x01\x12\x1a\n\x16\x46RAME_KIND_BODY_OUTPUT\x10\x02\x12\x17\n\x13\x46RAME_KIND_BACKWARD\x10\x03\x12\x1b\n\x17\x46RAME_KIND_CUT_GRADIENT\x10\x04\x12\x14\n\x10\x46RAME_KIND_ERROR\x10\x05*\xdc\x02\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45RROR_CODE_STALE\x10\x01\x12\x18\n\x14\x45RROR_CODE_DUPLICATE\x10\x02\x12\x1d\n\x19\x45RROR_CODE_SHAPE_REJECTED\x10\x03\x12\x19\n\x15\x45RROR_CODE_NON_FINITE\x10\x04\x12\x1a\n\x16\x45RROR_CODE_OVER_CREDIT\x10\x05\x12\x16\n\x12\x45RROR_CODE_EXPIRED\x10\x06\x12\x1e\n\x1a\x45RROR_CODE_UNKNOWN_SESSION\x10\x07\x12 \n\x1c\x45RROR_CODE_FORBIDDEN_CONTENT\x10\x08\x12 \n\x1c\x45RROR_CODE_UNSUPPORTED_DTYPE\x10\t\x12\x18\n\x14\x45RROR_CODE_BAD_FRAME\x10\n\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x0b\x32\xab\x02\n\rSplitTraining\x12S\n\x0bOpenSession\x12\".fedft.split.v1.OpenSessionRequest\x1a .fedft.split.v1.OpenSessionReply\x12\x44\n\x06\x43ommit\x12\x1d.fedft.split.v1.CommitRequest\x1a\x1b.fedft.split.v1.CommitReply\x12\x41\n\x05\x43lose\x12\x1c.fedft.split.v1.CloseRequest\x1a\x1a.fedft.split.v1.CloseReply\x12<\n\x08\x45xchange\x12\x15.fedft.split.v1.Frame\x1a\x15.fedft.split.v1.Frame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64\x66t/split/v1/split.proto\x12\x0e\x66\x65\x64\x66t.split.v1\"h\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.fedft.split.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05scale\x18\x05 \x01(\x02\"L\n\x06StepId\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\r\x12\x10\n\x08sequence\x18\x04 \x01(\x04\"A\n\x05\x45rror\x12\'\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x19.fedft.split.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xca\x01\n\x05\x46rame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.fedft.split.v1.FrameKind\x12$\n\x04step\x18\x03 \x01(\x0b\x32\x16.fedft.split.v1.StepId\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.fedft.split.v1.Tensor\x12\x0f\n\x07\x63redits\x18\x05 \x01(\r\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x15.fedft.split.v1.Error\"b\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x11\n\tmax_batch\x18\x02 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x03 \x01(\r\x12\x15\n\rmax_in_flight\x18\x04 \x01(\r\"X\n\x08ServerDP\x12\x18\n\x10noise_multiplier\x18\x01 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x02 \x01(\x01\x12\x1b\n\x13\x65xpected_batch_size\x18\x03 \x01(\r\"\x99\x02\n\x12OpenSessionRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66ront_layers\x18\x02 \x01(\r\x12\x13\n\x0b\x62ody_layers\x18\x03 \x01(\r\x12)\n\nwire_dtype\x18\x04 \x01(\x0e\x32\x15.fedft.split.v1.DType\x12&\n\x06limits\x18\x05 \x01(\x0b\x32\x16.fedft.split.v1.Limits\x12\x11\n\tlora_rank\x18\x06 \x01(\r\x12\x12\n\nlora_alpha\x18\x07 \x01(\x02\x12\x11\n\tserver_lr\x18\x08 \x01(\x02\x12\x0c\n\x04seed\x18\t \x01(\x04\x12+\n\tserver_dp\x18\n \x01(\x0b\x32\x18.fedft.split.v1.ServerDP\"\xa2\x01\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x06limits\x18\x02 \x01(\x0b\x32\x16.fedft.split.v1.Limits\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x0f\n\x07\x63redits\x18\x04 \x01(\r\x12\x19\n\x11session_timeout_s\x18\x05 \x01(\x01\x12\x11\n\tserver_dp\x18\x06 \x01(\x08\"@\n\rCommitRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\"$\n\x0b\x43ommitReply\x12\x15\n\rmicro_batches\x18\x01 \x01(\r\"\"\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x0c\n\nCloseReply*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x04*\xa7\x01\n\tFrameKind\x12\x1a\n\x16\x46RAME_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46RAME_KIND_FORWARD\x10\x01\x12\x1a\n\x16\x46RAME_KIND_BODY_OUTPUT\x10\x02\x12\x17\n\x13\x46RAME_KIND_BACKWARD\x10\x03\x12\x1b\n\x17\x46RAME_KIND_CUT_GRADIENT\x10\x04\x12\x14\n\x10\x46RAME_KIND_ERROR\x10\x05*\xdc\x02\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45RROR_CODE_STALE\x10\x01\x12\x18\n\x14\x45RROR_CODE_DUPLICATE\x10\x02\x12\x1d\n\x19\x45RROR_CODE_SHAPE_REJECTED\x10\x03\x12\x19\n\x15\x45RROR_CODE_NON_FINITE\x10\x04\x12\x1a\n\x16\x45RROR_CODE_OVER_CREDIT\x10\x05\x12\x16\n\x12\x45RROR_CODE_EXPIRED\x10\x06\x12\x1e\n\x1a\x45RROR_CODE_UNKNOWN_SESSION\x10\x07\x12 \n\x1c\x45RROR_CODE_FORBIDDEN_CONTENT\x10\x08\x12 \n\x1c\x45RROR_CODE_UNSUPPORTED_DTYPE\x10\t\x12\x18\n\x14\x45RROR_CODE_BAD_FRAME\x10\n\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x0b\x32\xab\x02\n\rSplitTraining\x12S\n\x0bOpenSession\x12\".fedft.split.v1.OpenSessionRequest\x1a .fedft.split.v1.OpenSessionReply\x12\x44\n\x06\x43ommit\x12\x1d.fedft.split.v1.CommitRequest\x1a\x1b.fedft.split.v1.CommitReply\x12\x41\n\x05\x43lose\x12\x1c.fedft.split.v1.CloseRequest\x1a\x1a.fedft.split.v1.CloseReply\x12<\n\x08\x45xchange\x12\x15.fedft.split.v1.Frame\x1a\x15.fedft.split.v1.Frame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedft.split.v1.split_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1141
-  _globals['_DTYPE']._serialized_end=1246
-  _globals['_FRAMEKIND']._serialized_start=1249
-  _globals['_FRAMEKIND']._serialized_end=1416
-  _globals['_ERRORCODE']._serialized_start=1419
-  _globals['_ERRORCODE']._serialized_end=1767
+  _globals['_DTYPE']._serialized_start=1295
+  _globals['_DTYPE']._serialized_end=1400
+  _globals['_FRAMEKIND']._serialized_start=1403
+  _globals['_FRAMEKIND']._serialized_end=1570
+  _globals['_ERRORCODE']._serialized_start=1573
+  _globals['_ERRORCODE']._serialized_end=1921
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=150
   _globals['_STEPID']._serialized_start=152
@@ -47,18 +47,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FRAME']._serialized_end=500
   _globals['_LIMITS']._serialized_start=502
   _globals['_LIMITS']._serialized_end=600
-  _globals['_OPENSESSIONREQUEST']._serialized_start=603
-  _globals['_OPENSESSIONREQUEST']._serialized_end=839
-  _globals['_OPENSESSIONREPLY']._serialized_start=842
-  _globals['_OPENSESSIONREPLY']._serialized_end=985
-  _globals['_COMMITREQUEST']._serialized_start=987
-  _globals['_COMMITREQUEST']._serialized_end=1051
-  _globals['_COMMITREPLY']._serialized_start=1053
-  _globals['_COMMITREPLY']._serialized_end=1089
-  _globals['_CLOSEREQUEST']._serialized_start=1091
-  _globals['_CLOSEREQUEST']._serialized_end=1125
-  _globals['_CLOSEREPLY']._serialized_start=1127
-  _globals['_CLOSEREPLY']._serialized_end=1139
-  _globals['_SPLITTRAINING']._serialized_start=1770
-  _globals['_SPLITTRAINING']._serialized_end=2069
+  _globals['_SERVERDP']._serialized_start=602
+  _globals['_SERVERDP']._serialized_end=690
+  _globals['_OPENSESSIONREQUEST']._serialized_start=693
+  _globals['_OPENSESSIONREQUEST']._serialized_end=974
+  _globals['_OPENSESSIONREPLY']._serialized_start=977
+  _globals['_OPENSESSIONREPLY']._serialized_end=1139
+  _globals['_COMMITREQUEST']._serialized_start=1141
+  _globals['_COMMITREQUEST']._serialized_end=1205
+  _globals['_COMMITREPLY']._serialized_start=1207
+  _globals['_COMMITREPLY']._serialized_end=1243
+  _globals['_CLOSEREQUEST']._serialized_start=1245
+  _globals['_CLOSEREQUEST']._serialized_end=1279
+  _globals['_CLOSEREPLY']._serialized_start=1281
+  _globals['_CLOSEREPLY']._serialized_end=1293
+  _globals['_SPLITTRAINING']._serialized_start=1924
+  _globals['_SPLITTRAINING']._serialized_end=2223
 # @@protoc_insertion_point(module_scope)

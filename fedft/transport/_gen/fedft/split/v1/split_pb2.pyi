@@ -124,8 +124,18 @@ class Limits(_message.Message):
     max_in_flight: int
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., max_in_flight: _Optional[int] = ...) -> None: ...
 
+class ServerDP(_message.Message):
+    __slots__ = ("noise_multiplier", "max_grad_norm", "expected_batch_size")
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    noise_multiplier: float
+    max_grad_norm: float
+    expected_batch_size: int
+    def __init__(self, noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., expected_batch_size: _Optional[int] = ...) -> None: ...
+
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("model_id", "front_layers", "body_layers", "wire_dtype", "limits", "lora_rank", "lora_alpha", "server_lr", "seed")
+    __slots__ = ("model_id", "front_layers", "body_layers", "wire_dtype", "limits", "lora_rank", "lora_alpha", "server_lr", "seed", "server_dp")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FRONT_LAYERS_FIELD_NUMBER: _ClassVar[int]
     BODY_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +145,7 @@ class OpenSessionRequest(_message.Message):
     LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     SERVER_LR_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    SERVER_DP_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     front_layers: int
     body_layers: int
@@ -144,21 +155,24 @@ class OpenSessionRequest(_message.Message):
     lora_alpha: float
     server_lr: float
     seed: int
-    def __init__(self, model_id: _Optional[str] = ..., front_layers: _Optional[int] = ..., body_layers: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., server_lr: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    server_dp: ServerDP
+    def __init__(self, model_id: _Optional[str] = ..., front_layers: _Optional[int] = ..., body_layers: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., server_lr: _Optional[float] = ..., seed: _Optional[int] = ..., server_dp: _Optional[_Union[ServerDP, _Mapping]] = ...) -> None: ...
 
 class OpenSessionReply(_message.Message):
-    __slots__ = ("session_id", "limits", "hidden_size", "credits", "session_timeout_s")
+    __slots__ = ("session_id", "limits", "hidden_size", "credits", "session_timeout_s", "server_dp")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
     SESSION_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    SERVER_DP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     limits: Limits
     hidden_size: int
     credits: int
     session_timeout_s: float
-    def __init__(self, session_id: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., hidden_size: _Optional[int] = ..., credits: _Optional[int] = ..., session_timeout_s: _Optional[float] = ...) -> None: ...
+    server_dp: bool
+    def __init__(self, session_id: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., hidden_size: _Optional[int] = ..., credits: _Optional[int] = ..., session_timeout_s: _Optional[float] = ..., server_dp: _Optional[bool] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("session_id", "round", "step")
