@@ -60,6 +60,10 @@ SUMMED_CLIENT_METRICS = (
     "split_bytes_up",
     "split_bytes_down",
 )
+#: what ``epsilon`` in metrics.jsonl is about: the released model (for split learning, the
+#: client's parts and any server adapter), never the activations and gradients that cross the
+#: cut, which no DP mechanism covers.
+EPSILON_COVERS = "release"
 
 
 class RoundFailed(RuntimeError):
@@ -356,6 +360,7 @@ def run_federation(
                 record[key] = sum(values)
         if spent:
             record["epsilon_level"] = "sample"
+            record["epsilon_covers"] = EPSILON_COVERS
             record["epsilon_clients"] = {str(k): v for k, v in sorted(spent.items())}
         if not updates and replies.refused and len(exhausted) == cfg.federation.num_clients:
             logger.warning("round %d: every client has spent its privacy budget; stopping", rnd)
@@ -395,6 +400,7 @@ def run_federation(
         if "epsilon_user" in result.metrics:
             eps = [float(result.metrics["epsilon_user"])]
             record["epsilon_level"] = "user"
+            record["epsilon_covers"] = EPSILON_COVERS
         last = evaluate_global(
             runtime,
             adapters=coord.global_adapters,

@@ -384,6 +384,7 @@ def test_simulate_split_with_sample_dp_reports_epsilon_per_client_per_round(
     previous: dict[str, float] = {}
     for r in rows[1:]:
         assert r["clients"] == 3 and r["epsilon_level"] == "sample"
+        assert r["epsilon_covers"] == "release"  # never a figure for the cut
         spent = r["epsilon_clients"]
         assert sorted(spent) == ["0", "1", "2"]
         for client, e in spent.items():
@@ -392,3 +393,5 @@ def test_simulate_split_with_sample_dp_reports_epsilon_per_client_per_round(
         assert r["epsilon"] == pytest.approx(max(spent.values()))
     # the plan spends (almost) the whole budget over rounds x (local + local-loss) steps
     assert max(previous.values()) == pytest.approx(8.0, rel=0.05)
+    report = (out / "report.html").read_text()
+    assert "release ε" in report and "no ε covers them" in report

@@ -195,6 +195,12 @@ def write_report(
         parts.append(_img(path, name))
     if "epsilon" not in plots:
         parts.append("<p>No differential privacy in this run: no ε is reported.</p>")
+    elif any(r.get("epsilon_covers") == "release" for r in rows):
+        parts.append(
+            "<p>ε is the release ε: it covers the trained parameters this run publishes. In "
+            "split learning the activations and gradients that cross the cut are seen by the "
+            "split server as they are: no ε covers them.</p>"
+        )
     parts += ["<h2>Per-round metrics</h2>", _table(rows) if rows else "<p>No rounds.</p>"]
     if summary is not None and summary.get("config") is not None:
         config = json.dumps(summary["config"], indent=2, sort_keys=True)
