@@ -13,6 +13,7 @@ from fedft.aggregation import get_aggregator
 from fedft.aggregation.base import Aggregator
 from fedft.aggregation.robust import make_robust
 from fedft.config import RunConfig
+from fedft.data.flower_partition import PartitionOptions
 from fedft.privacy import CentralDP, plan_user_level
 
 
@@ -31,6 +32,15 @@ def data_kwargs(cfg: RunConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "text_column": d.text_column,
         "label_column": d.label_column,
+        "partition_options": PartitionOptions(
+            classes_per_client=d.classes_per_client,
+            class_assignment=d.class_assignment,
+            shards_per_client=d.shards_per_client,
+            shard_size=d.shard_size,
+            partition_sizes=tuple(d.partition_sizes),
+            group_size=d.group_size,
+            group_mode=d.group_mode,
+        ),
     }
 
 

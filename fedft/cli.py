@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedft.config import ConfigError, RunConfig, load_config, load_table
+from fedft.config import ALGORITHMS, ConfigError, RunConfig, load_config, load_table
 
 if TYPE_CHECKING:
     from fedft.data import FederatedData
@@ -60,10 +60,17 @@ def _check_data(cfg: RunConfig) -> FederatedData:
     return fed
 
 
+def _show_partition(cfg: RunConfig) -> FederatedData:
+    """Check the run's data (:func:`_check_data`) and print what each client holds."""
+    fed = _check_data(cfg)
+    print(fed.summary.format(), flush=True)
+    return fed
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    _check_data(cfg)
     out = Path(args.out or f"runs/{cfg.name}")
+    _show_partition(cfg)
     from simulations.simulate import SimulationFailed, simulate
 
     try:
@@ -220,13 +227,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     # the base config's own algorithm is replaced: compare validates each variant up front
     table = load_table(args.config, args.set or ())
     out = Path(args.out or f"runs/{table.get('name', 'run')}")
-    from fedft.config import ALGORITHMS
     from simulations.compare import compare, configs_for
     from simulations.simulate import SimulationFailed
 
     algorithms = args.algorithms.split(",") if args.algorithms else None
     configs = configs_for(table, algorithms or ALGORITHMS)  # ConfigError: exit 2
-    _check_data(next(iter(configs.values())))  # every variant shares the data keys
+    _show_partition(next(iter(configs.values())))  # every variant shares the data keys
     try:
         rows = compare(
             table,

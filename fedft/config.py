@@ -91,10 +91,24 @@ class DataConfig:
         default="rotten_tomatoes",
         description='"rotten_tomatoes" | "chatterbot" | a local .csv/.jsonl file',
     )
-    partition: Literal["iid", "dirichlet", "natural"] = Field(
+    partition: Literal[
+        "iid",
+        "dirichlet",
+        "natural",
+        "pathological",
+        "shard",
+        "inner_dirichlet",
+        "linear",
+        "square",
+        "exponential",
+        "size",
+        "natural_id",
+        "grouped_natural",
+    ] = Field(
         default="dirichlet",
-        description="how training examples are split over clients; natural = whole "
-        "groups (movie / category) per client",
+        description="how training examples are split over clients: iid, dirichlet (label "
+        "skew), natural (whole groups: movie / category) are fedft's; the others are Flower "
+        "Datasets' partitioners of the same name (docs/partitioners.md)",
     )
     alpha: Float = Field(
         default=0.5, gt=0, description="Dirichlet concentration (smaller = more label skew)"
@@ -113,6 +127,42 @@ class DataConfig:
     label_column: Str = Field(
         default="label", description="label (or, for causal_lm, answer) column of a local file"
     )
+    classes_per_client: Int = Field(
+        default=2, ge=1, description='partition = "pathological": labels per client'
+    )
+    class_assignment: Literal["random", "deterministic", "first-deterministic"] = Field(
+        default="random", description='partition = "pathological": how labels go to clients'
+    )
+    shards_per_client: Int = Field(
+        default=2,
+        ge=0,
+        description='partition = "shard": shards per client (0 = from shard_size)',
+    )
+    shard_size: Int = Field(
+        default=0,
+        ge=0,
+        description='partition = "shard": examples per shard (0 = from shards_per_client)',
+    )
+    partition_sizes: list[Annotated[int, Strict(), Field(ge=1)]] = Field(
+        default_factory=list,
+        description='partition = "size" / "inner_dirichlet": examples per client, one per '
+        "client ([] = equal sizes)",
+    )
+    group_size: Int = Field(
+        default=2, ge=1, description='partition = "grouped_natural": groups per client'
+    )
+    group_mode: Literal["allow-smaller", "allow-bigger", "drop-reminder", "strict"] = Field(
+        default="allow-smaller",
+        description='partition = "grouped_natural": what happens to the groups left over',
+    )
+
+    def __post_init__(self) -> None:
+        if self.shards_per_client == 0 and self.shard_size == 0:
+            raise Refusal(
+                "shards_per_client",
+                0,
+                "a number of shards per client >= 1, or a data.shard_size >= 1 to derive it",
+            )
 
 
 @dataclass(frozen=True, kw_only=True, config=_SECTION)
@@ -372,6 +422,14 @@ class RunConfig:
                 f"adapter.method = {self.adapter.method!r} trains soft prompts and client-side "
                 "parts, which the server averages by p_k: use 'fedit' (the LoRA algorithms "
                 "apply to method = 'lora')",
+            )
+        sizes = self.data.partition_sizes
+        if sizes and len(sizes) != self.federation.num_clients:
+            raise Refusal(
+                "data.partition_sizes",
+                sizes,
+                f"one size per client: {self.federation.num_clients} sizes "
+                "(federation.num_clients), or [] for equal sizes",
             )
         for client in self.privacy.client_epsilon:
             if int(client) >= self.federation.num_clients:

@@ -638,7 +638,8 @@ def _finish(
         "failed_rounds": sum(1 for r in rows if r.get("failed")),
         "wall_s": time.monotonic() - t_start,
     }
-    write_summary(out, final=final, config=cfg.to_dict())
+    partition = get_data(**builders.data_kwargs(cfg)).summary.to_dict()  # memoised
+    write_summary(out, final=final, config=cfg.to_dict(), partition=partition)
     write_report(out, title=f"fedft run {cfg.name!r}")
     logger.info("final %s", final)
     return final

@@ -154,3 +154,23 @@ def test_plot_compare_makes_two_valid_plots(tmp_path: Path) -> None:
     for p in (rounds_png, bytes_png):
         assert _png_size(p) == (600, 360)
     assert rounds_png.read_bytes() != bytes_png.read_bytes()
+
+
+def test_partition_heat_map_in_summary_and_report(tmp_path: Path) -> None:
+    from fedft.data import PartitionSummary
+
+    _write_rounds(tmp_path, dp=False)
+    summary = PartitionSummary.of(
+        [[0, 1, 2], [3, 4], [5]], [1, 1, 0, 0, 0, 1], ("rotten", "fresh"), method="x", by="label"
+    )
+    write_summary(tmp_path, final={}, config={}, partition=summary.to_dict())
+    assert read_summary(tmp_path)["partition"]["counts"] == [[1, 2], [2, 0], [0, 1]]
+    text = write_report(tmp_path, title="t").read_text()
+    assert "What each client held" in text and "partition x" in text
+    heat = tmp_path / "plot_partition.png"
+    assert heat.read_bytes().startswith(PNG_MAGIC) and heat.read_bytes() in _embedded_pngs(text)
+    # many groups: the 29 largest are drawn, the rest summed into one column
+    many = {"names": [f"g{j}" for j in range(80)], "counts": [list(range(80))] * 3}
+    from fedft.reporting.report import plot_partition
+
+    assert plot_partition(many, tmp_path / "many.png").read_bytes().startswith(PNG_MAGIC)

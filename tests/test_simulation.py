@@ -47,6 +47,10 @@ def test_three_clients_two_rounds(tiny_bert_dir, tmp_path, algorithm):
         assert r["epsilon"] is None
     assert summary["rounds"] == 2
     assert (out / "report.html").is_file()
+    partition = json.loads((out / "summary.json").read_text())["partition"]
+    assert partition["method"] == "dirichlet" and partition["by"] == "label"
+    assert len(partition["counts"]) == 3 and sum(partition["examples"]) == 240
+    assert (out / "plot_partition.png").is_file()
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "checkpoint" / "state.json").is_file()
     if algorithm == "flora":

@@ -18,14 +18,26 @@ from fedft.data.datasets import (
     split_records,
 )
 from fedft.data.encode import IGNORE_INDEX, Encoded, batches, encode, eval_batches
-from fedft.data.partition import Method, label_skew, partition
+from fedft.data.flower_partition import LIBRARY_METHODS, PartitionOptions
+from fedft.data.partition import (
+    LABEL_METHODS,
+    METHODS,
+    Method,
+    PartitionSummary,
+    label_skew,
+    partition,
+)
 from fedft.data.partition import partition as _partition
 
 __all__ = [
     "BUILTIN_DATASETS",
     "IGNORE_INDEX",
+    "LIBRARY_METHODS",
+    "METHODS",
     "Encoded",
     "FederatedData",
+    "PartitionOptions",
+    "PartitionSummary",
     "Records",
     "batches",
     "build_federated_data",
@@ -51,12 +63,14 @@ class FederatedData:
         test: held-out examples no client trains on.
         public: server-side examples (e.g. Fed-SB init), in no client and not in ``test``.
         label_names: class names, index = class id; empty for causal_lm.
+        summary: examples and label (causal_lm: group) mix per client.
     """
 
     clients: list[Records]
     test: Records
     public: Records
     label_names: tuple[str, ...]
+    summary: PartitionSummary
 
     @property
     def num_labels(self) -> int:
@@ -78,16 +92,18 @@ def build_federated_data(
     seed: int,
     text_column: str = "text",
     label_column: str = "label",
+    partition_options: PartitionOptions | None = None,
 ) -> FederatedData:
     """Load, split and partition a dataset (memoised per process on these arguments).
 
-    The partition key is the label for ``dirichlet`` on classification, the group (category)
-    for ``dirichlet`` on causal_lm and for ``natural``; ``iid`` uses none.
+    The partition key is the label for the label-skew methods (``dirichlet``,
+    ``pathological``, ``shard``, ``inner_dirichlet``) on classification, the group
+    (category) for them on causal_lm and for the natural ones; the others use none.
 
     Args:
         dataset: ``"rotten_tomatoes"``, ``"chatterbot"`` or a local ``.csv``/``.jsonl`` path.
         task: ``"classification"`` or ``"causal_lm"``.
-        partition: ``"iid"``, ``"dirichlet"`` or ``"natural"``.
+        partition: a name in :data:`METHODS`.
         alpha: Dirichlet concentration.
         num_clients: number of clients.
         test_size: held-out test examples.
@@ -96,6 +112,7 @@ def build_federated_data(
         seed: seeds the split and the partition.
         text_column: text column of a local file.
         label_column: label / answer column of a local file.
+        partition_options: parameters of the flwr-datasets partitioners.
 
     Raises:
         ValueError: see :func:`load_records`, :func:`split_records` and :func:`partition`.
@@ -115,17 +132,30 @@ def build_federated_data(
         max_train_examples=max_train_examples,
         seed=seed,
     )
-    keys: list[int | str] = list(
-        train.target if partition == "dirichlet" and task == "classification" else train.group
-    )
+    by_label = partition in LABEL_METHODS and task == "classification"
+    keys: list[int | str] = list(train.target if by_label else train.group)
     if partition == "natural" and len(set(keys)) < num_clients:
         raise ValueError(
             f"data.partition = 'natural': {dataset!r} has {len(set(keys))} groups in its "
             f"training split for {num_clients} clients; use at most that many clients, another "
             "partition, or (for a local file) a 'group' column with more distinct values"
         )
-    parts = _partition(keys, num_clients=num_clients, method=partition, alpha=alpha, seed=seed)
+    parts = _partition(
+        keys,
+        num_clients=num_clients,
+        method=partition,
+        alpha=alpha,
+        seed=seed,
+        options=partition_options,
+    )
     clients = [train.subset(part) for part in parts]
+    if task == "classification":
+        summary = PartitionSummary.of(
+            parts, train.target, records.label_names, method=partition, by="label"
+        )
+    else:
+        groups = sorted(set(train.group))
+        summary = PartitionSummary.of(parts, train.group, groups, method=partition, by="group")
     log.info(
         "%s: %d clients (%s), sizes %s; test %d, public %d",
         dataset,
@@ -135,4 +165,10 @@ def build_federated_data(
         len(test),
         len(public),
     )
-    return FederatedData(clients=clients, test=test, public=public, label_names=records.label_names)
+    return FederatedData(
+        clients=clients,
+        test=test,
+        public=public,
+        label_names=records.label_names,
+        summary=summary,
+    )

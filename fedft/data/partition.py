@@ -1,8 +1,12 @@
-"""Split example indices over clients: IID, Dirichlet label skew, or natural groups.
+"""Split example indices over clients: fedft's own three, or Flower Datasets' by name.
 
-Every method returns one index list per client; the lists are disjoint, cover every index,
-and are deterministic under ``seed``. A client left without data is an error, never a
-silently empty client.
+fedft's own: IID, Dirichlet label skew, natural groups; the others are Flower Datasets'
+partitioners (``fedft.data.flower_partition``).
+
+Every method returns one index list per client; the lists are disjoint and deterministic
+under ``seed`` (fedft's own three cover every index). A client left without data is an
+error, never a silently empty client. :class:`PartitionSummary` is what a run shows of the
+split: examples and label mix per client.
 """
 
 from __future__ import annotations
@@ -10,13 +14,33 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Hashable, Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
+from fedft.data.flower_partition import LIBRARY_METHODS, PartitionOptions, library_partition
+
 log = logging.getLogger(__name__)
 
-Method = Literal["iid", "dirichlet", "natural"]
+Method = Literal[
+    "iid",
+    "dirichlet",
+    "natural",
+    "pathological",
+    "shard",
+    "inner_dirichlet",
+    "linear",
+    "square",
+    "exponential",
+    "size",
+    "natural_id",
+    "grouped_natural",
+]
+OWN_METHODS = ("iid", "dirichlet", "natural")
+METHODS: tuple[str, ...] = (*OWN_METHODS, *LIBRARY_METHODS)
+#: methods whose key is the example's label on classification (its group on causal_lm).
+LABEL_METHODS = ("dirichlet", "pathological", "shard", "inner_dirichlet")
 #: resampling attempts of the Dirichlet split before giving up.
 MAX_DIRICHLET_TRIES = 1000
 
@@ -107,20 +131,25 @@ def partition(
     alpha: float = 0.5,
     seed: int = 0,
     min_size: int = 2,
+    options: PartitionOptions | None = None,
 ) -> list[list[int]]:
     """Assign the indices ``0..len(keys)-1`` to ``num_clients`` clients.
 
     Args:
-        keys: one key per example: the label (``dirichlet``) or the group (``natural``);
-            ignored by ``iid``.
+        keys: one key per example: the label (``dirichlet`` and the other label-skew
+            methods) or the group (``natural``, ``natural_id``, ``grouped_natural``);
+            ignored by ``iid`` and the size-skew methods.
         num_clients: number of clients (>= 1).
         method: ``"iid"`` (seeded shuffle, equal sizes ±1), ``"dirichlet"`` (label skew,
-            Hsu et al. 2019, concentration ``alpha``: small = skewed) or ``"natural"``
-            (whole groups per client, balanced greedily by size).
+            Hsu et al. 2019, concentration ``alpha``: small = skewed), ``"natural"``
+            (whole groups per client, balanced greedily by size), or one of Flower
+            Datasets' partitioners (:data:`LIBRARY_METHODS`, see
+            ``fedft.data.flower_partition``).
         alpha: Dirichlet concentration (> 0).
         seed: the only source of randomness.
         min_size: fewest examples each client must get under ``dirichlet`` (resampled until
             met); the other methods require at least one.
+        options: parameters of the flwr-datasets methods (defaults when None).
 
     Returns:
         Per client, its sorted example indices; disjoint, covering all indices.
@@ -159,10 +188,17 @@ def partition(
             hint=f"there are only {num_groups} groups: use at most that many clients "
             "(federation.num_clients) or another data.partition",
         )
-    else:
-        raise ValueError(
-            f"method = {method!r} is not allowed: one of 'iid', 'dirichlet', 'natural'"
+    elif method in LIBRARY_METHODS:
+        parts = library_partition(
+            keys,
+            method=method,
+            num_clients=num_clients,
+            alpha=alpha,
+            seed=seed,
+            options=options or PartitionOptions(),
         )
+    else:
+        raise ValueError(f"method = {method!r} is not allowed: one of {', '.join(METHODS)}")
     log.debug("partition %s: client sizes %s", method, [len(p) for p in parts])
     return parts
 
@@ -187,3 +223,79 @@ def label_skew(parts: Sequence[Sequence[int]], labels: Sequence[int | str]) -> f
         p = np.array([counts[c] / len(part) for c in classes])
         distances.append(0.5 * float(np.abs(p - q).sum()))
     return float(np.mean(distances))
+
+
+@dataclass(frozen=True)
+class PartitionSummary:
+    """What each client holds: examples and the mix of labels (or groups) per client.
+
+    Attributes:
+        method: the partition method.
+        by: ``"label"`` (classification) or ``"group"`` (causal_lm: category, ...).
+        names: the label (group) names, one per column of ``counts``.
+        counts: ``counts[k][j]`` = examples of client k with label ``names[j]``.
+    """
+
+    method: str
+    by: str
+    names: tuple[str, ...]
+    counts: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(
+        cls, parts: Sequence[Sequence[int]], keys: Sequence[Any], names: Sequence[str], **kw: str
+    ) -> PartitionSummary:
+        """Count ``keys`` (label ids indexing ``names``, or the names themselves) per part."""
+        column = {key: j for j, key in enumerate(names)}
+        counts = []
+        for part in parts:
+            row = [0] * len(names)
+            for i in part:
+                key = keys[i]
+                row[key if isinstance(key, int) else column[key]] += 1
+            counts.append(tuple(row))
+        return cls(names=tuple(names), counts=tuple(counts), **kw)
+
+    @property
+    def examples(self) -> list[int]:
+        """Examples per client."""
+        return [sum(row) for row in self.counts]
+
+    def skew(self) -> float:
+        """Mean total-variation distance of the clients' label mix from the overall mix."""
+        total = np.asarray(self.counts, dtype=float)
+        if total.size == 0 or total.sum() == 0:
+            return 0.0
+        overall = total.sum(axis=0) / total.sum()
+        rows = total[total.sum(axis=1) > 0]
+        mix = rows / rows.sum(axis=1, keepdims=True)
+        return float(np.mean(0.5 * np.abs(mix - overall).sum(axis=1)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``summary.json``'s ``partition``)."""
+        return {
+            "method": self.method,
+            "by": self.by,
+            "names": list(self.names),
+            "counts": [list(row) for row in self.counts],
+            "examples": self.examples,
+            "skew": self.skew(),
+        }
+
+    def format(self, *, top: int = 3) -> str:
+        """A short table: per client, its examples and its ``top`` largest labels (%)."""
+        lines = [
+            f"partition {self.method!r}: {len(self.counts)} clients, {sum(self.examples)} "
+            f"training examples; {self.by} mix per client (mean distance from the overall "
+            f"mix {self.skew():.2f}: 0 = every client alike, 1 = disjoint)"
+        ]
+        for k, row in enumerate(self.counts):
+            n = sum(row)
+            biggest = sorted(range(len(row)), key=lambda j: (-row[j], j))[:top]
+            mix = ", ".join(f"{self.names[j]} {100 * row[j] / n:.0f}%" for j in biggest if row[j])
+            more = sum(1 for j in range(len(row)) if row[j]) - len(biggest)
+            lines.append(
+                f"  client {k:>3}: {n:>6} examples  {mix}"
+                + (f" (+{more} more)" if more > 0 else "")
+            )
+        return "\n".join(lines)

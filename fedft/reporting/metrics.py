@@ -148,7 +148,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def write_summary(
-    out_dir: str | Path, *, final: Mapping[str, Any], config: Mapping[str, Any]
+    out_dir: str | Path,
+    *,
+    final: Mapping[str, Any],
+    config: Mapping[str, Any],
+    partition: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``<out_dir>/summary.json`` atomically (temp file + ``os.replace``).
 
@@ -156,6 +160,7 @@ def write_summary(
         out_dir: the run's output folder.
         final: the final figures (test metric, loss, total bytes, ε at δ, ...).
         config: the resolved run configuration (``RunConfig.to_dict()``).
+        partition: what each client held (``PartitionSummary.to_dict()``), when known.
 
     Returns:
         The path written.
@@ -163,6 +168,8 @@ def write_summary(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"final": _jsonable(final, "final"), "config": _jsonable(config, "config")}
+    if partition is not None:
+        payload["partition"] = _jsonable(partition, "partition")
     text = json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n"
     target = out / SUMMARY_FILE
     fd, tmp = tempfile.mkstemp(prefix=".summary.", suffix=".tmp", dir=out)

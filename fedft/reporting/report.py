@@ -121,6 +121,47 @@ def write_plots(
     return plots
 
 
+#: most label (group) columns drawn in the partition heat map; the rest are summed.
+MAX_HEATMAP_COLUMNS = 30
+
+
+def plot_partition(partition: Mapping[str, Any], path: Path) -> Path:
+    """Heat map of examples per client (rows) and label or group (columns).
+
+    Args:
+        partition: ``PartitionSummary.to_dict()``: ``names``, ``counts`` (clients x names),
+            ``by`` and ``method``.
+        path: the PNG to write.
+    """
+    names = [str(n) for n in partition["names"]]
+    counts = [[int(c) for c in row] for row in partition["counts"]]
+    if len(names) > MAX_HEATMAP_COLUMNS:  # keep the largest columns, sum the others
+        totals = [sum(row[j] for row in counts) for j in range(len(names))]
+        keep = sorted(range(len(names)), key=lambda j: (-totals[j], j))[: MAX_HEATMAP_COLUMNS - 1]
+        keep.sort()
+        rest = [j for j in range(len(names)) if j not in keep]
+        names = [names[j] for j in keep] + [f"{len(rest)} others"]
+        counts = [[row[j] for j in keep] + [sum(row[j] for j in rest)] for row in counts]
+    rows, cols = len(counts), len(names)
+    fig = Figure(figsize=(min(3 + 0.45 * cols, 16), min(1.5 + 0.32 * rows, 16)))
+    ax = fig.add_subplot()
+    image = ax.imshow(counts, aspect="auto", cmap="viridis")
+    fig.colorbar(image, ax=ax, label="examples")
+    ax.set_xticks(range(cols), names, rotation=45 if cols > 4 else 0, ha="right")
+    step = max(1, rows // 40)
+    ax.set_yticks(range(0, rows, step), [str(k) for k in range(0, rows, step)])
+    ax.set_xlabel(str(partition.get("by", "label")))
+    ax.set_ylabel("client")
+    ax.set_title(f"partition {partition.get('method', '')!s}: examples per client")
+    if rows * cols <= 400:  # numbers in the cells while they stay readable
+        peak = max((max(row) for row in counts if row), default=0)
+        for k, row in enumerate(counts):
+            for j, value in enumerate(row):
+                color = "black" if value > 0.6 * peak else "white"
+                ax.text(j, k, str(value), ha="center", va="center", fontsize=7, color=color)
+    return _save(fig, path)
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "–"
@@ -193,6 +234,16 @@ def write_report(
     parts.append("<h2>Plots</h2>")
     for name, path in plots.items():
         parts.append(_img(path, name))
+    if summary is not None and summary.get("partition"):
+        partition = summary["partition"]
+        heat = plot_partition(partition, out / "plot_partition.png")
+        parts += [
+            "<h2>What each client held</h2>",
+            f"<p>partition {html.escape(str(partition.get('method')))}: examples per client "
+            f"and {html.escape(str(partition.get('by', 'label')))} (mean distance of a "
+            f"client's mix from the overall mix: {float(partition.get('skew', 0.0)):.2f}).</p>",
+            _img(heat, "partition"),
+        ]
     if "epsilon" not in plots:
         parts.append("<p>No differential privacy in this run: no ε is reported.</p>")
     elif any(r.get("epsilon_covers") == "release" for r in rows):
