@@ -96,6 +96,8 @@ _INSECURE_BANNER = """
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
+    if args.wait_clients is not None:  # a shorthand for the config key
+        args.set = [*(args.set or ()), f"federation.client_wait_s={args.wait_clients}"]
     cfg = _load(args)
     _check_data(cfg)  # the server evaluates on the configured dataset's test split
     out = Path(args.out or f"runs/{cfg.name}")
@@ -396,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/")
     srv.add_argument("--split-address", help="HOST:PORT the split service binds (split runs)")
     srv.add_argument("--insecure", action="store_true", help="no TLS, no node auth (local)")
+    srv.add_argument(
+        "--wait-clients",
+        type=float,
+        metavar="SECONDS",
+        help="how long to wait for federation.num_clients clients to connect before the run "
+        "fails (default 600; = --set federation.client_wait_s=SECONDS)",
+    )
     srv.set_defaults(func=_cmd_server)
 
     cli = sub.add_parser("client", help="join a run as one edge client (a Flower SuperNode)")

@@ -194,6 +194,12 @@ class FederationConfig:
     round_timeout_s: Float = Field(
         default=0.0, ge=0, description="seconds to wait for replies in a round (0 = no limit)"
     )
+    client_wait_s: Float = Field(
+        default=600.0,
+        gt=0,
+        description="deployment: seconds the server waits for num_clients clients to connect "
+        "before the run fails (fedft server --wait-clients)",
+    )
 
     def __post_init__(self) -> None:
         if self.clients_per_round > self.num_clients:

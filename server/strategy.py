@@ -238,7 +238,12 @@ def run_federation(
                 "wall_s": 0.0,
             }
         )
-    nodes = discover_clients(grid, num_clients=cfg.federation.num_clients, bound=bound_nodes)
+    nodes = discover_clients(
+        grid,
+        num_clients=cfg.federation.num_clients,
+        timeout_s=cfg.federation.client_wait_s,
+        bound=bound_nodes,
+    )
     parts_up = aggregator.trainable
     # FFA's A and Fed-SB's B, A never change: a client that holds them gets only what trains
     frozen_id = _frozen_id(coord.global_adapters) if aggregator.trainable != "ab" else ""
