@@ -37,10 +37,12 @@ logger = logging.getLogger(__name__)
 
 
 def split_limits(cfg: RunConfig) -> Limits:
-    """The server's limits for ``cfg``: batch, sequence (+ prompt) and in-flight bounds."""
+    """The server's limits for ``cfg``: the run's own batch, sequence (+ prompt) and
+    in-flight bounds, not generic maxima (a client asking for 0 gets these, and a client
+    asking for more gets these too: one session's activations stay what the run needs)."""
     return Limits(
-        max_batch=max(64, cfg.federation.batch_size),
-        max_seq_len=max(512, cfg.data.max_length + cfg.adapter.prompt_tokens),
+        max_batch=cfg.federation.batch_size,
+        max_seq_len=cfg.data.max_length + cfg.adapter.prompt_tokens,
         max_in_flight=cfg.split.micro_batches_in_flight,
     )
 

@@ -127,6 +127,9 @@ class SplitService:
         limits: the server's own limits (message bytes, batch, sequence, in-flight).
         session_timeout_s: an idle session is freed after this many seconds.
         max_sessions: OpenSession beyond this is refused (RESOURCE_EXHAUSTED).
+        max_sessions_per_client: OpenSession from a certificate identity that already holds
+            this many sessions is refused (RESOURCE_EXHAUSTED), so one client cannot take
+            every slot; anonymous peers (plaintext) share the global cap only.
         require_client_identity: refuse (UNAUTHENTICATED) an OpenSession whose peer has no
             verified client certificate; set it whenever the server runs mutual TLS, so that a
             misconfiguration (TLS without client auth) fails closed instead of open.
@@ -142,6 +145,7 @@ class SplitService:
         limits: Limits | None = None,
         session_timeout_s: float = 60.0,
         max_sessions: int = 64,
+        max_sessions_per_client: int = 2,
         require_client_identity: bool = False,
     ) -> None:
         for p in body.parameters():
@@ -154,6 +158,7 @@ class SplitService:
         self.limits = limits or Limits()
         self.session_timeout_s = session_timeout_s
         self.max_sessions = max_sessions
+        self.max_sessions_per_client = max_sessions_per_client
         self.require_client_identity = require_client_identity
         self.sessions: dict[str, _Session] = {}
         self.frames_received = 0
@@ -237,6 +242,15 @@ class SplitService:
                 f"cut (front {req.front_layers}, body {req.body_layers}) != served cut "
                 f"(front {self.front_layers}, body {self.body_layers})",
             )
+        if identity is not None:
+            held = sum(1 for s in self.sessions.values() if s.identity == identity)
+            if held >= self.max_sessions_per_client:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"client {identity!r} already holds {held} open sessions (at most "
+                    f"{self.max_sessions_per_client} per client); close one or wait for it to "
+                    "expire",
+                )
         if len(self.sessions) >= self.max_sessions:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open sessions")
         if req.lora_rank > 256 or not 0 <= req.server_lr < 10:

@@ -95,7 +95,8 @@ def test_forged_sum_under_user_dp_is_refused(tiny_bert_dir: str, tmp_path: Path)
             "federation.rounds": 3,
             "aggregation.secure": "true",
             "privacy.mode": "'user'",
-            "privacy.noise_multiplier": 0.1,
+            "privacy.noise_multiplier": 1.0,
+            "privacy.epsilon": 1000.0,  # the budget must not stop the run first
             "privacy.max_grad_norm": 1.0,
         },
     )

@@ -407,3 +407,44 @@ def _round_inputs(cfg: RunConfig):  # type: ignore[no-untyped-def]
     data = encode(fed.clients[1], runtime.tokenizer, task="classification", max_length=16)
     extras = {**runtime.initial_extras, PROMPT: initial_prompt(runtime, num_tokens=2, seed=0)}
     return runtime, data, ClientStart(adapters={}, base_delta={}, extras=extras, rank=1)
+
+
+def test_one_client_cannot_take_every_session(model, certs):
+    """Attack (issue 14, item 5): client-0 opens sessions until refused; before, it could
+    hold all 64 and client-1 got RESOURCE_EXHAUSTED. Now each certificate identity holds at
+    most ``max_sessions_per_client`` (2) and client-1 still gets in and trains."""
+
+    async def main() -> None:
+        srv = await _server(model, server_credentials_from_dir(certs))
+        flood: list[SplitClient] = []
+        try:
+            refused = None
+            for _ in range(srv.service.max_sessions):
+                c = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-0"))
+                flood.append(c)
+                try:
+                    await c.open()
+                except grpc.aio.AioRpcError as exc:
+                    refused = exc
+                    break
+            assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "per client" in (refused.details() or "")
+            held = [s for s in srv.service.sessions.values() if s.identity == "client-0"]
+            assert len(held) == srv.service.max_sessions_per_client == 2
+            other = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-1"))
+            async with other:
+                assert math.isfinite(await _step(other))
+        finally:
+            for c in flood:
+                await c.channel.close()
+            await srv.stop(None)
+
+    _run(main)
+
+
+def test_split_limits_are_the_runs_own():
+    from server.split_runner import split_limits
+
+    cfg = load_config(None, ["federation.batch_size=8", "data.max_length=32"])
+    lim = split_limits(cfg)
+    assert (lim.max_batch, lim.max_seq_len) == (8, 32 + cfg.adapter.prompt_tokens)

@@ -96,22 +96,28 @@ def reconstruct(shares: Mapping[int, int]) -> bytes:
 def _interpolate(points: Sequence[tuple[int, int]]) -> list[int]:
     """The polynomial of degree < len(points) through ``points`` (Lagrange, O(k^2)).
 
-    Returns its coefficients, constant term first.
+    The master polynomial M(x) = prod_j (x - x_j) is built once; each Lagrange basis
+    polynomial is M(x) / (x - x_i) by synthetic division. Returns the coefficients,
+    constant term first.
     """
     k = len(points)
+    master = [1]  # constant first
+    for xj, _ in points:
+        master = (
+            [(-xj * master[0]) % PRIME]
+            + [(master[d - 1] - xj * master[d]) % PRIME for d in range(1, len(master))]
+            + [master[-1]]
+        )
     coeffs = [0] * k
-    for i, (xi, yi) in enumerate(points):
-        basis = [1]  # prod_{j != i} (x - xj), built up one factor at a time
+    for xi, yi in points:
+        basis = [0] * k  # M(x) / (x - xi), degree k - 1
+        basis[k - 1] = master[k]
+        for d in range(k - 1, 0, -1):
+            basis[d - 1] = (master[d] + xi * basis[d]) % PRIME
         den = 1
-        for j, (xj, _) in enumerate(points):
-            if j == i:
-                continue
-            basis = (
-                [(-xj * basis[0]) % PRIME]
-                + [(basis[d - 1] - xj * basis[d]) % PRIME for d in range(1, len(basis))]
-                + [basis[-1]]
-            )
-            den = den * (xi - xj) % PRIME
+        for xj, _ in points:
+            if xj != xi:
+                den = den * (xi - xj) % PRIME
         scale = yi * pow(den, -1, PRIME) % PRIME
         for d in range(k):
             coeffs[d] = (coeffs[d] + scale * basis[d]) % PRIME
