@@ -44,6 +44,7 @@ SECTIONS = (
     "profile_sim",
     "padding",
     "split",
+    "secagg_round",
 )
 
 _HEADER = """# fedft benchmarks

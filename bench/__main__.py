@@ -27,6 +27,7 @@ NAMES = (
     "profile_sim",
     "sim_scale",
     "split",
+    "secagg_round",
 )
 
 

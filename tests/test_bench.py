@@ -163,3 +163,13 @@ def test_simulation_benchmarks_smoke(name, tiny_bert_dir, tmp_path, capsys):
             if r[1:2] and r[2].strip() in ("ours", "reference")
         ]
         assert counted == [("4", "4"), ("4", "4")]  # every client call counted in the workers
+
+
+def test_secagg_round_smoke_runs_and_the_attack_row_completes(capsys):
+    from bench import secagg_round
+
+    lines = secagg_round.run(size="smoke", doc=None)
+    assert lines and lines[0].startswith("RATIO secagg_round_10:")
+    # the hostile-holder round completes after the change and names the liar
+    _, _, outcome = secagg_round.one_round(10, 500, checked=True, liar=1)
+    assert outcome == "completed, suspects [1]"
