@@ -384,3 +384,84 @@ def test_reed_solomon_decoding_corrects_half_the_surplus() -> None:
     with pytest.raises(shamir.ShareError, match="correct"):
         shamir.decode_shares(three, threshold=6)
     assert shamir.decode_shares(shares, threshold=6) == (secret, set())
+
+
+def test_a_client_exported_and_restored_at_every_step_gives_the_same_sum() -> None:
+    """export_state/from_state carry everything (keys, seed, U2, directory, held shares):
+    a round whose clients are rebuilt from their state before every step is exact."""
+    params = _params(n=6, max_dropouts=2, d=64)
+    vectors = _vectors(6, 64, seed=3)
+    clients = {i: SecAggClient(index=i, params=params) for i in vectors}
+
+    def moved(i: int) -> SecAggClient:
+        state = clients[i].export_state()
+        assert state.index == i and state.params == params
+        clients[i] = SecAggClient.from_state(state)
+        return clients[i]
+
+    server = SecAggServer(params)
+    directory = server.collect_keys([moved(i).advertise_keys() for i in vectors])
+    routed = server.collect_shares([moved(i).share_keys(directory) for i in vectors])
+    alive = [i for i in vectors if i != 6]  # 6 drops before sending its masked input
+    request = server.collect_masked([moved(i).masked_input(routed[i], vectors[i]) for i in alive])
+    result = server.collect_unmasking([moved(i).unmask(request) for i in alive])
+    plain = sum(vectors[i] for i in alive)
+    assert np.max(np.abs(result.total - plain)) <= params.error_bound
+    assert set(result.dropped) == {6}
+    with pytest.raises(SecAggProtocolError, match="out of order"):
+        moved(1).unmask(request)  # the restored client remembers it already answered
+
+
+def test_restoring_a_bad_state_is_refused() -> None:
+    state = SecAggClient(index=1, params=_params(n=3, max_dropouts=1, d=4)).export_state()
+    with pytest.raises(ValueError, match="step 5 outside"):
+        SecAggClient.from_state(dataclasses.replace(state, step=5))
+    with pytest.raises(ValueError, match="seed has 3 bytes"):
+        SecAggClient.from_state(dataclasses.replace(state, seed=b"abc"))
+
+
+def test_server_steps_out_of_order_are_refused_by_name() -> None:
+    server = SecAggServer(_params(n=3, max_dropouts=1, d=4))
+    with pytest.raises(SecAggProtocolError, match="collect_unmasking"):
+        server.collect_unmasking([])
+
+
+def test_shamir_field_bounds_and_secret_size() -> None:
+    secret = bytes(range(32))
+    shares = shamir.split(secret, threshold=2, indices=[1, 2, 3])
+    assert shamir.reconstruct({1: shares[1], 3: shares[3]}) == secret  # big-endian bytes
+    with pytest.raises(shamir.ShareError, match="no shares"):
+        shamir.reconstruct({})
+    with pytest.raises(shamir.ShareError, match="index 1 is outside the field"):
+        shamir.reconstruct({1: shamir.PRIME, 2: shares[2]})
+    # y = 0 is a field element: a constant polynomial f = 0 has share 0 everywhere
+    assert shamir.reconstruct({1: 0, 2: 0}) == bytes(32)
+    # a value of 2^256 or more is not a 32-byte secret (a wrong share, or too few)
+    with pytest.raises(shamir.ShareError, match="not a 32-byte secret"):
+        shamir.reconstruct({1: 1 << 256})
+    with pytest.raises(shamir.ShareError, match="need 2 shares, got 1"):
+        shamir.reconstruct_verified({1: shares[1]}, threshold=2, verify=lambda s: True)
+
+
+def test_unweighted_encoding_sends_weight_one() -> None:
+    u = ClientUpdate(
+        "c", {"m": LoraFactors(a=torch.ones(1, 2), b=torch.ones(2, 1), scaling=1.0)}, 7
+    )
+    weighted = encode_update(u, parts="ab")
+    uniform = encode_update(u, parts="ab", weighted=False)
+    assert weighted[-1] == 7.0 and np.array_equal(weighted[:-1], 7.0 * uniform[:-1])
+    assert uniform[-1] == 1.0 and np.array_equal(uniform[:-1], np.ones(4))
+
+
+def test_decoding_refuses_a_non_linear_aggregator() -> None:
+    template = ClientUpdate(
+        "g", {"m": LoraFactors(a=torch.ones(1, 2), b=torch.ones(2, 1), scaling=1.0)}, 1
+    )
+    for name in ("flora", "lora_fair"):
+        with pytest.raises(ValueError, match=f"needs a linear aggregator, got '{name}'"):
+            decode_aggregate(
+                SecAggResult(total=np.zeros(5), included=(1,), dropped=()),
+                template=template,
+                parts="ab",
+                inner=get_aggregator(name),
+            )

@@ -405,3 +405,48 @@ def test_start_parts_send_frozen_factors_only_to_clients_without_them() -> None:
     assert serde.start_parts("b", holds_frozen=True) == "b"
     assert serde.start_parts("r", holds_frozen=False) == "abr"  # Fed-SB: B, A once
     assert serde.start_parts("r", holds_frozen=True) == "r"
+
+
+def test_start_base_delta_with_a_fedsb_middle_round_trips() -> None:
+    with_r = _adapters(rank=3, with_r=True, seed=9)[MODULES[0]]
+    base_delta = {MODULES[0]: with_r, MODULES[1]: torch.randn(13, 12)}
+    rd = _wire(
+        serde.start_to_recorddict(
+            adapters={}, parts="ab", base_delta=base_delta, extras={}, config={}
+        )
+    )
+    _, delta, _, _ = serde.start_from_recorddict(rd)
+    got = delta[MODULES[0]]
+    assert isinstance(got, LoraFactors) and got.r is not None
+    _same(with_r, got)
+    assert torch.equal(delta[MODULES[1]], base_delta[MODULES[1]])  # type: ignore[arg-type]
+
+
+def test_bad_base_deltas_are_refused_naming_the_module() -> None:
+    f = _adapters(rank=2)[MODULES[0]]
+    with pytest.raises(SerdeError, match="module name 'a::b' must not contain '::'"):
+        serde._base_delta_to_records({"a::b": f})
+    with pytest.raises(SerdeError, match=r"base_delta 'm': dense delta must be \(out, in\)"):
+        serde._base_delta_to_records({"m": torch.zeros(2, 3, 4)})
+    with pytest.raises(SerdeError, match="base_delta 'm': expected a Tensor or LoraFactors"):
+        serde._base_delta_to_records({"m": [1.0]})  # type: ignore[dict-item]
+
+    def decode(arrays: dict[str, torch.Tensor], scalings: dict[str, float]) -> object:
+        record = ArrayRecord()
+        for key, t in arrays.items():
+            record[key] = serde.tensor_to_array(t)
+        return serde._base_delta_from_records(
+            record, scalings, max_numel=10_000, check_finite=False
+        )
+
+    with pytest.raises(SerdeError, match="base_delta m: dense delta must be 2-D"):
+        decode({"m::dense": torch.zeros(2, 2, 2)}, {})
+    with pytest.raises(SerdeError, match="base_delta m: factored delta without a scaling"):
+        decode({"m::a": f.a, "m::b": f.b}, {})
+    with pytest.raises(SerdeError, match=r"base_delta m: got \['a'\]; expected dense"):
+        decode({"m::a": f.a}, {"m": 1.0})
+    with pytest.raises(SerdeError, match="base_delta m: "):
+        decode({"m::a": f.a, "m::b": torch.zeros(4, 3)}, {"m": 1.0})  # ranks 2 vs 3
+    ok = decode({"m::a": f.a, "m::b": f.b, "m::r": torch.eye(2)}, {"m": 0.5})
+    assert isinstance(ok, dict) and isinstance(ok["m"], LoraFactors)
+    assert ok["m"].scaling == 0.5 and torch.equal(ok["m"].r, torch.eye(2))
