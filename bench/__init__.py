@@ -45,6 +45,7 @@ SECTIONS = (
     "padding",
     "split",
     "secagg_round",
+    "config_partition",
 )
 
 _HEADER = """# fedft benchmarks

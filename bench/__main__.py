@@ -28,6 +28,7 @@ NAMES = (
     "sim_scale",
     "split",
     "secagg_round",
+    "config_partition",
 )
 
 

@@ -173,3 +173,13 @@ def test_secagg_round_smoke_runs_and_the_attack_row_completes(capsys):
     # the hostile-holder round completes after the change and names the liar
     _, _, outcome = secagg_round.one_round(10, 500, checked=True, liar=1)
     assert outcome == "completed, suspects [1]"
+
+
+def test_config_partition_bench_smoke(capsys):
+    """Old (from git) and new config / partition code run side by side; same splits."""
+    from bench import config_partition
+
+    lines = config_partition.run(size="smoke", doc=None)
+    assert lines[0].startswith("RATIO config_partition: config fresh start after/before")
+    out = capsys.readouterr().out
+    assert "| partition 12,244 records: dirichlet alpha=2.0 |" in out
