@@ -136,10 +136,13 @@ def run_module(module: str, scratch: Path) -> dict[str, object]:
 def main(argv: list[str]) -> int:
     """Run the chosen modules and print one line per module plus a JSON summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("modules", nargs="*", choices=[*MODULES, []], default=list(MODULES))
+    parser.add_argument("modules", nargs="*", help=f"some of {', '.join(MODULES)} (default all)")
     parser.add_argument("--keep", type=Path, help="keep each module's scratch folder here")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.modules) - set(MODULES))
+    if unknown:
+        parser.error(f"unknown modules {unknown}; choose from {', '.join(MODULES)}")
     results = []
     for module in args.modules or list(MODULES):
         if args.keep:

@@ -450,3 +450,25 @@ def test_bad_base_deltas_are_refused_naming_the_module() -> None:
     ok = decode({"m::a": f.a, "m::b": f.b, "m::r": torch.eye(2)}, {"m": 0.5})
     assert isinstance(ok, dict) and isinstance(ok["m"], LoraFactors)
     assert ok["m"].scaling == 0.5 and torch.equal(ok["m"].r, torch.eye(2))
+
+
+def test_start_base_delta_is_bounded_and_checked_like_every_tensor() -> None:
+    poisoned = torch.randn(13, 12)
+    poisoned[0, 0] = float("nan")
+    rd = serde.start_to_recorddict(
+        adapters={}, parts="ab", base_delta={MODULES[1]: poisoned}, extras={}, config={}
+    )
+    _, delta, _, _ = serde.start_from_recorddict(rd)  # finiteness is checked only when asked
+    assert torch.isnan(delta[MODULES[1]]).sum() == 1  # type: ignore[union-attr]
+    key = f"base_delta {MODULES[1]}::dense"
+    with pytest.raises(SerdeError, match=f"'{key}': contains NaN or infinite"):
+        serde.start_from_recorddict(rd, check_finite=True)
+    with pytest.raises(SerdeError, match=f"'{key}'.*156 elements, more than the limit of 100"):
+        serde.start_from_recorddict(rd, max_numel=100)
+
+
+def test_start_with_unknown_parts_is_refused() -> None:
+    rd = serde.start_to_recorddict(adapters={}, parts="ab", base_delta={}, extras={}, config={})
+    rd[serde.META]["parts"] = "xyz"  # type: ignore[index]
+    with pytest.raises(SerdeError, match=r"start message: parts = 'xyz' is not one of \["):
+        serde.start_from_recorddict(rd)
