@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +33,7 @@ from torch import Tensor
 from bench import DOC, Size, md_table, ratio_line, sim_env, write_section
 from fedft.aggregation import AGGREGATORS, get_aggregator
 from fedft.training.coordinator import Coordinator
+from fedft.training.sampling import sample_clients
 from fedft.transport import serde
 from fedft.types import ClientUpdate, LoraFactors
 
@@ -49,7 +49,7 @@ MIB = 2**20
 
 
 def _config(rnd: int, rank: int) -> dict[str, int]:
-    """The per-round config the server sends (same keys as ``server.strategy``)."""
+    """The per-round config the server sends (same keys as ``server.rounds.client_config``)."""
     return {"round": rnd, "client_index": 0, "rank": rank, "seed": 10_007 * rnd}
 
 
@@ -91,7 +91,7 @@ def message_bytes(
         rnd: the round (1 = nothing folded yet).
         extras: dense trainables that travel both ways (classifier head).
         first_visit: the client's first round: it receives Fed-SB's frozen B, A (FFA's
-            frozen A) too; afterwards it keeps them (``server/strategy.py`` sends them
+            frozen A) too; afterwards it keeps them (``server/rounds.py`` sends them
             once per client) and only R (Fed-SB) or B (FFA) travels down.
     """
     trainable = AGGREGATORS[algorithm].trainable
@@ -148,7 +148,7 @@ def real_round_bytes(
 ) -> list[tuple[int, int]]:
     """(up, down) bytes summed over clients, per round, through the real Coordinator path.
 
-    Runs the real aggregator inside a :class:`Coordinator` (as ``server.strategy`` does),
+    Runs the real aggregator inside a :class:`Coordinator` (as ``server.federation`` does),
     with client replies made from each client's start message plus noise, and sizes
     every message with serde. ``chosen[t]`` lists the clients of round t + 1.
     """
@@ -168,7 +168,7 @@ def real_round_bytes(
         max_rank=max_rank,
     )
     trainable = agg.trainable
-    holds_frozen: set[int] = set()  # as server/strategy.py: frozen factors go once per client
+    holds_frozen: set[int] = set()  # as server/rounds.py: frozen factors go once per client
     out = []
     for t, ids in enumerate(chosen, start=1):
         up = down = 0
@@ -271,9 +271,8 @@ def measure_wire(
             **builders.runtime_kwargs(cfg, num_labels=fed.num_labels), device=resolve_device("cpu")
         )
         chosen = [
-            sorted(random.Random(cfg.seed * 7919 + t).sample(range(10), cpr))
-            for t in range(1, rounds + 1)
-        ]  # the ServerApp's client sampling (server/strategy.py)
+            sample_clients(range(10), cpr, seed=cfg.seed, rnd=t) for t in range(1, rounds + 1)
+        ]  # the ServerApp's client sampling
         predicted = real_round_bytes(
             alg,
             shapes=rt.shapes,

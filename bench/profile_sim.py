@@ -38,15 +38,15 @@ CLIENT_STAGES = {
     "encode reply (serde)": ("serde.py", "update_to_recorddict"),
 }
 SERVER_STAGES = {
-    "run_federation (whole server)": ("strategy.py", "run_federation"),
+    "run_federation (whole server)": ("federation.py", "run_federation"),
     "load model + data on the server": ("runtime.py", "get_runtime"),
-    "discover clients (query)": ("strategy.py", "discover_clients"),
-    "wait for client replies (send_and_receive)": ("strategy.py", "_collect"),
+    "discover clients (query)": ("federation.py", "discover_clients"),
+    "wait for client replies (send_and_receive)": ("collect.py", "collect_plain"),
     "encode start messages (serde)": ("serde.py", "start_to_recorddict"),
     "aggregate": ("coordinator.py", "aggregate"),
     "evaluate global model": ("runtime.py", "evaluate_global"),
     "checkpoint": ("checkpoint.py", "save_checkpoint"),
-    "final adapter + report": ("strategy.py", "_finish"),
+    "final adapter + report": ("federation.py", "finish"),
 }
 
 

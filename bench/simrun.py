@@ -113,7 +113,7 @@ def run_sim(
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from server.strategy import run_federation
+    from server.federation import run_federation
     from simulations.simulate import backend_config
 
     out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ import torch
 from flwr.app import Context, RecordDict
 
 from fedft.aggregation import AGGREGATORS
-from fedft.aggregation.robust import flatten_trainables
+from fedft.aggregation.flat import clip_l2, flatten_trainables
 from fedft.config import RunConfig
 from fedft.secagg import SecAggClient, SecAggProtocolError
 from fedft.secagg.encoding import encode_update
@@ -61,10 +61,7 @@ def secure_vector(
     if clip_delta <= 0:
         return encode_update(update, parts=parts, weighted=weighted)
     x0 = flatten_trainables(start, parts).to(torch.float64)  # (D - 1,)
-    delta = flatten_trainables(update, parts).to(torch.float64) - x0
-    norm = float(delta.norm())
-    if norm > clip_delta:
-        delta = delta * (clip_delta / norm)
+    delta, _ = clip_l2(flatten_trainables(update, parts).to(torch.float64) - x0, clip_delta)
     w = float(update.num_examples) if weighted else 1.0
     return np.concatenate([w * (x0 + delta).numpy(), [w]])
 

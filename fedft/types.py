@@ -10,9 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
+
+Parts = Literal["ab", "b", "r"]
+"""What clients train and upload: ``"ab"`` both factors, ``"b"`` only B (A frozen and
+shared, FFA), ``"r"`` only the Fed-SB middle matrix (B and A frozen and shared)."""
+
+PARTS_FIELDS: Mapping[str, tuple[str, ...]] = {"ab": ("a", "b"), "b": ("b",), "r": ("r",)}
+"""The :class:`LoraFactors` fields each :data:`Parts` value trains."""
 
 
 @dataclass(frozen=True)

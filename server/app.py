@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedft.config import RunConfig
 from fedft.transport.flower_config import read_run_config
-from server.strategy import run_federation
+from server.federation import run_federation
 
 logger = logging.getLogger(__name__)
 

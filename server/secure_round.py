@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -41,7 +39,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedft.aggregation.base import Aggregator
-from fedft.aggregation.robust import NormBound, flatten_trainables, unflatten_trainables
+from fedft.aggregation.flat import flatten_trainables
+from fedft.aggregation.robust import NormBound
 from fedft.privacy import CentralDP
 from fedft.replies import check_epsilon, parse_privacy_record
 from fedft.secagg import SecAggError, SecAggParams, SecAggResult, SecAggServer
@@ -49,7 +48,8 @@ from fedft.secagg.bounds import sum_problems
 from fedft.secagg.encoding import decode_aggregate, vector_length
 from fedft.transport import secagg_serde as ss
 from fedft.transport import serde
-from fedft.types import AggregationResult, ClientUpdate
+from fedft.types import AggregationResult, ClientUpdate, Parts
+from server.collect import Replies
 
 logger = logging.getLogger(__name__)
 
@@ -58,40 +58,6 @@ MESSAGE_TYPE = "train.secagg"
 
 
 _T = TypeVar("_T")
-
-
-@dataclass
-class SecureRound:
-    """What one secure round produced.
-
-    Attributes:
-        result: the round's aggregate, or None when the round failed.
-        failed: why the round failed (None when it did not).
-        clients: |U3|, the clients whose vectors are in the sum.
-        dropped: SecAgg indices of the clients that dropped at any stage.
-        bytes_up: serialised bytes of every reply (all four stages).
-        bytes_down: serialised bytes of every server message (all four stages).
-        epsilon: client index -> ε spent so far (sample-level DP).
-        accountants: client index -> its accountant state (JSON).
-        refused: clients that refused to train (budget spent).
-        rejected: (client index, why) for stage-0 replies with an unacceptable record.
-        suspects: client indices caught sending or dealing wrong secret shares (the sum was
-            still rebuilt; see :func:`fedft.secagg.protocol.blame`).
-        train_loss: the clients' reported local training losses.
-    """
-
-    result: AggregationResult | None = None
-    failed: str | None = None
-    clients: int = 0
-    dropped: list[int] = field(default_factory=list)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    epsilon: dict[int, float] = field(default_factory=dict)
-    accountants: dict[int, str] = field(default_factory=dict)
-    refused: list[int] = field(default_factory=list)
-    rejected: list[tuple[int, str]] = field(default_factory=list)
-    suspects: list[int] = field(default_factory=list)
-    train_loss: list[float] = field(default_factory=list)
 
 
 def secagg_threshold(num_clients: int, min_replies: int) -> int:
@@ -202,7 +168,7 @@ def run_secure_round(
     *,
     nodes: Mapping[int, int],
     rnd: int,
-    parts: Literal["ab", "b", "r"],
+    parts: Parts,
     template: ClientUpdate,
     aggregator: Aggregator,
     timeout: float | None,
@@ -210,8 +176,12 @@ def run_secure_round(
     max_examples: int,
     frac_bits: int = 24,
     clip: float = float(2**20),
-) -> SecureRound:
+) -> Replies:
     """Run one SecAgg round for the clients ``messages`` address; return what it produced.
+
+    The :class:`~server.collect.Replies` of a secure round carry no updates: ``summed`` is
+    the round's aggregate (None when the round failed, ``failed`` says why), ``in_sum`` the
+    clients whose vectors are in it.
 
     Args:
         grid: the Flower grid.
@@ -230,7 +200,7 @@ def run_secure_round(
         frac_bits: fixed-point fractional bits (rounding error n * 2^(-f-1) per entry).
         clip: fixed-point clip on each entry of [w x, w].
     """
-    out = SecureRound()
+    out = Replies(secure=True)
     client_of_node = {nid: idx for idx, nid in nodes.items()}
     chosen = sorted(client_of_node[m.metadata.dst_node_id] for m in messages)
     content_of = {client_of_node[m.metadata.dst_node_id]: m.content for m in messages}
@@ -301,7 +271,7 @@ def run_secure_round(
         _close(out, ex)
         return out
     _close(out, ex)
-    out.clients = len(total.included)
+    out.in_sum = len(total.included)
     out.suspects = sorted(client_index[k] for k in total.suspects)
     if out.suspects:
         logger.warning(
@@ -311,8 +281,8 @@ def run_secure_round(
         loss = _metric(keyed[k], "train_loss")
         if loss is not None:
             out.train_loss.append(loss)
-    if out.clients < min_replies:
-        out.failed = f"{out.clients} clients in the sum < federation.min_replies={min_replies}"
+    if out.in_sum < min_replies:
+        out.failed = f"{out.in_sum} clients in the sum < federation.min_replies={min_replies}"
         return out
     problems = check_sum(
         total, template=template, parts=parts, aggregator=aggregator, max_examples=max_examples
@@ -321,7 +291,7 @@ def run_secure_round(
         out.failed = "; ".join(problems)
         logger.error("round %d: refused the secure sum: %s; model unchanged", rnd, out.failed)
         return out
-    out.result = aggregate_from_sum(total, template=template, parts=parts, aggregator=aggregator)
+    out.summed = aggregate_from_sum(total, template=template, parts=parts, aggregator=aggregator)
     return out
 
 
@@ -329,7 +299,7 @@ def check_sum(
     total: SecAggResult,
     *,
     template: ClientUpdate,
-    parts: Literal["ab", "b", "r"],
+    parts: Parts,
     aggregator: Aggregator,
     max_examples: int,
     frac_bits: int = 24,
@@ -351,7 +321,7 @@ def check_sum(
     )
 
 
-def _close(out: SecureRound, ex: _Exchange) -> None:
+def _close(out: Replies, ex: _Exchange) -> None:
     out.bytes_up, out.bytes_down = ex.bytes_up, ex.bytes_down
     out.dropped = sorted(ex.dropped)
 
@@ -364,7 +334,7 @@ def _metric(content: RecordDict, name: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def _privacy(out: SecureRound, idx: int, content: RecordDict, rnd: int) -> bool:
+def _privacy(out: Replies, idx: int, content: RecordDict, rnd: int) -> bool:
     """Mirror the accountant and the ε of a stage-0 reply (checked by
     :mod:`fedft.replies`); False if the client refused or its record is unacceptable."""
     privacy = content.get(serde.PRIVACY_RECORD)
@@ -399,16 +369,15 @@ def aggregate_from_sum(
     total: SecAggResult,
     *,
     template: ClientUpdate,
-    parts: Literal["ab", "b", "r"],
+    parts: Parts,
     aggregator: Aggregator,
 ) -> AggregationResult:
     """The round's result from the unmasked sum ``[sum w_k x_k, sum w_k]``.
 
     Plain linear aggregators and ``norm_bound`` (clients clipped themselves): the weighted
     mean, formatted by the inner aggregator (:func:`decode_aggregate`). User-level DP: the
-    sum of clipped deltas gets N(0, sigma^2 C^2) noise once, is divided by the expected
-    cohort m, added to the reference and accounted, exactly as :class:`CentralDP` does
-    with individual updates (``fedft/privacy/central.py`` steps 3-5).
+    sum of clipped deltas goes through :meth:`CentralDP.release` (noise once, divide by the
+    expected cohort m, inner aggregator, accountant), the same code the plain round runs.
     """
     if isinstance(aggregator, CentralDP):
         return _central_dp_from_sum(total, template=template, parts=parts, dp=aggregator)
@@ -420,34 +389,15 @@ def _central_dp_from_sum(
     total: SecAggResult,
     *,
     template: ClientUpdate,
-    parts: Literal["ab", "b", "r"],
+    parts: Parts,
     dp: CentralDP,
 ) -> AggregationResult:
+    """User-level DP from the unmasked ``[sum (x0 + clipped delta_k), K]``: CentralDP's release."""
     vec = np.asarray(total.total, dtype=np.float64)  # [sum (x0 + clipped delta_k), K]
     count = float(vec[-1])
     if not count >= 0.5 or not math.isfinite(count):
         raise ValueError(f"unmasked client count {count} is not a positive count")
     x0 = flatten_trainables(template, parts).to(torch.float64)  # (D,) the reference
     summed = torch.from_numpy(vec[:-1].copy()) - round(count) * x0  # sum of clipped deltas
-    if dp.noise_multiplier > 0:
-        gen = torch.Generator().manual_seed(secrets.randbits(63))  # fresh OS entropy
-        noise = torch.randn(summed.shape, generator=gen, dtype=torch.float64)
-        summed = summed + dp.noise_multiplier * dp.clip_norm * noise
-    mean = x0 + summed / dp.expected_clients  # fixed denominator m
-    private = unflatten_trainables(mean, template, parts, client_id="secagg-dp", num_examples=1)
-    result = dp.inner.aggregate([private])
-    dp.accountant.step(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=1)
-    dp.set_reference(result.adapters, extras=result.extras)
-    metrics = {
-        **result.metrics,
-        "clients": float(len(total.included)),
-        "user_dp_noise_std": dp.noise_multiplier * dp.clip_norm / dp.expected_clients,
-    }
-    if dp.delta is not None:
-        metrics["epsilon_user"] = dp.accountant.epsilon(dp.delta)
-    return AggregationResult(
-        adapters=result.adapters,
-        base_delta=result.base_delta,
-        metrics=metrics,
-        extras=result.extras,
-    )
+    dp.set_reference(template.adapters, extras=template.extras)  # what the clients started from
+    return dp.release(summed, clients=len(total.included))

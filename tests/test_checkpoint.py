@@ -140,7 +140,7 @@ def test_checkpoint_files_are_json_and_safetensors_only(tmp_path: Path) -> None:
 
 
 def test_fresh_run_sets_an_earlier_runs_outputs_aside(tmp_path):
-    from server.strategy import _set_aside_previous_run
+    from server.federation import _set_aside_previous_run
 
     (tmp_path / "metrics.jsonl").write_text('{"round": 0}\n')
     (tmp_path / "checkpoint").mkdir()

@@ -167,7 +167,7 @@ def test_collect_counts_duplicates_once_and_drops_replays_and_strangers() -> Non
     from fedft.training.coordinator import ClientStart
     from fedft.transport import serde
     from fedft.transport.serde import ROUND_RECORD
-    from server.strategy import _collect
+    from server.collect import collect_plain, validate_replies
 
     g = torch.Generator().manual_seed(0)
     start = {
@@ -194,18 +194,8 @@ def test_collect_counts_duplicates_once_and_drops_replays_and_strangers() -> Non
         reply(3, 5),
         _Reply(999, reply(1, 5).content),  # a node nobody asked
     ]
-    got = _collect(
-        _FakeGrid(replies),
-        [],
-        None,
-        starts,
-        nodes,
-        "ab",
-        5,
-        extras={},
-        max_norm=None,
-        max_examples=100,
-    )  # type: ignore[arg-type]
+    got = collect_plain(_FakeGrid(replies), [], None, starts, nodes, "ab", 5)  # type: ignore[arg-type]
+    validate_replies(got, starts, parts="ab", extras={}, max_norm=None, max_examples=100, rnd=5)
     assert [u.client_id for u in got.updates] == ["0", "1", "3"]
     assert {i for i, _ in got.rejected} == {3, 2}
     fed = get_aggregator("fedit")

@@ -30,7 +30,7 @@ def test_wait_clients_flag_sets_the_config_key(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_discovery_gives_up_after_the_wait_naming_the_fix() -> None:
-    from server.strategy import discover_clients
+    from server.federation import discover_clients
 
     class TwoNodes:
         def get_node_ids(self) -> list[int]:

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
+from torch import Tensor
 
 from fedft.aggregation._weights import fresh_lora
 from fedft.types import AggregationResult, ClientUpdate, LoraFactors
+
+if TYPE_CHECKING:  # fedft.privacy imports this module
+    from fedft.privacy.accountant import BudgetDecision
 
 __all__ = ["Aggregator", "clone_factors"]
 
@@ -100,6 +104,31 @@ class Aggregator(ABC):
         return {mod: clone_factors(f) for mod, f in global_adapters.items()}
 
     # -- every round --------------------------------------------------------------------
+    def set_reference(
+        self,
+        global_adapters: Mapping[str, LoraFactors],
+        *,
+        extras: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        """Learn what every client starts this round from (called before :meth:`aggregate`).
+
+        Wrappers that measure updates against it (norm bound, user-level DP) keep it; the
+        default ignores it.
+
+        Args:
+            global_adapters: module -> LoraFactors every client started from.
+            extras: the dense trainables (head, prompts) every client started from.
+        """
+        del global_adapters, extras
+
+    def budget_decision(self) -> BudgetDecision | None:
+        """Whether one more round fits a privacy budget this aggregator spends.
+
+        None (the default): it spends none, the run goes on. User-level DP answers from
+        its accountant.
+        """
+        return None
+
     @abstractmethod
     def aggregate(self, updates: Sequence[ClientUpdate]) -> AggregationResult:
         """Aggregate the replies of one round (weights p_k over these updates only)."""

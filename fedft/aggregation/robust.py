@@ -16,8 +16,9 @@ by :func:`flatten_trainables` (a fixed layout: modules by name, then extras by n
   aggregating the single synthetic update that carries the estimate. That relies on the
   one-client-is-identity invariant every aggregator is tested for.
 
-None of them subclasses an algorithm; they share the :class:`_Composed` shell that
-delegates the interface to ``inner``.
+None of them subclasses an algorithm; they share :class:`~fedft.aggregation.wrapper.Wrapper`,
+the shell that delegates the interface to ``inner`` and keeps the round's reference. The
+flat layout and the clip live in :mod:`fedft.aggregation.flat` (re-exported here).
 """
 
 from __future__ import annotations
@@ -25,12 +26,19 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from fedft.aggregation.base import Aggregator
+from fedft.aggregation.flat import (
+    clip_l2,
+    flatten_trainables,
+    stack_trainables,
+    trainable_tensors,
+    unflatten_trainables,
+)
+from fedft.aggregation.wrapper import Wrapper
 from fedft.types import AggregationResult, ClientUpdate, LoraFactors
 
 __all__ = [
@@ -45,170 +53,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Parts = Literal["ab", "b", "r"]
 
-
-def trainable_tensors(
-    adapters: Mapping[str, LoraFactors], extras: Mapping[str, Tensor], parts: Parts
-) -> list[tuple[str, Tensor]]:
-    """List the uploaded tensors in the canonical layout order.
-
-    Args:
-        adapters: module -> LoraFactors.
-        extras: name -> dense tensor (classifier head, soft prompt).
-        parts: what is trained: ``"ab"`` (a then b), ``"b"`` or ``"r"`` (Fed-SB middle).
-
-    Returns:
-        [(key, tensor)] with keys ``"<module>.a"``, ``"<module>.b"``, ``"<module>.r"``,
-        ``"extras.<name>"``; modules and extras sorted by name.
-
-    Raises:
-        ValueError: ``parts`` is ``"r"`` but a module has no middle matrix.
-    """
-    out: list[tuple[str, Tensor]] = []
-    for mod in sorted(adapters):
-        f = adapters[mod]
-        if parts == "ab":
-            out += [(f"{mod}.a", f.a), (f"{mod}.b", f.b)]
-        elif parts == "b":
-            out.append((f"{mod}.b", f.b))
-        else:
-            if f.r is None:
-                raise ValueError(f"module {mod!r} has no Fed-SB middle matrix r")
-            out.append((f"{mod}.r", f.r))
-    out += [(f"extras.{name}", extras[name]) for name in sorted(extras)]
-    return out
-
-
-def flatten_trainables(update: ClientUpdate, parts: Parts) -> Tensor:
-    """Concatenate a client's uploaded tensors into one float64 vector (D,)."""
-    tensors = trainable_tensors(update.adapters, update.extras, parts)
-    if not tensors:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.cat([t.detach().reshape(-1).to(torch.float64) for _, t in tensors])
-
-
-def unflatten_trainables(
-    vector: Tensor,
-    template: ClientUpdate,
-    parts: Parts,
-    *,
-    client_id: str,
-    num_examples: int,
-) -> ClientUpdate:
-    """Inverse of :func:`flatten_trainables`: put ``vector`` back into ``template``'s shape.
-
-    Frozen tensors (A and B under ``"r"``, A under ``"b"``) and scalings come from
-    ``template``; trainable tensors take ``template``'s dtypes.
-
-    Args:
-        vector: (D,) with D = the template's trainable element count.
-        template: gives names, shapes, dtypes and the frozen tensors.
-        parts: the layout, as in :func:`trainable_tensors`.
-        client_id: id of the returned update.
-        num_examples: n of the returned update (>= 1).
-    """
-    layout = trainable_tensors(template.adapters, template.extras, parts)
-    total = sum(t.numel() for _, t in layout)
-    if vector.dim() != 1 or vector.numel() != total:
-        raise ValueError(f"vector has shape {tuple(vector.shape)}, layout needs ({total},)")
-    values: dict[str, Tensor] = {}
-    offset = 0
-    for key, t in layout:
-        values[key] = vector[offset : offset + t.numel()].reshape(t.shape).to(t.dtype)
-        offset += t.numel()
-    adapters = {
-        mod: LoraFactors(
-            a=values.get(f"{mod}.a", f.a),
-            b=values.get(f"{mod}.b", f.b),
-            scaling=f.scaling,
-            r=values.get(f"{mod}.r", f.r),
-        )
-        for mod, f in template.adapters.items()
-    }
-    extras = {name: values[f"extras.{name}"] for name in template.extras}
-    return ClientUpdate(
-        client_id=client_id,
-        adapters=adapters,
-        num_examples=num_examples,
-        extras=extras,
-    )
-
-
-def _stack(updates: Sequence[ClientUpdate], parts: Parts) -> Tensor:
-    """(K, D): one flattened upload per client, checking that the layouts agree."""
-    if not updates:
-        raise ValueError("no client updates to aggregate")
-    first = trainable_tensors(updates[0].adapters, updates[0].extras, parts)
-    layout = [(k, tuple(t.shape)) for k, t in first]
-    for u in updates[1:]:
-        mine = [(k, tuple(t.shape)) for k, t in trainable_tensors(u.adapters, u.extras, parts)]
-        if mine != layout:
-            raise ValueError(
-                f"client {u.client_id!r} uploads a different layout than client "
-                f"{updates[0].client_id!r}: validate updates first (fedft.aggregation.validate)"
-            )
-    return torch.stack([flatten_trainables(u, parts) for u in updates])
-
-
-def _require_linear(inner: Aggregator, wrapper: str) -> None:
-    if not inner.linear or inner.supports_mixed_ranks:
-        raise ValueError(
-            f"{wrapper} composes around a linear, single-rank aggregator (fedit, fedsb, ffa); "
-            f"got {inner.name!r}"
-        )
-
-
-class _Composed(Aggregator):
-    """Shared shell of the wrappers: delegates everything but ``aggregate`` to ``inner``."""
-
-    supports_mixed_ranks: ClassVar[bool] = False
-    linear: ClassVar[bool] = False
-
-    def __init__(self, inner: Aggregator) -> None:
-        super().__init__()
-        _require_linear(inner, type(self).__name__)
-        self.inner = inner
-
-    # A ClassVar in the interface, but a wrapper uploads whatever its inner one trains.
-    @property
-    def trainable(self) -> Parts:  # type: ignore[override]
-        """What clients train and upload: the inner aggregator's ``trainable``."""
-        return self.inner.trainable
-
-    def init_global(
-        self,
-        shapes: Mapping[str, tuple[int, int]],
-        *,
-        rank: int,
-        scaling: float,
-        generator: torch.Generator,
-    ) -> dict[str, LoraFactors]:
-        """Delegate to the inner aggregator."""
-        return self.inner.init_global(shapes, rank=rank, scaling=scaling, generator=generator)
-
-    def client_start(
-        self,
-        global_adapters: Mapping[str, LoraFactors],
-        *,
-        rank: int,
-        scaling: float,
-        generator: torch.Generator,
-    ) -> dict[str, LoraFactors]:
-        """Delegate to the inner aggregator."""
-        return self.inner.client_start(
-            global_adapters, rank=rank, scaling=scaling, generator=generator
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        """Return this wrapper's name and the inner aggregator's state."""
-        return {"name": self.name, "inner": self.inner.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        if state.get("name") != self.name:
-            raise ValueError(f"cannot load a {state.get('name')!r} state into {self.name!r}")
-        self.inner.load_state_dict(state["inner"])
+class _Composed(Wrapper):
+    """The robust estimators' shell: the inner aggregator formats their estimate."""
 
     def _finish(
         self, estimate: Tensor, updates: Sequence[ClientUpdate], metrics: Mapping[str, float]
@@ -257,7 +104,7 @@ class CoordinateMedian(_Composed):
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> AggregationResult:
         """Return the median of each uploaded coordinate as the aggregate."""
-        stacked = _stack(updates, self.trainable)  # (K, D)
+        stacked = stack_trainables(updates, self.trainable)  # (K, D)
         return self._finish(_median(stacked), updates, {})
 
 
@@ -280,7 +127,7 @@ class TrimmedMean(_Composed):
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> AggregationResult:
         """Return the trimmed mean of each uploaded coordinate as the aggregate."""
-        stacked = _stack(updates, self.trainable)  # (K, D)
+        stacked = stack_trainables(updates, self.trainable)  # (K, D)
         trim = math.floor(self.trim_fraction * stacked.shape[0])
         estimate = _trimmed_mean(stacked, trim)
         return self._finish(estimate, updates, {"trimmed_per_side": float(trim)})
@@ -316,52 +163,39 @@ class NormBound(_Composed):
         if not bound > 0 or not math.isfinite(bound):
             raise ValueError(f"bound={bound} must be a positive finite L2 norm")
         self.bound = float(bound)
-        self._reference: Mapping[str, LoraFactors] | None = None
-        self._reference_extras: Mapping[str, Tensor] = {}
         if reference is not None:
             self.set_reference(reference, extras=reference_extras)
 
-    def set_reference(
-        self,
-        global_adapters: Mapping[str, LoraFactors],
-        *,
-        extras: Mapping[str, Tensor] | None = None,
-    ) -> None:
-        """Set what every client started this round from (module -> LoraFactors, extras)."""
-        self._reference = dict(global_adapters)
-        self._reference_extras = dict(extras or {})
-
     def aggregate(self, updates: Sequence[ClientUpdate]) -> AggregationResult:
         """Clip every client's delta to ``bound`` and aggregate the clipped updates."""
-        if self._reference is None:
-            raise ValueError("NormBound: call set_reference(global_adapters) before aggregate")
-        stacked = _stack(updates, self.trainable)  # (K, D)
+        reference = self.reference_update()
+        stacked = stack_trainables(updates, self.trainable)  # (K, D)
         template = updates[0]
-        missing = sorted(set(template.extras) - set(self._reference_extras))
+        missing = sorted(set(template.extras) - set(reference.extras))
         if missing:
             raise ValueError(f"NormBound: no reference extras for {missing}; pass extras=")
         ref_update = ClientUpdate(
             client_id="reference",
-            adapters=self._reference,
+            adapters=reference.adapters,
             num_examples=1,
-            extras={k: self._reference_extras[k] for k in template.extras},
+            extras={k: reference.extras[k] for k in template.extras},
         )
-        ref = _stack([template, ref_update], self.trainable)[1]  # (D,), checks the layout
-        deltas = stacked - ref  # (K, D)
-        norms = deltas.norm(dim=1)  # (K,)
-        factors = torch.clamp(self.bound / norms.clamp_min(1e-300), max=1.0)  # (K,)
+        ref = stack_trainables([template, ref_update], self.trainable)[1]  # (D,), checks layout
         clipped: list[ClientUpdate] = []
-        for u, vec, norm, factor in zip(updates, deltas, norms, factors, strict=True):
-            if factor < 1.0:
+        norms: list[float] = []
+        for u, vec in zip(updates, stacked, strict=True):
+            delta, norm = clip_l2(vec - ref, self.bound)
+            norms.append(norm)
+            if norm > self.bound:
                 logger.info(
                     "norm_bound: client %s update norm %.4g clipped to %.4g",
                     u.client_id,
-                    float(norm),
+                    norm,
                     self.bound,
                 )
             clipped.append(
                 unflatten_trainables(
-                    ref + factor * vec,
+                    ref + delta,
                     u,
                     self.trainable,
                     client_id=u.client_id,
@@ -374,8 +208,8 @@ class NormBound(_Composed):
             base_delta=result.base_delta,
             metrics={
                 **result.metrics,
-                "clipped_clients": float(int((factors < 1.0).sum())),
-                "max_update_norm": float(norms.max()),
+                "clipped_clients": float(sum(n > self.bound for n in norms)),
+                "max_update_norm": max(norms),
             },
             extras=result.extras,
         )

@@ -28,12 +28,14 @@ import logging
 import math
 import secrets
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from fedft.aggregation.base import Aggregator, clone_factors
+from fedft.aggregation.base import Aggregator
+from fedft.aggregation.flat import clip_l2, flatten_trainables, unflatten_trainables
+from fedft.aggregation.wrapper import MissingReferenceError, Wrapper
 from fedft.privacy.accountant import (
     BudgetDecision,
     BudgetExceededError,
@@ -41,16 +43,15 @@ from fedft.privacy.accountant import (
     PrivacyAccountant,
     check_budget,
 )
-from fedft.types import AggregationResult, ClientUpdate, LoraFactors
+from fedft.seeds import derive_seed
+from fedft.types import PARTS_FIELDS, AggregationResult, ClientUpdate, LoraFactors, Parts
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CentralDP"]
-
-_FIELDS: dict[str, tuple[str, ...]] = {"ab": ("a", "b"), "b": ("b",), "r": ("r",)}
+__all__ = ["CentralDP", "privatise_sum"]
 
 
-class CentralDP(Aggregator):
+class CentralDP(Wrapper):
     """User-level DP around a linear aggregator (fedit, fedsb, ffa).
 
     Args:
@@ -70,9 +71,7 @@ class CentralDP(Aggregator):
     """
 
     name: ClassVar[str] = "central_dp"
-    supports_mixed_ranks: ClassVar[bool] = False
     linear: ClassVar[bool] = True
-    trainable: ClassVar[Literal["ab", "b", "r"]] = "ab"  # the inner's, set per instance
 
     def __init__(
         self,
@@ -87,12 +86,7 @@ class CentralDP(Aggregator):
         epsilon_budget: float | None = None,
         delta: float | None = None,
     ) -> None:
-        super().__init__()
-        if not getattr(inner, "linear", False) or inner.supports_mixed_ranks:
-            raise ValueError(
-                f"user-level DP adds noise to a sum of updates, so it needs a linear "
-                f"aggregator of one rank (fedit, fedsb, ffa); {inner.name!r} is not one"
-            )
+        super().__init__(inner)  # user-level DP adds noise to a sum: inner must be linear
         if not clip_norm > 0 or noise_multiplier < 0:
             raise ValueError(
                 f"clip_norm = {clip_norm} must be > 0 and noise_multiplier = "
@@ -106,9 +100,6 @@ class CentralDP(Aggregator):
             )
         if epsilon_budget is not None and delta is None:
             raise ValueError("epsilon_budget needs delta")
-        self.inner = inner
-        # the interface's class attribute, per instance: what the inner aggregator trains
-        vars(self)["trainable"] = inner.trainable
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.expected_clients = int(expected_clients)
@@ -119,51 +110,6 @@ class CentralDP(Aggregator):
         self.delta = delta
         self.accountant = PrivacyAccountant(accountant, level="user")
         self._round = 0
-        self._ref: dict[str, LoraFactors] = {}
-        self._ref_extras: dict[str, Tensor] = {}
-
-    # -- delegation ---------------------------------------------------------------------
-    def init_global(
-        self,
-        shapes: Mapping[str, tuple[int, int]],
-        *,
-        rank: int,
-        scaling: float,
-        generator: torch.Generator,
-    ) -> dict[str, LoraFactors]:
-        """The inner aggregator's round-1 adapters; they become the reference."""
-        init = self.inner.init_global(shapes, rank=rank, scaling=scaling, generator=generator)
-        self._shapes = dict(self.inner._shapes)
-        self.set_reference(init, extras=self._ref_extras)
-        return init
-
-    def client_start(
-        self,
-        global_adapters: Mapping[str, LoraFactors],
-        *,
-        rank: int,
-        scaling: float,
-        generator: torch.Generator,
-    ) -> dict[str, LoraFactors]:
-        """The inner aggregator's client start."""
-        return self.inner.client_start(
-            global_adapters, rank=rank, scaling=scaling, generator=generator
-        )
-
-    def set_reference(
-        self,
-        global_adapters: Mapping[str, LoraFactors],
-        *,
-        extras: Mapping[str, Tensor] | None = None,
-    ) -> None:
-        """Set what every client starts this round from (after a round: the result).
-
-        Args:
-            global_adapters: module -> LoraFactors all clients started from.
-            extras: dense trainables (head, prompts) all clients started from.
-        """
-        self._ref = {mod: clone_factors(f) for mod, f in global_adapters.items()}
-        self._ref_extras = {k: v.detach().clone() for k, v in (extras or {}).items()}
 
     # -- privacy ------------------------------------------------------------------------
     def epsilon(self, delta: float) -> float:
@@ -184,55 +130,32 @@ class CentralDP(Aggregator):
         )
 
     # -- the round ----------------------------------------------------------------------
-    def _deltas(self, update: ClientUpdate) -> list[Tensor]:
-        """Client's trainable tensors minus the reference, flattened in a fixed order."""
-        if not self._ref:
-            raise RuntimeError(
+    def init_global(
+        self,
+        shapes: Mapping[str, tuple[int, int]],
+        *,
+        rank: int,
+        scaling: float,
+        generator: torch.Generator,
+    ) -> dict[str, LoraFactors]:
+        """The inner aggregator's round-1 adapters; they become the reference."""
+        init = super().init_global(shapes, rank=rank, scaling=scaling, generator=generator)
+        self.set_reference(init, extras=self._ref_extras)
+        return init
+
+    def _delta(self, update: ClientUpdate) -> Tensor:
+        """(D,) float64: the client's trainable tensors minus the reference (flat layout)."""
+        ref = self.reference_update()
+        if not ref.adapters:
+            raise MissingReferenceError(
                 "CentralDP needs the adapters clients started from: call init_global or "
                 "set_reference(global_adapters, extras=...) before aggregate"
             )
-        if set(update.adapters) != set(self._ref):
-            raise ValueError(
-                f"client {update.client_id!r} adapts {sorted(update.adapters)}, the reference "
-                f"has {sorted(self._ref)}"
-            )
-        if set(update.extras) != set(self._ref_extras):
-            raise ValueError(
-                f"client {update.client_id!r} sends extras {sorted(update.extras)}; the "
-                f"reference has {sorted(self._ref_extras)}: pass extras= to set_reference"
-            )
-        trained = _FIELDS[self.trainable]
-        out: list[Tensor] = []
-        for mod in sorted(self._ref):
-            mine, ref = update.adapters[mod], self._ref[mod]
-            if mine.scaling != ref.scaling:
-                raise ValueError(f"client {update.client_id!r}: module {mod!r} scaling differs")
-            for name in ("a", "b", "r"):
-                x, x0 = getattr(mine, name), getattr(ref, name)
-                if (x is None) != (x0 is None) or (x is not None and x.shape != x0.shape):
-                    raise ValueError(
-                        f"client {update.client_id!r}: module {mod!r} field {name!r} does not "
-                        "match the reference's shape"
-                    )
-                if x is None or x0 is None:
-                    continue
-                if name in trained:
-                    out.append((x.to(torch.float64) - x0.to(torch.float64)).flatten())
-                elif not torch.equal(x.to(x0.dtype), x0):
-                    raise ValueError(
-                        f"client {update.client_id!r} changed the frozen {name!r} of module "
-                        f"{mod!r}; {self.inner.name} trains only {trained}"
-                    )
-        for key in sorted(self._ref_extras):
-            x, x0 = update.extras[key], self._ref_extras[key]
-            if x.shape != x0.shape:
-                raise ValueError(f"client {update.client_id!r}: extras {key!r} shape differs")
-            out.append((x.to(torch.float64) - x0.to(torch.float64)).flatten())
-        return out
+        _check_against_reference(update, ref, trainable=self.trainable, inner=self.inner.name)
+        return flatten_trainables(update, self.trainable) - flatten_trainables(ref, self.trainable)
 
-    def _generator(self) -> torch.Generator:
-        seed = secrets.randbits(63) if self.seed is None else self.seed * 1_000_003 + self._round
-        return torch.Generator().manual_seed(seed % 2**63)
+    def _seed(self) -> int | None:
+        return None if self.seed is None else derive_seed(self.seed, self._round)
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> AggregationResult:
         """Clip each update, add noise once to the sum, divide by m, hand it to ``inner``.
@@ -251,20 +174,39 @@ class CentralDP(Aggregator):
         if decision is not None and not decision.allowed:
             logger.warning("%s", decision.message)
             raise BudgetExceededError(decision)
-        ordered = sorted(updates, key=lambda u: u.client_id)
         total: Tensor | None = None
-        for u in ordered:
-            delta = torch.cat(self._deltas(u))  # (D,) float64
-            norm = float(delta.norm())
-            factor = 1.0 if norm <= self.clip_norm else self.clip_norm / norm
-            total = delta * factor if total is None else total + delta * factor
+        for u in sorted(updates, key=lambda u: u.client_id):
+            clipped, _ = clip_l2(self._delta(u), self.clip_norm)  # (D,) float64
+            total = clipped if total is None else total + clipped
         assert total is not None
-        if self.noise_multiplier > 0:
-            std = self.noise_multiplier * self.clip_norm
-            noise = torch.randn(total.shape, generator=self._generator(), dtype=torch.float64)
-            total = total + std * noise  # (D,)
-        mean = total / self.expected_clients  # fixed denominator m
-        private = self._unflatten(mean)
+        return self.release(total, clients=len(updates))
+
+    def release(self, clipped_sum: Tensor, *, clients: int) -> AggregationResult:
+        """Steps 3-5 on the sum of the clients' clipped deltas: noise, / m, inner, account.
+
+        The one place the round's privatised result is made, whether the server summed the
+        clipped deltas itself (:meth:`aggregate`) or received only their sum (secure
+        aggregation, where each client clipped its own delta before masking).
+
+        Args:
+            clipped_sum: (D,) float64, Σ_k Δ̂_k in the flat layout of the reference.
+            clients: how many clients are in the sum (reported, never the denominator).
+        """
+        ref = self.reference_update()
+        mean = privatise_sum(
+            clipped_sum,
+            noise_multiplier=self.noise_multiplier,
+            clip_norm=self.clip_norm,
+            denominator=self.expected_clients,
+            seed=self._seed(),
+        )
+        private = unflatten_trainables(
+            flatten_trainables(ref, self.trainable) + mean,
+            ref,
+            self.trainable,
+            client_id="central_dp",
+            num_examples=1,
+        )
         result = self.inner.aggregate([private])
         self._shapes = dict(self.inner._shapes)
         self.accountant.step(
@@ -272,11 +214,11 @@ class CentralDP(Aggregator):
         )
         self._round += 1
         self.set_reference(result.adapters, extras=result.extras)
-        metrics = dict(result.metrics)
-        metrics["clients"] = float(len(ordered))
-        metrics["user_dp_noise_std"] = (
-            self.noise_multiplier * self.clip_norm / self.expected_clients
-        )
+        metrics = {
+            **result.metrics,
+            "clients": float(clients),
+            "user_dp_noise_std": self.noise_multiplier * self.clip_norm / self.expected_clients,
+        }
         if self.delta is not None:
             metrics["epsilon_user"] = self.accountant.epsilon(self.delta)
         return AggregationResult(
@@ -286,55 +228,24 @@ class CentralDP(Aggregator):
             extras=result.extras,
         )
 
-    def _unflatten(self, mean: Tensor) -> ClientUpdate:
-        """Return reference + mean (one flat vector) as a ClientUpdate in the reference's layout."""
-        trained = _FIELDS[self.trainable]
-        pos = 0
-
-        def take(like: Tensor) -> Tensor:
-            nonlocal pos
-            piece = mean[pos : pos + like.numel()].view(like.shape)
-            pos += like.numel()
-            return (like.to(torch.float64) + piece).to(like.dtype)
-
-        adapters: dict[str, LoraFactors] = {}
-        for mod in sorted(self._ref):
-            ref = self._ref[mod]
-            new = {
-                name: take(getattr(ref, name))
-                if name in trained and getattr(ref, name) is not None
-                else getattr(ref, name)
-                for name in ("a", "b", "r")
-            }
-            adapters[mod] = LoraFactors(a=new["a"], b=new["b"], scaling=ref.scaling, r=new["r"])
-        extras = {key: take(self._ref_extras[key]) for key in sorted(self._ref_extras)}
-        if pos != mean.numel():
-            raise AssertionError(f"unflatten used {pos} of {mean.numel()} values")
-        return ClientUpdate(
-            client_id="central_dp", adapters=adapters, num_examples=1, extras=extras
-        )
-
     # -- checkpointing ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Inner state, accountant, round counter and the reference (tensors)."""
+        ref = self._ref or {}
         return {
-            "name": self.name,
-            "inner": self.inner.state_dict(),
+            **super().state_dict(),
             "accountant": self.accountant.state_dict(),
             "round": self._round,
             "reference": {
                 mod: {"a": f.a.clone(), "b": f.b.clone(), "scaling": f.scaling, "r": f.r}
-                for mod, f in self._ref.items()
+                for mod, f in ref.items()
             },
             "reference_extras": {k: v.clone() for k, v in self._ref_extras.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (the inner aggregator's too)."""
-        if state.get("name") != self.name:
-            raise ValueError(f"cannot load a {state.get('name')!r} state into central_dp")
-        self.inner.load_state_dict(state["inner"])
-        self._shapes = dict(self.inner._shapes)
+        super().load_state_dict(state)
         self.accountant.load_state_dict(state["accountant"])
         self._round = int(state["round"])
         self._ref = {
@@ -349,3 +260,73 @@ class CentralDP(Aggregator):
         self._ref_extras = {
             str(k): torch.as_tensor(v).clone() for k, v in state["reference_extras"].items()
         }
+
+
+def privatise_sum(
+    clipped_sum: Tensor,
+    *,
+    noise_multiplier: float,
+    clip_norm: float,
+    denominator: int,
+    seed: int | None,
+) -> Tensor:
+    """DP-FedAvg's release of a sum of clipped deltas: (Σ_k Δ̂_k + N(0, σ²C² I)) / m.
+
+    Args:
+        clipped_sum: (D,) float64, the sum of deltas each clipped to ``clip_norm``.
+        noise_multiplier: σ (0: no noise, for tests).
+        clip_norm: C; the noise std is σ·C per coordinate.
+        denominator: m, the fixed, public expected number of clients per round.
+        seed: seeds the noise (simulations); None draws fresh OS entropy (deployment: a
+            known seed would let anyone remove the noise).
+
+    Returns:
+        (D,) float64, the privatised mean delta.
+    """
+    total = clipped_sum
+    if noise_multiplier > 0:
+        gen = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+        noise = torch.randn(total.shape, generator=gen, dtype=torch.float64)
+        total = total + noise_multiplier * clip_norm * noise  # (D,)
+    return total / denominator
+
+
+def _check_against_reference(
+    update: ClientUpdate, ref: ClientUpdate, *, trainable: Parts, inner: str
+) -> None:
+    """Raise ValueError unless ``update`` matches the reference where it must.
+
+    The same modules, extras, shapes and scalings, and the frozen factors left exactly as
+    they were.
+    """
+    cid = update.client_id
+    if set(update.adapters) != set(ref.adapters):
+        raise ValueError(
+            f"client {cid!r} adapts {sorted(update.adapters)}, the reference "
+            f"has {sorted(ref.adapters)}"
+        )
+    if set(update.extras) != set(ref.extras):
+        raise ValueError(
+            f"client {cid!r} sends extras {sorted(update.extras)}; the "
+            f"reference has {sorted(ref.extras)}: pass extras= to set_reference"
+        )
+    trained = PARTS_FIELDS[trainable]
+    for mod in sorted(ref.adapters):
+        mine, theirs = update.adapters[mod], ref.adapters[mod]
+        if mine.scaling != theirs.scaling:
+            raise ValueError(f"client {cid!r}: module {mod!r} scaling differs")
+        for name in ("a", "b", "r"):
+            x, x0 = getattr(mine, name), getattr(theirs, name)
+            if (x is None) != (x0 is None) or (x is not None and x.shape != x0.shape):
+                raise ValueError(
+                    f"client {cid!r}: module {mod!r} field {name!r} does not "
+                    "match the reference's shape"
+                )
+            if x is not None and name not in trained and not torch.equal(x.to(x0.dtype), x0):
+                raise ValueError(
+                    f"client {cid!r} changed the frozen {name!r} of module "
+                    f"{mod!r}; {inner} trains only {trained}"
+                )
+    for key in sorted(ref.extras):
+        if update.extras[key].shape != ref.extras[key].shape:
+            raise ValueError(f"client {cid!r}: extras {key!r} shape differs")

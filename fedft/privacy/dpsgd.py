@@ -36,6 +36,7 @@ from fedft.privacy.accountant import (
 )
 from fedft.privacy.persample import poisson_sample
 from fedft.privacy.planner import sample_rate_for
+from fedft.seeds import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ def train_private(
     model.to(dev)  # before wrapping: see the module docstring
     base_seed = _fresh_seed() if seed is None else seed
     sampler_gen = torch.Generator().manual_seed(base_seed)
-    noise_gen = torch.Generator(device=dev).manual_seed((base_seed * 1_000_003 + 1) % 2**63)
+    noise_gen = torch.Generator(device=dev).manual_seed(derive_seed(base_seed, 1))
     base_opt: torch.optim.Optimizer = (
         torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.AdamW(params, lr=lr)
     )

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from fedft.aggregation.base import Aggregator
+from fedft.seeds import derive_seed
 from fedft.types import AggregationResult, ClientUpdate, LoraFactors
 
 logger = logging.getLogger(__name__)
@@ -89,9 +90,7 @@ class Coordinator:
     def start_for(self, client_index: int) -> ClientStart:
         """The adapters, base delta and extras client ``client_index`` starts from."""
         rank = self.rank_of(client_index)
-        gen = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + self.round * 10_007 + client_index) % 2**63
-        )
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.round, client_index))
         adapters = self.aggregator.client_start(
             self.global_adapters, rank=rank, scaling=self.alpha / rank, generator=gen
         )
@@ -114,9 +113,8 @@ class Coordinator:
     # -- aggregation ------------------------------------------------------------------
     def aggregate(self, updates: Sequence[ClientUpdate]) -> AggregationResult:
         """Aggregate one round's updates and move the global state forward."""
-        set_reference = getattr(self.aggregator, "set_reference", None)
-        if set_reference is not None:  # wrappers (norm bound, user-level DP) clip vs this
-            set_reference(self.global_adapters, extras=self.extras)
+        # wrappers (norm bound, user-level DP) clip against what the clients started from
+        self.aggregator.set_reference(self.global_adapters, extras=self.extras)
         return self.apply(self.aggregator.aggregate(updates))
 
     def apply(self, result: AggregationResult) -> AggregationResult:

@@ -1,0 +1,214 @@
+"""The collect step of a round: send the starts, wait, decode what came back.
+
+:func:`collect_plain` runs a plain round (one ``grid.send_and_receive``);
+``server.secure_round.run_secure_round`` runs a secure one. Both return :class:`Replies`,
+so every later step of the round (validate, account privacy, aggregate, record) reads one
+type. A plain round's decoded updates are still unchecked: the validate step
+(``server.rounds.validate``) rejects the unsound ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from torch import Tensor
+
+from fedft.aggregation.validate import validate_update
+from fedft.replies import check_epsilon, parse_privacy_record
+from fedft.training.coordinator import ClientStart
+from fedft.transport import serde
+from fedft.types import AggregationResult, ClientUpdate, LoraFactors, Parts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Replies:
+    """What came back in one round, plain or secure.
+
+    Attributes:
+        updates: plain rounds: one decoded update per client (client index order); the
+            validate step keeps the sound ones. Secure rounds: empty (the server never
+            sees an update).
+        secure: whether the round ran secure aggregation.
+        summed: secure rounds: the aggregate rebuilt from the unmasked sum (None when
+            the round failed).
+        failed: secure rounds: why the sum could not be formed (None when it could).
+        in_sum: secure rounds: |U3|, the clients whose vectors are in the sum.
+        dropped: secure rounds: SecAgg indices of the clients that dropped at any stage.
+        suspects: secure rounds: clients caught sending or dealing wrong secret shares (the
+            sum was still rebuilt; see :func:`fedft.secagg.protocol.blame`).
+        bytes_up: serialised bytes of every reply.
+        bytes_down: serialised bytes of every message the server sent.
+        epsilon: client index -> ε spent so far (sample-level DP), accepted replies only.
+        accountants: client index -> its accountant state (JSON), mirrored into the
+            checkpoint.
+        refused: clients that refused to train because their budget is spent.
+        rejected: (client index, why) of each reply that was dropped as unsound.
+        errored: clients whose reply was an error (crashed, could not decode the start).
+        train_loss: secure rounds: the local training losses of the clients in the sum
+            (plain rounds read them from ``updates``).
+    """
+
+    updates: list[ClientUpdate] = field(default_factory=list)
+    secure: bool = False
+    summed: AggregationResult | None = None
+    failed: str | None = None
+    in_sum: int = 0
+    dropped: list[int] = field(default_factory=list)
+    suspects: list[int] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    epsilon: dict[int, float] = field(default_factory=dict)
+    accountants: dict[int, str] = field(default_factory=dict)
+    refused: list[int] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    errored: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+
+    @property
+    def clients(self) -> int:
+        """The clients whose training reaches the aggregate."""
+        return self.in_sum if self.secure else len(self.updates)
+
+    def losses(self) -> list[float]:
+        """The local training losses of the clients in the aggregate."""
+        plain = [float(u.metrics["train_loss"]) for u in self.updates if "train_loss" in u.metrics]
+        return plain + self.train_loss
+
+    def reject(self, idx: int, why: str, rnd: int) -> None:
+        """Drop client ``idx``'s reply as unsound (logged)."""
+        logger.warning("round %d: rejected update of client %d: %s", rnd, idx, why)
+        self.rejected.append((idx, why))
+
+
+def collect_plain(
+    grid: Grid,
+    messages: list[Message],
+    timeout: float | None,
+    starts: Mapping[int, ClientStart],
+    nodes: Mapping[int, int],
+    parts_up: Parts,
+    rnd: int,
+) -> Replies:
+    """Send, wait and decode: one update per client that answered in time for this round.
+
+    Dropped here (and logged): error replies, replies from a node nobody asked or a second
+    reply from the same node, replies tagged with another round (stale or replayed),
+    replies whose bytes do not decode. A client that refuses (budget spent) is recorded.
+    """
+    index_of = {nid: idx for idx, nid in nodes.items()}
+    out = Replies()
+    got: dict[int, ClientUpdate] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        src = reply.metadata.src_node_id
+        if reply.has_error():
+            logger.warning("round %d: client on node %s failed: %s", rnd, src, reply.error)
+            if src in index_of:
+                out.errored.append(index_of[src])
+            continue
+        idx = index_of.get(src)
+        if idx is None or idx not in starts or idx in got or idx in out.refused:
+            logger.warning(
+                "round %d: dropping unexpected or duplicate reply from node %s", rnd, src
+            )
+            continue
+        out.bytes_up += serde.recorddict_nbytes(reply.content)
+        update = _decode(out, reply.content, idx, rnd, starts[idx], parts_up)
+        if update is not None:
+            got[idx] = update
+    out.updates = [got[i] for i in sorted(got)]
+    return out
+
+
+def _decode(
+    out: Replies,
+    content: RecordDict,
+    idx: int,
+    rnd: int,
+    start: ClientStart,
+    parts_up: Parts,
+) -> ClientUpdate | None:
+    """Client ``idx``'s update from its reply, or None (stale, refused or undecodable)."""
+    tag = content.get(serde.ROUND_RECORD)
+    if not isinstance(tag, ConfigRecord) or tag.get("round") != rnd:
+        stale = None if not isinstance(tag, ConfigRecord) else tag.get("round")
+        logger.warning(
+            "round %d: dropping a reply of client %d trained for round %r (stale or replayed)",
+            rnd,
+            idx,
+            stale,
+        )
+        out.rejected.append((idx, f"reply for round {stale!r}, not {rnd}"))
+        return None
+    privacy = content.get(serde.PRIVACY_RECORD)
+    if privacy is not None:
+        checked = (
+            parse_privacy_record(privacy)
+            if isinstance(privacy, ConfigRecord)
+            else "privacy record is not a ConfigRecord"
+        )
+        if isinstance(checked, str):
+            logger.warning("round %d: rejected reply of client %d: %s", rnd, idx, checked)
+            out.rejected.append((idx, checked))
+            return None
+        out.accountants[idx] = checked.accountant
+        if checked.refused:
+            logger.warning("round %d: client %d stopped: %s", rnd, idx, checked.message)
+            out.refused.append(idx)
+            return None
+    try:
+        return serde.update_from_recorddict(
+            content, client_id=str(idx), parts=parts_up, reference=start.adapters
+        )
+    except ValueError as exc:
+        out.reject(idx, str(exc), rnd)
+        return None
+
+
+def validate_replies(
+    replies: Replies,
+    starts: Mapping[int, ClientStart],
+    *,
+    parts: Parts,
+    extras: Mapping[str, Tensor],
+    max_norm: float | None,
+    max_examples: int,
+    rnd: int,
+) -> None:
+    """Keep the sound updates of ``replies``; reject each unsound one on its own.
+
+    An update is unsound when its shapes, frozen parts or extras differ from its start's,
+    when a value is not finite, when its delta exceeds ``max_norm``, when it claims more
+    than ``max_examples`` examples (:func:`fedft.aggregation.validate.validate_update`), or
+    when its reported ε is implausible (:func:`fedft.replies.check_epsilon`). A secure round
+    has no update to check (the server sees only the sum). The ε of every accepted update goes into
+    ``replies.epsilon``.
+    """
+    kept: list[ClientUpdate] = []
+    for update in replies.updates:
+        idx = int(update.client_id)
+        expected: Mapping[str, LoraFactors] = starts[idx].adapters
+        problems = validate_update(
+            update,
+            expected=expected,
+            parts=parts,
+            extras_expected=extras,
+            max_norm=max_norm,
+            max_examples=max_examples,
+        )
+        if problems:
+            replies.reject(idx, "; ".join(problems), rnd)
+            continue
+        if "epsilon" in update.metrics:
+            bad_eps = check_epsilon(update.metrics["epsilon"])
+            if bad_eps is not None:
+                replies.reject(idx, bad_eps, rnd)
+                continue
+            replies.epsilon[idx] = float(update.metrics["epsilon"])
+        kept.append(update)
+    replies.updates = kept

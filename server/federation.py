@@ -1,0 +1,354 @@
+"""A whole federated run on the server: build -> (resume) -> rounds -> final outputs.
+
+:func:`run_federation` is the recipe the ServerApp runs: build the base model, the test set,
+the aggregator and the coordinator (:func:`build`); resume from the checkpoint or write the
+untuned model's round-0 line; find which node serves which client
+(:func:`discover_clients`); run the rounds (``server.rounds.run_round``, one pipeline of
+named steps); write the final adapter, summary and report (:func:`finish`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from tqdm.auto import tqdm
+
+from fedft import builders
+from fedft.adapters import peft_io
+from fedft.adapters.math import effective_delta
+from fedft.aggregation.base import Aggregator
+from fedft.checkpoint import load_checkpoint
+from fedft.config import RunConfig
+from fedft.data.encode import batches
+from fedft.privacy.ledger import PrivacyLedger
+from fedft.replies import bind_client_indices
+from fedft.reporting.metrics import MetricsWriter, read_metrics, write_summary
+from fedft.reporting.report import write_report
+from fedft.training.coordinator import Coordinator
+from fedft.training.local import resolve_device, weight_gradients
+from fedft.training.runtime import (
+    PROMPT,
+    Runtime,
+    get_data,
+    get_encoded,
+    get_runtime,
+    initial_prompt,
+)
+from fedft.types import AggregationResult
+from server.rounds import (
+    Federation,
+    Outcome,
+    evaluate,
+    frozen_fingerprint,
+    metric_fields,
+    run_round,
+)
+
+logger = logging.getLogger(__name__)
+
+QUERY = "query"
+"""Flower message type of the discovery query (client/app.py registers the action)."""
+
+#: what a run writes into its output folder (a fresh run sets an earlier run's aside)
+RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "report.html", "adapter", "checkpoint")
+
+
+def run_federation(
+    grid: Grid,
+    cfg: RunConfig,
+    out: Path,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    bound_nodes: Mapping[int, int] | None = None,
+) -> dict[str, Any]:
+    """Run every round of ``cfg`` on ``grid``; write metrics, report, adapter, checkpoint.
+
+    ``bound_nodes`` (node id -> client index) binds client indices to node identities.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _set_aside_previous_run(out)
+    t_start = time.monotonic()
+    fed = build(grid, cfg, out)
+    first_round = _resume(fed, out) + 1 if resume else 1
+    before = _round_zero(fed, out, resumed=resume)
+    fed.nodes = discover_clients(
+        grid,
+        num_clients=cfg.federation.num_clients,
+        timeout_s=cfg.federation.client_wait_s,
+        bound=bound_nodes,
+    )
+    fed.frozen_id = frozen_fingerprint(fed.coord)
+    for rnd in (bar := _rounds_bar(cfg, first_round, progress)):
+        outcome = run_round(fed, rnd)
+        if outcome is Outcome.STOP:
+            break
+        if outcome is Outcome.DONE:
+            bar.set_postfix(acc=f"{fed.last['accuracy']:.3f}", loss=f"{fed.last['loss']:.3f}")
+    return finish(cfg, out, fed.runtime, fed.coord, before, fed.last, t_start)
+
+
+def build(grid: Grid, cfg: RunConfig, out: Path) -> Federation:
+    """The base model, the test set, the aggregator and the coordinator of a fresh run."""
+    fed_data = get_data(**builders.data_kwargs(cfg))
+    runtime = get_runtime(
+        **builders.runtime_kwargs(cfg, num_labels=fed_data.num_labels),
+        device=resolve_device(cfg.federation.device),
+    )
+    enc_key = (
+        cfg.model.name,
+        cfg.data.max_length,
+        tuple(sorted(builders.data_kwargs(cfg).items())),
+    )
+
+    def encoded(split: str, records: Callable[[], Any]) -> Any:
+        return get_encoded(
+            (split, *enc_key),
+            records,
+            runtime.tokenizer,
+            task=cfg.model.task,
+            max_length=cfg.data.max_length,
+        )
+
+    test = encoded("test", lambda: fed_data.test)
+    aggregator = builders.build_aggregator(cfg)
+    if cfg.aggregation.algorithm == "fedsb":
+        _public_init(cfg, runtime, aggregator, encoded("public", lambda: fed_data.public))
+    extras = dict(runtime.initial_extras)
+    dense_only = cfg.adapter.method in ("prompt", "split")  # the prompt and head train
+    if dense_only:
+        extras[PROMPT] = initial_prompt(
+            runtime, num_tokens=cfg.adapter.prompt_tokens, seed=cfg.seed
+        )
+    coord = Coordinator(
+        aggregator=aggregator,
+        shapes={} if dense_only else runtime.shapes,
+        rank_of=cfg.adapter.rank_of,
+        alpha=cfg.adapter.alpha,
+        extras=extras,
+        seed=cfg.seed,
+        max_rank=builders.max_rank(cfg),
+    )
+    return Federation(
+        cfg=cfg,
+        grid=grid,
+        runtime=runtime,
+        coord=coord,
+        test=test,
+        nodes={},
+        ledger=PrivacyLedger(),
+        # the largest FedAvg weight one client may claim (its n_k)
+        max_examples=cfg.aggregation.max_examples or max(len(c) for c in fed_data.clients),
+        writer=MetricsWriter(out),
+        ckpt_dir=out / "checkpoint",
+        last={},
+    )
+
+
+def _public_init(cfg: RunConfig, runtime: Runtime, aggregator: Aggregator, public: Any) -> None:
+    """Fed-SB's shared B, A from the gradient on the server's public split (no client data,
+    so no privacy budget is spent)."""
+    grads = weight_gradients(
+        runtime.model,
+        list(runtime.shapes),
+        batches(
+            public,
+            batch_size=cfg.federation.batch_size,
+            steps=cfg.aggregation.fedsb_init_steps,
+            seed=cfg.seed,
+        ),
+        device=runtime.device,
+    )
+    rank = builders.max_rank(cfg)
+    aggregator.initialise_from_gradients(  # type: ignore[attr-defined]
+        grads, rank=rank, lr=cfg.federation.lr, scaling=cfg.adapter.alpha / rank
+    )
+
+
+def _resume(fed: Federation, out: Path) -> int:
+    """Restore the coordinator and the ledger from the checkpoint; the round it holds."""
+    state = load_checkpoint(fed.ckpt_dir)
+    fed.coord.load_state_dict(state["coordinator"])
+    fed.ledger.load_state_dict(state)
+    done = int(state["round"])
+    logger.info("resuming after round %d", done)
+    _reconcile_metrics(out, round_=done, row=state.get("row"))
+    fed.writer = MetricsWriter(out)  # after the reconcile: it knows the last round written
+    return done
+
+
+def _round_zero(fed: Federation, out: Path, *, resumed: bool) -> dict[str, float]:
+    """Evaluate the global model before the (next) round; write the untuned model's line."""
+    fed.last = evaluate(fed)
+    before = dict(fed.last)
+    if resumed:  # the untuned model's figures are in the first run's round-0 line
+        first = [r for r in read_metrics(out) if int(r["round"]) == 0]
+        if first:
+            before = {k: float(first[0][k]) for k in before if first[0].get(k) is not None}
+        return before
+    fed.writer.write(
+        **{
+            "round": 0,
+            **metric_fields(before),
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "epsilon": None,
+            "clients": 0,
+            "wall_s": 0.0,
+        }
+    )
+    return before
+
+
+def _rounds_bar(cfg: RunConfig, first_round: int, progress: bool) -> Any:
+    """The rounds still to run, behind a progress bar."""
+    return tqdm(
+        range(first_round, cfg.federation.rounds + 1),
+        desc=cfg.name,
+        unit="round",
+        disable=not progress,
+        initial=first_round - 1,
+        total=cfg.federation.rounds,
+    )
+
+
+def discover_clients(
+    grid: Grid,
+    *,
+    num_clients: int,
+    timeout_s: float = 600.0,
+    bound: Mapping[int, int] | None = None,
+) -> dict[int, int]:
+    """Ask every connected node for its partition id: {client index: node id}.
+
+    ``bound`` (node id -> client index, from the operator's registered node keys) overrides
+    what nodes declare, so one node cannot take another's index (:mod:`fedft.replies`).
+    """
+    node_ids = _wait_for_nodes(grid, num_clients=num_clients, timeout_s=timeout_s)
+    messages = [
+        Message(content=RecordDict(), dst_node_id=nid, message_type=QUERY) for nid in node_ids
+    ]
+    claims: list[tuple[int, object]] = []
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+        if reply.has_error():
+            logger.warning(
+                "node %s did not answer the query: %s", reply.metadata.src_node_id, reply.error
+            )
+            continue
+        info = reply.content.get("info")
+        claimed = info.get("client_index") if isinstance(info, ConfigRecord) else None
+        claims.append((reply.metadata.src_node_id, claimed))
+    binding = bind_client_indices(claims, num_clients=num_clients, bound=bound)
+    for node, reason in binding.ignored:
+        logger.warning("node %s: %s; ignored", node, reason)
+    missing = sorted(set(range(num_clients)) - set(binding.nodes))
+    if missing:
+        raise RuntimeError(f"no node serves client indices {missing}")
+    return binding.nodes
+
+
+def _wait_for_nodes(grid: Grid, *, num_clients: int, timeout_s: float) -> list[int]:
+    """The connected nodes' ids, once ``num_clients`` are there (or raise after the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    node_ids: list[int] = list(grid.get_node_ids())
+    while len(node_ids) < num_clients and time.monotonic() < deadline:
+        time.sleep(1.0)
+        node_ids = list(grid.get_node_ids())
+    if len(node_ids) < num_clients:
+        raise RuntimeError(
+            f"only {len(node_ids)} of federation.num_clients={num_clients} clients connected "
+            f"within {timeout_s:.0f} s; start more clients or lower federation.num_clients"
+        )
+    return node_ids
+
+
+def _set_aside_previous_run(out: Path) -> None:
+    """Move an earlier run's outputs to ``OUT/previous/<time>/``: a fresh run loses nothing."""
+    found = [p for p in out.iterdir() if p.name in RUN_OUTPUTS or p.name.startswith("plot_")]
+    if not found:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = out / "previous" / stamp
+    target.mkdir(parents=True, exist_ok=True)
+    for p in found:
+        os.replace(p, target / p.name)
+    logger.warning("%s held an earlier run; moved its outputs to %s", out, target)
+
+
+def _reconcile_metrics(out: Path, *, round_: int, row: str | None) -> None:
+    """Make metrics.jsonl end exactly at the checkpoint's round before resuming.
+
+    Lines of rounds after the checkpoint (written by a run killed later) are dropped; the
+    checkpoint's own line is restored from the checkpoint if the kill came before it.
+    """
+    path = out / "metrics.jsonl"
+    rows = [r for r in read_metrics(out) if int(r["round"]) <= round_] if path.exists() else []
+    if row and all(int(r["round"]) != round_ for r in rows):
+        rows.append(json.loads(row))
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def finish(
+    cfg: RunConfig,
+    out: Path,
+    runtime: Runtime,
+    coord: Coordinator,
+    before: Mapping[str, float],
+    last: Mapping[str, float],
+    t_start: float,
+) -> dict[str, Any]:
+    """Write the final adapter (PEFT's format), summary.json and the report; the summary."""
+    _save_adapter(cfg, out, runtime, coord)
+    rows = read_metrics(out)
+    eps = [r["epsilon"] for r in rows if r.get("epsilon") is not None]
+    final = {
+        "rounds": coord.round,
+        "before": dict(before),
+        "after": dict(last),
+        "bytes_up": sum(int(r["bytes_up"]) for r in rows),
+        "bytes_down": sum(int(r["bytes_down"]) for r in rows),
+        "epsilon": max(eps) if eps else None,
+        "failed_rounds": sum(1 for r in rows if r.get("failed")),
+        "wall_s": time.monotonic() - t_start,
+    }
+    partition = get_data(**builders.data_kwargs(cfg)).summary.to_dict()  # memoised
+    write_summary(out, final=final, config=cfg.to_dict(), partition=partition)
+    write_report(out, title=f"fedft run {cfg.name!r}")
+    logger.info("final %s", final)
+    return final
+
+
+def _save_adapter(cfg: RunConfig, out: Path, runtime: Runtime, coord: Coordinator) -> None:
+    """The global model's trained part under ``out/adapter``, loadable with peft."""
+    if PROMPT in coord.extras:
+        peft_io.save_prompt_adapter(
+            out / "adapter",
+            base_model=runtime.model,
+            base_model_source=cfg.model.name,
+            prompt=coord.extras[PROMPT],
+            extras={k: v for k, v in coord.extras.items() if k != PROMPT},
+            task=cfg.model.task,
+        )
+        return
+    total = effective_delta(
+        AggregationResult(adapters=coord.global_adapters, base_delta=coord.base_factors)
+    )
+    peft_io.save_peft_adapter(
+        out / "adapter",
+        base_model_source=cfg.model.name,
+        deltas=total,
+        extras=coord.extras,
+        task=cfg.model.task,
+        target_modules=runtime.target_modules,
+    )
