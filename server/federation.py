@@ -233,7 +233,10 @@ def discover_clients(
     ``bound`` (node id -> client index, from the operator's registered node keys) overrides
     what nodes declare, so one node cannot take another's index (:mod:`fedft.replies`).
     """
-    node_ids = _wait_for_nodes(grid, num_clients=num_clients, timeout_s=timeout_s)
+    # with a binding, wait for the nodes bound to indices 0..n-1, not for any n nodes (an
+    # extra registered node connecting early must not start discovery without them)
+    needed = None if bound is None else {n for n, i in bound.items() if 0 <= i < num_clients}
+    node_ids = _wait_for_nodes(grid, num_clients=num_clients, timeout_s=timeout_s, needed=needed)
     messages = [
         Message(content=RecordDict(), dst_node_id=nid, message_type=QUERY) for nid in node_ids
     ]
@@ -256,11 +259,18 @@ def discover_clients(
     return binding.nodes
 
 
-def _wait_for_nodes(grid: Grid, *, num_clients: int, timeout_s: float) -> list[int]:
-    """The connected nodes' ids, once ``num_clients`` are there (or raise after the timeout)."""
+def _wait_for_nodes(
+    grid: Grid, *, num_clients: int, timeout_s: float, needed: set[int] | None = None
+) -> list[int]:
+    """The connected nodes' ids, once ``num_clients`` are there, or, given ``needed``, once
+    every node in it is (or raise after the timeout)."""
+
+    def ready(ids: list[int]) -> bool:
+        return len(ids) >= num_clients if needed is None else needed <= set(ids)
+
     deadline = time.monotonic() + timeout_s
     node_ids: list[int] = list(grid.get_node_ids())
-    while len(node_ids) < num_clients and time.monotonic() < deadline:
+    while not ready(node_ids) and time.monotonic() < deadline:
         time.sleep(1.0)
         node_ids = list(grid.get_node_ids())
     if len(node_ids) < num_clients:

@@ -256,3 +256,48 @@ def test_forged_sum_under_user_dp_in_the_protocol_is_refused(
     dp.set_reference(start, extras=extras)
     problems = check_sum(total, template=template, parts="ab", aggregator=dp, max_examples=10)
     assert bool(problems) is refused, problems
+
+
+def test_discovery_waits_for_the_bound_nodes_not_for_any_n(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An extra registered node (bound to index 3 of a 3-client run) connects first: the
+    server must not start discovery with it and two of the three bound nodes."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    import server.federation as strategy
+
+    monkeypatch.setattr(strategy.time, "sleep", lambda s: None)
+
+    class Msg:  # Flower's Message needs a running app; discovery reads only the address
+        def __init__(self, *, content: object, dst_node_id: int, message_type: str) -> None:
+            self.metadata = type("M", (), {"dst_node_id": dst_node_id})()
+
+    monkeypatch.setattr(strategy, "Message", Msg)
+    seen = [[99, 10, 11], [99, 10, 11], [99, 10, 11, 12]]
+
+    class Reply:
+        def __init__(self, src: int, idx: int) -> None:
+            self.metadata = type("M", (), {"src_node_id": src})()
+            self.content = RecordDict({"info": ConfigRecord({"client_index": idx})})
+            self.error = None
+
+        def has_error(self) -> bool:
+            return False
+
+    class Grid:
+        calls = 0
+
+        def get_node_ids(self) -> list[int]:
+            Grid.calls += 1
+            return seen[min(Grid.calls - 1, len(seen) - 1)]
+
+        def send_and_receive(self, messages, timeout=None):  # type: ignore[no-untyped-def]
+            claims = {99: 0, 10: 0, 11: 1, 12: 2}  # the extra node declares index 0
+            return [Reply(m.metadata.dst_node_id, claims[m.metadata.dst_node_id]) for m in messages]
+
+    nodes = strategy.discover_clients(
+        Grid(),  # type: ignore[arg-type]
+        num_clients=3,
+        timeout_s=60,
+        bound={10: 0, 11: 1, 12: 2, 99: 3},
+    )
+    assert nodes == {0: 10, 1: 11, 2: 12} and Grid.calls == 3
