@@ -422,8 +422,10 @@ def test_restoring_a_bad_state_is_refused() -> None:
 
 def test_server_steps_out_of_order_are_refused_by_name() -> None:
     server = SecAggServer(_params(n=3, max_dropouts=1, d=4))
-    with pytest.raises(SecAggProtocolError, match="collect_unmasking"):
+    with pytest.raises(SecAggProtocolError, match="server: collect_unmasking called out of"):
         server.collect_unmasking([])
+    with pytest.raises(SecAggProtocolError, match="server: collect_masked called out of order"):
+        server.collect_masked([])
 
 
 def test_shamir_field_bounds_and_secret_size() -> None:
@@ -465,3 +467,29 @@ def test_decoding_refuses_a_non_linear_aggregator() -> None:
                 parts="ab",
                 inner=get_aggregator(name),
             )
+
+
+def test_decoding_checks_the_unmasked_sum_and_reports_clients_and_weight() -> None:
+    template = ClientUpdate(
+        "g", {"m": LoraFactors(a=torch.zeros(1, 2), b=torch.zeros(2, 1), scaling=1.0)}, 1
+    )
+    assert vector_length(template, parts="ab") == 5  # a (2) + b (2) + the weight
+    total = np.array([2.0, 4.0, 6.0, 8.0, 2.0])  # [sum w x, sum w] with sum w = 2
+
+    def decode(total: np.ndarray):  # type: ignore[no-untyped-def]
+        result = SecAggResult(total=total, included=(1, 2, 3), dropped=(4,))
+        return decode_aggregate(
+            result, template=template, parts="ab", inner=get_aggregator("fedit")
+        )
+
+    res = decode(total)
+    assert res.metrics["clients"] == 3.0 and res.metrics["total_weight"] == 2.0
+    assert torch.equal(res.adapters["m"].a, torch.tensor([[1.0, 2.0]]))  # the weighted mean
+    assert torch.equal(res.adapters["m"].b, torch.tensor([[3.0], [4.0]]))
+    assert dict(res.base_delta) == {}
+    assert decode(np.array([1.0, 1.0, 1.0, 1.0, 1.0])).metrics["total_weight"] == 1.0
+    for weight in (0.0, 0.4, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"unmasked total weight {weight} is not a positive"):
+            decode(np.array([1.0, 1.0, 1.0, 1.0, weight]))
+    with pytest.raises(ValueError, match=r"unmasked sum has shape \(4,\); the template needs"):
+        decode(total[:4])
