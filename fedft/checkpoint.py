@@ -67,16 +67,38 @@ def save_checkpoint(directory: str | Path, state: Mapping[str, Any]) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         old = target.with_name(f".{target.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if target.exists():
+        if (target / "state.json").is_file():
+            if old.exists():
+                shutil.rmtree(old)
             os.replace(target, old)
+        elif target.exists():  # a torn folder: the previous complete one is ``old``
+            shutil.rmtree(target)
+        # (no complete ``target``: ``old`` is the only good checkpoint; it stays until the
+        # new one is in place)
         os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _remove_stale_temporaries(target, keep=tmp)
     return target
+
+
+def _remove_stale_temporaries(target: Path, *, keep: Path) -> None:
+    """Temporary folders of writes that a kill interrupted (``.<name>.<random>``)."""
+    for p in target.parent.glob(f".{target.name}.*"):
+        if p.is_dir() and p != keep and p.name != f".{target.name}.old":
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def checkpoint_exists(directory: str | Path) -> bool:
+    """True when :func:`load_checkpoint` has a checkpoint to read.
+
+    The previous one counts when a kill interrupted the swap.
+    """
+    target = Path(directory)
+    old = target.with_name(f".{target.name}.old")
+    return (target / "state.json").is_file() or (old / "state.json").is_file()
 
 
 def load_checkpoint(directory: str | Path) -> dict[str, Any]:

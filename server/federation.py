@@ -58,7 +58,14 @@ QUERY = "query"
 """Flower message type of the discovery query (client/app.py registers the action)."""
 
 #: what a run writes into its output folder (a fresh run sets an earlier run's aside)
-RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "report.html", "adapter", "checkpoint")
+RUN_OUTPUTS = (
+    "metrics.jsonl",
+    "summary.json",
+    "report.html",
+    "adapter",
+    "checkpoint",
+    ".checkpoint.old",  # the previous checkpoint when a kill interrupted the last swap
+)
 
 
 def run_federation(

@@ -88,6 +88,40 @@ def test_crash_between_the_two_renames_falls_back_to_previous(
     assert _same(load_checkpoint(target), _state(3))
 
 
+def test_a_kill_in_the_save_after_a_torn_swap_keeps_the_last_good_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a kill between the renames only ``.checkpoint.old`` is good: the next save (of
+    a resumed run) may not delete it before its own checkpoint is in place."""
+    target = tmp_path / "checkpoint"
+    save_checkpoint(target, _state(1))
+    real = os.replace
+    calls: list[Any] = []
+
+    def crash(nth: int) -> Any:
+        def replace(src: Any, dst: Any) -> None:
+            calls.append(dst)
+            if len(calls) == nth:
+                raise KeyboardInterrupt("killed (injected)")
+            real(src, dst)
+
+        return replace
+
+    monkeypatch.setattr(ckpt.os, "replace", crash(2))
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(target, _state(2))
+    assert ckpt.checkpoint_exists(target) and not (target / "state.json").exists()
+    calls.clear()
+    monkeypatch.setattr(ckpt.os, "replace", crash(1))  # killed again, in the resumed run
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(target, _state(3))
+    monkeypatch.undo()
+    assert _same(load_checkpoint(target), _state(1))
+    save_checkpoint(target, _state(4))
+    assert _same(load_checkpoint(target), _state(4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no temporaries left
+
+
 _WRITER = """
 import sys, torch
 sys.path.insert(0, {root!r})
