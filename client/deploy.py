@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedft import supervise
 from server.deploy import (
     ChildProcess,
     DeployError,
@@ -193,6 +194,9 @@ def run_client(plan: ClientPlan, *, log_path: Path | None = None, retry_s: float
     port = plan.runtime_port or free_port()
     failing_since: float | None = None
     node: ChildProcess | None = None
+    supervise.become_subreaper()
+    record = state / "processes.json" if plan.state_dir is not None else None
+    guardian = supervise.Guardian(record)
     with terminate_as_interrupt():
         try:
             while True:
@@ -204,6 +208,7 @@ def run_client(plan: ClientPlan, *, log_path: Path | None = None, retry_s: float
                 )
                 started = time.monotonic()
                 code = node.start().wait()
+                node.stop(grace_s=2.0)  # what the exited SuperNode left in its session
                 now = time.monotonic()
                 if failing_since is None or now - started > ADMITTED_S:
                     failing_since = started
@@ -228,5 +233,6 @@ def run_client(plan: ClientPlan, *, log_path: Path | None = None, retry_s: float
         finally:
             if node is not None:
                 node.stop()
+            guardian.close()
             if plan.state_dir is None:
                 shutil.rmtree(state, ignore_errors=True)

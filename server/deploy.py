@@ -49,6 +49,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from fedft import supervise
+from fedft.checkpoint import checkpoint_exists
 from fedft.config import RunConfig
 from fedft.transport.flower_config import to_run_config
 from server.fleet_front import FleetFront, FrontTls
@@ -63,6 +65,8 @@ APP_DIR = Path(__file__).resolve().parent.parent
 #: the name of the ``flwr`` CLI connection written into the private FLWR_HOME.
 CONNECTION = "fedft"
 OUT_KEY, RESUME_KEY, NODES_KEY = "fedft-out", "fedft-resume", "fedft-nodes"
+#: the guardian's record of every process a server started (in ``<out>/.superlink/``)
+PROCESS_RECORD = "processes.json"
 DEFAULT_ADDRESS = "0.0.0.0:9092"
 
 
@@ -102,8 +106,8 @@ def program(name: str) -> str:
 
 @contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt, so ``finally`` clauses stop the
-    children (which run in their own sessions and would otherwise outlive us)."""
+    """Within the block, SIGTERM and SIGHUP raise KeyboardInterrupt (as SIGINT does), so
+    ``finally`` clauses stop the children, which run in sessions of their own."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -111,11 +115,12 @@ def terminate_as_interrupt() -> Iterator[None]:
     def _raise(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, _raise)
+    previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -128,24 +133,27 @@ class ChildProcess:
     log_path: Path | None
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    #: the child as started: the leader of the session everything it starts inherits
+    record: supervise.ProcRecord | None = field(default=None, init=False)
 
     def start(self) -> ChildProcess:
-        """Start the child."""
+        """Start the child (with a parent-death signal: it dies with this process)."""
+        kwargs: dict[str, Any] = {
+            "stdin": subprocess.DEVNULL,
+            "env": self.env,
+            "start_new_session": True,
+            "preexec_fn": supervise.parent_death_signal(),
+        }
         if self.log_path is None:
-            self.proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-                self.argv, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True
-            )
+            self.proc = subprocess.Popen(self.argv, **kwargs)  # noqa: S603 - fixed argv
         else:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "ab") as log_file:
                 self.proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-                    self.argv,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env=self.env,
-                    start_new_session=True,
+                    self.argv, stdout=log_file, stderr=subprocess.STDOUT, **kwargs
                 )
+        supervise.adopt_popen(self.proc.pid)
+        self.record = supervise.ProcRecord.of(self.proc.pid)
         logger.info(
             "started %s (pid %d); output: %s",
             self.name,
@@ -182,25 +190,24 @@ class ChildProcess:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, *, grace_s: float = 10.0) -> int | None:
-        """SIGTERM the child by PID, SIGKILL it after ``grace_s``; then end what is left of
-        the session we created for it (process group id = its PID: e.g. a ClientApp that a
-        stopped SuperNode left mid-round). Returns the child's exit code."""
+        """SIGTERM the child, give it ``grace_s`` seconds, then kill everything it started
+        that is still there: its session, the sessions its descendants opened (the
+        SuperLink starts ``flower-superexec`` in a session of its own, which starts the
+        ServerApp) and their descendants. Returns the child's exit code."""
         if self.proc is None:
             return None
+        tree = supervise.snapshot(self.proc.pid)
+        if self.record is not None:  # its session outlives it (e.g. a SuperExec it left)
+            tree.sessions.append(self.record)
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, self.pid)
-                self.proc.kill()
-                self.proc.wait()
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                break
-            time.sleep(1.0)
+            logger.info("stopping %s (pid %d)", self.name, self.pid)
+        supervise.stop(tree, grace_s=grace_s, term=[self.proc.pid])
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        supervise.release_popen(self.proc.pid)
         logger.info("%s (pid %d) exited with %s", self.name, self.pid, self.proc.returncode)
         return self.proc.returncode
 
@@ -210,6 +217,60 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when ``host:port`` cannot be bound now (another program listens there)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def take_over(state_dir: Path, *, address: str) -> int:
+    """Make ``state_dir`` (and the port) ours before a SuperLink starts there.
+
+    Takes the folder's lock (refusing when a live ``fedft server`` holds it), stops what an
+    earlier, killed server left running there (proven by its process record: PID, start
+    time, boot and program must all match), and checks that ``address`` is free. Returns
+    the lock's file descriptor (held until we exit).
+
+    Raises:
+        DeployError: another server still runs for this folder, or another program holds
+            the port.
+    """
+    try:
+        lock = supervise.lock_folder(state_dir)
+    except supervise.StillRunning as exc:
+        raise DeployError(
+            f"another fedft server (pid {exc}) is still running for {state_dir.parent}; stop "
+            "it first (Ctrl-C or `kill PID`: it stops everything it started), or use --out"
+        ) from None
+    try:
+        supervise.reclaim(state_dir / PROCESS_RECORD)
+    except supervise.StillRunning as exc:  # a server of a fedft without the lock file
+        os.close(lock)
+        raise DeployError(
+            f"another fedft server (pid {exc}) is still running for {state_dir.parent}; "
+            "stop it first"
+        ) from None
+    except ValueError as exc:
+        logger.warning("ignoring an unreadable process record: %s", exc)
+    host, port = split_address(address)
+    deadline = time.monotonic() + 10.0
+    while port_in_use(host, port):  # a just-killed listener may take a moment to let go
+        if time.monotonic() > deadline:
+            os.close(lock)
+            raise DeployError(
+                f"port {port} on {host} is in use by another program (not one this run "
+                "started); stop it or choose another --address"
+            )
+        time.sleep(0.2)
+    return lock
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -437,7 +498,7 @@ class ServerPlan:
                 "node authentication is on with TLS but no node public keys were given; "
                 "pass --certs DIR holding client-<i>.pub (from `fedft certs`) or --node-key"
             )
-        if self.resume and not (self.out / "checkpoint" / "state.json").is_file():
+        if self.resume and not checkpoint_exists(self.out / "checkpoint"):
             raise DeployError(
                 f"--resume: no checkpoint in {self.out / 'checkpoint'}; run without --resume"
             )
@@ -613,6 +674,9 @@ def run_server(cfg: RunConfig, plan: ServerPlan) -> int:
     run_id, status = "", "not started"
     split_server: SplitServerThread | None = None
     front: FleetFront | None = None
+    supervise.become_subreaper()
+    lock = take_over(state_dir, address=plan.address)
+    guardian = supervise.Guardian(state_dir / PROCESS_RECORD, log_path=state_dir / "guardian.log")
     with terminate_as_interrupt():
         try:
             if split_bind is not None:
@@ -647,6 +711,8 @@ def run_server(cfg: RunConfig, plan: ServerPlan) -> int:
             superlink.stop()
             if split_server is not None:
                 split_server.stop()
+            guardian.close()
+            os.close(lock)
     if status != "finished:completed":
         logger.error("run %s ended %s; see %s", run_id, status, superlink.log_path)
         return 1

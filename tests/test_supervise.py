@@ -1,0 +1,244 @@
+"""Process ownership with real processes: a command that dies, however it dies, leaves nothing.
+
+The "owner" here is a small Python program shaped like ``fedft server``: it starts its children
+with :class:`server.deploy.ChildProcess` (parent-death signal, own session), and one child
+starts a grandchild in a session of its own which starts a great-grandchild that ignores
+SIGTERM, as the SuperLink -> flower-superexec -> flwr-serverapp chain does. The tests list the
+whole tree by PID while it is alive and check that none of those PIDs is left afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from fedft import supervise
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
+
+# A "SuperLink": starts a "superexec" in a new session, which starts a "serverapp" that ignores
+# SIGTERM and SIGINT; with --orphan the superexec exits, leaving the serverapp to be reparented.
+_CHAIN = textwrap.dedent(
+    """
+    import os, signal, subprocess, sys, time
+    level = sys.argv[1]
+    if level == "link":
+        subprocess.Popen([sys.executable, __file__, "exec", *sys.argv[2:]],
+                         start_new_session=True)
+    elif level == "exec":
+        subprocess.Popen([sys.executable, __file__, "app"])
+        if "--orphan" in sys.argv:
+            time.sleep(0.5)
+            sys.exit(0)
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        time.sleep(0.2)
+    """
+)
+
+_OWNER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from fedft import supervise
+    from server.deploy import ChildProcess, terminate_as_interrupt
+    chain, record, extra = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    supervise.become_subreaper()
+    guardian = supervise.Guardian(record)
+    child = ChildProcess(name="link", argv=[sys.executable, chain, "link", *extra],
+                         log_path=None, env=dict(__import__("os").environ))
+    with terminate_as_interrupt():
+        try:
+            child.start()
+            print("started", flush=True)
+            while True:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        finally:
+            child.stop(grace_s=2.0)
+            guardian.close()
+    """
+)
+
+
+def _tree(root: int) -> dict[int, int]:
+    """PID -> start ticks of ``root`` and everything below it now."""
+    table = supervise.scan()
+    pids = {root} | supervise.descendants([root], table)
+    return {p: table[p].start_ticks for p in pids if p in table}
+
+
+def _alive(recorded: dict[int, int]) -> list[int]:
+    """Recorded PIDs still running as the same process (zombies count as gone)."""
+    left = []
+    for pid, start in recorded.items():
+        info = supervise.read_proc(pid)
+        if info is not None and not info.zombie and info.start_ticks == start:
+            left.append(pid)
+    return left
+
+
+def _start_owner(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, dict[int, int]]:
+    chain = tmp_path / "chain.py"
+    chain.write_text(_CHAIN)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _OWNER, str(chain), str(tmp_path / "record.json"), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert owner.stdout is not None
+    assert owner.stdout.readline().strip() == b"started"
+    recorded: dict[int, int] = {}
+    deadline = time.monotonic() + 30
+    # owner + guardian + link + exec + app (exec gone in the orphan case)
+    want = 4 if "--orphan" in extra else 5
+    while time.monotonic() < deadline:
+        recorded.update(_tree(owner.pid))
+        names = [supervise.cmdline(p) for p in _alive(recorded)]
+        apps = [n for n in names if len(n) > 2 and n[2] == "app"]
+        if apps and len(_alive(recorded)) >= want:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the tree never formed: {recorded}")
+    time.sleep(2 * supervise.SNAPSHOT_S + 0.5)  # the guardian has seen it
+    recorded.update(_tree(owner.pid))
+    return owner, recorded
+
+
+def _wait_gone(recorded: dict[int, int], timeout: float = 20.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := _alive(recorded)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def _cleanup(recorded: dict[int, int]) -> None:
+    for pid in _alive(recorded):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("orphan", [False, True], ids=["chain", "orphaned-app"])
+def test_sigkilled_owner_leaves_no_process(tmp_path, orphan):
+    owner, recorded = _start_owner(tmp_path, *(["--orphan"] if orphan else []))
+    try:
+        assert len(recorded) >= 4
+        owner.kill()
+        owner.wait()
+        assert _wait_gone(recorded) == []
+    finally:
+        _cleanup(recorded)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_terminated_owner_stops_its_tree_itself(tmp_path, sig):
+    owner, recorded = _start_owner(tmp_path)
+    try:
+        owner.send_signal(sig)
+        assert owner.wait(timeout=30) == 0
+        assert owner.stdout is not None and b"interrupted" in owner.stdout.read()
+        assert _wait_gone(recorded, timeout=5) == []
+        record = json.loads((tmp_path / "record.json").read_text())
+        assert record["guardian"] is None and record["processes"] == []
+    finally:
+        _cleanup(recorded)
+
+
+def test_without_the_guardian_the_app_outlives_its_owner(tmp_path):
+    """The control: what the guardian is for (SIGTERM-deaf app in another session)."""
+    chain = tmp_path / "chain.py"
+    chain.write_text(_CHAIN)
+    link = subprocess.Popen([sys.executable, str(chain), "link"], start_new_session=True)
+    recorded: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while len(recorded) < 3 and time.monotonic() < deadline:
+            recorded.update(_tree(link.pid))
+            time.sleep(0.2)
+        os.killpg(link.pid, signal.SIGKILL)  # the link's own group: what stop() used to do
+        link.wait()
+        time.sleep(1.0)
+        assert len(_alive(recorded)) == 2  # exec and app live on in their own session
+    finally:
+        _cleanup(recorded)
+
+
+def test_reclaim_stops_recorded_leftovers_and_spares_reused_pids(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        rec = supervise.ProcRecord.of(sleeper.pid)
+        other_rec = supervise.ProcRecord.of(other.pid)
+        assert rec is not None and other_rec is not None
+        # `other` under a different start time: a reused PID, not ours
+        reused = supervise.ProcRecord(
+            pid=other.pid,
+            start_ticks=other_rec.start_ticks - 1,
+            boot=other_rec.boot,
+            program=other_rec.program,
+        )
+        path = tmp_path / "record.json"
+        dead_owner = supervise.ProcRecord(pid=1, start_ticks=-1, boot=rec.boot, program="x")
+        supervise.write_record(
+            path, supervise.Record(dead_owner, None, supervise.Targets([rec, reused])).to_json()
+        )
+        assert supervise.reclaim(path) == [sleeper.pid]
+        assert sleeper.wait(timeout=10) == -signal.SIGKILL
+        assert other.poll() is None
+        # a live owner is never a leftover
+        me = supervise.ProcRecord.of(os.getpid())
+        supervise.write_record(path, supervise.Record(me, None, supervise.Targets()).to_json())
+        with pytest.raises(supervise.StillRunning, match=str(os.getpid())):
+            supervise.reclaim(path)
+    finally:
+        for p in (sleeper, other):
+            p.kill()
+            p.wait()
+
+
+def test_folder_lock_refuses_a_second_owner(tmp_path):
+    code = (
+        "import sys, time; from pathlib import Path; from fedft import supervise; "
+        "supervise.lock_folder(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"locked"
+        with pytest.raises(supervise.StillRunning, match=str(holder.pid)):
+            supervise.lock_folder(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    fd = supervise.lock_folder(tmp_path)  # released by the kernel when the holder died
+    os.close(fd)
+
+
+def test_proc_records_round_trip_and_reject_garbage(tmp_path):
+    rec = supervise.ProcRecord.of(os.getpid())
+    assert rec is not None and rec.matches()
+    assert supervise.ProcRecord.from_json(rec.to_json()) == rec
+    with pytest.raises(ValueError, match="not a process record"):
+        supervise.ProcRecord.from_json({"pid": "x"})
+    bad = tmp_path / "r.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="process record"):
+        supervise.Record.read(bad)
+    assert supervise.Record.read(tmp_path / "none.json") is None
