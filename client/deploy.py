@@ -193,6 +193,7 @@ def run_client(plan: ClientPlan, *, log_path: Path | None = None, retry_s: float
     state.mkdir(parents=True, exist_ok=True)
     port = plan.runtime_port or free_port()
     failing_since: float | None = None
+    warned = False
     node: ChildProcess | None = None
     supervise.become_subreaper()
     record = state / "processes.json" if plan.state_dir is not None else None
@@ -211,7 +212,8 @@ def run_client(plan: ClientPlan, *, log_path: Path | None = None, retry_s: float
                 node.stop(grace_s=2.0)  # what the exited SuperNode left in its session
                 now = time.monotonic()
                 if failing_since is None or now - started > ADMITTED_S:
-                    failing_since = started
+                    failing_since = started  # it had been admitted: a new outage begins
+                    warned = False
                 if plan.max_wait_s > 0 and now - failing_since >= plan.max_wait_s:
                     logger.error(
                         "the SuperNode kept exiting for %.0f s (last code %d); giving up\n%s",
@@ -220,12 +222,15 @@ def run_client(plan: ClientPlan, *, log_path: Path | None = None, retry_s: float
                         node.log_tail(),
                     )
                     return code or 1
-                logger.warning(
-                    "the SuperNode exited with code %d (refused, or the server restarted); "
-                    "starting it again in %.0f s",
+                # once per outage, then quietly: a service waits for its server
+                (logger.debug if warned else logger.warning)(
+                    "the SuperNode exited with code %d (refused, or the server is gone or "
+                    "restarted); starting it again every %.0f s until the server takes it%s",
                     code,
                     retry_s,
+                    f" (giving up after {plan.max_wait_s:.0f} s)" if plan.max_wait_s else "",
                 )
+                warned = True
                 time.sleep(retry_s)
         except KeyboardInterrupt:
             logger.info("stopping the SuperNode")

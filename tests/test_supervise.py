@@ -242,3 +242,32 @@ def test_proc_records_round_trip_and_reject_garbage(tmp_path):
     with pytest.raises(ValueError, match="process record"):
         supervise.Record.read(bad)
     assert supervise.Record.read(tmp_path / "none.json") is None
+
+
+_FAILING_CLIENT = textwrap.dedent(
+    """
+    import logging, sys
+    from pathlib import Path
+    import client.deploy as deploy
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    # a SuperNode that is refused at once, every time (exit code 3)
+    deploy.supernode_argv = lambda plan, runtime_port: [sys.executable, "-c", "exit(3)"]
+    plan = deploy.ClientPlan(partition=0, server="127.0.0.1:9", max_wait_s=float(sys.argv[1]),
+                             state_dir=Path(sys.argv[2]))
+    sys.exit(deploy.run_client(plan, retry_s=0.2))
+    """
+)
+
+
+def test_a_client_whose_server_is_gone_says_so_once_and_exits_with_its_status(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-c", _FAILING_CLIENT, "3", str(tmp_path / "state")],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        timeout=120,
+    )
+    log = res.stderr.decode()
+    assert res.returncode == 3, log
+    assert log.count("the SuperNode exited with code 3") == 1, log  # not once per retry
+    assert log.count("giving up") >= 1 and "kept exiting" in log
+    assert log.count("started flower-supernode") >= 3  # it did retry, quietly
