@@ -30,6 +30,7 @@ from test_faults_apps import tiny_config
 import fedft.checkpoint as ckpt
 from fedft.checkpoint import load_checkpoint
 from fedft.privacy import dpsgd
+from fedft.privacy.central import CentralDP
 from fedft.reporting import metrics as metrics_mod
 from server.strategy import run_federation
 
@@ -138,6 +139,17 @@ def _killer(point: str, monkeypatch: pytest.MonkeyPatch):
     raise AssertionError(point)
 
 
+def _pin_noise(m: pytest.MonkeyPatch) -> None:
+    """DP noise is seeded from the OS (nobody may know it), so no two runs share it; to
+    compare a resumed run with an uninterrupted one, seed it from what a resume must restore:
+    DP-SGD from a constant, user-level DP from CentralDP's own round counter (a counter lost
+    on resume would draw round 1's noise again)."""
+    m.setattr(dpsgd, "_fresh_seed", lambda: 1234)
+    m.setattr(
+        CentralDP, "_generator", lambda self: torch.Generator().manual_seed(1000 + self._round)
+    )
+
+
 @pytest.fixture(scope="module")
 def references(tiny_bert_dir, tmp_path_factory):
     """One uninterrupted run per case (shared by the kill points)."""
@@ -147,7 +159,7 @@ def references(tiny_bert_dir, tmp_path_factory):
         if case not in done:
             out = tmp_path_factory.mktemp(f"ref-{case}")
             with pytest.MonkeyPatch.context() as m:
-                m.setattr(dpsgd, "_fresh_seed", lambda: 1234)  # see the test
+                _pin_noise(m)
                 _run(_cfg(tiny_bert_dir, case), out)
             assert load_checkpoint(out / "checkpoint")["round"] == 3, "reference stopped early"
             done[case] = out
@@ -176,10 +188,7 @@ def test_killed_server_resumes_exactly(
     cfg = _cfg(tiny_bert_dir, case)
     ref_out = references(case)
     out = tmp_path / "run"
-    if cfg.privacy.mode == "sample":
-        # DP-SGD draws its noise seed from the OS (the server must not know it), so no two
-        # runs share noise; pin it here to compare a resumed run with an uninterrupted one
-        monkeypatch.setattr(dpsgd, "_fresh_seed", lambda: 1234)
+    _pin_noise(monkeypatch)
     with monkeypatch.context() as m:
         kill = _killer(point, m)
         with pytest.raises(Killed):
