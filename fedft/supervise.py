@@ -493,8 +493,12 @@ def guard(owner: ProcRecord, record: Path | None, *, stdin: IO[bytes], interval_
                     info = table[pid]
                     if info.sid == pid and pid != os.getpid():
                         sessions[pid] = rec
-            for pid in [p for p, r in seen.items() if not r.matches(table.get(p))]:
-                del seen[pid]  # exited: nothing to stop (its session stays recorded)
+            for pid, rec in list(seen.items()):
+                cur = table.get(pid)
+                if cur is None or cur.zombie or cur.start_ticks != rec.start_ticks:
+                    del seen[pid]  # exited: nothing to stop (its session stays recorded)
+                elif (now := _program(pid)) and now != rec.program:  # it exec'd since
+                    seen[pid] = ProcRecord(pid, rec.start_ticks, rec.boot, now)
             for sid in [s for s in sessions if not any(i.sid == s for i in table.values())]:
                 del sessions[sid]  # no member left: the id may be reused
             if not announced:
