@@ -1,4 +1,4 @@
-"""An in-process grid for ``server.strategy.run_federation`` (no Ray, no processes; no tests here).
+"""An in-process grid for ``server.federation.run_federation`` (no Ray, no processes, no tests).
 
 Every message goes straight to the real client code (``client.app.train_round``) with one
 Flower ``Context`` per client, as a SuperNode keeps it across the messages of one run. A

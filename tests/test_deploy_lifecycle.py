@@ -33,7 +33,7 @@ from test_deploy import Proc, _rows, _wait_for
 from fedft import supervise
 from fedft.config import load_config
 from server.deploy import free_port
-from server.strategy import run_federation
+from server.federation import run_federation
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
 RUN_TIMEOUT_S = 600
