@@ -17,23 +17,44 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedft.config import ALGORITHMS, ConfigError, RunConfig, load_config, load_table
+from fedft.console import RUN_LOG_ENV, attach_run_log, setup_console
 
 if TYPE_CHECKING:
     from fedft.data import FederatedData
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-def _setup_environment() -> None:
-    """Offline by default; quiet third-party loggers."""
+logger = logging.getLogger("fedft.cli")
+
+
+def _setup_environment(*, verbose: bool) -> None:
+    """Offline by default; third-party logs to run.log (``-v``: also the console)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("flwr", "ray", "httpx", "transformers", "filelock", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_console(verbose=verbose)
+
+
+def describe_run(cfg: RunConfig) -> str:
+    """What runs, in two lines: model, data, clients, algorithm, privacy."""
+    m, d, f, a, p = cfg.model, cfg.data, cfg.federation, cfg.adapter, cfg.privacy
+    if a.method == "lora":
+        ranks = f"ranks {a.ranks}" if a.ranks else f"r={a.rank}"
+        adapter = f"LoRA {ranks}, alpha {a.alpha:g}"
+    else:
+        adapter = f"{a.method} ({a.prompt_tokens} virtual tokens)"
+    part = d.partition + (f" alpha={d.alpha:g}" if d.partition == "dirichlet" else "")
+    if p.mode == "off":
+        privacy = "privacy off"
+    else:
+        privacy = f"{p.mode}-level DP, epsilon {p.epsilon:g} at delta {p.delta:g}"
+    return (
+        f"{cfg.name}: model {m.name} ({m.task}, {adapter}); data {d.dataset} ({part})\n"
+        f"{f.num_clients} clients, {f.clients_per_round} per round, {f.rounds} rounds x "
+        f"{f.local_steps} local steps; aggregation {cfg.aggregation.algorithm}; {privacy}"
+    )
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
@@ -56,7 +77,9 @@ def _check_data(cfg: RunConfig) -> FederatedData:
         fed = check_data(**builders.data_kwargs(cfg))
     finally:
         quiet.setLevel(level)
-    logging.getLogger("fedft").info("data %s: %s", cfg.data.dataset, describe(fed))
+    logging.getLogger("fedft").info(
+        "data %s: %s", cfg.data.dataset, describe(fed), extra={"console": True}
+    )
     return fed
 
 
@@ -71,20 +94,35 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     cfg = _load(args)
     out = Path(args.out or f"runs/{cfg.name}")
     _show_partition(cfg)
+    run_log = attach_run_log(out)
+    print(describe_run(cfg), file=sys.stderr, flush=True)
     from simulations.simulate import SimulationFailed, simulate
 
     try:
         summary = simulate(cfg, out, progress=not args.no_progress)
     except SimulationFailed as exc:
-        print(f"fedft simulate: {exc}", file=sys.stderr)
+        logger.error("%s", exc, exc_info=exc)  # the traceback, for run.log
+        print(f"fedft simulate: {exc} (details in {run_log})", file=sys.stderr)
         return EXIT_FAILED
-    before, final = summary["before"], summary["after"]
-    metric = "accuracy" if cfg.model.task == "classification" else "loss"
-    print(
-        f"{cfg.name}: test {metric} {before[metric]:.4f} -> {final[metric]:.4f} "
-        f"after {summary['rounds']} rounds in {summary['wall_s']:.0f} s; outputs in {out}/"
-    )
+    print(final_summary(cfg, summary, out))
     return EXIT_OK
+
+
+def final_summary(cfg: RunConfig, summary: dict[str, object], out: Path) -> str:
+    """The closing lines: the task metric before -> after, traffic, epsilon, outputs."""
+    before, final = summary["before"], summary["after"]
+    assert isinstance(before, dict) and isinstance(final, dict)
+    metric = "accuracy" if cfg.model.task == "classification" else "loss"
+    eps = summary.get("epsilon")
+    mb = (float(str(summary["bytes_up"])) + float(str(summary["bytes_down"]))) / 1e6
+    spent = "" if eps is None else f"; epsilon spent {float(str(eps)):.3g}"
+    return (
+        f"{cfg.name}: test {metric} {before[metric]:.4f} -> {final[metric]:.4f} after "
+        f"{summary['rounds']} rounds in {float(str(summary['wall_s'])):.0f} s; "
+        f"{mb:.1f} MB exchanged{spent}\n"
+        f"outputs in {out}/: metrics.jsonl, summary.json, report.html, adapter/ (PEFT), "
+        f"run.log (third-party logs; -v shows them)"
+    )
 
 
 _INSECURE_BANNER = """
@@ -368,6 +406,43 @@ def _cmd_split_server(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fedft.export import ExportError, export_lora, export_merged
+
+    if not args.merged and not args.lora:
+        print(
+            "fedft export: say what to write: --merged OUT and/or --lora OUT --rank R",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_CONFIG
+    if args.rank is not None and not args.lora:
+        print(
+            "fedft export: --rank R refactors the adapter into one LoRA of rank R; give "
+            "it with --lora OUT (the merged model has no rank)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_CONFIG
+    try:
+        if args.merged:
+            out = export_merged(args.run_dir, args.merged)
+            print(f"merged model written to {out}/ (load it with AutoModel*.from_pretrained)")
+        if args.lora:
+            if args.rank is None:
+                raise ExportError("--lora OUT needs --rank R (the rank of the one LoRA)")
+            report = export_lora(args.run_dir, args.lora, rank=args.rank)
+            worst = max(report.module_errors.items(), key=lambda kv: kv[1])
+            print(
+                f"rank-{report.rank} LoRA written to {args.lora}/ (PEFT format): relative "
+                f"truncation error {report.relative_error:.3g} over all modules, worst "
+                f"{worst[1]:.3g} ({worst[0]}); numerical ranks before truncation "
+                f"{min(report.module_ranks.values())}..{max(report.module_ranks.values())}"
+            )
+    except ExportError as exc:
+        print(f"fedft export: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    return EXIT_OK
+
+
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     p.add_argument("config", nargs=None if required else "?", help="run config (TOML)")
     p.add_argument(
@@ -380,16 +455,28 @@ def _add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> No
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``fedft`` subcommand."""
-    parser = argparse.ArgumentParser(prog="fedft", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="also show third-party logs and warnings (always kept in OUT/run.log)",
+    )
+    parser = argparse.ArgumentParser(prog="fedft", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sim = sub.add_parser("simulate", help="run a federation on Flower's Simulation Engine")
+    sim = sub.add_parser(
+        "simulate", parents=[common], help="run a federation on Flower's Simulation Engine"
+    )
     _add_config_args(sim)
     sim.add_argument("--out", help="output folder (default runs/<name>)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.set_defaults(func=_cmd_simulate)
 
-    srv = sub.add_parser("server", help="serve a run: Flower SuperLink + the run's ServerApp")
+    srv = sub.add_parser(
+        "server", parents=[common], help="serve a run: Flower SuperLink + the run's ServerApp"
+    )
     _add_config_args(srv)
     srv.add_argument("--out", help="output folder (default runs/<name>)")
     srv.add_argument("--certs", help="folder from `fedft certs` (TLS files, client-*.pub)")
@@ -407,7 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.set_defaults(func=_cmd_server)
 
-    cli = sub.add_parser("client", help="join a run as one edge client (a Flower SuperNode)")
+    cli = sub.add_parser(
+        "client", parents=[common], help="join a run as one edge client (a Flower SuperNode)"
+    )
     _add_config_args(cli)
     cli.add_argument("--partition", type=int, required=True, help="client index N")
     cli.add_argument("--data", help="this client's own CSV/JSONL file")
@@ -424,20 +513,26 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--insecure", action="store_true", help="no TLS, no node auth (local)")
     cli.set_defaults(func=_cmd_client)
 
-    cmp = sub.add_parser("compare", help="every algorithm on the same split and seed")
+    cmp = sub.add_parser(
+        "compare", parents=[common], help="every algorithm on the same split and seed"
+    )
     _add_config_args(cmp)
     cmp.add_argument("--out", help="output folder (default runs/<name>)")
     cmp.add_argument("--algorithms", help="comma-separated subset (default: all)")
     cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
     cmp.set_defaults(func=_cmd_compare)
 
-    prv = sub.add_parser("privacy", help="privacy budgets")
+    prv = sub.add_parser("privacy", parents=[common], help="privacy budgets")
     prv_sub = prv.add_subparsers(dest="privacy_command", required=True)
-    pln = prv_sub.add_parser("plan", help="noise and epsilon per round before anyone trains")
+    pln = prv_sub.add_parser(
+        "plan", parents=[common], help="noise and epsilon per round before anyone trains"
+    )
     _add_config_args(pln)
     pln.set_defaults(func=_cmd_privacy_plan)
 
-    spl = sub.add_parser("split-server", help="serve the middle of a split model over gRPC")
+    spl = sub.add_parser(
+        "split-server", parents=[common], help="serve the middle of a split model over gRPC"
+    )
     _add_config_args(spl)
     spl.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT to listen on")
     spl.add_argument(
@@ -452,7 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     spl.set_defaults(func=_cmd_split_server)
 
-    conf = sub.add_parser("config", help="the run configuration: schema, defaults, check a file")
+    conf = sub.add_parser(
+        "config", parents=[common], help="the run configuration: schema, defaults, check a file"
+    )
     cfg_sub = conf.add_subparsers(dest="config_command", required=True)
     cfg_sub.add_parser("schema", help="JSON schema of every key").set_defaults(func=_cmd_config)
     cfg_sub.add_parser("defaults", help="every key, its default and what is allowed (TOML)")
@@ -461,7 +558,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(chk)
     chk.set_defaults(func=_cmd_config)
 
-    crt = sub.add_parser("certs", help="make a CA, server/client certificates and node keys")
+    exp = sub.add_parser(
+        "export", parents=[common], help="a finished run for serving: merged model or one LoRA"
+    )
+    exp.add_argument("run_dir", help="the --out folder of a finished run")
+    exp.add_argument("--merged", metavar="OUT", help="write base + adapter merged (HF folder)")
+    exp.add_argument("--lora", metavar="OUT", help="write one LoRA of rank --rank (PEFT)")
+    exp.add_argument("--rank", type=int, help="the rank of the --lora adapter (SVD)")
+    exp.set_defaults(func=_cmd_export)
+
+    crt = sub.add_parser(
+        "certs", parents=[common], help="make a CA, server/client certificates and node keys"
+    )
     crt.add_argument("out_dir", help="folder to write (created; refuses an existing CA)")
     crt.add_argument("--clients", type=int, default=3, help="number of clients")
     crt.add_argument("--server-name", action="append", help="extra server DNS name or IP")
@@ -475,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fedft`` command line; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_environment()
+    _setup_environment(verbose=getattr(args, "verbose", False))
     func: Callable[[argparse.Namespace], int] = args.func
     from fedft.data.check import DataError
 
@@ -487,6 +595,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as exc:
         print(f"fedft: data error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    except KeyboardInterrupt:
+        print(f"fedft {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - one line on the console, the traceback in the log
+        logger.error("fedft %s failed", args.command, exc_info=exc)
+        where = os.environ.get(RUN_LOG_ENV)
+        hint = f" (traceback in {where})" if where else " (run with -v for the traceback)"
+        print(f"fedft {args.command}: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
+        if getattr(args, "verbose", False):
+            raise
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from fedft.config import RunConfig, build_config
+from fedft.console import QUIET_ENV, RUN_LOG_ENV, route_third_party_loggers
 
 logger = logging.getLogger(__name__)
+
+#: environment the actors need to stay offline (copied when set here)
+OFFLINE_ENV = (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "FLWR_TELEMETRY_ENABLED",
+    "FEDFT_CACHE",
+    "TOKENIZERS_PARALLELISM",
+)
 
 
 class SimulationFailed(RuntimeError):
@@ -34,13 +45,46 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: RunConfig, out: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Run ``cfg`` on the Simulation Engine; return the summary. Raises on failure."""
+def start_ray(*, address: str | None = None) -> None:
+    """Start (or join, with ``address``) Ray for the run's virtual clients.
+
+    Flower would start Ray itself; starting it here lets every actor process run
+    :func:`fedft.console.ray_worker_setup` first (its output to ``OUT/run.log``) and lets a
+    run join an existing cluster. Workers get this process's ``sys.path`` as Flower's
+    backend gives them, and the quiet/offline environment variables.
+    """
+    import ray
+
+    pythonpath = os.pathsep.join(p for p in sys.path if p)
+    env = {"PYTHONPATH": pythonpath}
+    for key in (*QUIET_ENV, RUN_LOG_ENV, *OFFLINE_ENV):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": "fedft.console.ray_worker_setup"}
+    kwargs: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.WARNING}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+    ray.init(**kwargs)
+    route_third_party_loggers()
+
+
+def simulate(
+    cfg: RunConfig, out: Path, *, progress: bool = True, ray_address: str | None = None
+) -> dict[str, Any]:
+    """Run ``cfg`` on the Simulation Engine; return the summary. Raises on failure.
+
+    ``ray_address``: run the virtual clients on this existing Ray cluster (``ray start``);
+    default: a Ray instance of this process's own.
+    """
     import ray
     from flwr.simulation import run_simulation
 
     from client.app import make_client_app
     from server.app import make_server_app
+
+    route_third_party_loggers()  # Flower and Ray install console handlers when imported
 
     split_server = None
     if cfg.adapter.method == "split" and not cfg.split.server:
@@ -52,6 +96,7 @@ def simulate(cfg: RunConfig, out: Path, *, progress: bool = True) -> dict[str, A
         cfg = build_config(table)
     errors: list[BaseException] = []
     try:
+        start_ray(address=ray_address)
         server_app = make_server_app(cfg, out_dir=out, progress=progress, on_error=errors.append)
         run_simulation(
             server_app=server_app,

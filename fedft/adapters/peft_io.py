@@ -357,11 +357,14 @@ def save_peft_adapter(
     extras: Mapping[str, Tensor],
     task: Literal["classification", "causal_lm"],
     target_modules: Sequence[str],
+    rank: int | None = None,
+    fan_in_fan_out: bool = False,
 ) -> None:
     """Write the final adapter in PEFT's format (adapter_config.json + safetensors).
 
     Each total delta is factored at its numerical rank (:func:`svd_factors`, scaling 1:
-    per-module ``rank_pattern`` and ``alpha_pattern`` = rank), so
+    per-module ``rank_pattern`` and ``alpha_pattern`` = rank), or at exactly ``rank`` for
+    every module when given (a delta of higher rank must be truncated first), so
     ``PeftModel.from_pretrained(base, out_dir)`` computes ``W0 + delta`` up to float32
     rounding. Extras (head) are stored as ``modules_to_save``.
 
@@ -373,6 +376,9 @@ def save_peft_adapter(
             ``classifier.weight`` and ``classifier.bias``).
         task: ``"classification"`` or ``"causal_lm"``.
         target_modules: the adapted layer names; every delta's module must end with one.
+        rank: one rank for every module (uniform adapter, no rank_pattern); None: each
+            module at its numerical rank.
+        fan_in_fan_out: the adapted layers store weights (in, out) (GPT-2's Conv1D).
     """
     if task not in _TASK_TYPES:
         raise ValueError(f"task={task!r}; allowed: {sorted(_TASK_TYPES)}")
@@ -385,7 +391,7 @@ def save_peft_adapter(
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     for module, delta in sorted(deltas.items()):
-        f = svd_factors(delta.detach().cpu(), None)
+        f = svd_factors(delta.detach().cpu(), rank)
         ranks[module] = f.rank
         prefix = f"base_model.model.{module}"
         tensors[f"{prefix}.lora_A.weight"] = f.a.float().contiguous()
@@ -400,9 +406,10 @@ def save_peft_adapter(
         r=default_rank,
         lora_alpha=default_rank,
         target_modules=sorted(deltas),
-        rank_pattern={re.escape(m): r for m, r in ranks.items()},
-        alpha_pattern={re.escape(m): r for m, r in ranks.items()},
+        rank_pattern={} if rank else {re.escape(m): r for m, r in ranks.items()},
+        alpha_pattern={} if rank else {re.escape(m): r for m, r in ranks.items()},
         modules_to_save=save_modules or None,
+        fan_in_fan_out=fan_in_fan_out,
         bias="none",
         base_model_name_or_path=base_model_source,
     )

@@ -116,8 +116,34 @@ class MetricsWriter:
             fh.write(line + "\n")
             fh.flush()
         self._last_round = row["round"]
-        logger.info("round %d: %s", row["round"], line)
+        logger.debug("round %d: %s", row["round"], line)
+        logger.info("%s", round_line(row), extra={"console": True})
         return row
+
+
+def _kb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def round_line(row: Mapping[str, Any]) -> str:
+    """The one console line of a round.
+
+    E.g. ``round 2:  accuracy 0.7120  loss 0.5731  clients 5  up 1.2 MB  down 1.3 MB  eps - 8.1 s``
+    """
+    parts = [f"round {row['round']}:"]
+    for key in ("accuracy", "loss", "train_loss"):
+        if row.get(key) is not None:
+            parts.append(f"{key} {float(row[key]):.4f}")
+    parts.append(f"clients {row.get('clients', 0)}")
+    parts.append(f"up {_kb(float(row.get('bytes_up', 0)))}")
+    parts.append(f"down {_kb(float(row.get('bytes_down', 0)))}")
+    eps = row.get("epsilon")
+    parts.append("eps -" if eps is None else f"eps {float(eps):.3g}")
+    for flag in ("failed", "stopped"):
+        if row.get(flag):
+            parts.append(f"{flag}: {row[flag]}" if isinstance(row[flag], str) else flag)
+    parts.append(f"{float(row.get('wall_s', 0.0)):.1f} s")
+    return "  ".join(parts)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
