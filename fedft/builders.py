@@ -7,7 +7,8 @@ nothing under them receives a config object (STYLE.md item 3).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fedft.aggregation import get_aggregator
 from fedft.aggregation.base import Aggregator
@@ -15,6 +16,9 @@ from fedft.aggregation.robust import make_robust
 from fedft.config import RunConfig
 from fedft.data.flower_partition import PartitionOptions
 from fedft.privacy import CentralDP, plan_user_level
+
+if TYPE_CHECKING:
+    from fedft.reporting.tracking import Trackers
 
 
 def data_kwargs(cfg: RunConfig) -> dict[str, Any]:
@@ -154,3 +158,10 @@ def steps_per_round(cfg: RunConfig) -> int:
 def max_rank(cfg: RunConfig) -> int:
     """The largest rank any client trains at."""
     return max(cfg.adapter.ranks) if cfg.adapter.ranks else cfg.adapter.rank
+
+
+def trackers(cfg: RunConfig, out: Path) -> Trackers:
+    """The experiment trackers of ``[tracking] report_to``, writing under ``out``."""
+    from fedft.reporting.tracking import build_trackers
+
+    return build_trackers(cfg.tracking.report_to, out, run_name=cfg.name, config=cfg.to_dict())

@@ -364,6 +364,17 @@ class SplitConfig:
 
 
 @dataclass(frozen=True, kw_only=True, config=_SECTION)
+class TrackingConfig:
+    """Experiment trackers (Hugging Face Trainer's ``report_to`` names), local stores only."""
+
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description='"tensorboard" (event files in OUT/tensorboard/), "mlflow" (SQLite store '
+        "OUT/mlflow/mlflow.db); nothing goes online",
+    )
+
+
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class RunConfig:
     """A whole run. Build with :func:`load_config` or :func:`build_config`."""
 
@@ -376,6 +387,7 @@ class RunConfig:
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         algo = self.aggregation.algorithm
@@ -462,6 +474,7 @@ SECTIONS: dict[str, type] = {
     "aggregation": AggregationConfig,
     "privacy": PrivacyConfig,
     "split": SplitConfig,
+    "tracking": TrackingConfig,
 }
 
 _ADAPTER: TypeAdapter[RunConfig] = TypeAdapter(RunConfig)

@@ -87,6 +87,8 @@ def run_federation(
     t_start = time.monotonic()
     fed = build(grid, cfg, out)
     first_round = _resume(fed, out) + 1 if resume else 1
+    tracking = builders.trackers(cfg, out)  # [tracking] report_to: every row as it is written
+    fed.writer.on_row = tracking.log_round
     before = _round_zero(fed, out, resumed=resume)
     fed.nodes = discover_clients(
         grid,
@@ -101,7 +103,9 @@ def run_federation(
             break
         if outcome is Outcome.DONE:
             bar.set_postfix(acc=f"{fed.last['accuracy']:.3f}", loss=f"{fed.last['loss']:.3f}")
-    return finish(cfg, out, fed.runtime, fed.coord, before, fed.last, t_start)
+    final = finish(cfg, out, fed.runtime, fed.coord, before, fed.last, t_start)
+    tracking.close(final)
+    return final
 
 
 def build(grid: Grid, cfg: RunConfig, out: Path) -> Federation:

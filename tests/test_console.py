@@ -40,7 +40,7 @@ def _tiny_sets(model_dir: str) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
-def _fedft(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def _fedft(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("FEDFT_RUN_LOG", None)
     return subprocess.run(

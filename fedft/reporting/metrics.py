@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,14 @@ class MetricsWriter:
     Appending to an existing file continues it (a resumed run); rounds must increase.
     """
 
-    def __init__(self, out_dir: str | Path) -> None:
-        """Create ``out_dir`` if needed; remember the last round already in the file."""
+    def __init__(
+        self, out_dir: str | Path, *, on_row: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
+        """Create ``out_dir`` if needed; remember the last round already in the file.
+
+        ``on_row`` gets every row once it is on disk (experiment trackers).
+        """
+        self.on_row = on_row
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / METRICS_FILE
@@ -118,6 +124,8 @@ class MetricsWriter:
         self._last_round = row["round"]
         logger.debug("round %d: %s", row["round"], line)
         logger.info("%s", round_line(row), extra={"console": True})
+        if self.on_row is not None:
+            self.on_row(row)
         return row
 
 
