@@ -37,8 +37,10 @@ def _setup_environment(*, verbose: bool) -> None:
     setup_console(verbose=verbose)
 
 
-def describe_run(cfg: RunConfig) -> str:
-    """What runs, in two lines: model, data, clients, algorithm, privacy."""
+def describe_run(cfg: RunConfig, fed: FederatedData | None = None) -> str:
+    """What runs: model, data (its split when ``fed`` is given), clients, algorithm, privacy."""
+    from fedft.data.check import describe as describe_data
+
     m, d, f, a, p = cfg.model, cfg.data, cfg.federation, cfg.adapter, cfg.privacy
     if a.method == "lora":
         ranks = f"ranks {a.ranks}" if a.ranks else f"r={a.rank}"
@@ -54,6 +56,7 @@ def describe_run(cfg: RunConfig) -> str:
         f"{cfg.name}: model {m.name} ({m.task}, {adapter}); data {d.dataset} ({part})\n"
         f"{f.num_clients} clients, {f.clients_per_round} per round, {f.rounds} rounds x "
         f"{f.local_steps} local steps; aggregation {cfg.aggregation.algorithm}; {privacy}"
+        + (f"\ndata: {describe_data(fed)}" if fed is not None else "")
     )
 
 
@@ -77,9 +80,7 @@ def _check_data(cfg: RunConfig) -> FederatedData:
         fed = check_data(**builders.data_kwargs(cfg))
     finally:
         quiet.setLevel(level)
-    logging.getLogger("fedft").info(
-        "data %s: %s", cfg.data.dataset, describe(fed), extra={"console": True}
-    )
+    logging.getLogger("fedft").info("data %s: %s", cfg.data.dataset, describe(fed))
     return fed
 
 
@@ -93,9 +94,9 @@ def _show_partition(cfg: RunConfig) -> FederatedData:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     cfg = _load(args)
     out = Path(args.out or f"runs/{cfg.name}")
-    _show_partition(cfg)
+    fed = _show_partition(cfg)
     run_log = attach_run_log(out)
-    print(describe_run(cfg), file=sys.stderr, flush=True)
+    print(describe_run(cfg, fed), file=sys.stderr, flush=True)
     from simulations.simulate import SimulationFailed, simulate
 
     try:
