@@ -56,6 +56,7 @@ def runtime_kwargs(cfg: RunConfig, *, num_labels: int) -> dict[str, Any]:
         "num_labels": num_labels,
         "seed": cfg.seed,
         "target_modules": list(cfg.model.target_modules) or None,
+        "load_in_4bit": cfg.model.load_in_4bit,
     }
 
 

@@ -77,6 +77,10 @@ class ModelConfig:
         description="module names (suffixes) that get adapters; [] = the model family's "
         "default (query/value for BERT, q_proj/v_proj for Llama)",
     )
+    load_in_4bit: Bool = Field(
+        default=False,
+        description="QLoRA: frozen base weights in 4 bits (NF4, bitsandbytes); adapters fp32",
+    )
 
     def __post_init__(self) -> None:
         if not self.name.strip():
@@ -391,6 +395,18 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         algo = self.aggregation.algorithm
+        if self.model.load_in_4bit and (
+            algo in ("flora", "fedex", "fedsb") or self.adapter.method == "split"
+        ):
+            raise Refusal(
+                "model.load_in_4bit",
+                True,
+                f"4-bit base weights are frozen and packed: {algo!r} / method "
+                f"{self.adapter.method!r} needs to add a dense delta to them or take their "
+                "full gradient (FLoRA, FedEx-LoRA fold into the base, Fed-SB initialises "
+                "from it) or cuts the model (split); use fedit, ffa, lora_fair or hetlora "
+                "with method 'lora' or 'prompt'",
+            )
         if self.adapter.ranks and len(set(self.adapter.ranks)) > 1:
             if algo not in MIXED_RANK_ALGORITHMS:
                 raise Refusal(

@@ -23,6 +23,8 @@ from typing import TextIO
 OWN_LOGGERS = ("fedft", "server", "client", "simulations", "bench", "__main__")
 #: third-party loggers whose DEBUG lines are worth keeping in run.log.
 DEBUG_KEPT = ("flwr",)
+#: libraries that attach their own console handler (and may stop propagation)
+THIRD_PARTY_HANDLERS = ("flwr", "ray", "transformers", "huggingface_hub", "mlflow", "alembic")
 #: file every Ray actor of the run appends its output to (set in the actors' environment).
 RUN_LOG_ENV = "FEDFT_RUN_LOG"
 RUN_LOG = "run.log"
@@ -114,19 +116,20 @@ def setup_console(*, verbose: bool = False, stream: TextIO | None = None) -> Non
 
 
 def route_third_party_loggers() -> None:
-    """Take over loggers that print by themselves (Flower, Ray).
+    """Take over loggers that print by themselves (Flower, Ray, transformers, ...).
 
     Their records then reach the console and run.log only through the root handlers.
     Call again after importing such a library.
     """
-    for name in ("flwr", "ray"):
+    for name in THIRD_PARTY_HANDLERS:
         if name not in logging.Logger.manager.loggerDict:
             continue
         lg = logging.getLogger(name)
         for handler in list(lg.handlers):
             lg.removeHandler(handler)
         lg.propagate = True
-        lg.setLevel(logging.DEBUG)
+        if name in DEBUG_KEPT:
+            lg.setLevel(logging.DEBUG)
 
 
 def attach_run_log(out: Path) -> Path:

@@ -115,7 +115,10 @@ def _num_labels(adapter: Path, adapter_config: Mapping[str, Any]) -> int:
         with safe_open(str(files[0]), framework="pt") as fh:
             keys = set(fh.keys())
             for head in heads:
-                for key in (f"base_model.model.{head}.weight", f"{head}.weight"):
+                for key in (
+                    f"base_model.model.{head}.weight",
+                    f"base_model.model.{head}.out_proj.weight",  # RoBERTa's two-layer head
+                ):
                     if key in keys:
                         return int(fh.get_slice(key).get_shape()[0])
     raise ExportError(

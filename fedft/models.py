@@ -202,6 +202,7 @@ def load_base_model(
     task: Task,
     num_labels: int = 2,
     seed: int = 0,
+    load_in_4bit: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a pretrained base model (fp32, eval mode) and its tokenizer.
 
@@ -215,6 +216,9 @@ def load_base_model(
             ``"causal_lm"`` (AutoModelForCausalLM).
         num_labels: classes of the classification head.
         seed: seed for the newly initialised weights.
+        load_in_4bit: quantise the linear layers to 4-bit NF4 with bitsandbytes (QLoRA);
+            the rest (embeddings, norms, head) stays fp32. Raises ValueError where the
+            installed bitsandbytes is missing or cannot quantise on this machine.
 
     Returns:
         ``(model, tokenizer)``; the tokenizer always has a pad token.
@@ -225,6 +229,8 @@ def load_base_model(
     kwargs: dict[str, object] = {"dtype": torch.float32, "output_loading_info": True}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
+    if load_in_4bit:
+        kwargs.update(_four_bit_kwargs())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         loaded: Any
@@ -244,20 +250,52 @@ def load_base_model(
     return model, _ensure_pad_token(model, tokenizer)
 
 
+#: LoRA targets peft has no default for: DistilBERT's attention projections.
+EXTRA_TARGET_MODULES = {"distilbert": ["q_lin", "v_lin"]}
+
+
+def _four_bit_kwargs() -> dict[str, object]:
+    """``from_pretrained`` arguments for a 4-bit NF4 base (bitsandbytes), or a clear refusal."""
+    try:
+        import bitsandbytes  # noqa: F401 - only to check it is there
+    except ImportError as err:
+        raise ValueError(
+            "model.load_in_4bit = true needs the package bitsandbytes "
+            "(pip install bitsandbytes==0.50.2); or set it to false"
+        ) from err
+    from transformers import BitsAndBytesConfig
+
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+        ),
+        "device_map": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+
+
 def default_target_modules(model: nn.Module) -> list[str]:
-    """LoRA target modules for known families: BERT → query/value, Llama → q_proj/v_proj.
+    """LoRA target modules of the model's family (its query and value projections).
+
+    peft's own per-family defaults (``query``/``value`` for BERT and RoBERTa, ``q_proj``/
+    ``v_proj`` for Llama, Qwen2 and Mistral, ``c_attn`` for GPT-2, ...) plus DistilBERT's
+    ``q_lin``/``v_lin``, which peft lacks.
 
     Raises:
         ValueError: for other architectures (set ``model.target_modules`` in the config).
     """
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type == "bert":
-        return ["query", "value"]
-    if model_type == "llama":
-        return ["q_proj", "v_proj"]
+    targets = EXTRA_TARGET_MODULES.get(str(model_type)) or (
+        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(str(model_type))
+    )
+    if targets:
+        return list(targets)
     raise ValueError(
         f"no default LoRA target modules for model_type={model_type!r}; set "
-        "model.target_modules in the config (names of nn.Linear layers, e.g. "
+        "model.target_modules in the config (names of its attention projections, e.g. "
         '["q_proj", "v_proj"])'
     )
 

@@ -372,4 +372,5 @@ def _save_adapter(cfg: RunConfig, out: Path, runtime: Runtime, coord: Coordinato
         extras=coord.extras,
         task=cfg.model.task,
         target_modules=runtime.target_modules,
+        fan_in_fan_out=runtime.fan_in_fan_out,
     )

@@ -70,7 +70,7 @@ def test_tiny_llama_both_tasks() -> None:
 
 def test_default_target_modules_unknown_family() -> None:
     m = nn.Linear(2, 2)
-    m.config = SimpleNamespace(model_type="gpt2")  # type: ignore[assignment]
+    m.config = SimpleNamespace(model_type="my_own_arch")  # type: ignore[assignment]
     with pytest.raises(ValueError, match="model.target_modules"):
         default_target_modules(m)
     with pytest.raises(ValueError, match="family"):

@@ -68,6 +68,40 @@ def _linear(module: nn.Module, index: int | None = None) -> nn.Linear:
     return cast(nn.Linear, module)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer whose weight is stored (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a ``Conv1D``: the layers LoRA adapts."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of an ``nn.Linear`` (4-bit ones too) or a ``Conv1D``."""
+    if isinstance(module, nn.Linear):  # a bitsandbytes Linear4bit's weight is packed
+        return int(module.out_features), int(module.in_features)
+    out, inp = cast(Tensor, module.weight).shape[::-1]  # Conv1D: (in, out)
+    return int(out), int(inp)
+
+
+def linear_weight(module: nn.Module) -> Tensor:
+    """The weight as (out, in): a transposed view for ``Conv1D`` (writes reach the weight)."""
+    weight = cast(Tensor, module.weight)
+    return weight.T if is_conv1d(module) else weight
+
+
+def uses_fan_in_fan_out(model: nn.Module, target_modules: Sequence[str]) -> bool:
+    """Whether the targeted layers are ``Conv1D`` (peft's ``fan_in_fan_out=True``)."""
+    targets = set(target_modules)
+    return any(
+        is_conv1d(m) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets
+    )
+
+
 def _clean_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
@@ -136,6 +170,7 @@ def attach_lora(
         lora_dropout=dropout,
         target_modules=list(target_modules),
         bias="none",
+        fan_in_fan_out=uses_fan_in_fan_out(model, target_modules),
     )
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
@@ -311,7 +346,7 @@ def _base_weight(model: nn.Module, module: str) -> Tensor:
     weight = getattr(sub, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"module {module!r} has no 2-D weight (out, in)")
-    return weight
+    return linear_weight(sub)  # (out, in); a view of a Conv1D's (in, out) weight
 
 
 @contextmanager
@@ -347,6 +382,11 @@ def base_delta_applied(model: nn.Module, deltas: Mapping[str, Tensor]) -> Iterat
 
 
 _TASK_TYPES = {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}
+
+
+def _head_module(module: str) -> str:
+    top = module.split(".", 1)[0]
+    return top if top in ("classifier", "score") else module
 
 
 def save_peft_adapter(
@@ -396,7 +436,9 @@ def save_peft_adapter(
         prefix = f"base_model.model.{module}"
         tensors[f"{prefix}.lora_A.weight"] = f.a.float().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = f.b.float().contiguous()
-    save_modules = sorted({name.rsplit(".", 1)[0] for name in extras})
+    # peft wraps a classifier's whole "classifier" / "score" module by itself (SEQ_CLS); a
+    # nested name under it (RoBERTa's classifier.dense) would be wrapped twice
+    save_modules = sorted({_head_module(name.rsplit(".", 1)[0]) for name in extras})
     for name, value in extras.items():
         # peft saves a modules_to_save copy under the module's own name.
         tensors[f"base_model.model.{name}"] = value.detach().cpu().float().contiguous()

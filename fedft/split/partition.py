@@ -38,9 +38,14 @@ def model_family(model: nn.Module) -> Family:
         return "bert"
     if hasattr(model, "model") and hasattr(model.model, "layers") and hasattr(model, "lm_head"):
         return "llama"
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     raise ValueError(
-        f"split learning supports BertForSequenceClassification and LlamaForCausalLM, "
-        f"not {type(model).__name__}"
+        f"split learning cuts BERT classifiers (BertForSequenceClassification) and "
+        f"Llama-style causal LMs (Llama, Qwen2, Mistral: model.model.layers with rotary "
+        f"positions and an lm_head), not {type(model).__name__} (model_type "
+        f"{model_type!r}): the cut re-runs the family's own blocks on each side, and only "
+        "these two block layouts are implemented; train this model with adapter.method = "
+        "'lora' or 'prompt'"
     )
 
 

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from fedft.adapters import peft_io
+
 logger = logging.getLogger(__name__)
 
 Task = Literal["classification", "causal_lm"]
@@ -155,6 +157,7 @@ def weight_gradients(
     """
     modules = dict(model.named_modules())
     weights = {name: modules[name].weight for name in module_names}
+    conv1d = {name for name in weights if peft_io.is_conv1d(modules[name])}  # (in, out)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -176,6 +179,7 @@ def weight_gradients(
             else torch.zeros_like(w)
             for name, w in weights.items()
         }
+        grads = {name: g.T.contiguous() if name in conv1d else g for name, g in grads.items()}
         for name, p in model.named_parameters():
             p.grad = None
             p.requires_grad_(flags[name])

@@ -47,6 +47,8 @@ class Runtime:
     extras_names: list[str]
     #: the seeded initial value of every extra (same in every process for the same seed).
     initial_extras: dict[str, Tensor]
+    #: the adapted layers store weights (in, out) (GPT-2's Conv1D)
+    fan_in_fan_out: bool = False
 
 
 _LOCK = threading.RLock()
@@ -55,11 +57,15 @@ _ENCODED: dict[tuple[Any, ...], Encoded] = {}
 
 
 def adapted_shapes(model: nn.Module, target_modules: list[str]) -> dict[str, tuple[int, int]]:
-    """Every ``nn.Linear`` whose last name component is in ``target_modules``."""
+    """(out, in) of every ``nn.Linear`` or GPT-2 ``Conv1D`` named in ``target_modules``.
+
+    A ``Conv1D`` stores its weight (in, out); its shape here is still (out, in), the
+    orientation of every delta and factor in fedft.
+    """
     shapes = {
-        name: (int(m.out_features), int(m.in_features))
+        name: peft_io.linear_shape(m)
         for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
+        if peft_io.is_linear(m) and name.rsplit(".", 1)[-1] in target_modules
     }
     if not shapes:
         raise ValueError(
@@ -77,13 +83,22 @@ def get_runtime(
     seed: int,
     device: torch.device,
     target_modules: list[str] | None = None,
+    load_in_4bit: bool = False,
 ) -> Runtime:
     """The process-wide runtime for this model (loaded on first use, then reused)."""
-    key = (model_name, task, num_labels, seed, str(device), tuple(target_modules or ()))
+    key = (
+        model_name,
+        task,
+        num_labels,
+        seed,
+        str(device),
+        tuple(target_modules or ()),
+        load_in_4bit,
+    )
     with _LOCK:
         if key not in _RUNTIMES:
             model, tokenizer = load_base_model(
-                model_name, task=task, num_labels=num_labels, seed=seed
+                model_name, task=task, num_labels=num_labels, seed=seed, load_in_4bit=load_in_4bit
             )
             nn.Module.to(model, device)
             for p in model.parameters():
@@ -100,6 +115,7 @@ def get_runtime(
                 shapes=adapted_shapes(model, targets),
                 extras_names=extras,
                 initial_extras={n: params[n].detach().cpu().clone() for n in extras},
+                fan_in_fan_out=peft_io.uses_fan_in_fan_out(model, targets),
             )
         return _RUNTIMES[key]
 
