@@ -597,8 +597,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedft: data error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except KeyboardInterrupt:
-        print(f"fedft {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"fedft {args.command}: interrupted", file=sys.stderr, flush=True)
+        # Ray was shut down on the way out; Flower's ServerApp thread cannot be interrupted
+        # and would keep the interpreter alive: leave now.
+        sys.stdout.flush()
+        logging.shutdown()
+        os._exit(EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001 - one line on the console, the traceback in the log
         logger.error("fedft %s failed", args.command, exc_info=exc)
         where = os.environ.get(RUN_LOG_ENV)
