@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any, Literal
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.deploy import ACCOUNTANT_KEY, DELTA_KEY, EPSILON_KEY, LEDGER_KEY
 from client.split_round import client_tls_from_node_config, run_split_round
 from fedft import builders
 from fedft.aggregation import AGGREGATORS
 from fedft.config import RunConfig
 from fedft.data import Records, load_records
-from fedft.privacy import PrivacyAccountant, train_private
-from fedft.privacy.client import RoundPrivacy, accountant_json, prepare_round
+from fedft.privacy import train_private
+from fedft.privacy.client import NodePolicy, RoundPrivacy, node_refusal, prepare_round
+from fedft.privacy.client_ledger import ClientLedger, read_ledger, write_ledger
+from fedft.privacy.release import released_metrics, released_num_examples
 from fedft.split.dp import SplitPrivacy
 from fedft.training.coordinator import ClientStart
 from fedft.training.local import resolve_device
@@ -83,10 +87,14 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
     )
     private_train = None
     privacy: RoundPrivacy | None = None
+    policy = node_policy(context)
+    refusal = node_refusal(
+        policy, mode=cfg.privacy.mode, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant
+    )
+    if refusal is not None:
+        return _refuse(idx, int(conf["round"]), refusal)
     if cfg.privacy.mode == "sample":
-        dp = builders.client_privacy(
-            cfg, idx, node_epsilon=float(context.node_config.get("epsilon", 0.0))
-        )
+        dp = builders.client_privacy(cfg, idx, node_epsilon=policy.epsilon if policy else 0.0)
         privacy = prepare_round(
             epsilon=dp.epsilon,
             delta=dp.delta,
@@ -96,25 +104,13 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
             num_examples=len(data),
             batch_size=cfg.federation.batch_size,
             local_steps=builders.steps_per_round(cfg),
-            states=(_stored_accountant(context), str(conf.get("accountant", "")) or None),
+            ledger=_load_ledger(context),  # the client's own; never the server's word
         )
         if not privacy.decision.allowed:
-            logger.warning(
-                "client %d refuses round %s: %s", idx, conf["round"], privacy.decision.message
-            )
-            _store_accountant(context, privacy.accountant)
-            return RecordDict(
-                {
-                    serde.PRIVACY_RECORD: ConfigRecord(
-                        {
-                            "refused": True,
-                            "message": privacy.decision.message,
-                            "accountant": accountant_json(privacy.accountant),
-                        }
-                    ),
-                    serde.ROUND_RECORD: ConfigRecord({"round": int(conf["round"])}),
-                }
-            )
+            return _refuse(idx, int(conf["round"]), privacy.decision.message)
+        # write-ahead: the round's steps are on this client's disk before it trains, so a
+        # crash (of this client or of the server) cannot make it forget them
+        _store_ledger(context, privacy.spent_if_run(builders.steps_per_round(cfg)))
         rp = privacy
 
         def private_train(model: Any) -> dict[str, float]:
@@ -187,20 +183,33 @@ def train_round(cfg: RunConfig, content: RecordDict, context: Context) -> Record
             **common,
         )
     if privacy is not None:
-        acc = privacy.accountant
-        _store_accountant(context, acc)
-        eps = acc.epsilon(cfg.privacy.delta)
+        eps = privacy.accountant.epsilon(cfg.privacy.delta)
         update = dataclasses.replace(update, metrics={**update.metrics, "epsilon": eps})
+    mode = cfg.privacy.mode  # under DP only what the mechanism covers leaves this client
+    update = dataclasses.replace(
+        update,
+        metrics=released_metrics(update.metrics, mode=mode),
+        num_examples=released_num_examples(update.num_examples, mode=mode),
+    )
     content = serde.update_to_recorddict(update, parts=trainable)
     content[serde.ROUND_RECORD] = ConfigRecord({"round": int(conf["round"])})  # replay check
     if privacy is not None:
-        content[serde.PRIVACY_RECORD] = ConfigRecord(
-            {"refused": False, "accountant": accountant_json(privacy.accountant)}
-        )
+        content[serde.PRIVACY_RECORD] = ConfigRecord({"refused": False})
     return content
 
 
-_STATE_KEY = "fedft.accountant"
+def _refuse(idx: int, rnd: int, message: str) -> RecordDict:
+    """The reply of a client that will not train this round (and says why)."""
+    logger.warning("client %d refuses round %d: %s", idx, rnd, message)
+    return RecordDict(
+        {
+            serde.PRIVACY_RECORD: ConfigRecord({"refused": True, "message": message}),
+            serde.ROUND_RECORD: ConfigRecord({"round": rnd}),
+        }
+    )
+
+
+_STATE_KEY = "fedft.ledger"
 
 
 def _own_records(cfg: RunConfig, path: str, label_names: tuple[str, ...]) -> Records:
@@ -263,13 +272,41 @@ def _cache_frozen(context: Context, content: RecordDict, adapters: dict[str, Lor
     context.state[f"{_FROZEN_KEY}.meta"] = meta
 
 
-def _stored_accountant(context: Context) -> str | None:
+def node_policy(context: Context) -> NodePolicy | None:
+    """The node's own budget and what it agrees to, from its node config (None: no budget)."""
+    epsilon = float(context.node_config.get(EPSILON_KEY, 0.0))
+    if epsilon <= 0:
+        return None
+    return NodePolicy(
+        epsilon=epsilon,
+        delta=float(context.node_config.get(DELTA_KEY, 1e-5)),
+        accountant=str(context.node_config.get(ACCOUNTANT_KEY, "prv")),  # type: ignore[arg-type]
+    )
+
+
+def _ledger_path(context: Context) -> Path | None:
+    path = str(context.node_config.get(LEDGER_KEY, ""))
+    return Path(path) if path else None
+
+
+def _load_ledger(context: Context) -> ClientLedger:
+    """This client's ledger: its file when it has one (deployment), else its node state."""
+    path = _ledger_path(context)
+    if path is not None:
+        return read_ledger(path)
     record = context.state.get(_STATE_KEY)
-    return None if record is None else str(record["json"])  # type: ignore[index]
+    return ClientLedger() if record is None else ClientLedger.from_json(str(record["json"]))  # type: ignore[index]
 
 
-def _store_accountant(context: Context, acc: PrivacyAccountant) -> None:
-    context.state[_STATE_KEY] = ConfigRecord({"json": accountant_json(acc)})
+def _store_ledger(context: Context, ledger: ClientLedger) -> None:
+    path = _ledger_path(context)
+    if path is not None:
+        write_ledger(path, ledger)  # refuses to forget: the new ledger must extend the file's
+        return
+    old = _load_ledger(context)
+    if not ledger.extends(old):
+        raise RuntimeError("refusing to replace the privacy ledger by one that forgets steps")
+    context.state[_STATE_KEY] = ConfigRecord({"json": ledger.to_json()})
 
 
 def make_client_app(cfg: RunConfig | None = None) -> ClientApp:

@@ -7,7 +7,10 @@ node config (read by ``client/app.py`` through ``context.node_config``):
 
 - ``partition-id`` (int): the client index (which partition of a built-in dataset);
 - ``data-path`` (str, optional): the client's own CSV/JSONL file;
-- ``epsilon`` (float, optional): this client's own privacy budget (ε at the run's δ);
+- ``epsilon`` (float, optional): this client's own sample-level privacy budget; with it,
+  ``delta`` (float) and ``accountant`` (str) say the only privacy settings it trains under;
+- ``ledger`` (str): the file where the client records the privacy it has spent (written
+  before every DP round it trains, read back when it starts again; never sent);
 - ``split-ca``, ``split-cert``, ``split-key``, ``split-client-id`` (str, optional): the CA
   certificate, this client's TLS certificate and key, and its id (``client-<i>``) for mutual
   TLS on the split-learning service (read by ``client.split_round.client_tls_from_node_config``).
@@ -16,6 +19,7 @@ node config (read by ``client/app.py`` through ``context.node_config``):
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -36,6 +40,7 @@ from server.deploy import (
 logger = logging.getLogger(__name__)
 
 PARTITION_KEY, DATA_KEY, EPSILON_KEY = "partition-id", "data-path", "epsilon"
+DELTA_KEY, ACCOUNTANT_KEY, LEDGER_KEY = "delta", "accountant", "ledger"
 #: node-config keys of the split service's mutual TLS (same names as client/split_round.py).
 SPLIT_CA_KEY, SPLIT_CERT_KEY, SPLIT_KEY_KEY, SPLIT_ID_KEY = (
     "split-ca",
@@ -58,6 +63,9 @@ class ClientPlan:
         node_key: the client's OpenSSH private node key; None without node authentication.
         data_path: the client's own CSV/JSONL file, or None for a built-in partition.
         epsilon: the client's own privacy budget, or None for the run's.
+        delta: the δ this client accounts at when it has its own budget.
+        accountant: the analysis it accounts with when it has its own budget.
+        ledger: the file of this client's privacy ledger (None = :func:`default_ledger`).
         runtime_port: local port of the SuperNode's ClientApp API (0 = any free one).
         max_wait_s: give up after the SuperNode has kept failing (refused or unable to
             connect) for this many seconds (0 = never).
@@ -73,6 +81,9 @@ class ClientPlan:
     node_key: Path | None = None
     data_path: Path | None = None
     epsilon: float | None = None
+    delta: float = 1e-5
+    accountant: str = "prv"
+    ledger: Path | None = None
     runtime_port: int = 0
     max_wait_s: float = 0.0
     state_dir: Path | None = None
@@ -94,7 +105,11 @@ class ClientPlan:
         ):
             if path is not None and not path.is_file():
                 raise DeployError(f"{name}: {path} is not a file")
-        in_node_config = [("--data", self.data_path)]
+        if not 0 < self.delta < 1:
+            raise DeployError(f"--delta {self.delta}: a probability in (0, 1), e.g. 1e-5")
+        if self.accountant not in ("prv", "rdp"):
+            raise DeployError(f"--accountant {self.accountant!r}: 'prv' or 'rdp'")
+        in_node_config = [("--data", self.data_path), ("--ledger", self.ledger_path)]
         if self.split_cert is not None:
             in_node_config += [
                 ("--certs CA", self.root_cert),
@@ -111,14 +126,28 @@ class ClientPlan:
         if self.node_key is not None and self.root_cert is None:
             raise DeployError("a node key needs TLS (Flower refuses node auth in plaintext)")
 
+    @property
+    def ledger_path(self) -> Path:
+        """Where this client's privacy ledger lives."""
+        return self.ledger if self.ledger is not None else default_ledger(self.partition)
+
+
+def default_ledger(partition: int) -> Path:
+    """``$XDG_STATE_HOME/fedft/ledger-client-<N>.json`` (``~/.local/state`` by default)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "fedft" / f"ledger-client-{partition}.json"
+
 
 def node_config(plan: ClientPlan) -> str:
-    """The ``--node-config`` string: ``partition-id=N [data-path="..."] [epsilon=E]``."""
-    parts = [f"{PARTITION_KEY}={plan.partition}"]
+    """The ``--node-config`` string: ``partition-id=N ledger="..." [data-path="..."]
+    [epsilon=E delta=D accountant="..."]``."""
+    parts = [f"{PARTITION_KEY}={plan.partition}", f'{LEDGER_KEY}="{plan.ledger_path.resolve()}"']
     if plan.data_path is not None:
         parts.append(f'{DATA_KEY}="{plan.data_path.resolve()}"')
     if plan.epsilon is not None:
         parts.append(f"{EPSILON_KEY}={float(plan.epsilon)!r}")
+        parts.append(f"{DELTA_KEY}={float(plan.delta)!r}")
+        parts.append(f'{ACCOUNTANT_KEY}="{plan.accountant}"')
     if plan.root_cert is not None:
         # TLS on: the split channel is mutual TLS or nothing. Without this client's split
         # certificate only the CA goes in, and a split round refuses to dial in plaintext.

@@ -215,6 +215,9 @@ def _cmd_client(args: argparse.Namespace) -> int:
             node_key=key,
             data_path=Path(args.data) if args.data else None,
             epsilon=args.epsilon,
+            delta=args.delta,
+            accountant=args.accountant,
+            ledger=Path(args.ledger) if args.ledger else None,
             max_wait_s=args.max_wait,
             split_cert=split_cert,
             split_key=split_key,
@@ -296,6 +299,7 @@ def _cmd_privacy_plan(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from fedft import builders
     from fedft.privacy import format_plan, plan, plan_user_level, sample_rate_for
+    from fedft.privacy.client import delta_refusal
 
     fed = _check_data(cfg)  # the run would refuse bad data: so do we
 
@@ -323,6 +327,7 @@ def _cmd_privacy_plan(args: argparse.Namespace) -> int:
         f"{f.batch_size}, {p.accountant.upper()} accountant, delta = {p.delta:g}"
     )
     print("each client calibrates its own noise from its own budget and sampling rate:")
+    refused: list[str] = []
     print("| client | examples | q = B/n | budget eps | sigma |")
     print("|---|---|---|---|---|")
     for idx, n in enumerate(sizes):
@@ -341,6 +346,11 @@ def _cmd_privacy_plan(args: argparse.Namespace) -> int:
             ).noise_multiplier
         )
         print(f"| {idx} | {n} | {q:.4f} | {dp.epsilon:g} | {sigma:.3f} |")
+        refusal = delta_refusal(delta=p.delta, num_examples=n)
+        if refusal is not None:
+            refused.append(f"client {idx} will refuse every round: {refusal}")
+    for line in refused:
+        print(line)
     smallest = sizes.index(min(sizes))
     print(f"\nthe plan of the client with the fewest examples (client {smallest}):")
     print(
@@ -504,7 +514,21 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--server", default="127.0.0.1:9092", help="SuperLink HOST:PORT")
     cli.add_argument("--certs", help="folder with ca.crt (and client-N.key)")
     cli.add_argument("--key", help="node private key (default CERTS/client-N.key)")
-    cli.add_argument("--epsilon", type=float, help="this client's own privacy budget")
+    cli.add_argument(
+        "--epsilon",
+        type=float,
+        help="this client's own sample-level privacy budget: it then refuses any round that "
+        "is not sample-level DP at --delta with --accountant",
+    )
+    cli.add_argument("--delta", type=float, default=1e-5, help="delta of --epsilon (1e-5)")
+    cli.add_argument(
+        "--accountant", default="prv", choices=("prv", "rdp"), help="analysis of --epsilon"
+    )
+    cli.add_argument(
+        "--ledger",
+        help="file of this client's privacy ledger, kept across runs and restarts "
+        "(default $XDG_STATE_HOME/fedft/ledger-client-N.json)",
+    )
     cli.add_argument(
         "--max-wait",
         type=float,

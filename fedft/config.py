@@ -322,7 +322,8 @@ class PrivacyConfig:
         default=1.0, gt=0, description="clipping norm (per sample, or per client update for user)"
     )
     accountant: Literal["prv", "rdp", "gdp"] = Field(
-        default="prv", description="how spent ε is computed"
+        default="prv",
+        description='how spent ε is computed ("gdp" is refused: it can underestimate ε)',
     )
     client_epsilon: dict[str, Annotated[float, Strict(), Field(gt=0)]] = Field(
         default_factory=dict,
@@ -335,6 +336,14 @@ class PrivacyConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.accountant == "gdp":
+            raise Refusal(
+                "accountant",
+                "gdp",
+                "'prv' or 'rdp': the GDP (central limit) approximation underestimates epsilon "
+                "for few steps, so noise calibrated or rounds admitted with it can run over "
+                "the budget",
+            )
         for client, eps in self.client_epsilon.items():
             if not client.isdigit():
                 raise Refusal(f"client_epsilon.{client}", eps, "keys are client indices")
@@ -464,6 +473,16 @@ class RunConfig:
                 sizes,
                 f"one size per client: {self.federation.num_clients} sizes "
                 "(federation.num_clients), or [] for equal sizes",
+            )
+        if self.adapter.method == "split" and self.privacy.mode == "user":
+            raise Refusal(
+                "privacy.mode",
+                "user",
+                "user-level DP protects what the server aggregates, but in split learning the "
+                "hidden states and gradients that cross the cut every step carry each "
+                "client's data with no DP at all, so no epsilon would describe what the split "
+                "server sees: use privacy.mode = 'off' with split, or adapter.method = "
+                "'prompt' or 'lora' with DP",
             )
         for client in self.privacy.client_epsilon:
             if int(client) >= self.federation.num_clients:

@@ -5,9 +5,9 @@ client reports is checked here before the server uses it; a bad reply is rejecte
 (the caller logs it and counts it as ``rejected``), never raised out of the round. Pure
 functions over plain values: the Flower shell hands in the records' items.
 
-- :func:`parse_privacy_record`: the privacy record of a reply (``refused`` flag, accountant
-  state, message); the accountant state is mirrored into the server's checkpoint, so its
-  size is capped (:data:`MAX_ACCOUNTANT_CHARS`) and it must be a JSON object.
+- :func:`parse_privacy_record`: the privacy record of a reply (``refused`` flag and a
+  message, nothing else: a client's ledger stays on the client, so a record carrying more,
+  e.g. an accountant state, is refused).
 - :func:`check_epsilon`: a reported ε must be a finite number in [0, :data:`MAX_EPSILON`].
 - :func:`bind_client_indices`: which node serves which client index. Nodes declare an index;
   when the operator bound indices to node identities (the node keys registered by
@@ -17,13 +17,11 @@ functions over plain values: the Flower shell hands in the records' items.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
-    "MAX_ACCOUNTANT_CHARS",
     "MAX_EPSILON",
     "MAX_MESSAGE_CHARS",
     "IndexBinding",
@@ -33,9 +31,8 @@ __all__ = [
     "parse_privacy_record",
 ]
 
-#: largest accountant state (JSON characters) accepted per client; an honest one holds a
-#: merged history of a few entries (well under 1 KiB).
-MAX_ACCOUNTANT_CHARS = 64 * 1024
+#: the keys of a privacy record (``refused`` required).
+PRIVACY_RECORD_KEYS = frozenset({"refused", "message"})
 #: largest ε accepted in a report (an honest client refuses to train long before).
 MAX_EPSILON = 1e6
 #: a client's free-text message is cut to this many characters before it is logged.
@@ -47,40 +44,27 @@ class PrivacyReply:
     """A checked privacy record.
 
     Attributes:
-        refused: the client refused to train (budget spent).
-        accountant: its accountant state (a JSON object).
+        refused: the client refused to train (budget spent, or a rule it keeps).
         message: its message, cut to :data:`MAX_MESSAGE_CHARS`.
     """
 
     refused: bool
-    accountant: str
     message: str
 
 
 def parse_privacy_record(record: Mapping[str, object]) -> PrivacyReply | str:
     """The checked record, or a string saying what is wrong with it."""
-    refused = record.get("refused", False)
+    extra = sorted(set(record) - PRIVACY_RECORD_KEYS)
+    if extra:
+        return f"privacy record: unexpected keys {extra} (a client's ledger is never sent)"
+    if "refused" not in record:
+        return "privacy record without its refused flag"
+    refused = record["refused"]
     if not isinstance(refused, bool):
         return f"privacy record: refused = {refused!r} is not a boolean"
-    accountant = record.get("accountant")
-    if accountant is None:
-        return "privacy record without an accountant state"
-    if not isinstance(accountant, str):
-        return f"privacy record: accountant is a {type(accountant).__name__}, not a JSON string"
-    if len(accountant) > MAX_ACCOUNTANT_CHARS:
-        return (
-            f"privacy record: accountant state of {len(accountant)} characters "
-            f"(at most {MAX_ACCOUNTANT_CHARS})"
-        )
-    try:
-        parsed = json.loads(accountant)
-    except ValueError:
-        return "privacy record: accountant state is not JSON"
-    if not isinstance(parsed, dict):
-        return "privacy record: accountant state is not a JSON object"
     message = record.get("message", "")
     text = message if isinstance(message, str) else repr(message)
-    return PrivacyReply(refused=refused, accountant=accountant, message=text[:MAX_MESSAGE_CHARS])
+    return PrivacyReply(refused=refused, message=text[:MAX_MESSAGE_CHARS])
 
 
 def check_epsilon(value: object) -> str | None:

@@ -156,7 +156,6 @@ def _decode(
             logger.warning("round %d: rejected reply of client %d: %s", rnd, idx, checked)
             out.rejected.append((idx, checked))
             return None
-        out.accountants[idx] = checked.accountant
         if checked.refused:
             logger.warning("round %d: client %d stopped: %s", rnd, idx, checked.message)
             out.refused.append(idx)

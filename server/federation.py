@@ -337,8 +337,9 @@ def finish(
         "rounds": coord.round,
         "before": dict(before),
         "after": dict(last),
-        "bytes_up": sum(int(r["bytes_up"]) for r in rows),
-        "bytes_down": sum(int(r["bytes_down"]) for r in rows),
+        # null under user-level DP: the bytes count the (secret) cohorts
+        "bytes_up": _total(rows, "bytes_up"),
+        "bytes_down": _total(rows, "bytes_down"),
         "epsilon": max(eps) if eps else None,
         "failed_rounds": sum(1 for r in rows if r.get("failed")),
         "wall_s": time.monotonic() - t_start,
@@ -374,3 +375,11 @@ def _save_adapter(cfg: RunConfig, out: Path, runtime: Runtime, coord: Coordinato
         target_modules=runtime.target_modules,
         fan_in_fan_out=runtime.fan_in_fan_out,
     )
+
+
+def _total(rows: list[dict[str, Any]], key: str) -> int | None:
+    """Σ ``key`` over the rounds, or None when a round's value is withheld (user-level DP)."""
+    values = [r.get(key) for r in rows[1:]]
+    if any(v is None for v in values):
+        return None
+    return sum(int(v) for v in values if v is not None)

@@ -29,7 +29,10 @@ from flwr.serverapp import Grid
 
 from fedft.checkpoint import save_checkpoint
 from fedft.config import RunConfig
+from fedft.privacy import CentralDP
 from fedft.privacy.ledger import EPSILON_COVERS, PrivacyLedger
+from fedft.privacy.release import published_round
+from fedft.privacy.sampling import poisson_cohort
 from fedft.reporting.metrics import MetricsWriter
 from fedft.seeds import derive_seed
 from fedft.training.coordinator import ClientStart, Coordinator
@@ -147,8 +150,16 @@ def stop_reason(fed: Federation) -> str | None:
 
 
 def sample(fed: Federation, rnd: int) -> list[int]:
-    """The round's cohort: clients_per_round of the clients still within their budget."""
+    """The round's cohort: clients_per_round of the clients still within their budget.
+
+    Under user-level DP: secret Poisson sampling at q = m / N, what its accountant assumes
+    (:func:`fedft.privacy.sampling.poisson_cohort`); else a fixed-size sample reproducible
+    under the run's seed.
+    """
     able = fed.ledger.able(range(fed.cfg.federation.num_clients))
+    aggregator = fed.coord.aggregator
+    if isinstance(aggregator, CentralDP):
+        return poisson_cohort(able, sample_rate=aggregator.sample_rate)
     return sample_clients(able, fed.cfg.federation.clients_per_round, seed=fed.cfg.seed, rnd=rnd)
 
 
@@ -170,8 +181,6 @@ def build_starts(fed: Federation, rnd: int, chosen: list[int]) -> Starts:
         start = fed.coord.start_for(idx)
         out.clients[idx] = start
         conf = client_config(fed.cfg, rnd=rnd, idx=idx, start=start)
-        if idx in fed.ledger.accountants:
-            conf["accountant"] = fed.ledger.accountants[idx]
         if fed.frozen_id:
             conf["frozen_id"] = fed.frozen_id
         content = serde.start_to_recorddict(
@@ -196,7 +205,7 @@ def collect(fed: Federation, rnd: int, starts: Starts) -> Replies:
     fed_cfg = fed.cfg.federation
     timeout = fed_cfg.round_timeout_s or None
     parts = fed.coord.aggregator.trainable
-    if fed.cfg.aggregation.secure:  # the server sees only the weighted sum
+    if fed.cfg.aggregation.secure and starts.clients:  # the server sees only the weighted sum
         first = starts.clients[min(starts.clients)]
         replies = run_secure_round(
             fed.grid,
@@ -256,6 +265,8 @@ def budgets_spent(fed: Federation, replies: Replies) -> bool:
 
 def too_few(fed: Federation, rnd: int, replies: Replies) -> bool:
     """Whether the round has fewer replies than federation.min_replies (logged)."""
+    if fed.cfg.privacy.mode == "user":  # every round is a release, even an empty or failed one
+        return False
     min_replies = fed.cfg.federation.min_replies or 1
     if replies.clients >= min_replies and not (replies.secure and replies.summed is None):
         return False
@@ -273,7 +284,9 @@ def aggregate(fed: Federation, replies: Replies) -> AggregationResult:
     """Move the global model forward: aggregate the updates, or apply the secure sum."""
     if not replies.secure:
         return fed.coord.aggregate(replies.updates)
-    assert replies.summed is not None  # a failed secure round never gets here (too_few)
+    if replies.summed is None:  # user-level DP (too_few passed it): the noise alone
+        logger.error("secure aggregation: %s; the noise alone is released", replies.failed)
+        return fed.coord.aggregate([])
     return fed.coord.apply(replies.summed)
 
 
@@ -327,15 +340,14 @@ def round_record(fed: Federation, rnd: int, replies: Replies, *, sampled: int) -
 
 def record(fed: Federation, line: dict[str, Any], t_round: float, **outcome: Any) -> None:
     """Write the line of a round that did not aggregate (the model's figures unchanged)."""
-    fed.writer.write(
-        **{
-            **line,
-            **metric_fields(fed.last),
-            "epsilon": fed.ledger.epsilon(),
-            **outcome,
-            "wall_s": time.monotonic() - t_round,
-        }
-    )
+    row = {
+        **line,
+        **metric_fields(fed.last),
+        "epsilon": fed.ledger.epsilon(),
+        **outcome,
+        "wall_s": time.monotonic() - t_round,
+    }
+    fed.writer.write(**published_round(row, mode=fed.cfg.privacy.mode))
 
 
 def record_fields(
@@ -351,8 +363,10 @@ def record_fields(
         epsilon = float(result.metrics["epsilon_user"])
         line["epsilon_level"] = "user"
         line["epsilon_covers"] = EPSILON_COVERS
+    if replies.secure and replies.summed is None:  # user-level DP: the sum was lost
+        line["failed"] = True
     losses = replies.losses()
-    return {
+    row = {
         **line,
         **metric_fields(fed.last),
         "epsilon": epsilon,
@@ -360,6 +374,7 @@ def record_fields(
         **{f"agg_{k}": v for k, v in result.metrics.items()},
         "wall_s": time.monotonic() - t_round,
     }
+    return published_round(row, mode=fed.cfg.privacy.mode)
 
 
 def metric_fields(ev: Mapping[str, float]) -> dict[str, Any]:

@@ -348,7 +348,6 @@ def _privacy(out: Replies, idx: int, content: RecordDict, rnd: int) -> bool:
             logger.warning("round %d: rejected reply of client %d: %s", rnd, idx, checked)
             out.rejected.append((idx, checked))
             return False
-        out.accountants[idx] = checked.accountant
         if checked.refused:
             logger.warning("round %d: client %d stopped: %s", rnd, idx, checked.message)
             out.refused.append(idx)

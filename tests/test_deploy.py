@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedft.certs import make_node_keypair, write_deployment_certs, write_file
+from fedft.privacy import epsilon_of
 from server.deploy import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +34,7 @@ RUN_TIMEOUT_S = 900
 SUBMIT_TIMEOUT_S = 300
 
 
-def _config(path: Path, model_dir: str, **federation) -> Path:
+def _config(path: Path, model_dir: str, *, privacy: tuple[str, ...] = (), **federation) -> Path:
     fed = {
         "num_clients": 3,
         "clients_per_round": 3,
@@ -58,6 +59,7 @@ def _config(path: Path, model_dir: str, **federation) -> Path:
                 *[f"{k} = {v}" for k, v in fed.items()],
                 "[adapter]",
                 "rank = 4",
+                *(["[privacy]", *privacy] if privacy else []),
             ]
         )
         + "\n"
@@ -140,24 +142,26 @@ def _server(name: str, cfg: Path, out: Path, port: int, certs: Path, logs: Path,
     )
 
 
+def _client(cfg: Path, port: int, certs: Path, logs: Path, name: str, i: int, *extra: str):
+    return Proc.start(
+        name,
+        [
+            "client",
+            str(cfg),
+            "--partition",
+            str(i),
+            "--certs",
+            str(certs),
+            "--server",
+            f"127.0.0.1:{port}",
+            *extra,
+        ],
+        logs,
+    )
+
+
 def _clients(cfg: Path, port: int, certs: Path, logs: Path, tag: str) -> list[Proc]:
-    return [
-        Proc.start(
-            f"{tag}-client-{i}",
-            [
-                "client",
-                str(cfg),
-                "--partition",
-                str(i),
-                "--certs",
-                str(certs),
-                "--server",
-                f"127.0.0.1:{port}",
-            ],
-            logs,
-        )
-        for i in range(3)
-    ]
+    return [_client(cfg, port, certs, logs, f"{tag}-client-{i}", i) for i in range(3)]
 
 
 def _submitted(server: Proc) -> bool:
@@ -219,6 +223,7 @@ def test_launch_commands_and_plans(pki, tmp_path):
         node_key=certs / "client-2.key",
         data_path=data,
         epsilon=2.5,
+        ledger=tmp_path / "ledger.json",
     )
     assert parse_config_args([node_config(client)]) == {
         "partition-id": 2,
@@ -227,6 +232,9 @@ def test_launch_commands_and_plans(pki, tmp_path):
         # TLS on: the split channel gets the CA even without a split certificate, so a
         # split round refuses plaintext (tests/test_split_fail_closed.py)
         "split-ca": str(tls.ca_cert.resolve()),
+        "delta": 1e-5,
+        "accountant": "prv",
+        "ledger": str((tmp_path / "ledger.json").resolve()),
     }
     argv = supernode_argv(client, runtime_port=5)
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(
@@ -237,6 +245,8 @@ def test_launch_commands_and_plans(pki, tmp_path):
         ClientPlan(partition=0, server="h:1", node_key=certs / "client-0.key")
     with pytest.raises(DeployError, match="budget"):
         ClientPlan(partition=0, server="h:1", epsilon=0.0)
+    with pytest.raises(DeployError, match="--accountant"):
+        ClientPlan(partition=0, server="h:1", epsilon=1.0, accountant="gdp")
 
 
 def test_node_keys_bind_client_indices_across_restarts(tmp_path):
@@ -494,3 +504,86 @@ def test_client_killed_mid_round_does_not_stop_the_run(tiny_bert_dir, pki, tmp_p
     assert [r["clients"] for r in rows[1:]] == [2, 2]
     assert not any(r.get("failed") for r in rows)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_spending_survives_a_killed_client_and_server(tiny_bert_dir, pki, tmp_path):
+    """Threat model S7: kill a client and the server mid-round, resume: no client's epsilon
+    restarts below what it spent (each client's ledger is on its own disk, written before
+    it trains)."""
+    import re
+
+    from fedft import builders
+    from fedft.config import load_config
+    from fedft.data import build_federated_data
+    from fedft.privacy.client import client_noise
+    from fedft.privacy.client_ledger import read_ledger
+
+    certs, _ = pki
+    steps, sigma = 2, 1.0
+    cfg = _config(
+        tmp_path / "run.toml",
+        tiny_bert_dir,
+        privacy=("mode = 'sample'", "epsilon = 50.0", f"noise_multiplier = {sigma}"),
+        rounds=3,
+        local_steps=steps,
+        round_timeout_s=60.0,
+    )
+    out, port = tmp_path / "run", free_port()
+    ledgers = [tmp_path / f"ledger-{i}.json" for i in range(3)]
+
+    def client(name: str, i: int) -> Proc:
+        return _client(cfg, port, certs, tmp_path, name, i, "--ledger", str(ledgers[i]))
+
+    server = _server("server-1", cfg, out, port, certs, tmp_path)
+    procs = [server]
+    try:
+        _wait_for(lambda: _submitted(server), 120, "the run to be submitted")
+        clients = [client(f"dp-client-{i}", i) for i in range(3)]
+        procs += clients
+        # round 2 under way: every client has written its round-2 steps (write-ahead)
+        _wait_for(
+            lambda: all(read_ledger(p).steps >= 2 * steps for p in ledgers),
+            RUN_TIMEOUT_S,
+            "every client to start round 2",
+        )
+        clients[2].proc.kill()  # crash: a client and the server, mid-round
+        clients[2].proc.wait()
+        superlink_pid = int((out / ".superlink" / "superlink.pid").read_text())
+        server.proc.kill()
+        server.proc.wait()
+        os.kill(superlink_pid, signal.SIGKILL)
+        _wait_for(lambda: _serverapp_gone(port), 60, "the old ServerApp to exit")
+        at_crash = [read_ledger(p).steps for p in ledgers]
+        resumed = _server("server-2", cfg, out, port, certs, tmp_path, "--resume")
+        procs += [resumed, client("dp-client-2-restarted", 2)]
+        assert resumed.wait(RUN_TIMEOUT_S) == 0, resumed.text()[-3000:]
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    final = rows[-1]["epsilon_clients"]
+    run = load_config(cfg)
+    sizes = [len(c) for c in build_federated_data(**builders.data_kwargs(run)).clients]
+    for i in range(3):
+        logs = [tmp_path / f"dp-client-{i}.log", tmp_path / f"dp-client-{i}-restarted.log"]
+        received = sum(
+            len(re.findall(r"train message", p.read_text(errors="replace")))
+            for p in logs
+            if p.is_file()
+        )
+        _, q = client_noise(
+            epsilon=50.0,
+            delta=1e-5,
+            mechanism="prv",
+            noise_multiplier=sigma,
+            planned_steps=3 * steps,
+            num_examples=sizes[i],
+            batch_size=8,
+        )
+        spent = epsilon_of([(sigma, q, received * steps)], delta=1e-5, mechanism="prv")
+        ledger = read_ledger(ledgers[i])
+        assert ledger.steps >= at_crash[i] and ledger.steps >= received * steps, i
+        # the epsilon this client last reported covers every round it was sent
+        assert float(final[str(i)]) >= spent - 1e-6, (i, final, spent, received)

@@ -11,7 +11,7 @@ fault on the client side, as a hostile or broken client would:
 - ``"poison:F"``: scale the update delta by F (a model-poisoning client);
 - ``"die:STAGE"``: secure rounds: crash at SecAgg stage STAGE (share, masked, unmask);
 - ``"examples:N"``: claim N training examples (a FedAvg weight grab);
-- ``"no-accountant"``: send a privacy record without the accountant state;
+- ``"bad-privacy"``: send a privacy record without its ``refused`` flag;
 - ``"offset:V:W"``: secure rounds: after masking, add V to every value entry and W to the
   weight entry of the masked vector, in the ring (one client forging the sum).
 
@@ -185,8 +185,8 @@ def fault_client_app(
             tag = content["fedft.round"]
             content = serde.update_to_recorddict(update, parts=parts)
             content["fedft.round"] = tag
-        if fault == "no-accountant":
-            content[serde.PRIVACY_RECORD] = ConfigRecord({"refused": False})
+        if fault == "bad-privacy":
+            content[serde.PRIVACY_RECORD] = ConfigRecord({"message": "no flag"})
         if capture_dir is not None:
             d = Path(capture_dir)
             start_update = ClientUpdate(

@@ -3,14 +3,13 @@
 Each simulation runs the real ServerApp and the real ClientApp with one client turned
 hostile by ``tests/test_faults_apps.py`` (the same handlers, then the attack on what it
 sends). Without the server-side checks these attacks replaced the model (a forged SecAgg
-sum, a claimed example count of 1e7) or failed the whole run (a reply without its
-accountant state raised KeyError). Now the bad reply or the forged sum is refused alone and
+sum, a claimed example count of 1e7) or failed the whole run (a malformed privacy record
+raised KeyError). Now the bad reply or the forged sum is refused alone and
 the run carries on with the honest clients. Fast tests pin the pure checks.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,6 @@ from fedft.aggregation.robust import flatten_trainables
 from fedft.checkpoint import load_checkpoint
 from fedft.config import ConfigError, load_config
 from fedft.replies import (
-    MAX_ACCOUNTANT_CHARS,
     PrivacyReply,
     bind_client_indices,
     check_epsilon,
@@ -58,9 +56,9 @@ def test_plain_round_rejects_a_weight_grab_and_a_malformed_record(
     tiny_bert_dir: str, tmp_path: Path
 ) -> None:
     """Attack: client 0 claims 1e7 examples (all of FedAvg's weight); client 1 sends a
-    privacy record without its accountant state. Both are rejected alone."""
+    malformed privacy record (no refused flag). Both are rejected alone."""
     cfg = tiny_config(tiny_bert_dir, **THREE, **{"federation.rounds": 2})
-    plan = {"1:0": "examples:10000000", "1:1": "no-accountant"}
+    plan = {"1:0": "examples:10000000", "1:1": "bad-privacy"}
     run_sim(cfg, tmp_path / "run", fault_client_app(cfg, plan=plan))
     rows = {r["round"]: r for r in metrics_rows(tmp_path / "run")}
     assert rows[1]["clients"] == 1 and rows[1]["rejected"] == 2
@@ -137,16 +135,15 @@ def test_sum_bounds_uniform_weights() -> None:
 
 
 def test_privacy_record_and_epsilon_checks() -> None:
-    acc = json.dumps({"history": []})
-    assert parse_privacy_record({"refused": False, "accountant": acc}) == PrivacyReply(
-        refused=False, accountant=acc, message=""
+    assert parse_privacy_record({"refused": False}) == PrivacyReply(refused=False, message="")
+    assert parse_privacy_record({"refused": True, "message": "m" * 500}) == PrivacyReply(
+        refused=True, message="m" * 200
     )
     for bad in (
-        {"refused": False},
-        {"refused": "yes", "accountant": acc},
-        {"refused": False, "accountant": "not json"},
-        {"refused": False, "accountant": "[1]"},
-        {"refused": False, "accountant": json.dumps({"x": "y" * MAX_ACCOUNTANT_CHARS})},
+        {},
+        {"message": "no flag"},
+        {"refused": "yes"},
+        {"refused": False, "accountant": "{}"},  # a ledger never leaves a client
     ):
         assert isinstance(parse_privacy_record(bad), str), bad
     assert check_epsilon(2.5) is None

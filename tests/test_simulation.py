@@ -118,6 +118,8 @@ def test_sample_dp_budget_is_never_exceeded_and_run_ends_cleanly(tiny_bert_dir, 
         assert all(0 < e <= 0.7 for e in r["epsilon_clients"].values())
     assert summary["rounds"] < 3  # the run stopped when no client could train
     assert sum(r.get("refused", 0) for r in rows) == 3
+    # nothing data-dependent is published beside the DP updates (threat model S6)
+    assert all(r["train_loss"] is None for r in trained)
 
 
 def test_prompt_tuning_round_and_peft_export(tiny_bert_dir, tmp_path):

@@ -311,7 +311,10 @@ def split_records(
 
     A seeded permutation gives the first ``test_size`` examples to the test set, the next
     ``public_size`` to the public (server-side) set and the rest to training, capped at
-    ``max_train_examples`` (0 = no cap). Each part keeps the original file order.
+    ``max_train_examples`` (0 = no cap). Each part keeps the original file order. The public
+    set then drops every record that has a copy (same text and target) in the training or
+    test set (:func:`without_copies`): the server's public data holds no client record,
+    whatever duplicates the dataset has, so it may end up smaller than ``public_size``.
 
     Raises:
         ValueError: fewer than ``test_size + public_size + 1`` records.
@@ -330,8 +333,29 @@ def split_records(
     train_idx = perm[test_size + public_size :]
     if max_train_examples:
         train_idx = train_idx[:max_train_examples]
-    return (
-        records.subset(sorted(train_idx.tolist())),
-        records.subset(sorted(test_idx.tolist())),
-        records.subset(sorted(public_idx.tolist())),
-    )
+    train = records.subset(sorted(train_idx.tolist()))
+    test = records.subset(sorted(test_idx.tolist()))
+    public = without_copies(records.subset(sorted(public_idx.tolist())), train, test)
+    return train, test, public
+
+
+def content_key(text: str, target: object) -> str:
+    """What makes two records copies: the same text and the same target."""
+    return f"{text}\x00{target}"
+
+
+def without_copies(records: Records, *others: Records) -> Records:
+    """``records`` without every record whose content (:func:`content_key`) is in ``others``."""
+    seen = {content_key(t, y) for o in others for t, y in zip(o.text, o.target, strict=True)}
+    keep = [
+        i
+        for i, (t, y) in enumerate(zip(records.text, records.target, strict=True))
+        if content_key(t, y) not in seen
+    ]
+    if len(keep) < len(records):
+        log.info(
+            "public split: dropped %d of %d records that are copies of training or test records",
+            len(records) - len(keep),
+            len(records),
+        )
+    return records.subset(keep)

@@ -17,8 +17,10 @@ TensorFlow Federated's DP aggregator factories: ``CentralDP(inner=FedIT())``. Ea
 Weights are uniform (1/m), not p_k = n_k / Σ n: with p_k one client with many examples
 would weigh more than 1/m, its influence would no longer be bounded by C/m, and n_k itself
 is private information. The round is accounted as a Poisson-subsampled Gaussian mechanism
-at q = m / N, one step per round (the DP-FedAvg analysis; Flower's fixed-size client
-sampling is treated as Poisson sampling, as that analysis does). ε reported here is
+at q = m / N, one step per round (the DP-FedAvg analysis). The server draws each round's
+cohort as that analysis assumes (:func:`fedft.privacy.sampling.poisson_cohort`: every client
+independently with probability q, from the OS's randomness, published nowhere), and an empty
+cohort is a round too (the noise alone is released and accounted). ε reported here is
 user-level: one unit is one client's whole data.
 """
 
@@ -162,11 +164,9 @@ class CentralDP(Wrapper):
 
         Raises:
             BudgetExceededError: the round would exceed ``epsilon_budget`` (nothing changes).
-            ValueError: no updates, a client twice, or updates that do not match the
-                reference.
+            ValueError: a client twice, or updates that do not match the reference. No
+                updates (an empty cohort) is a round too: the noise alone is released.
         """
-        if not updates:
-            raise ValueError("central_dp: no client updates to aggregate")
         ids = [u.client_id for u in updates]
         if len(set(ids)) != len(ids):
             raise ValueError(f"central_dp: a client replies more than once: {sorted(ids)}")
@@ -174,11 +174,12 @@ class CentralDP(Wrapper):
         if decision is not None and not decision.allowed:
             logger.warning("%s", decision.message)
             raise BudgetExceededError(decision)
-        total: Tensor | None = None
+        # an empty cohort (Poisson sampling) is a round too: the noise alone is released
+        ref = self.reference_update()
+        total = torch.zeros_like(flatten_trainables(ref, self.trainable), dtype=torch.float64)
         for u in sorted(updates, key=lambda u: u.client_id):
             clipped, _ = clip_l2(self._delta(u), self.clip_norm)  # (D,) float64
-            total = clipped if total is None else total + clipped
-        assert total is not None
+            total = total + clipped
         return self.release(total, clients=len(updates))
 
     def release(self, clipped_sum: Tensor, *, clients: int) -> AggregationResult:

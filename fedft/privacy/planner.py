@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedft.privacy.accountant import Level, Mechanism, epsilon_of
+from fedft.privacy.accountant import Level, Mechanism, epsilon_of, require_sound
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +56,14 @@ def calibrate_noise(
         delta: target δ in (0, 1).
         sample_rate: q per step, in (0, 1].
         steps: total steps the budget must cover (>= 1).
-        accountant: ``"prv"``, ``"rdp"`` or ``"gdp"``.
+        accountant: ``"prv"`` or ``"rdp"`` (``"gdp"`` is refused: it can underestimate ε).
         epsilon_tolerance: how far below ``epsilon`` the search may stop.
 
     Raises:
-        ValueError: a bad argument, or a budget too small for any σ up to 1e6.
+        ValueError: a bad argument, the GDP accountant, or a budget too small for any σ up
+            to 1e6.
     """
+    require_sound(accountant, purpose="calibrating noise")
     if epsilon <= 0 or not 0 < delta < 1:
         raise ValueError(f"epsilon = {epsilon!r} must be > 0 and delta = {delta!r} in (0, 1)")
     if not 0 < sample_rate <= 1 or steps < 1:
@@ -196,7 +198,7 @@ def plan(
         sample_rate: q = batch_size / examples (see :func:`sample_rate_for`).
         steps_per_round: local DP-SGD steps per round.
         rounds: rounds the client trains in (all rounds, if it is picked every round).
-        accountant: ``"prv"``, ``"rdp"`` or ``"gdp"``.
+        accountant: ``"prv"`` or ``"rdp"``.
         alternatives: other round counts as multiples of ``rounds`` (ε at the same σ).
     """
     return _build_plan(
@@ -233,7 +235,7 @@ def plan_user_level(
         clients_per_round: m, the expected clients per round.
         num_clients: N.
         rounds: rounds.
-        accountant: ``"prv"``, ``"rdp"`` or ``"gdp"``.
+        accountant: ``"prv"`` or ``"rdp"``.
         alternatives: other round counts as multiples of ``rounds``.
     """
     if not 1 <= clients_per_round <= num_clients:
