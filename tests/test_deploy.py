@@ -527,7 +527,6 @@ def test_spending_survives_a_killed_client_and_server(tiny_bert_dir, pki, tmp_pa
         privacy=("mode = 'sample'", "epsilon = 50.0", f"noise_multiplier = {sigma}"),
         rounds=3,
         local_steps=steps,
-        round_timeout_s=60.0,
     )
     out, port = tmp_path / "run", free_port()
     ledgers = [tmp_path / f"ledger-{i}.json" for i in range(3)]
@@ -541,9 +540,11 @@ def test_spending_survives_a_killed_client_and_server(tiny_bert_dir, pki, tmp_pa
         _wait_for(lambda: _submitted(server), 120, "the run to be submitted")
         clients = [client(f"dp-client-{i}", i) for i in range(3)]
         procs += clients
-        # round 2 under way: every client has written its round-2 steps (write-ahead)
+        # round 1 checkpointed, round 2 under way: every client has written its round-2
+        # steps (write-ahead)
+        ckpt = out / "checkpoint" / "state.json"
         _wait_for(
-            lambda: all(read_ledger(p).steps >= 2 * steps for p in ledgers),
+            lambda: ckpt.is_file() and all(read_ledger(p).steps >= 2 * steps for p in ledgers),
             RUN_TIMEOUT_S,
             "every client to start round 2",
         )
@@ -552,7 +553,10 @@ def test_spending_survives_a_killed_client_and_server(tiny_bert_dir, pki, tmp_pa
         superlink_pid = int((out / ".superlink" / "superlink.pid").read_text())
         server.proc.kill()
         server.proc.wait()
-        os.kill(superlink_pid, signal.SIGKILL)
+        try:  # the SuperLink our server started, by the PID it recorded
+            os.kill(superlink_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it went down with the server
         _wait_for(lambda: _serverapp_gone(port), 60, "the old ServerApp to exit")
         at_crash = [read_ledger(p).steps for p in ledgers]
         resumed = _server("server-2", cfg, out, port, certs, tmp_path, "--resume")

@@ -225,9 +225,10 @@ def plan_user_level(
 ) -> PrivacyPlan:
     """User-level plan: σ for the server's noisy sum, one mechanism per round.
 
-    Clients are treated as Poisson-sampled at q = clients_per_round / num_clients (the
-    DP-FedAvg analysis of McMahan et al., 2018, "Learning Differentially Private Recurrent
-    Language Models").
+    Each client joins a round independently with probability q = clients_per_round /
+    num_clients, the sampling the server runs (:func:`fedft.privacy.sampling.poisson_cohort`)
+    and the one the DP-FedAvg analysis assumes (McMahan et al., 2018, "Learning
+    Differentially Private Recurrent Language Models").
 
     Args:
         epsilon: the run's budget ε at ``delta`` (δ below 1 / num_clients).
@@ -257,6 +258,10 @@ def plan_user_level(
         alternatives=alternatives,
     )
     rel = result.noise_multiplier / clients_per_round
+    notes.append(
+        f"cohort: each client joins a round independently with probability q = {q:.4g} "
+        f"(secret, from the OS), {clients_per_round} clients per round on average"
+    )
     notes.append(
         f"noise std on the averaged update = sigma*C/m = {rel:.3g} x C"
         + (" (larger than any single clipped update: needs more clients)" if rel > 1 else "")
