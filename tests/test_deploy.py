@@ -563,7 +563,8 @@ def test_spending_survives_a_killed_client_and_server(tiny_bert_dir, pki, tmp_pa
         at_crash = [read_ledger(p).steps for p in ledgers]
         resumed = _server("server-2", cfg, out, port, certs, tmp_path, "--resume")
         procs += [resumed, client("dp-client-2-restarted", 2)]
-        assert resumed.wait(RUN_TIMEOUT_S) == 0, resumed.text()[-3000:]
+        # a resumed run restarts the SuperLink and waits for three clients: allow two runs' time
+        assert resumed.wait(2 * RUN_TIMEOUT_S) == 0, resumed.text()[-3000:]
     finally:
         for p in reversed(procs):
             p.stop()
