@@ -20,7 +20,6 @@ which Flower returns to the server as an error reply (the client counts as dropp
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import numpy as np
 import torch
@@ -33,7 +32,7 @@ from fedft.secagg import SecAggClient, SecAggProtocolError
 from fedft.secagg.encoding import encode_update
 from fedft.transport import secagg_serde as ss
 from fedft.transport import serde
-from fedft.types import ClientUpdate
+from fedft.types import ClientUpdate, Parts
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ def secure_vector(
     update: ClientUpdate,
     *,
     start: ClientUpdate,
-    parts: Literal["ab", "b", "r"],
+    parts: Parts,
     clip_delta: float,
     weighted: bool,
 ) -> np.ndarray:

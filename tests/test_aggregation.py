@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from fedft.adapters import effective_delta as _effective
 from fedft.aggregation import (
     FedIT,
     FedSB,
@@ -16,21 +17,7 @@ from fedft.aggregation import (
     get_aggregator,
 )
 from fedft.aggregation.lora_fair import _stacked_product_norm
-from fedft.types import AggregationResult, ClientUpdate, LoraFactors
-
-try:
-    from fedft.adapters import effective_delta as _effective
-except ImportError:  # pragma: no cover - the adapters package is written in parallel
-
-    def _effective(x):  # type: ignore[no-redef]
-        out: dict[str, Tensor] = {}
-        adapters = x.adapters if isinstance(x, (ClientUpdate, AggregationResult)) else x
-        if isinstance(x, AggregationResult):
-            for m, v in x.base_delta.items():
-                out[m] = out.get(m, 0) + (v.delta() if isinstance(v, LoraFactors) else v)
-        for m, f in adapters.items():
-            out[m] = out.get(m, 0) + f.delta()
-        return out
+from fedft.types import ClientUpdate, LoraFactors
 
 
 def _update(cid: str, n: int, **factors: LoraFactors) -> ClientUpdate:

@@ -10,24 +10,10 @@ import pytest
 import torch
 from torch import Tensor
 
+from fedft.adapters import effective_delta as _effective
 from fedft.aggregation import AGGREGATORS, Aggregator, get_aggregator
 from fedft.config import ALGORITHMS, LINEAR_ALGORITHMS, MIXED_RANK_ALGORITHMS
-from fedft.types import AggregationResult, ClientUpdate, LoraFactors
-
-try:
-    from fedft.adapters import effective_delta as _effective
-except ImportError:  # pragma: no cover - the adapters package is written in parallel
-
-    def _effective(x):  # type: ignore[no-redef]
-        out: dict[str, Tensor] = {}
-        adapters = x if isinstance(x, Mapping) else x.adapters
-        if isinstance(x, AggregationResult):
-            for m, v in x.base_delta.items():
-                out[m] = out.get(m, 0) + (v.delta() if isinstance(v, LoraFactors) else v)
-        for m, f in adapters.items():
-            out[m] = out.get(m, 0) + f.delta()
-        return out
-
+from fedft.types import ClientUpdate, LoraFactors
 
 NAMES = ["fedit", "flora", "fedsb", "lora_fair", "hetlora", "ffa", "fedex"]
 SHAPES = {"l0.q": (6, 5), "l1.v": (4, 7)}

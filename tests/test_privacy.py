@@ -21,7 +21,7 @@ from fedft.privacy import (
     plan_user_level,
     sample_rate_for,
 )
-from fedft.types import ClientUpdate, LoraFactors
+from fedft.types import PARTS_FIELDS, ClientUpdate, LoraFactors
 
 # Opacus 1.6 tests/accountants_test.py: sigma 1.5, q 0.04, delta 1e-5. The RDP test takes
 # int(90 / 0.04) = 2250 steps; the PRV test int(90 // 0.04), which is 2249 in floating point.
@@ -197,7 +197,7 @@ def make_inner(name: str):
 def client_update(ref, trainable, cid, scale, *, n=10, seed=0, head=None):
     """A client that moved its trainable fields by ``scale`` * a random direction."""
     g = torch.Generator().manual_seed(seed)
-    fields = {"ab": ("a", "b"), "b": ("b",), "r": ("r",)}[trainable]
+    fields = PARTS_FIELDS[trainable]
     adapters = {}
     for mod, f in ref.items():
         new = {k: getattr(f, k) for k in ("a", "b", "r")}
@@ -209,7 +209,7 @@ def client_update(ref, trainable, cid, scale, *, n=10, seed=0, head=None):
 
 
 def flat_trainable(adapters, extras, trainable):
-    fields = {"ab": ("a", "b"), "b": ("b",), "r": ("r",)}[trainable]
+    fields = PARTS_FIELDS[trainable]
     parts = [getattr(adapters[m], k).flatten() for m in sorted(adapters) for k in fields]
     parts += [extras[k].flatten() for k in sorted(extras)]
     return torch.cat(parts).to(torch.float64)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import pytest
 import torch
@@ -18,12 +17,11 @@ from fedft.aggregation.robust import (
     make_robust,
     unflatten_trainables,
 )
-from fedft.types import AggregationResult, ClientUpdate
+from fedft.types import AggregationResult, ClientUpdate, Parts
 
 SHAPES = {"q": (16, 12), "v": (8, 12)}
 RANK, SCALING = 4, 2.0
 LINEAR = ["fedit", "ffa", "fedsb"]
-Parts = Literal["ab", "b", "r"]
 
 
 def _inner(name: str) -> tuple[Aggregator, ClientUpdate]:

@@ -5,15 +5,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Literal
 
 import pytest
 import torch
 
 from fedft.aggregation.validate import dedupe, filter_valid, validate_update
-from fedft.types import ClientUpdate, LoraFactors
-
-Parts = Literal["ab", "b", "r"]
+from fedft.types import ClientUpdate, LoraFactors, Parts
 
 
 def _expected(parts: Parts) -> dict[str, LoraFactors]:

@@ -27,12 +27,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from fedft.adapters.math import svd_factors
-from fedft.types import LoraFactors
+from fedft.types import LoraFactors, Parts
 
 logger = logging.getLogger(__name__)
 
 ADAPTER = "default"
-Trainable = Literal["ab", "b", "r"]
 
 # requires_grad flags of a base model before attach_lora, restored by detach_lora.
 _saved_flags: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
@@ -125,7 +124,7 @@ def attach_lora(
     rank: int,
     alpha: float,
     dropout: float = 0.0,
-    trainable: Trainable = "ab",
+    trainable: Parts = "ab",
     extras: Sequence[str] = (),
     seed: int | None = None,
 ) -> PeftModel:

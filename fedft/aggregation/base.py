@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from fedft.aggregation._weights import fresh_lora
-from fedft.types import AggregationResult, ClientUpdate, LoraFactors
+from fedft.types import AggregationResult, ClientUpdate, LoraFactors, Parts
 
 if TYPE_CHECKING:  # fedft.privacy imports this module
     from fedft.privacy.accountant import BudgetDecision
@@ -50,7 +50,7 @@ class Aggregator(ABC):
     name: ClassVar[str]
     supports_mixed_ranks: ClassVar[bool]
     linear: ClassVar[bool]
-    trainable: ClassVar[Literal["ab", "b", "r"]]
+    trainable: ClassVar[Parts]
 
     def __init__(self) -> None:
         #: module -> (out_features, in_features), known from init_global or aggregate.

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from fedft.aggregation._weights import (
     average_extras,
@@ -16,7 +16,7 @@ from fedft.aggregation._weights import (
     weighted_mean,
 )
 from fedft.aggregation.base import Aggregator
-from fedft.types import AggregationResult, ClientUpdate, LoraFactors
+from fedft.types import AggregationResult, ClientUpdate, LoraFactors, Parts
 
 __all__ = ["FedIT"]
 
@@ -27,7 +27,7 @@ class FedIT(Aggregator):
     name: ClassVar[str] = "fedit"
     supports_mixed_ranks: ClassVar[bool] = False
     linear: ClassVar[bool] = True
-    trainable: ClassVar[Literal["ab", "b", "r"]] = "ab"
+    trainable: ClassVar[Parts] = "ab"
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> AggregationResult:
         """Return ``(sum p_k A_k, sum p_k B_k)`` per module and the p_k-mean of extras."""

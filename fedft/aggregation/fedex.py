@@ -10,7 +10,7 @@ global update is exactly ``s * sum_k p_k B_k A_k``. The residual is sent in fact
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
@@ -21,7 +21,7 @@ from fedft.aggregation._weights import (
     weighted_mean,
 )
 from fedft.aggregation.base import Aggregator
-from fedft.types import AggregationResult, ClientUpdate, LoraFactors
+from fedft.types import AggregationResult, ClientUpdate, LoraFactors, Parts
 
 __all__ = ["FedEx"]
 
@@ -32,7 +32,7 @@ class FedEx(Aggregator):
     name: ClassVar[str] = "fedex"
     supports_mixed_ranks: ClassVar[bool] = False
     linear: ClassVar[bool] = False
-    trainable: ClassVar[Literal["ab", "b", "r"]] = "ab"
+    trainable: ClassVar[Parts] = "ab"
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> AggregationResult:
         """Return the FedIT adapters and the residual ``s(sum p_k B_k A_k - B A)`` factored."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -28,7 +28,7 @@ from fedft.aggregation._weights import (
     weighted_mean,
 )
 from fedft.aggregation.base import Aggregator, clone_factors
-from fedft.types import AggregationResult, ClientUpdate, LoraFactors
+from fedft.types import AggregationResult, ClientUpdate, LoraFactors, Parts
 
 __all__ = ["FedSB"]
 
@@ -41,7 +41,7 @@ class FedSB(Aggregator):
     name: ClassVar[str] = "fedsb"
     supports_mixed_ranks: ClassVar[bool] = False
     linear: ClassVar[bool] = True
-    trainable: ClassVar[Literal["ab", "b", "r"]] = "r"
+    trainable: ClassVar[Parts] = "r"
 
     def __init__(self) -> None:
         super().__init__()

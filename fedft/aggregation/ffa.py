@@ -6,7 +6,7 @@ With one shared A, ``sum_k p_k s B_k A = s (sum_k p_k B_k) A``: averaging B is e
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from fedft.aggregation._weights import (
     weighted_mean,
 )
 from fedft.aggregation.base import Aggregator
-from fedft.types import AggregationResult, ClientUpdate, LoraFactors
+from fedft.types import AggregationResult, ClientUpdate, LoraFactors, Parts
 
 __all__ = ["FFA"]
 
@@ -30,7 +30,7 @@ class FFA(Aggregator):
     name: ClassVar[str] = "ffa"
     supports_mixed_ranks: ClassVar[bool] = False
     linear: ClassVar[bool] = True
-    trainable: ClassVar[Literal["ab", "b", "r"]] = "b"
+    trainable: ClassVar[Parts] = "b"
 
     def __init__(self) -> None:
         super().__init__()

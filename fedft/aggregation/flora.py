@@ -10,7 +10,7 @@ with sum r_k; callers may instead send the dense delta when that is smaller.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
@@ -21,7 +21,7 @@ from fedft.aggregation._weights import (
     fresh_lora,
 )
 from fedft.aggregation.base import Aggregator
-from fedft.types import AggregationResult, ClientUpdate, LoraFactors
+from fedft.types import AggregationResult, ClientUpdate, LoraFactors, Parts
 
 __all__ = ["FLoRA"]
 
@@ -32,7 +32,7 @@ class FLoRA(Aggregator):
     name: ClassVar[str] = "flora"
     supports_mixed_ranks: ClassVar[bool] = True
     linear: ClassVar[bool] = False
-    trainable: ClassVar[Literal["ab", "b", "r"]] = "ab"
+    trainable: ClassVar[Parts] = "ab"
 
     def init_global(
         self,

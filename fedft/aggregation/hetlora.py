@@ -12,7 +12,7 @@ update. Inexact (like FedIT) by design; kept as a baseline.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -24,7 +24,7 @@ from fedft.aggregation._weights import (
     weighted_mean,
 )
 from fedft.aggregation.base import Aggregator
-from fedft.types import AggregationResult, ClientUpdate, LoraFactors
+from fedft.types import AggregationResult, ClientUpdate, LoraFactors, Parts
 
 __all__ = ["HetLoRA"]
 
@@ -45,7 +45,7 @@ class HetLoRA(Aggregator):
     name: ClassVar[str] = "hetlora"
     supports_mixed_ranks: ClassVar[bool] = True
     linear: ClassVar[bool] = False
-    trainable: ClassVar[Literal["ab", "b", "r"]] = "ab"
+    trainable: ClassVar[Parts] = "ab"
 
     def __init__(self) -> None:
         super().__init__()

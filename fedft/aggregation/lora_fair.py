@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ from fedft.aggregation._weights import (
     weighted_mean,
 )
 from fedft.aggregation.base import Aggregator
-from fedft.types import AggregationResult, ClientUpdate, LoraFactors
+from fedft.types import AggregationResult, ClientUpdate, LoraFactors, Parts
 
 __all__ = ["FairCorrection", "LoraFair", "fair_correction"]
 
@@ -139,7 +139,7 @@ class LoraFair(Aggregator):
     name: ClassVar[str] = "lora_fair"
     supports_mixed_ranks: ClassVar[bool] = False
     linear: ClassVar[bool] = False
-    trainable: ClassVar[Literal["ab", "b", "r"]] = "ab"
+    trainable: ClassVar[Parts] = "ab"
 
     def __init__(
         self, *, fair_lambda: float = 0.01, fair_steps: int = 200, fair_lr: float = 0.01

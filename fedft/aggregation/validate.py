@@ -13,12 +13,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-from fedft.types import ClientUpdate, LoraFactors
+from fedft.types import PARTS_FIELDS, ClientUpdate, LoraFactors, Parts
 
 __all__ = ["DEFAULT_MAX_EXAMPLES", "dedupe", "filter_valid", "validate_update"]
 
@@ -50,7 +49,7 @@ def _check_module(
     mod: str,
     got: LoraFactors,
     want: LoraFactors,
-    parts: Literal["ab", "b", "r"],
+    parts: Parts,
     problems: list[str],
 ) -> list[Tensor]:
     """Check one module's factors; return the delta tensors of its trainable parts."""
@@ -76,7 +75,7 @@ def _check_module(
         mine, theirs = getattr(got, part), getattr(want, part)
         if not torch.equal(mine.to(theirs.dtype), theirs):
             problems.append(f"{mod}.{part}: the frozen factor was changed")
-    trained = {"ab": ("a", "b"), "b": ("b",), "r": ("r",)}[parts]
+    trained = PARTS_FIELDS[parts]
     return [
         getattr(got, p).detach().to(torch.float64) - getattr(want, p).detach().to(torch.float64)
         for p in trained
@@ -87,7 +86,7 @@ def validate_update(
     update: ClientUpdate,
     *,
     expected: Mapping[str, LoraFactors],
-    parts: Literal["ab", "b", "r"],
+    parts: Parts,
     extras_expected: Mapping[str, Tensor] | None = None,
     max_norm: float | None = None,
     max_examples: int = DEFAULT_MAX_EXAMPLES,
@@ -130,7 +129,7 @@ def _problems(
     update: ClientUpdate,
     *,
     expected: Mapping[str, LoraFactors],
-    parts: Literal["ab", "b", "r"],
+    parts: Parts,
     extras_expected: Mapping[str, Tensor],
     max_norm: float | None,
     max_examples: int,
@@ -181,7 +180,7 @@ def filter_valid(
     updates: Sequence[ClientUpdate],
     *,
     expected: Mapping[str, LoraFactors],
-    parts: Literal["ab", "b", "r"],
+    parts: Parts,
     extras_expected: Mapping[str, Tensor] | None = None,
     max_norm: float | None = None,
     max_examples: int = DEFAULT_MAX_EXAMPLES,

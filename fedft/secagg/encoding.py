@@ -23,7 +23,6 @@ a share of it before masking) would remove that trust and is not implemented her
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 import torch
@@ -31,19 +30,17 @@ import torch
 from fedft.aggregation.base import Aggregator
 from fedft.aggregation.robust import flatten_trainables, unflatten_trainables
 from fedft.secagg.protocol import SecAggResult
-from fedft.types import AggregationResult, ClientUpdate
+from fedft.types import AggregationResult, ClientUpdate, Parts
 
 __all__ = ["decode_aggregate", "encode_update", "vector_length"]
 
 
-def vector_length(template: ClientUpdate, *, parts: Literal["ab", "b", "r"]) -> int:
+def vector_length(template: ClientUpdate, *, parts: Parts) -> int:
     """D of the SecAgg vector for updates shaped like ``template``: uploads + 1 (the count)."""
     return int(flatten_trainables(template, parts).numel()) + 1
 
 
-def encode_update(
-    update: ClientUpdate, *, parts: Literal["ab", "b", "r"], weighted: bool = True
-) -> np.ndarray:
+def encode_update(update: ClientUpdate, *, parts: Parts, weighted: bool = True) -> np.ndarray:
     """The vector a client masks: float64 (D,) = [w * x_k, w], w = n_k (or 1 if unweighted).
 
     Args:
@@ -60,7 +57,7 @@ def decode_aggregate(
     result: SecAggResult,
     *,
     template: ClientUpdate,
-    parts: Literal["ab", "b", "r"],
+    parts: Parts,
     inner: Aggregator,
 ) -> AggregationResult:
     """Turn the unmasked weighted sum into the inner aggregator's result.

@@ -25,12 +25,11 @@ from fedft.models import default_target_modules, head_parameter_names, load_base
 from fedft.prompt import PromptTunedModel, SoftPrompt, get_prompt, set_prompt
 from fedft.training.coordinator import ClientStart
 from fedft.training.local import evaluate, train_steps
-from fedft.types import ClientUpdate, LoraFactors
+from fedft.types import ClientUpdate, LoraFactors, Parts
 
 logger = logging.getLogger(__name__)
 
 Task = Literal["classification", "causal_lm"]
-Trainable = Literal["ab", "b", "r"]
 
 
 @dataclass
@@ -176,7 +175,7 @@ def run_lora_round(
     client_id: str,
     start: ClientStart,
     data: Encoded,
-    trainable: Trainable,
+    trainable: Parts,
     alpha: float,
     dropout: float,
     steps: int,

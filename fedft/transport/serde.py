@@ -44,11 +44,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 from torch import Tensor
 
-from fedft.types import ClientUpdate, LoraFactors
+from fedft.types import ClientUpdate, LoraFactors, Parts
 
 logger = logging.getLogger(__name__)
 
-Parts = Literal["ab", "b", "r", "abr"]
+WireParts = Literal[Parts, "abr"]
+"""The factor parts a message may carry: what trains (:data:`~fedft.types.Parts`), or
+``"abr"`` (Fed-SB's frozen B and A with R)."""
 ConfigValue = int | float | str | bool
 
 #: version of the record layout described in the module docstring.
@@ -74,7 +76,7 @@ PRIVACY_RECORD = "fedft.privacy"
 ROUND_RECORD = "fedft.round"
 
 _SEP = "::"
-_PARTS: tuple[str, ...] = get_args(Parts)
+_PARTS: tuple[str, ...] = get_args(WireParts)
 
 
 class SerdeError(ValueError):
@@ -261,7 +263,7 @@ def _encode_factors(adapters: Mapping[str, LoraFactors], parts: str, record: Arr
             record[f"{module}{_SEP}{part}"] = tensor_to_array(tensor)
 
 
-def adapters_to_record(adapters: Mapping[str, LoraFactors], *, parts: Parts) -> ArrayRecord:
+def adapters_to_record(adapters: Mapping[str, LoraFactors], *, parts: WireParts) -> ArrayRecord:
     """Encode the factors named by ``parts`` of every adapter.
 
     Scalings do not go in the ArrayRecord: see :func:`scalings_to_config`.
@@ -301,7 +303,7 @@ def _group(record: ArrayRecord, allowed: set[str]) -> dict[str, dict[str, Array]
 def adapters_from_record(
     record: ArrayRecord,
     *,
-    parts: Parts,
+    parts: WireParts,
     reference: Mapping[str, LoraFactors] | None = None,
     scalings: Mapping[str, float] | None = None,
     max_numel: int = DEFAULT_MAX_NUMEL,
@@ -483,7 +485,7 @@ def _scalings(rd: RecordDict, key: str) -> dict[str, float]:
     return out
 
 
-def update_to_recorddict(update: ClientUpdate, *, parts: Parts) -> RecordDict:
+def update_to_recorddict(update: ClientUpdate, *, parts: WireParts) -> RecordDict:
     """Encode what a client sends back after a round.
 
     Args:
@@ -523,7 +525,7 @@ def update_from_recorddict(
     rd: RecordDict,
     *,
     client_id: str,
-    parts: Parts,
+    parts: WireParts,
     reference: Mapping[str, LoraFactors] | None = None,
     max_numel: int = DEFAULT_MAX_NUMEL,
     check_finite: bool = True,
@@ -577,7 +579,7 @@ def update_from_recorddict(
     )
 
 
-def start_parts(trainable: Literal["ab", "b", "r"], *, holds_frozen: bool) -> Parts:
+def start_parts(trainable: Parts, *, holds_frozen: bool) -> WireParts:
     """The factor parts a start message carries for a client training ``trainable``.
 
     Every part the client needs, except that a client already holding the shared, frozen
@@ -591,7 +593,7 @@ def start_parts(trainable: Literal["ab", "b", "r"], *, holds_frozen: bool) -> Pa
 def start_to_recorddict(
     *,
     adapters: Mapping[str, LoraFactors],
-    parts: Parts,
+    parts: WireParts,
     base_delta: Mapping[str, Tensor | LoraFactors],
     extras: Mapping[str, Tensor],
     config: Mapping[str, ConfigValue],
