@@ -56,6 +56,7 @@ from fedft.privacy.accountant import BudgetExceededError, check_budget
 from fedft.privacy.persample import ClippedSum, poisson_sample
 from fedft.privacy.planner import sample_rate_for
 from fedft.prompt import SoftPrompt, get_prompt, set_prompt
+from fedft.seeds import derive_seed
 from fedft.split import SplitParts, local_loss_phase, select_samples, split_model
 from fedft.split.dp import SplitPrivacy, apply_noisy_step, client_trainables, shortcut_per_sample
 from fedft.training.coordinator import ClientStart
@@ -257,7 +258,7 @@ class _PrivateRun:
         self.expected_batch = min(batch_size, n)  # = q n
         base = secrets.randbits(63) if dp.seed is None else dp.seed
         self.sampler = torch.Generator().manual_seed(base)
-        self.noise = torch.Generator().manual_seed((base * 1_000_003 + 1) % 2**63)
+        self.noise = torch.Generator().manual_seed(derive_seed(base, 1))
         self.taken = self.samples = self.clipped = 0
 
     def draw(self) -> Tensor:
