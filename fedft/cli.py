@@ -115,12 +115,17 @@ def final_summary(cfg: RunConfig, summary: dict[str, object], out: Path) -> str:
     assert isinstance(before, dict) and isinstance(final, dict)
     metric = "accuracy" if cfg.model.task == "classification" else "loss"
     eps = summary.get("epsilon")
-    mb = (float(str(summary["bytes_up"])) + float(str(summary["bytes_down"]))) / 1e6
+    up, down = summary["bytes_up"], summary["bytes_down"]
+    traffic = (  # withheld under user-level DP: the bytes count the secret cohorts
+        "traffic not published (user-level DP)"
+        if up is None or down is None
+        else f"{(float(str(up)) + float(str(down))) / 1e6:.1f} MB exchanged"
+    )
     spent = "" if eps is None else f"; epsilon spent {float(str(eps)):.3g}"
     return (
         f"{cfg.name}: test {metric} {before[metric]:.4f} -> {final[metric]:.4f} after "
         f"{summary['rounds']} rounds in {float(str(summary['wall_s'])):.0f} s; "
-        f"{mb:.1f} MB exchanged{spent}\n"
+        f"{traffic}{spent}\n"
         f"outputs in {out}/: metrics.jsonl, summary.json, report.html, adapter/ (PEFT), "
         f"run.log (third-party logs; -v shows them)"
     )

@@ -71,9 +71,9 @@ class MetricsWriter:
         *,
         round: int,  # noqa: A002 - the field's name in metrics.jsonl
         loss: float | None,
-        bytes_up: int,
-        bytes_down: int,
-        clients: int,
+        bytes_up: int | None,
+        bytes_down: int | None,
+        clients: int | None,
         wall_s: float,
         epsilon: float | None = None,
         **metrics: Any,
@@ -85,7 +85,8 @@ class MetricsWriter:
             loss: the round's evaluation loss (None when not evaluated).
             bytes_up: bytes clients sent this round (serialised payload).
             bytes_down: bytes the server sent this round.
-            clients: replies aggregated this round.
+            clients: replies aggregated this round. ``bytes_up``, ``bytes_down`` and
+                ``clients`` are None under user-level DP (the cohort is not published).
             wall_s: seconds the round took.
             epsilon: spent ε (max over clients) at the run's δ; None without DP.
             **metrics: the task's metric (``accuracy=...``) and any extra scalars.
@@ -99,17 +100,17 @@ class MetricsWriter:
                 f"in {self.path}"
             )
         for name, value in (("bytes_up", bytes_up), ("bytes_down", bytes_down)):
-            if value < 0:
+            if value is not None and value < 0:
                 raise ValueError(f"{name} = {value} must be >= 0")
-        if clients < 0 or wall_s < 0:
+        if (clients is not None and clients < 0) or wall_s < 0:
             raise ValueError(f"clients = {clients} and wall_s = {wall_s} must be >= 0")
         row: dict[str, Any] = {
             "round": int(round),
             "loss": loss,
-            "bytes_up": int(bytes_up),
-            "bytes_down": int(bytes_down),
+            "bytes_up": None if bytes_up is None else int(bytes_up),
+            "bytes_down": None if bytes_down is None else int(bytes_down),
             "epsilon": epsilon,
-            "clients": int(clients),
+            "clients": None if clients is None else int(clients),
             "wall_s": float(wall_s),
         }
         for key, value in metrics.items():
@@ -142,9 +143,11 @@ def round_line(row: Mapping[str, Any]) -> str:
     for key in ("accuracy", "loss", "train_loss"):
         if row.get(key) is not None:
             parts.append(f"{key} {float(row[key]):.4f}")
-    parts.append(f"clients {row.get('clients', 0)}")
-    parts.append(f"up {_kb(float(row.get('bytes_up', 0)))}")
-    parts.append(f"down {_kb(float(row.get('bytes_down', 0)))}")
+    if row.get("clients") is not None:  # None under user-level DP: the cohort is secret
+        parts.append(f"clients {row['clients']}")
+    for key, name in (("bytes_up", "up"), ("bytes_down", "down")):
+        if row.get(key) is not None:
+            parts.append(f"{name} {_kb(float(row[key]))}")
     eps = row.get("epsilon")
     parts.append("eps -" if eps is None else f"eps {float(eps):.3g}")
     for flag in ("failed", "stopped"):
