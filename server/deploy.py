@@ -703,6 +703,7 @@ def run_server(cfg: RunConfig, plan: ServerPlan) -> int:
                 cfg.name,
                 "resuming" if plan.resume else "fresh",
                 cfg.federation.num_clients,
+                extra={"console": True},
             )
             status = wait_for_run(cli, run_id, superlink=superlink, poll_s=plan.poll_s)
         finally:
