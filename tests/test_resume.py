@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,9 @@ import fedft.checkpoint as ckpt
 from fedft.checkpoint import load_checkpoint
 from fedft.privacy import dpsgd
 from fedft.privacy.central import CentralDP
+from fedft.privacy.sampling import poisson_cohort
 from fedft.reporting import metrics as metrics_mod
+from server import rounds as rounds_mod
 from server.federation import run_federation
 
 TOL = 1e-6
@@ -146,9 +149,21 @@ def _pin_noise(m: pytest.MonkeyPatch) -> None:
     """DP noise is seeded from the OS (nobody may know it), so no two runs share it; to
     compare a resumed run with an uninterrupted one, seed it from what a resume must restore:
     DP-SGD from a constant, user-level DP from CentralDP's own round counter (a counter lost
-    on resume would draw round 1's noise again)."""
+    on resume would draw round 1's noise again). The user-level cohort's coins are also
+    drawn from the OS; here they are seeded from the round number the resumed run must reach."""
     m.setattr(dpsgd, "_fresh_seed", lambda: 1234)
     m.setattr(CentralDP, "_seed", lambda self: 1000 + self._round)
+    real_sample = rounds_mod.sample
+
+    def pinned_sample(fed: Any, rnd: int) -> list[int]:
+        aggregator = fed.coord.aggregator
+        if not isinstance(aggregator, CentralDP):
+            return real_sample(fed, rnd)
+        able = fed.ledger.able(range(fed.cfg.federation.num_clients))
+        coins = random.Random(5000 + rnd)
+        return poisson_cohort(able, sample_rate=aggregator.sample_rate, rng=coins)
+
+    m.setattr(rounds_mod, "sample", pinned_sample)
 
 
 @pytest.fixture(scope="module")
