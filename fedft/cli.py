@@ -92,6 +92,8 @@ def _show_partition(cfg: RunConfig) -> FederatedData:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    if args.ray_address is not None:  # the flag is federation.ray_address, checked as such
+        args.set = [*(args.set or ()), f"federation.ray_address={json.dumps(args.ray_address)}"]
     cfg = _load(args)
     out = Path(args.out or f"runs/{cfg.name}")
     fed = _show_partition(cfg)
@@ -488,6 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sim)
     sim.add_argument("--out", help="output folder (default runs/<name>)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sim.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="run the virtual clients on this existing Ray cluster (`ray start --head`); "
+        "sets federation.ray_address (docs/ray-cluster.md)",
+    )
     sim.set_defaults(func=_cmd_simulate)
 
     srv = sub.add_parser(

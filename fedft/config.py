@@ -169,6 +169,17 @@ class DataConfig:
             )
 
 
+def _is_ray_address(value: str) -> bool:
+    """Empty, "auto", or HOST:PORT (a bracketed IPv6 host allowed), port in 1..65535."""
+    if value in ("", "auto"):
+        return True
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536) and not any(
+        c in host for c in "/ []"
+    )
+
+
 @dataclass(frozen=True, kw_only=True, config=_SECTION)
 class FederationConfig:
     """Rounds, clients and local training knobs."""
@@ -188,6 +199,12 @@ class FederationConfig:
     )
     cpus_per_client: Int = Field(
         default=1, ge=1, description="simulation: whole CPUs per virtual client"
+    )
+    ray_address: Str = Field(
+        default="",
+        description="simulation: HOST:PORT of an existing Ray cluster (`ray start --head`) "
+        'that runs the virtual clients; "auto" = the cluster this machine joined; '
+        '"" = a Ray instance of the run\'s own (fedft simulate --ray-address)',
     )
     min_replies: Int = Field(
         default=0,
@@ -217,6 +234,13 @@ class FederationConfig:
                 "min_replies",
                 self.min_replies,
                 f"0..federation.clients_per_round ({self.clients_per_round})",
+            )
+        if not _is_ray_address(self.ray_address):
+            raise Refusal(
+                "ray_address",
+                self.ray_address,
+                'HOST:PORT of a Ray head (e.g. "10.0.0.5:6379", what `ray start --head` '
+                'prints), "auto", or "" for a Ray instance of the run\'s own',
             )
 
 

@@ -154,11 +154,13 @@ def attach_run_log(out: Path) -> Path:
 def ray_worker_setup() -> None:
     """Ray ``worker_process_setup_hook``: an actor's output goes to the run's run.log.
 
-    Without :data:`RUN_LOG_ENV` in the actor's environment (``-v``) it does nothing and
-    Ray forwards the actor's output to the console as usual.
+    Without :data:`RUN_LOG_ENV` in the actor's environment it does nothing and Ray forwards
+    the actor's output to the console as usual. An actor on another machine of a Ray
+    cluster, where the run's folder does not exist, keeps its output in Ray's session logs
+    on that machine (``/tmp/ray/session_latest/logs/worker-*``).
     """
     target = os.environ.get(RUN_LOG_ENV)
-    if not target:
+    if not target or not Path(target).parent.is_dir():
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -45,13 +45,56 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+class RayClusterError(SimulationFailed):
+    """``federation.ray_address`` names no reachable Ray cluster, or one too small."""
+
+
+def cluster_capacity(nodes: list[dict[str, Any]], *, cpus: int, gpus: float) -> int:
+    """How many virtual clients of ``cpus`` CPUs and ``gpus`` GPUs run at once on ``nodes``.
+
+    ``nodes`` as :func:`ray.nodes` returns them. Counted per node (a client cannot span two
+    machines), as Flower sizes its actor pool: floor(CPUs / cpus), and with ``gpus`` > 0
+    at most floor(GPUs / gpus); dead nodes count nothing.
+    """
+    total = 0
+    for node in nodes:
+        if not node.get("Alive", True):
+            continue
+        res = node.get("Resources") or {}
+        fit = int(res.get("CPU", 0) // cpus)
+        if gpus > 0:
+            fit = min(fit, int(res.get("GPU", 0) // gpus))
+        total += fit
+    return total
+
+
+def _check_reachable(address: str, *, timeout_s: float = 10.0) -> None:
+    """Fail fast, in one line, when nothing listens at ``address`` (Ray would retry long)."""
+    import socket
+
+    if address == "auto":
+        return  # Ray resolves it from this machine's `ray start` record
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise RayClusterError(
+            f"no Ray cluster answers at federation.ray_address = {address!r} ({exc}); start "
+            f"one with `ray start --head --port {port}` or fix the address"
+        ) from exc
+
+
 def start_ray(*, address: str | None = None) -> None:
     """Start (or join, with ``address``) Ray for the run's virtual clients.
 
     Flower would start Ray itself; starting it here lets every actor process run
     :func:`fedft.console.ray_worker_setup` first (its output to ``OUT/run.log``) and lets a
     run join an existing cluster. Workers get this process's ``sys.path`` as Flower's
-    backend gives them, and the quiet/offline environment variables.
+    backend gives them, and the quiet/offline environment variables. On a cluster, actors
+    on other machines keep their output in Ray's session logs there (``log_to_driver`` off:
+    it would reach this console).
     """
     import ray
 
@@ -63,20 +106,47 @@ def start_ray(*, address: str | None = None) -> None:
     runtime_env = {"env_vars": env, "worker_process_setup_hook": "fedft.console.ray_worker_setup"}
     kwargs: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.WARNING}
     if address:
-        kwargs["address"] = address
+        _check_reachable(address)
+        kwargs.update(address=address, log_to_driver=False)
     else:
         kwargs.update(num_cpus=os.cpu_count() or 1, include_dashboard=False)
     ray.init(**kwargs)
     route_third_party_loggers()
 
 
-def simulate(
-    cfg: RunConfig, out: Path, *, progress: bool = True, ray_address: str | None = None
-) -> dict[str, Any]:
+def describe_cluster(cfg: RunConfig) -> str:
+    """The joined cluster in one line: nodes, CPUs, GPUs, and clients that run at once.
+
+    Raises:
+        RayClusterError: no node has room for one virtual client.
+    """
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive", True)]
+    f = cfg.federation
+    fit = cluster_capacity(nodes, cpus=f.cpus_per_client, gpus=f.gpus_per_client)
+    cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in nodes)
+    gpus = sum(n.get("Resources", {}).get("GPU", 0) for n in nodes)
+    need = f"{f.cpus_per_client} CPU" + (
+        f" + {f.gpus_per_client:g} GPU" if f.gpus_per_client else ""
+    )
+    line = (
+        f"Ray cluster at {f.ray_address}: {len(nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs; "
+        f"{fit} virtual client(s) at once ({need} each)"
+    )
+    if fit == 0:
+        raise RayClusterError(
+            f"{line}: no node has room for one client; lower federation.cpus_per_client / "
+            "gpus_per_client or add a node with more (see docs/ray-cluster.md)"
+        )
+    return line
+
+
+def simulate(cfg: RunConfig, out: Path, *, progress: bool = True) -> dict[str, Any]:
     """Run ``cfg`` on the Simulation Engine; return the summary. Raises on failure.
 
-    ``ray_address``: run the virtual clients on this existing Ray cluster (``ray start``);
-    default: a Ray instance of this process's own.
+    With ``federation.ray_address`` the virtual clients run on that existing Ray cluster
+    (``ray start``); without, on a Ray instance of this process's own.
     """
     import ray
     from flwr.simulation import run_simulation
@@ -96,7 +166,9 @@ def simulate(
         cfg = build_config(table)
     errors: list[BaseException] = []
     try:
-        start_ray(address=ray_address)
+        start_ray(address=cfg.federation.ray_address or None)
+        if cfg.federation.ray_address:
+            logger.info("%s", describe_cluster(cfg), extra={"console": True})
         server_app = make_server_app(cfg, out_dir=out, progress=progress, on_error=errors.append)
         run_simulation(
             server_app=server_app,
