@@ -1,6 +1,6 @@
 """The client's side of a secure-aggregation round over Flower messages.
 
-The server drives four stages (``message_type = "train.secagg"``, the stage named in the
+The server drives five stages (``message_type = "train.secagg"``, the stage named in the
 ``fedft.secagg`` record); this node answers each one:
 
 - ``advertise``: train one local round exactly as a plain round does
@@ -9,7 +9,9 @@ The server drives four stages (``message_type = "train.secagg"``, the stage name
   update delta first (user-level DP's C or robust ``norm_bound``: the server never sees an
   update, so it cannot clip), create a :class:`~fedft.secagg.SecAggClient` and reply with
   its public keys (plus the training metrics and, under sample-level DP, the accountant);
-- ``share``, ``masked``, ``unmask``: the protocol's next steps.
+- ``share``, ``verify``, ``masked``, ``unmask``: the protocol's next steps (``verify``
+  checks every received share against its dealer's Feldman commitments and complains
+  about the dealers whose shares fail).
 
 Between stages the client (private keys, held shares, the vector) lives in this node's
 ``context.state`` (:func:`fedft.transport.secagg_serde.client_state_to_record`); it is
@@ -125,9 +127,12 @@ def handle(cfg: RunConfig, content: RecordDict, context: Context) -> RecordDict:
         reply = ss.share_keys_to_record(
             client.share_keys(ss.directory_from_record(content, num_clients=n))
         )
-    elif stage == "masked":
+    elif stage == "verify":
         routed = ss.routed_from_record(content, num_clients=n)
-        reply = ss.masked_to_record(client.masked_input(routed, vector))
+        reply = ss.check_to_record(client.check_shares(routed))
+    elif stage == "masked":
+        qualified = ss.mask_request_from_record(content, num_clients=n)
+        reply = ss.masked_to_record(client.masked_input(qualified, vector))
     else:
         request = ss.request_from_record(content, num_clients=n)
         reply = ss.unmask_to_record(client.unmask(request))

@@ -84,6 +84,8 @@ class Federation:
         last: the latest evaluation of the global model (metric -> value).
         frozen_id: fingerprint of the shared frozen factors ("" when every part trains).
         holds_frozen: clients known to hold the frozen factors (they get only what trains).
+        excluded: clients a secure round convicted of cheating (``Replies.suspects``):
+            never sampled again in this run.
     """
 
     cfg: RunConfig
@@ -99,6 +101,7 @@ class Federation:
     last: dict[str, float]
     frozen_id: str = ""
     holds_frozen: set[int] = field(default_factory=set)
+    excluded: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -156,7 +159,8 @@ def sample(fed: Federation, rnd: int) -> list[int]:
     (:func:`fedft.privacy.sampling.poisson_cohort`); else a fixed-size sample reproducible
     under the run's seed.
     """
-    able = fed.ledger.able(range(fed.cfg.federation.num_clients))
+    everyone = range(fed.cfg.federation.num_clients)
+    able = [k for k in fed.ledger.able(everyone) if k not in fed.excluded]
     aggregator = fed.coord.aggregator
     if isinstance(aggregator, CentralDP):
         return poisson_cohort(able, sample_rate=aggregator.sample_rate)
@@ -230,6 +234,11 @@ def collect(fed: Federation, rnd: int, starts: Starts) -> Replies:
         )
         replies.bytes_down = starts.bytes_down
     fed.holds_frozen.difference_update(replies.errored)  # e.g. a restarted client lost them
+    if replies.suspects:
+        fed.excluded.update(replies.suspects)
+        logger.warning(
+            "round %d: clients %s excluded from the rest of the run", rnd, replies.suspects
+        )
     return replies
 
 

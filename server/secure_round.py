@@ -1,14 +1,18 @@
 """One secure-aggregation round over Flower messages (the server's side).
 
-Four ``grid.send_and_receive`` exchanges with the round's clients, each message carrying a
+Five ``grid.send_and_receive`` exchanges with the round's clients, each message carrying a
 :mod:`fedft.secagg` message as the ``fedft.secagg`` ConfigRecord
 (:mod:`fedft.transport.secagg_serde`; ``message_type = "train.secagg"``):
 
 1. ``advertise``: the round's start (the same content a plain round sends) plus the SecAgg
    parameters; each client trains and replies with its two X25519 public keys;
-2. ``share``: the key directory U1 -> encrypted Shamir shares (U2);
-3. ``masked``: the shares routed to each client -> its masked vector (U3);
-4. ``unmask``: U3 -> the shares that remove the masks.
+2. ``share``: the key directory U1 -> encrypted Shamir shares and Feldman commitments (U2);
+3. ``verify``: the shares and commitments routed to each client -> its complaints against
+   dealers whose shares fail; the server convicts the cheater of each complaint (U2');
+4. ``masked``: U2' -> each client's masked vector (U3);
+5. ``unmask``: U3 -> the shares that remove the masks (checked against the commitments).
+
+Clients convicted in a round (``Replies.suspects``) are left out of the run's later rounds.
 
 The server learns only ``[sum w_k x_k, sum w_k]`` over U3 (w_k = n_k, or 1 under user-level
 DP) and rebuilds the round's result with :func:`fedft.secagg.encoding.decode_aggregate`.
@@ -246,21 +250,26 @@ def run_secure_round(
         replies = ex.send("share", {k: RecordDict({ss.RECORD: rec}) for k in u1})
         shares = ex.decode("share", replies, lambda c: ss.share_keys_from_record(c, num_clients=n))
         routed = server.collect_shares(shares)
-        # stage 2: masked input
+        # stage 2: share check (complaints against dealers, resolved by the server)
         replies = ex.send(
-            "masked",
+            "verify",
             {
                 k: RecordDict({ss.RECORD: ss.routed_to_record(r, round_id=rnd)})
                 for k, r in routed.items()
             },
         )
+        checks = ex.decode("verify", replies, lambda c: ss.check_from_record(c, num_clients=n))
+        qualified = server.collect_checks(checks)
+        # stage 3: masked input
+        rec = ss.mask_request_to_record(qualified, round_id=rnd)
+        replies = ex.send("masked", {k: RecordDict({ss.RECORD: rec}) for k in qualified.qualified})
         masked = ex.decode(
             "masked",
             replies,
             lambda c: ss.masked_from_record(c, num_clients=n, vector_length=params.vector_length),
         )
         request = server.collect_masked(masked)
-        # stage 3: unmask
+        # stage 4: unmask
         rec = ss.request_to_record(request, round_id=rnd)
         replies = ex.send("unmask", {k: RecordDict({ss.RECORD: rec}) for k in request.survivors})
         unmask = ex.decode("unmask", replies, lambda c: ss.unmask_from_record(c, num_clients=n))
@@ -268,6 +277,7 @@ def run_secure_round(
     except SecAggError as exc:
         logger.error("round %d: %s; model unchanged", rnd, exc)
         out.failed = str(exc)
+        out.suspects = sorted(client_index[k] for k in server.convicted)
         _close(out, ex)
         return out
     _close(out, ex)
@@ -275,7 +285,10 @@ def run_secure_round(
     out.suspects = sorted(client_index[k] for k in total.suspects)
     if out.suspects:
         logger.warning(
-            "round %d: clients %s sent or dealt wrong secret shares (corrected)", rnd, out.suspects
+            "round %d: clients %s cheated in the share exchange (convicted; the round went on "
+            "without their shares)",
+            rnd,
+            out.suspects,
         )
     for k in total.included:
         loss = _metric(keyed[k], "train_loss")

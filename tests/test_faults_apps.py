@@ -22,6 +22,7 @@ With ``capture_dir`` every client saves what it started from and what it sent
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -235,7 +236,12 @@ def fault_client_app(
             raise RuntimeError(f"injected crash of client {idx} in round {rnd}")
         if fault == f"die:{stage}":
             raise RuntimeError(f"injected crash of client {idx} at secagg stage {stage}")
-        content = handle(cfg, msg.content, context)
+        if stage == "share" and fault == "bad-dealer":
+            content = _dealing_badly(lambda: handle(cfg, msg.content, context))
+        else:
+            content = handle(cfg, msg.content, context)
+        if stage == "unmask" and fault == "lie-unmask":
+            _lie_at_unmask(content[ss.RECORD])  # type: ignore[arg-type]
         if stage == "masked" and fault.startswith("offset:"):
             import numpy as np
 
@@ -266,6 +272,43 @@ def fault_client_app(
         return Message(content=content, reply_to=msg)
 
     return app
+
+
+def _dealing_badly(call: Any) -> Any:
+    """Run ``call`` with this process's Shamir dealing handing out shares off the polynomial
+    (each share + an unrelated offset; commitments, where the protocol has them, unchanged)."""
+    from fedft.secagg import shamir
+
+    def off(shares: dict[int, int]) -> dict[int, int]:
+        return {i: (v + 0x5EED_0000_0001 * (i + 7)) % shamir.PRIME for i, v in shares.items()}
+
+    saved = {name: getattr(shamir, name) for name in ("split", "deal") if hasattr(shamir, name)}
+    if "deal" in saved:
+        real_deal = saved["deal"]
+        shamir.deal = functools.partial(_deal_off, real_deal, off)  # type: ignore[attr-defined]
+    else:
+        real_split = saved["split"]
+        shamir.split = lambda *a, **k: off(real_split(*a, **k))  # type: ignore[assignment]
+    try:
+        return call()
+    finally:
+        for name, fn in saved.items():
+            setattr(shamir, name, fn)
+
+
+def _deal_off(real: Any, off: Any, *args: Any, **kwargs: Any) -> Any:
+    shares, commitments = real(*args, **kwargs)
+    return off(shares), commitments
+
+
+def _lie_at_unmask(rec: Any) -> None:
+    """Add one to every share value of an unmask reply (still in the field)."""
+    from fedft.secagg import shamir
+
+    for key in ("seed_shares", "key_shares"):
+        rec[key] = [
+            shamir.encode_share((shamir.decode_share(b) + 1) % shamir.PRIME) for b in rec[key]
+        ]
 
 
 def run_sim(cfg: RunConfig, out: Path, client_app: Any) -> dict[str, Any]:

@@ -109,6 +109,39 @@ def test_forged_sum_under_user_dp_is_refused(tiny_bert_dir: str, tmp_path: Path)
     assert _global_norm(out) < 100.0
 
 
+def test_bad_dealer_is_convicted_dropped_and_excluded(tiny_bert_dir: str, tmp_path: Path) -> None:
+    """Attack (issue 14, item 3): under secure aggregation, client 0 deals shares of its
+    secrets that are off its polynomial, to every holder. Before Feldman commitments its
+    self-mask seed could not be rebuilt and the round aborted, naming no one, every round.
+    Now both holders complain at the share check, the server convicts client 0 from the
+    evidence, the round completes with the two honest clients, and round 2 leaves it out."""
+    cfg = tiny_config(
+        tiny_bert_dir, **THREE, **{"federation.rounds": 2, "aggregation.secure": "true"}
+    )
+    out = tmp_path / "run"
+    run_sim(cfg, out, fault_client_app(cfg, plan={"1:0": "bad-dealer", "2:0": "bad-dealer"}))
+    rows = {r["round"]: r for r in metrics_rows(out)}
+    assert not rows[1].get("failed") and rows[1]["clients"] == 2
+    assert rows[1]["secagg_suspects"] == [0]
+    assert rows[2]["sampled"] == 2 and rows[2]["clients"] == 2 and not rows[2].get("failed")
+    assert _global_norm(out) < 100.0
+
+
+def test_lying_holder_is_convicted_and_excluded(tiny_bert_dir: str, tmp_path: Path) -> None:
+    """Attack: client 1 adds one to every share it reveals at the unmasking step. Its
+    shares fail the dealers' commitments: it is named, the round completes from the honest
+    shares, and round 2 runs without it."""
+    cfg = tiny_config(
+        tiny_bert_dir, **THREE, **{"federation.rounds": 2, "aggregation.secure": "true"}
+    )
+    out = tmp_path / "run"
+    run_sim(cfg, out, fault_client_app(cfg, plan={"1:1": "lie-unmask", "2:1": "lie-unmask"}))
+    rows = {r["round"]: r for r in metrics_rows(out)}
+    assert not rows[1].get("failed") and rows[1]["clients"] == 3
+    assert rows[1]["secagg_suspects"] == [1]
+    assert rows[2]["sampled"] == 2 and rows[2]["clients"] == 2 and not rows[2].get("failed")
+
+
 # --- the pure checks ----------------------------------------------------------------------
 
 
@@ -200,9 +233,10 @@ def _forged_round(*, weighted: bool, clip: float, value: float, weight: float): 
     server = SecAggServer(params)
     directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
     routed = server.collect_shares([c.share_keys(directory) for c in clients.values()])
+    qualified = server.collect_checks([c.check_shares(routed[i]) for i, c in clients.items()])
     masked = []
     for i, c in clients.items():
-        m = c.masked_input(routed[i], vectors[i - 1])
+        m = c.masked_input(qualified, vectors[i - 1])
         if i == 1:
             arr = np.frombuffer(m.masked, dtype="<u8").copy()
             scale = 2.0**params.frac_bits

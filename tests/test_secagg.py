@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from fedft.aggregation import get_aggregator
 from fedft.secagg import (
     MaskedInput,
+    MaskRequest,
     RoutedShares,
     SecAggAbort,
     SecAggClient,
@@ -21,6 +23,7 @@ from fedft.secagg import (
     SecAggProtocolError,
     SecAggResult,
     SecAggServer,
+    ShareCheck,
     UnmaskRequest,
     UnmaskShares,
     shamir,
@@ -54,18 +57,31 @@ def run_round(
     tamper_unmask: tuple[int, ...] = (),
     server: SecAggServer | None = None,
 ) -> SecAggResult:
-    """Run all four steps; clients in drop_* vanish before that step."""
+    """Run all five steps; clients in drop_* vanish before that step (drop_before_masked:
+    after the share check, so they are in U2' and their keys must be rebuilt)."""
     clients = {i: SecAggClient(index=i, params=params) for i in vectors}
     server = server or SecAggServer(params)
     directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
     alive = [i for i in clients if i not in drop_before_shares]
     routed = server.collect_shares([clients[i].share_keys(directory) for i in alive])
+    qualified = _qualify(server, clients, routed, alive)
     alive = [i for i in alive if i not in drop_before_masked]
-    request = server.collect_masked([clients[i].masked_input(routed[i], vectors[i]) for i in alive])
+    request = server.collect_masked([clients[i].masked_input(qualified, vectors[i]) for i in alive])
     alive = [i for i in alive if i not in drop_before_unmask]
     responses = [clients[i].unmask(request) for i in alive]
     responses = [_tamper(r) if r.index in tamper_unmask else r for r in responses]
     return server.collect_unmasking(responses)
+
+
+def _qualify(
+    server: SecAggServer,
+    clients: dict[int, SecAggClient],
+    routed: dict[int, RoutedShares],
+    ids: Iterable[int],
+) -> MaskRequest:
+    """The share-check step: every client in ``ids`` checks its shares, the server
+    resolves the complaints and returns U2'."""
+    return server.collect_checks([clients[i].check_shares(routed[i]) for i in ids])
 
 
 def _tamper(r: UnmaskShares) -> UnmaskShares:
@@ -144,8 +160,9 @@ def test_client_refuses_short_survivor_list_and_second_unmask_request() -> None:
     server = SecAggServer(params)
     directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
     routed = server.collect_shares([c.share_keys(directory) for c in clients.values()])
-    for i, c in clients.items():
-        c.masked_input(routed[i], np.ones(16))
+    qualified = _qualify(server, clients, routed, clients)
+    for c in clients.values():
+        c.masked_input(qualified, np.ones(16))
     with pytest.raises(SecAggAbort):  # t = 3: a server claiming 2 survivors is refused
         clients[1].unmask(UnmaskRequest(survivors=(1, 2)))
     clients[2].unmask(UnmaskRequest(survivors=(1, 2, 3, 4)))
@@ -168,8 +185,9 @@ def test_unmask_reveals_seed_shares_of_survivors_and_key_shares_of_dropped_only(
     directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
     u2 = [1, 2, 3, 4, 5, 6, 7]  # client 8 vanishes before sharing keys
     routed = server.collect_shares([clients[i].share_keys(directory) for i in u2])
+    qualified = _qualify(server, clients, routed, u2)
     u3 = [1, 2, 3, 4, 5]  # 6 and 7 vanish before sending masked input
-    request = server.collect_masked([clients[i].masked_input(routed[i], np.ones(16)) for i in u3])
+    request = server.collect_masked([clients[i].masked_input(qualified, np.ones(16)) for i in u3])
     assert set(request.survivors) == set(u3)
     for i in u3:
         reply = clients[i].unmask(request)
@@ -187,8 +205,9 @@ def test_masked_vector_is_uncorrelated_with_the_input() -> None:
         server = SecAggServer(params)
         directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
         routed = server.collect_shares([c.share_keys(directory) for c in clients.values()])
+        qualified = _qualify(server, clients, routed, clients)
         x = np.random.default_rng(trial).uniform(-100, 100, D)  # strong signal
-        y = clients[1].masked_input(routed[1], x)
+        y = clients[1].masked_input(qualified, x)
         seen = np.frombuffer(y.masked, dtype="<u8").view(np.int64).astype(np.float64)
         rs.append(np.corrcoef(seen, x)[0, 1])
         # The server's view is uniform over the ring: mean near 0 for signed reading.
@@ -226,24 +245,30 @@ def test_tampered_ciphertext_is_detected() -> None:
     routed = server.collect_shares([c.share_keys(directory) for c in clients.values()])
     blob = bytearray(routed[1].ciphertexts[2])
     blob[-1] ^= 1
-    forged = RoutedShares(ciphertexts={**routed[1].ciphertexts, 2: bytes(blob)})
-    with pytest.raises(SecAggProtocolError, match="authentication"):
-        clients[1].masked_input(forged, np.ones(16))
+    forged = RoutedShares(
+        ciphertexts={**routed[1].ciphertexts, 2: bytes(blob)}, commitments=routed[1].commitments
+    )
+    assert set(clients[1].check_shares(forged).complaints) == {2}  # fails authentication
     # A share re-addressed from another sender fails too (AEAD binds sender and receiver).
-    swapped = RoutedShares(ciphertexts={**routed[3].ciphertexts, 2: routed[3].ciphertexts[4]})
-    with pytest.raises(SecAggProtocolError):
-        clients[3].masked_input(swapped, np.ones(16))
+    swapped = RoutedShares(
+        ciphertexts={**routed[3].ciphertexts, 2: routed[3].ciphertexts[4]},
+        commitments=routed[3].commitments,
+    )
+    assert set(clients[3].check_shares(swapped).complaints) == {2}
+    # untouched shares raise no complaint
+    assert clients[2].check_shares(routed[2]).complaints == {}
 
 
 def test_wrong_shares_are_skipped_with_surplus_and_abort_without() -> None:
     params = _params(max_dropouts=4, d=128)  # t = 6
     vectors = _vectors(N, 128, seed=3)
-    # 9 responses, 1 dishonest: a 6-subset of honest shares verifies; the sum is exact.
+    # 9 responses, 1 dishonest: its shares fail the commitments; the sum is exact.
     result = run_round(params, vectors, drop_before_masked=(10,), tamper_unmask=(2,))
     expected = np.sum([vectors[i] for i in result.included], axis=0)
     assert np.abs(result.total - expected).max() <= params.error_bound
-    # Exactly t responses, one of them wrong: no honest t-subset exists -> clean abort.
-    with pytest.raises(SecAggAbort, match="tampered"):
+    assert result.suspects == (2,)
+    # Exactly t responses, one of them wrong: t - 1 verified shares -> clean abort, liar named.
+    with pytest.raises(SecAggAbort, match="match the dealer's commitments") as info:
         run_round(
             params,
             vectors,
@@ -251,6 +276,7 @@ def test_wrong_shares_are_skipped_with_surplus_and_abort_without() -> None:
             drop_before_unmask=(7, 8, 9),
             tamper_unmask=(2,),
         )
+    assert info.value.suspects == (2,)
 
 
 def test_server_ignores_malformed_and_duplicate_messages() -> None:
@@ -259,8 +285,9 @@ def test_server_ignores_malformed_and_duplicate_messages() -> None:
     server = SecAggServer(params)
     directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
     routed = server.collect_shares([c.share_keys(directory) for c in clients.values()])
+    qualified = _qualify(server, clients, routed, clients)
     vectors = {i: np.full(32, 0.5 * i) for i in clients}
-    msgs = [clients[i].masked_input(routed[i], vectors[i]) for i in clients]
+    msgs = [clients[i].masked_input(qualified, vectors[i]) for i in clients]
     replay = MaskedInput(index=1, masked=msgs[1].masked)  # second message claiming index 1
     short = MaskedInput(index=6, masked=b"\0" * 8)  # not in the cohort, wrong size
     request = server.collect_masked([*msgs, replay, short])
@@ -327,63 +354,134 @@ def test_secure_weighted_mean_matches_inner_aggregator(name: str) -> None:
 
 def test_lying_share_holder_is_named_and_the_round_completes() -> None:
     """Attack: n = 20, t = 11, every client answers the unmasking; client 1 sends a wrong
-    value for every share it reveals. Subset search (4,096 tries, every early subset holds
-    client 1) aborted the round; Reed-Solomon decoding corrects up to 4 wrong shares per
-    secret, names client 1 and the sum is exact."""
+    value for every share it reveals. Each of its shares fails the dealer's Feldman
+    commitments: client 1 is convicted and the sum, rebuilt from the other shares, exact."""
     params = _params(n=20, max_dropouts=9, d=64)
     vectors = _vectors(20, 64, seed=5)
     result = run_round(params, vectors, tamper_unmask=(1,))
     expected = np.sum([vectors[i] for i in result.included], axis=0)
+    assert result.included == tuple(range(1, 21))
     assert np.abs(result.total - expected).max() <= params.error_bound
     assert result.suspects == (1,)
 
 
-def test_bad_dealer_is_named_and_the_round_completes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Attack: client 3 deals inconsistent shares of its secrets (holders 5 and 6 get values
-    off its polynomial). Before, the first 4,096 subsets all held share 5 or 6 and the round
-    aborted without naming anyone; now decoding corrects both, the dealer is named."""
+def _bad_deal(victims: set[int]):  # type: ignore[no-untyped-def]
+    real = shamir.deal
+
+    def deal(secret: bytes, *, threshold: int, indices: list[int]):  # type: ignore[no-untyped-def]
+        shares, commitments = real(secret, threshold=threshold, indices=indices)
+        return {
+            i: (v + 0x5EED_0000_0001 * i) % shamir.PRIME if i in victims else v
+            for i, v in shares.items()
+        }, commitments
+
+    return deal
+
+
+@pytest.mark.parametrize("victims", [{5, 6}, set(range(4, 21))])
+def test_bad_dealer_is_convicted_before_masking(
+    monkeypatch: pytest.MonkeyPatch, victims: set[int]
+) -> None:
+    """Attack: client 3 deals shares off its committed polynomial, to two holders or to
+    every other holder but 1 and 2 (then too few right shares of its seed exist: before
+    Feldman commitments the round aborted naming no one). The victims complain at the
+    share check, the server convicts client 3 from the revealed keys, and the round
+    completes without it."""
     params = _params(n=20, max_dropouts=9, d=64)
     vectors = _vectors(20, 64, seed=6)
     clients = {i: SecAggClient(index=i, params=params) for i in vectors}
     server = SecAggServer(params)
     directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
-    real_split = shamir.split
-
-    def bad_split(secret: bytes, *, threshold: int, indices: list[int]) -> dict[int, int]:
-        shares = real_split(secret, threshold=threshold, indices=indices)
-        # unrelated offsets (small related ones can cancel in some subsets' interpolation)
-        off = {5: 0x5EED_0005_0000_0001, 6: 0xBAD_DEA1_0000_0000_0007}
-        return {i: (v + off[i]) % shamir.PRIME if i in off else v for i, v in shares.items()}
-
     shares = []
     for i, c in clients.items():
-        if i == 3:
-            with monkeypatch.context() as m:
-                m.setattr(shamir, "split", bad_split)
-                shares.append(c.share_keys(directory))
-        else:
+        with monkeypatch.context() as m:
+            if i == 3:
+                m.setattr(shamir, "deal", _bad_deal(victims))
             shares.append(c.share_keys(directory))
     routed = server.collect_shares(shares)
+    checks = [c.check_shares(routed[i]) for i, c in clients.items()]
+    assert {m.index for m in checks if m.complaints} == victims
+    assert all(set(m.complaints) == {3} for m in checks if m.complaints)
+    qualified = server.collect_checks(checks)
+    assert qualified.qualified == tuple(i for i in range(1, 21) if i != 3)
     request = server.collect_masked(
-        [c.masked_input(routed[i], vectors[i]) for i, c in clients.items()]
+        [clients[i].masked_input(qualified, vectors[i]) for i in qualified.qualified]
     )
-    result = server.collect_unmasking([c.unmask(request) for c in clients.values()])
+    result = server.collect_unmasking([clients[i].unmask(request) for i in request.survivors])
     expected = np.sum([vectors[i] for i in result.included], axis=0)
+    assert 3 not in result.included and len(result.included) == 19
     assert np.abs(result.total - expected).max() <= params.error_bound
     assert result.suspects == (3,)
 
 
-def test_reed_solomon_decoding_corrects_half_the_surplus() -> None:
+def test_false_complaint_convicts_the_complainer() -> None:
+    """Attack: client 2 complains about honest dealers 1 and 4 (revealing its real
+    receiving keys), and client 5 about dealer 1 with a key it never advertised. The
+    shares decrypt and verify: both complainers are convicted, the dealers stay."""
+    params = _params(n=8, max_dropouts=3, d=16)
+    clients = {i: SecAggClient(index=i, params=params) for i in range(1, 9)}
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    routed = server.collect_shares([c.share_keys(directory) for c in clients.values()])
+    checks = {i: c.check_shares(routed[i]) for i, c in clients.items()}
+    real = clients[2].export_state().recv_private
+    checks[2] = ShareCheck(index=2, complaints={1: real[1], 4: real[4]})
+    checks[5] = ShareCheck(index=5, complaints={1: bytes(range(32))})
+    qualified = server.collect_checks(list(checks.values()))
+    assert qualified.qualified == (1, 3, 4, 6, 7, 8)
+    assert server.convicted == {2, 5}
+
+
+def test_feldman_commitments_bind_the_shares() -> None:
     import secrets as pysecrets
 
+    from fedft.secagg import feldman
+
     secret = pysecrets.token_bytes(32)
-    shares = shamir.split(secret, threshold=6, indices=list(range(1, 11)))
-    forged = {i: (v + 9) % shamir.PRIME if i in (2, 7) else v for i, v in shares.items()}
-    assert shamir.decode_shares(forged, threshold=6) == (secret, {2, 7})  # e = 2 of 4 spare
-    three = {i: (v + 9) % shamir.PRIME if i in (2, 7, 9) else v for i, v in shares.items()}
-    with pytest.raises(shamir.ShareError, match="correct"):
-        shamir.decode_shares(three, threshold=6)
-    assert shamir.decode_shares(shares, threshold=6) == (secret, set())
+    shares, blobs = shamir.deal(secret, threshold=4, indices=list(range(1, 8)))
+    commitments = feldman.decode(blobs, threshold=4)
+    assert all(feldman.verify(commitments, i, y) for i, y in shares.items())
+    assert not feldman.verify(commitments, 3, (shares[3] + 1) % shamir.PRIME)
+    assert not feldman.verify(commitments, 3, shares[4])  # another holder's share
+    # -C_j (outside the order-q subgroup) checks the same on squares: no verifier disagrees
+    negated = [feldman.P - c if j == 1 else c for j, c in enumerate(commitments)]
+    assert feldman.verify(negated, 5, shares[5]) == feldman.verify(commitments, 5, shares[5])
+    items = [(commitments, i, y) for i, y in shares.items()]
+    assert feldman.batch_verify(items)
+    bad = [*items[:-1], (commitments, 7, (shares[7] + 5) % shamir.PRIME)]
+    assert not feldman.batch_verify(bad)
+    forged = {i: (y + 9) % shamir.PRIME if i in (2, 6) else y for i, y in shares.items()}
+    got, wrong = shamir.reconstruct_checked(
+        forged, threshold=4, commitments=commitments, verify=lambda s: s == secret
+    )
+    assert got == secret and wrong == {2, 6}
+    with pytest.raises(shamir.ShareError, match="only 3 of 4"):
+        shamir.reconstruct_checked(
+            {i: forged[i] for i in (1, 2, 3, 4)},
+            threshold=4,
+            commitments=commitments,
+            verify=lambda s: s == secret,
+        )
+    with pytest.raises(shamir.DealerError):  # verified shares, but not the committed secret
+        shamir.reconstruct_checked(
+            shares, threshold=4, commitments=commitments, verify=lambda s: False
+        )
+    with pytest.raises(feldman.CommitmentError, match="expected 4"):
+        feldman.decode(blobs[:3], threshold=4)
+    with pytest.raises(feldman.CommitmentError, match="not an element"):
+        feldman.decode([bytes(256), *blobs[1:]], threshold=4)
+
+
+def test_the_group_is_a_safe_prime_subgroup() -> None:
+    """p = 2q + 1 with p and q prime, g of order q; shares live in Z_q."""
+    import sympy
+
+    from fedft.secagg import feldman
+
+    assert feldman.P.bit_length() == 2048 and feldman.P == 2 * feldman.Q + 1
+    assert sympy.isprime(feldman.P) and sympy.isprime(feldman.Q)
+    assert pow(feldman.G, feldman.Q, feldman.P) == 1 and feldman.G != 1
+    assert shamir.PRIME == feldman.Q and (1 << 256) < shamir.PRIME
 
 
 def test_a_client_exported_and_restored_at_every_step_gives_the_same_sum() -> None:
@@ -402,8 +500,9 @@ def test_a_client_exported_and_restored_at_every_step_gives_the_same_sum() -> No
     server = SecAggServer(params)
     directory = server.collect_keys([moved(i).advertise_keys() for i in vectors])
     routed = server.collect_shares([moved(i).share_keys(directory) for i in vectors])
+    qualified = server.collect_checks([moved(i).check_shares(routed[i]) for i in vectors])
     alive = [i for i in vectors if i != 6]  # 6 drops before sending its masked input
-    request = server.collect_masked([moved(i).masked_input(routed[i], vectors[i]) for i in alive])
+    request = server.collect_masked([moved(i).masked_input(qualified, vectors[i]) for i in alive])
     result = server.collect_unmasking([moved(i).unmask(request) for i in alive])
     plain = sum(vectors[i] for i in alive)
     assert np.max(np.abs(result.total - plain)) <= params.error_bound
@@ -414,8 +513,10 @@ def test_a_client_exported_and_restored_at_every_step_gives_the_same_sum() -> No
 
 def test_restoring_a_bad_state_is_refused() -> None:
     state = SecAggClient(index=1, params=_params(n=3, max_dropouts=1, d=4)).export_state()
-    with pytest.raises(ValueError, match="step 5 outside"):
-        SecAggClient.from_state(dataclasses.replace(state, step=5))
+    with pytest.raises(ValueError, match="step 6 outside"):
+        SecAggClient.from_state(dataclasses.replace(state, step=6))
+    with pytest.raises(ValueError, match="receiving key"):
+        SecAggClient.from_state(dataclasses.replace(state, recv_private={}))
     with pytest.raises(ValueError, match="seed has 3 bytes"):
         SecAggClient.from_state(dataclasses.replace(state, seed=b"abc"))
 
@@ -426,6 +527,8 @@ def test_server_steps_out_of_order_are_refused_by_name() -> None:
         server.collect_unmasking([])
     with pytest.raises(SecAggProtocolError, match="server: collect_masked called out of order"):
         server.collect_masked([])
+    with pytest.raises(SecAggProtocolError, match="server: collect_checks called out of order"):
+        server.collect_checks([])
 
 
 def test_shamir_field_bounds_and_secret_size() -> None:
@@ -442,7 +545,9 @@ def test_shamir_field_bounds_and_secret_size() -> None:
     with pytest.raises(shamir.ShareError, match="not a 32-byte secret"):
         shamir.reconstruct({1: 1 << 256})
     with pytest.raises(shamir.ShareError, match="need 2 shares, got 1"):
-        shamir.reconstruct_verified({1: shares[1]}, threshold=2, verify=lambda s: True)
+        shamir.reconstruct_checked(
+            {1: shares[1]}, threshold=2, commitments=[1, 1], verify=lambda s: True
+        )
 
 
 def test_unweighted_encoding_sends_weight_one() -> None:

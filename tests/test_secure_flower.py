@@ -28,7 +28,7 @@ from fedft.aggregation import get_aggregator
 from fedft.aggregation.robust import NormBound, flatten_trainables
 from fedft.checkpoint import load_checkpoint
 from fedft.privacy import CentralDP
-from fedft.secagg import SecAggClient, SecAggParams, SecAggServer
+from fedft.secagg import RoutedShares, SecAggClient, SecAggParams, SecAggServer, ShareCheck
 from fedft.transport import secagg_serde as ss
 from fedft.types import ClientUpdate, LoraFactors
 from server.secure_round import aggregate_from_sum
@@ -62,21 +62,34 @@ def _run_protocol(vectors: list[np.ndarray], *, max_dropouts: int, round_id: int
         states[i] = ss.client_state_to_record(c, vector=vectors[i - 1])
     directory = server.collect_keys(ads)
     drec = _wrap(ss.directory_to_record(directory, round_id=round_id))
+    assert ss.directory_from_record(drec, num_clients=n) == directory
     assert ss.stage_of(drec) == "share" and ss.round_of(drec) == round_id
     shares = []
     for i in range(1, n + 1):
         c, v = ss.client_state_from_record(states[i])
         m = c.share_keys(ss.directory_from_record(drec, num_clients=n))
-        shares.append(ss.share_keys_from_record(_wrap(ss.share_keys_to_record(m)), num_clients=n))
+        back = ss.share_keys_from_record(_wrap(ss.share_keys_to_record(m)), num_clients=n)
+        assert back == m
+        shares.append(back)
         states[i] = ss.client_state_to_record(c, vector=v)
     routed = server.collect_shares(shares)
+    checks = []
+    for i in range(1, n + 1):
+        c, v = ss.client_state_from_record(states[i])
+        rrec = _wrap(ss.routed_to_record(routed[i], round_id=round_id))
+        assert ss.stage_of(rrec) == "verify"
+        r = ss.routed_from_record(rrec, num_clients=n)
+        assert r == routed[i]
+        m = c.check_shares(r)
+        checks.append(ss.check_from_record(_wrap(ss.check_to_record(m)), num_clients=n))
+        states[i] = ss.client_state_to_record(c, vector=v)
+    qualified = server.collect_checks(checks)
+    qrec = _wrap(ss.mask_request_to_record(qualified, round_id=round_id))
+    assert ss.stage_of(qrec) == "masked"
     masked = []
     for i in range(1, n + 1):
         c, v = ss.client_state_from_record(states[i])
-        r = ss.routed_from_record(
-            _wrap(ss.routed_to_record(routed[i], round_id=round_id)), num_clients=n
-        )
-        m = c.masked_input(r, v)
+        m = c.masked_input(ss.mask_request_from_record(qrec, num_clients=n), v)
         masked.append(
             ss.masked_from_record(_wrap(ss.masked_to_record(m)), num_clients=n, vector_length=d)
         )
@@ -203,7 +216,7 @@ def test_malformed_records_raise_typed_errors() -> None:
     good = ss.params_to_record(params, index=2)
     bad_cases = []
     for key, value in [
-        ("version", 2),
+        ("version", 1),  # the layout before Feldman commitments
         ("num_clients", 1),
         ("max_dropouts", 2),  # t = 2 is not > n / 2
         ("index", 5),
@@ -235,6 +248,19 @@ def test_malformed_records_raise_typed_errors() -> None:
     )
     with pytest.raises(ss.SecAggSerdeError):
         ss.request_from_record(_wrap(r), num_clients=4)
+    ad = ss.advertise_to_record(SecAggClient(index=2, params=params).advertise_keys())
+    ad["recv_public"] = [b"\0" * 32] * 2  # 3 ids, 2 keys
+    with pytest.raises(ss.SecAggSerdeError):
+        ss.advertise_from_record(_wrap(ad), num_clients=4)
+    chk = ss.check_to_record(ShareCheck(index=1, complaints={2: b"k" * 31}))
+    with pytest.raises(ss.SecAggSerdeError):  # a revealed key is 32 bytes
+        ss.check_from_record(_wrap(chk), num_clients=4)
+    routed = ss.routed_to_record(
+        RoutedShares(ciphertexts={2: b"x"}, commitments={2: ((b"\1" * 256,), (b"\1" * 255,))}),
+        round_id=1,
+    )
+    with pytest.raises(ss.SecAggSerdeError):  # a commitment is 256 bytes
+        ss.routed_from_record(_wrap(routed), num_clients=4)
 
 
 # --- through Flower ---------------------------------------------------------------------

@@ -1,44 +1,65 @@
-"""Shamir t-of-n secret sharing over the prime field GF(2^521 - 1).
+"""Shamir t-of-n secret sharing over Z_q, q the order of the Feldman group, with commitments.
 
 Source: A. Shamir, "How to share a secret", CACM 22(11), 1979. A secret s (an integer below
 the prime) is the constant term of a random polynomial f of degree t - 1; share i is
 (i, f(i)) for i = 1..n. Any t shares give s by Lagrange interpolation at 0; t - 1 shares are
-independent of s. The field is the Mersenne prime 2^521 - 1, so a 32-byte secret (an X25519
-private key or a mask seed) is one field element.
+independent of s. The field is Z_q with q the 2047-bit prime order of
+:mod:`fedft.secagg.feldman`'s group, so a 32-byte secret (an X25519 private key or a mask
+seed) is one field element and every share can be checked against the dealer's Feldman
+commitments (:func:`deal` returns them).
 
-Shamir shares carry no integrity: a wrong share silently gives a wrong secret. Shares are
-a Reed-Solomon codeword (the evaluations of a degree t - 1 polynomial), so
-:func:`decode_shares` corrects up to floor((m - t) / 2) wrong shares among m and names the
-holders whose shares were wrong (Berlekamp-Welch: E. Berlekamp and L. Welch, US patent
-4,633,470, 1986; the linear-system form in e.g. Gemmell and Sudan, IPL 43(4), 1992). Callers
-verify a reconstruction against a public commitment (see :func:`reconstruct_verified`).
+Shamir shares alone carry no integrity: a wrong share silently gives a wrong secret.
+:func:`reconstruct_checked` therefore takes the dealer's commitments: on honest shares it is
+one interpolation and a consistency check of the spare shares; when some share is off the
+polynomial, every share is checked against the commitments, the holders of the wrong ones
+are named, and the secret is rebuilt from t shares that verify.
 """
 
 from __future__ import annotations
 
-import itertools
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 
-PRIME = 2**521 - 1
-"""The field modulus (a Mersenne prime, 521 bits)."""
+from fedft.secagg import feldman
+
+PRIME = feldman.Q
+"""The field modulus: the Feldman group's prime order (2047 bits)."""
 
 SECRET_BYTES = 32
 """Secrets are 32-byte strings (X25519 keys, mask seeds)."""
 
-SHARE_BYTES = 66
-"""A field element serialised big-endian: ceil(521 / 8) bytes."""
-
-MAX_SUBSETS = 4096
-"""How many t-subsets :func:`reconstruct_verified` tries before giving up."""
+SHARE_BYTES = feldman.ELEMENT_BYTES
+"""A field element serialised big-endian (256 bytes)."""
 
 
 class ShareError(ValueError):
-    """Shares are malformed, too few, or reconstruct a secret that fails verification."""
+    """Shares are malformed, too few, or reconstruct a secret that fails verification.
+
+    Attributes:
+        wrong: indices whose shares failed the dealer's commitments (when checked).
+    """
+
+    def __init__(self, message: str, *, wrong: set[int] | None = None) -> None:
+        super().__init__(message)
+        self.wrong = set(wrong or ())
+
+
+class DealerError(ShareError):
+    """Shares that verify against the commitments rebuild a secret that fails ``verify``."""
 
 
 def split(secret: bytes, *, threshold: int, indices: Sequence[int]) -> dict[int, int]:
     """Split a 32-byte secret into shares, any ``threshold`` of which recover it.
+
+    :func:`deal` without the commitments.
+    """
+    return deal(secret, threshold=threshold, indices=indices)[0]
+
+
+def deal(
+    secret: bytes, *, threshold: int, indices: Sequence[int]
+) -> tuple[dict[int, int], tuple[bytes, ...]]:
+    """Share a 32-byte secret and commit to the polynomial (Feldman).
 
     Args:
         secret: exactly 32 bytes.
@@ -47,7 +68,8 @@ def split(secret: bytes, *, threshold: int, indices: Sequence[int]) -> dict[int,
             at least ``threshold`` of them.
 
     Returns:
-        index -> share value f(index) in [0, PRIME).
+        ``(shares, commitments)``: index -> f(index) in [0, PRIME), and the t serialised
+        commitments g^{a_j} (:func:`fedft.secagg.feldman.commit`, constant term first).
     """
     if len(secret) != SECRET_BYTES:
         raise ShareError(f"secret must be {SECRET_BYTES} bytes, got {len(secret)}")
@@ -56,7 +78,7 @@ def split(secret: bytes, *, threshold: int, indices: Sequence[int]) -> dict[int,
         raise ShareError(f"threshold {threshold} must be in [1, {len(indices)}]")
     coeffs = [int.from_bytes(secret, "big")]
     coeffs += [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
-    return {i: _eval_poly(coeffs, i) for i in indices}
+    return {i: _eval_poly(coeffs, i) for i in indices}, feldman.commit(coeffs)
 
 
 def reconstruct(shares: Mapping[int, int]) -> bytes:
@@ -124,154 +146,65 @@ def _interpolate(points: Sequence[tuple[int, int]]) -> list[int]:
     return coeffs
 
 
-def _solve(rows: list[list[int]], rhs: list[int], unknowns: int) -> list[int] | None:
-    """One solution of the linear system over GF(PRIME) (free variables 0), or None."""
-    m = len(rows)
-    a = [row[:] + [b] for row, b in zip(rows, rhs, strict=True)]
-    pivots: list[int] = []
-    r = 0
-    for c in range(unknowns):
-        pivot = next((i for i in range(r, m) if a[i][c]), None)
-        if pivot is None:
-            continue
-        a[r], a[pivot] = a[pivot], a[r]
-        inv = pow(a[r][c], -1, PRIME)
-        a[r] = [v * inv % PRIME for v in a[r]]
-        for i in range(m):
-            if i != r and a[i][c]:
-                f = a[i][c]
-                a[i] = [(vi - f * vr) % PRIME for vi, vr in zip(a[i], a[r], strict=True)]
-        pivots.append(c)
-        r += 1
-        if r == m:
-            break
-    if any(a[i][unknowns] for i in range(r, m)):
-        return None  # inconsistent
-    x = [0] * unknowns
-    for i, c in enumerate(pivots):
-        x[c] = a[i][unknowns]
-    return x
-
-
-def _poly_divide(num: list[int], den: list[int]) -> tuple[list[int], list[int]]:
-    """(quotient, remainder) of polynomials over GF(PRIME), constant term first."""
-    num = num[:]
-    while len(den) > 1 and den[-1] == 0:
-        den = den[:-1]
-    inv = pow(den[-1], -1, PRIME)
-    quotient = [0] * max(1, len(num) - len(den) + 1)
-    for d in range(len(num) - len(den), -1, -1):
-        coef = num[d + len(den) - 1] * inv % PRIME
-        quotient[d] = coef
-        for j, dj in enumerate(den):
-            num[d + j] = (num[d + j] - coef * dj) % PRIME
-    return quotient, num[: len(den) - 1]
-
-
-def decode_shares(shares: Mapping[int, int], *, threshold: int) -> tuple[bytes, set[int]]:
-    """Reed-Solomon decode: the secret and the indices whose shares were wrong.
-
-    With m shares of a degree t - 1 polynomial of which at most e = floor((m - t) / 2) are
-    wrong, the polynomial is unique and found in polynomial time (Berlekamp-Welch: solve
-    Q(x_i) = y_i E(x_i) for E monic of degree e and Q of degree < t + e; f = Q / E). The
-    shares that f does not pass through are the wrong ones. Without errors this is one
-    interpolation through t shares plus a check of the rest.
-
-    Raises:
-        ShareError: fewer than t shares, more errors than the code corrects, or f(0) is not
-            a 32-byte secret.
-    """
-    _check_indices(list(shares))
-    t, m = threshold, len(shares)
-    if m < t:
-        raise ShareError(f"need {t} shares, got {m}")
-    points = sorted(shares.items())
-    f = _interpolate(points[:t])
-    wrong = {x for x, y in points if _eval_poly(f, x) != y}
-    if wrong:
-        f = []
-        for e in range(1, (m - t) // 2 + 1):
-            # unknowns: E_0..E_{e-1} (E_e = 1), Q_0..Q_{t+e-1}
-            rows, rhs = [], []
-            for x, y in points:
-                row = [(-y * pow(x, j, PRIME)) % PRIME for j in range(e)]
-                row += [pow(x, j, PRIME) for j in range(t + e)]
-                rows.append(row)
-                rhs.append(y * pow(x, e, PRIME) % PRIME)
-            sol = _solve(rows, rhs, e + t + e)
-            if sol is None:
-                continue
-            quotient, remainder = _poly_divide(sol[e:], [*sol[:e], 1])
-            if any(remainder):
-                continue
-            candidate = (quotient + [0] * t)[:t]
-            bad = {x for x, y in points if _eval_poly(candidate, x) != y}
-            if len(bad) <= e:
-                f, wrong = candidate, bad
-                break
-        if not f:
-            raise ShareError(
-                f"{m} shares of threshold {t}: more wrong shares than the "
-                f"{(m - t) // 2} this many can correct"
-            )
-    secret = f[0]
-    if secret >= 1 << (8 * SECRET_BYTES):
-        raise ShareError("reconstructed value is not a 32-byte secret (wrong or missing shares)")
-    return secret.to_bytes(SECRET_BYTES, "big"), wrong
-
-
-def reconstruct_verified(
+def reconstruct_checked(
     shares: Mapping[int, int],
     *,
     threshold: int,
+    commitments: Sequence[int],
     verify: Callable[[bytes], bool],
-    wrong: set[int] | None = None,
-) -> bytes:
-    """Reconstruct a secret and check it against a commitment, tolerating bad shares.
+) -> tuple[bytes, set[int]]:
+    """Rebuild a secret from shares checked against the dealer's Feldman commitments.
 
-    First Reed-Solomon decoding (:func:`decode_shares`): corrects up to half the surplus
-    of wrong shares at polynomial cost and names the holders of the wrong ones (added to
-    ``wrong`` when given). If that fails or does not verify, t-subsets are tried (at most
-    :data:`MAX_SUBSETS`) until ``verify`` accepts the secret: with at least t honest shares
-    and bad shares no more than the surplus, one subset is all honest.
+    Fast path (honest shares): interpolate t shares, check that every other share lies on
+    the same polynomial and that ``verify`` accepts f(0). Otherwise every share is checked
+    against ``commitments`` (:func:`fedft.secagg.feldman.verify`); the ones that fail are
+    wrong (their holders lied: they were dealt verified shares), and the secret is
+    interpolated from t shares that pass.
 
     Args:
-        shares: index -> share value, at least ``threshold`` of them.
+        shares: index -> share value.
         threshold: t, the polynomial degree plus one.
+        commitments: the dealer's t commitments, decoded (:func:`fedft.secagg.feldman.decode`).
         verify: returns True for the committed secret (e.g. recomputes a public key).
-        wrong: a set that receives the indices whose shares decoding found wrong.
 
     Returns:
-        the verified 32-byte secret.
+        ``(secret, wrong)``: the 32-byte secret and the indices whose shares failed.
 
     Raises:
-        ShareError: fewer than t shares, or no t-subset verifies.
+        ShareError: fewer than t shares pass.
+        DealerError: t verified shares give a value ``verify`` refuses: the dealer shared
+            another secret than the one it committed to elsewhere.
     """
+    _check_indices(list(shares))
     if len(shares) < threshold:
         raise ShareError(f"need {threshold} shares, got {len(shares)}")
-    try:
-        secret, bad = decode_shares(shares, threshold=threshold)
-    except ShareError:
-        pass
-    else:
-        if verify(secret):
-            if wrong is not None:
-                wrong |= bad
-            return secret
-    items = sorted(shares.items())
-    for n_tried, subset in enumerate(itertools.combinations(items, threshold)):
-        if n_tried >= MAX_SUBSETS:
-            break
-        try:
-            secret = reconstruct(dict(subset))
-        except ShareError:
-            continue
-        if verify(secret):
-            return secret
-    raise ShareError(
-        f"no {threshold}-subset of the {len(shares)} shares from indices "
-        f"{[i for i, _ in items]} reconstructs the committed secret (tampered shares)"
-    )
+    points = sorted(shares.items())
+    f = _interpolate(points[:threshold])
+    if all(_eval_poly(f, x) == y for x, y in points[threshold:]):
+        secret = _to_secret(f[0])
+        if secret is not None and verify(secret):
+            return secret, set()
+    good = [(x, y) for x, y in points if feldman.verify(commitments, x, y)]
+    wrong = {x for x, _ in points} - {x for x, _ in good}
+    if len(good) < threshold:
+        raise ShareError(
+            f"only {len(good)} of {len(points)} shares match the dealer's commitments "
+            f"(wrong: {sorted(wrong)}); need {threshold}",
+            wrong=wrong,
+        )
+    secret = _to_secret(_interpolate(good[:threshold])[0])
+    if secret is None or not verify(secret):
+        raise DealerError(
+            "the shares match the dealer's commitments but rebuild a secret that is not the "
+            "one it committed to (its public key or seed commitment)"
+        )
+    return secret, wrong
+
+
+def _to_secret(value: int) -> bytes | None:
+    if value >= 1 << (8 * SECRET_BYTES):
+        return None
+    return value.to_bytes(SECRET_BYTES, "big")
 
 
 def encode_share(value: int) -> bytes:

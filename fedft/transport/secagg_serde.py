@@ -28,13 +28,16 @@ from fedft.secagg import (
     AdvertiseKeys,
     KeyDirectory,
     MaskedInput,
+    MaskRequest,
     RoutedShares,
     SecAggClient,
     SecAggClientState,
     SecAggParams,
+    ShareCheck,
     ShareKeys,
     UnmaskRequest,
     UnmaskShares,
+    feldman,
     shamir,
 )
 
@@ -44,12 +47,16 @@ __all__ = [
     "Stage",
     "advertise_from_record",
     "advertise_to_record",
+    "check_from_record",
+    "check_to_record",
     "client_state_from_record",
     "client_state_to_record",
     "directory_from_record",
     "directory_to_record",
     "masked_from_record",
     "masked_to_record",
+    "mask_request_from_record",
+    "mask_request_to_record",
     "params_from_record",
     "params_to_record",
     "request_from_record",
@@ -67,18 +74,19 @@ __all__ = [
 RECORD = "fedft.secagg"
 """Key of the SecAgg ConfigRecord in a message's RecordDict."""
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 """Version of the record layout in this module."""
 
-Stage = Literal["advertise", "share", "masked", "unmask"]
-"""The four SecAgg stages, in order (Bonawitz et al. 2017, rounds 0-3)."""
+Stage = Literal["advertise", "share", "verify", "masked", "unmask"]
+"""The five SecAgg stages, in order (see :mod:`fedft.secagg.protocol`)."""
 
 MAX_CLIENTS = 100_000
 """Largest cohort a record may describe (bounds every list before it is read)."""
 
 _KEY_BYTES = 32
 _HASH_BYTES = 32
-_MAX_BLOB = 4096  # an encrypted share pair is 12 + 8 + 2 * 66 + 16 = 168 bytes
+_MAX_BLOB = 4096  # an encrypted share pair is 12 + 8 + 2 * 256 + 16 = 548 bytes
+_ELEMENT_BYTES = feldman.ELEMENT_BYTES
 
 
 class SecAggSerdeError(ValueError):
@@ -145,6 +153,45 @@ def _blobs(rec: ConfigRecord, key: str, count: int, *, size: int | None = None) 
 def _mapping(rec: ConfigRecord, key: str, *, hi: int, size: int | None = None) -> dict[int, bytes]:
     ids = _ints(rec, f"{key}_ids", hi=hi)
     return dict(zip(ids, _blobs(rec, key, len(ids), size=size), strict=True))
+
+
+def _elements(rec: ConfigRecord, key: str, *, max_count: int) -> list[bytes]:
+    v = rec.get(key)
+    if not isinstance(v, list) or not 1 <= len(v) <= max_count:
+        raise SecAggSerdeError(f"secagg field {key!r} is not a list of 1 to {max_count} elements")
+    return _blobs(rec, key, len(v), size=_ELEMENT_BYTES)
+
+
+def _nested(
+    rec: ConfigRecord, prefix: str, rows: int, *, hi: int, size: int
+) -> list[dict[int, bytes]]:
+    """``rows`` mappings stored flat: ``<prefix>_counts``, ``<prefix>_ids``, ``<prefix>_public``."""
+    raw = rec.get(f"{prefix}_counts")
+    if not isinstance(raw, list) or len(raw) != rows:
+        raise SecAggSerdeError(f"secagg field {prefix + '_counts'!r} is not a list of {rows}")
+    counts: list[int] = []
+    for c in raw:
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= hi:
+            raise SecAggSerdeError(f"secagg field {prefix + '_counts'!r} holds a bad count")
+        counts.append(c)
+    raw_ids = rec.get(f"{prefix}_ids")
+    if not isinstance(raw_ids, list) or len(raw_ids) != sum(counts):
+        raise SecAggSerdeError(f"secagg field {prefix + '_ids'!r} is not a list of {sum(counts)}")
+    ids: list[int] = []
+    for x in raw_ids:
+        if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= hi:
+            raise SecAggSerdeError(f"secagg field {prefix + '_ids'!r} holds {x!r}")
+        ids.append(x)
+    blobs = _blobs(rec, f"{prefix}_public", len(ids), size=size)
+    out: list[dict[int, bytes]] = []
+    at = 0
+    for c in counts:
+        row = dict(zip(ids[at : at + c], blobs[at : at + c], strict=True))
+        if len(row) != c:
+            raise SecAggSerdeError(f"secagg field {prefix + '_ids'!r} repeats an index")
+        out.append(row)
+        at += c
+    return out
 
 
 def _put_mapping(out: dict[str, object], key: str, m: Mapping[int, bytes]) -> None:
@@ -230,7 +277,13 @@ def params_from_record(rd: RecordDict) -> tuple[SecAggParams, int, float, bool]:
 
 def advertise_to_record(m: AdvertiseKeys) -> ConfigRecord:
     """Encode a client's two public keys."""
-    return _make(None, {"index": m.index, "enc_public": m.enc_public, "mask_public": m.mask_public})
+    out: dict[str, object] = {
+        "index": m.index,
+        "enc_public": m.enc_public,
+        "mask_public": m.mask_public,
+    }
+    _put_mapping(out, "recv_public", m.recv_publics)
+    return _make(None, out)
 
 
 def advertise_from_record(rd: RecordDict, *, num_clients: int) -> AdvertiseKeys:
@@ -240,6 +293,7 @@ def advertise_from_record(rd: RecordDict, *, num_clients: int) -> AdvertiseKeys:
         index=_int(rec, "index", 1, num_clients),
         enc_public=_bytes(rec, "enc_public", size=_KEY_BYTES),
         mask_public=_bytes(rec, "mask_public", size=_KEY_BYTES),
+        recv_publics=_mapping(rec, "recv_public", hi=num_clients, size=_KEY_BYTES),
     )
 
 
@@ -255,6 +309,9 @@ def directory_to_record(d: KeyDirectory, *, round_id: int) -> ConfigRecord:
             "ids": [k.index for k in d.keys],
             "enc_public": [k.enc_public for k in d.keys],
             "mask_public": [k.mask_public for k in d.keys],
+            "recv_counts": [len(k.recv_publics) for k in d.keys],
+            "recv_ids": [v for k in d.keys for v in sorted(k.recv_publics)],
+            "recv_public": [k.recv_publics[v] for k in d.keys for v in sorted(k.recv_publics)],
         },
     )
 
@@ -265,14 +322,22 @@ def directory_from_record(rd: RecordDict, *, num_clients: int) -> KeyDirectory:
     ids = _ints(rec, "ids", hi=num_clients)
     enc = _blobs(rec, "enc_public", len(ids), size=_KEY_BYTES)
     mask = _blobs(rec, "mask_public", len(ids), size=_KEY_BYTES)
+    recv = _nested(rec, "recv", len(ids), hi=num_clients, size=_KEY_BYTES)
     return KeyDirectory(
-        keys=tuple(AdvertiseKeys(i, e, m) for i, e, m in zip(ids, enc, mask, strict=True))
+        keys=tuple(
+            AdvertiseKeys(i, e, m, r) for i, e, m, r in zip(ids, enc, mask, recv, strict=True)
+        )
     )
 
 
 def share_keys_to_record(m: ShareKeys) -> ConfigRecord:
     """Encode a client's encrypted shares and seed commitment."""
-    out: dict[str, object] = {"index": m.index, "seed_commitment": m.seed_commitment}
+    out: dict[str, object] = {
+        "index": m.index,
+        "seed_commitment": m.seed_commitment,
+        "key_commitments": list(m.key_commitments),
+        "seed_commitments": list(m.seed_commitments),
+    }
     _put_mapping(out, "ciphertexts", m.ciphertexts)
     return _make(None, out)
 
@@ -284,22 +349,73 @@ def share_keys_from_record(rd: RecordDict, *, num_clients: int) -> ShareKeys:
         index=_int(rec, "index", 1, num_clients),
         seed_commitment=_bytes(rec, "seed_commitment", size=_HASH_BYTES),
         ciphertexts=_mapping(rec, "ciphertexts", hi=num_clients),
+        key_commitments=tuple(_elements(rec, "key_commitments", max_count=num_clients)),
+        seed_commitments=tuple(_elements(rec, "seed_commitments", max_count=num_clients)),
     )
 
 
-# --- stage 2: routed shares (server -> client) and masked input (client -> server) -----
+# --- stage 1b: routed shares and commitments (server -> client) -------------------------
 
 
 def routed_to_record(m: RoutedShares, *, round_id: int) -> ConfigRecord:
-    """Encode the ciphertexts addressed to one client, by sender."""
+    """Encode the ciphertexts addressed to one client and every sender's commitments."""
     out: dict[str, object] = {"round_id": round_id}
     _put_mapping(out, "ciphertexts", m.ciphertexts)
-    return _make("masked", out)
+    senders = sorted(m.commitments)
+    counts = {len(c) for pair in m.commitments.values() for c in pair}
+    out["commit_ids"] = senders
+    out["commit_count"] = counts.pop() if len(counts) == 1 else 0
+    out["key_commitments"] = [e for u in senders for e in m.commitments[u][0]]
+    out["seed_commitments"] = [e for u in senders for e in m.commitments[u][1]]
+    return _make("verify", out)
 
 
 def routed_from_record(rd: RecordDict, *, num_clients: int) -> RoutedShares:
-    """Decode :func:`routed_to_record`."""
-    return RoutedShares(ciphertexts=_mapping(_record(rd), "ciphertexts", hi=num_clients))
+    """Decode :func:`routed_to_record` (every sender's commitments, t of each kind)."""
+    rec = _record(rd)
+    senders = _ints(rec, "commit_ids", hi=num_clients)
+    count = _int(rec, "commit_count", 1, num_clients)
+    keys = _blobs(rec, "key_commitments", len(senders) * count, size=_ELEMENT_BYTES)
+    seeds = _blobs(rec, "seed_commitments", len(senders) * count, size=_ELEMENT_BYTES)
+    return RoutedShares(
+        ciphertexts=_mapping(rec, "ciphertexts", hi=num_clients),
+        commitments={
+            u: (
+                tuple(keys[k * count : (k + 1) * count]),
+                tuple(seeds[k * count : (k + 1) * count]),
+            )
+            for k, u in enumerate(senders)
+        },
+    )
+
+
+# --- stage 2: share check (client -> server) and the qualified set (server -> client) ---
+
+
+def check_to_record(m: ShareCheck) -> ConfigRecord:
+    """Encode a client's complaints (dealer -> revealed 32-byte receiving key)."""
+    out: dict[str, object] = {"index": m.index}
+    _put_mapping(out, "complaints", m.complaints)
+    return _make(None, out)
+
+
+def check_from_record(rd: RecordDict, *, num_clients: int) -> ShareCheck:
+    """Decode :func:`check_to_record`."""
+    rec = _record(rd)
+    return ShareCheck(
+        index=_int(rec, "index", 1, num_clients),
+        complaints=_mapping(rec, "complaints", hi=num_clients, size=_KEY_BYTES),
+    )
+
+
+def mask_request_to_record(m: MaskRequest, *, round_id: int) -> ConfigRecord:
+    """Encode U2', the clients that mask with each other."""
+    return _make("masked", {"round_id": round_id, "qualified": list(m.qualified)})
+
+
+def mask_request_from_record(rd: RecordDict, *, num_clients: int) -> MaskRequest:
+    """Decode :func:`mask_request_to_record`."""
+    return MaskRequest(qualified=tuple(_ints(_record(rd), "qualified", hi=num_clients)))
 
 
 def masked_to_record(m: MaskedInput) -> ConfigRecord:
@@ -316,7 +432,10 @@ def masked_from_record(rd: RecordDict, *, num_clients: int, vector_length: int) 
     )
 
 
-# --- stage 3: unmask request (server -> client) and shares (client -> server) ----------
+# --- stage 3: masked input (client -> server) ------------------------------------------
+
+
+# --- stage 4: unmask request (server -> client) and shares (client -> server) ----------
 
 
 def request_to_record(m: UnmaskRequest, *, round_id: int) -> ConfigRecord:
@@ -379,6 +498,8 @@ def client_state_to_record(client: SecAggClient, *, vector: np.ndarray) -> Confi
         "held_ids": sorted(held),
         "held_key": [shamir.encode_share(held[i][0]) for i in sorted(held)],
         "held_seed": [shamir.encode_share(held[i][1]) for i in sorted(held)],
+        "recv_private_ids": sorted(st.recv_private),
+        "recv_private": [st.recv_private[i] for i in sorted(st.recv_private)],
         "vector": np.asarray(vector, dtype="<f8").tobytes(),
     }
     return _make(None, out)
@@ -407,7 +528,7 @@ def client_state_from_record(rec: ConfigRecord) -> tuple[SecAggClient, np.ndarra
         SecAggClientState(
             index=_int(rec, "index", 1, n),
             params=params,
-            step=_int(rec, "step", 0, 4),
+            step=_int(rec, "step", 0, 5),
             enc_private=_bytes(rec, "enc_private", size=32),
             mask_private=_bytes(rec, "mask_private", size=32),
             seed=_bytes(rec, "seed", size=shamir.SECRET_BYTES),
@@ -417,6 +538,7 @@ def client_state_from_record(rec: ConfigRecord) -> tuple[SecAggClient, np.ndarra
                 i: (shamir.decode_share(k), shamir.decode_share(s))
                 for i, k, s in zip(held_ids, keys, seeds, strict=True)
             },
+            recv_private=_mapping(rec, "recv_private", hi=n, size=32),
         )
     )
     raw = _bytes(rec, "vector", size=8 * params.vector_length)
