@@ -46,6 +46,7 @@ SECTIONS = (
     "split",
     "secagg_round",
     "config_partition",
+    "sim_paths",
 )
 
 _HEADER = """# fedft benchmarks
@@ -105,7 +106,8 @@ def write_section(
     """Replace (or add) benchmark ``name``'s section of ``doc`` (None: write nothing).
 
     The section is delimited by ``<!-- bench:name -->`` markers, so each benchmark rewrites
-    only its own part and the sections keep the order of :data:`SECTIONS`.
+    only its own part and the sections keep the order of :data:`SECTIONS`. Text after the
+    last section (sections written by hand) stays at the end.
     """
     if doc is None:
         return
@@ -115,15 +117,15 @@ def write_section(
         f"{body.strip()}\n{end}"
     )
     text = doc.read_text() if doc.is_file() else _HEADER
-    found = {
-        m.group(1): m.group(0)
-        for m in re.finditer(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->", text, re.S)
-    }
+    matches = list(re.finditer(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->", text, re.S))
+    found = {m.group(1): m.group(0) for m in matches}
     found[name] = section
     head = text.split("<!-- bench:", 1)[0].rstrip() + "\n"
+    tail = text[matches[-1].end() :].strip() if matches else ""
     order = [s for s in SECTIONS if s in found] + sorted(set(found) - set(SECTIONS))
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(head + "\n" + "\n\n".join(found[s] for s in order) + "\n")
+    body_text = "\n\n".join(found[s] for s in order) + "\n"
+    doc.write_text(head + "\n" + body_text + (f"\n{tail}\n" if tail else ""))
     logger.info("wrote section %s of %s", name, doc)
 
 

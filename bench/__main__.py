@@ -29,6 +29,7 @@ NAMES = (
     "split",
     "secagg_round",
     "config_partition",
+    "sim_paths",
 )
 
 

@@ -24,6 +24,18 @@ def test_write_section_replaces_in_place_and_keeps_order(tmp_path):
     assert "nproc=" in text and "Command: `c3`" in text
 
 
+def test_write_section_keeps_a_hand_written_tail(tmp_path):
+    doc = tmp_path / "b.md"
+    write_section("comm", title="C", command="c", body="comm body", doc=doc)
+    doc.write_text(doc.read_text() + "\n## 12. Written by hand\n\nkept text\n")
+    write_section("sim_paths", title="S", command="c", body="paths body", doc=doc)
+    write_section("comm", title="C", command="c", body="new comm body", doc=doc)
+    text = doc.read_text()
+    assert text.count("kept text") == 1 and text.rstrip().endswith("kept text")
+    assert text.index("bench:comm") < text.index("bench:sim_paths") < text.index("## 12.")
+    assert "new comm body" in text and "paths body" in text
+
+
 def test_md_table_shape():
     t = md_table(["a", "b"], [["1", "2"], ["3", "4"]]).splitlines()
     assert len(t) == 4 and t[1] == "|---|---|"
