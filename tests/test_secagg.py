@@ -482,6 +482,9 @@ def test_the_group_is_a_safe_prime_subgroup() -> None:
     assert sympy.isprime(feldman.P) and sympy.isprime(feldman.Q)
     assert pow(feldman.G, feldman.Q, feldman.P) == 1 and feldman.G != 1
     assert shamir.PRIME == feldman.Q and (1 << 256) < shamir.PRIME
+    # the fixed-base table gives the same powers as plain modular exponentiation
+    for x in (0, 1, 15, 16, 2**300 + 12345, feldman.Q - 1, int.from_bytes(bytes(range(32)))):
+        assert feldman.commit([x]) == (feldman.encode(pow(feldman.G, x, feldman.P)),)
 
 
 def test_a_client_exported_and_restored_at_every_step_gives_the_same_sum() -> None:

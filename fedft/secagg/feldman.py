@@ -16,12 +16,13 @@ squared element has prime order q > 2^64, see :func:`batch_verify`).
 
 Secrecy: C_0 = g^{a_0} reveals g^{secret}; recovering a 256-bit secret from it costs about
 2^128 group operations (Pollard's kangaroo), and 2048-bit p gives about 112-bit security
-against index calculus. Exponentiations use gmpy2 (GMP); they are not constant-time, as
-Python's integers are not either.
+against index calculus. Exponentiations use gmpy2 (GMP) and, for g, a fixed-base table; they
+are not constant-time, as Python's integers are not either.
 """
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Sequence
 
@@ -50,6 +51,33 @@ ELEMENT_BYTES = 256
 
 _P = gmpy2.mpz(P)
 _G = gmpy2.mpz(G)
+_WINDOW = 4  # fixed-base table: 512 rows of 16 powers (2 MiB), built once per process
+
+
+@functools.cache
+def _table() -> tuple[tuple[gmpy2.mpz, ...], ...]:
+    """Row k holds g^(d * 16^k) for d = 0..15."""
+    rows = []
+    base = _G
+    for _ in range((P.bit_length() + _WINDOW - 1) // _WINDOW):
+        row = [gmpy2.mpz(1)]
+        for _ in range((1 << _WINDOW) - 1):
+            row.append(row[-1] * base % _P)
+        rows.append(tuple(row))
+        base = row[-1] * base % _P
+    return tuple(rows)
+
+
+def _gpow(exponent: int) -> gmpy2.mpz:
+    """g^exponent mod p from the fixed-base table (about 3x faster than powmod)."""
+    table, acc, k, e = _table(), gmpy2.mpz(1), 0, exponent % Q
+    mask = (1 << _WINDOW) - 1
+    while e:
+        if e & mask:
+            acc = acc * table[k][e & mask] % _P
+        e >>= _WINDOW
+        k += 1
+    return acc
 
 
 class CommitmentError(ValueError):
@@ -58,7 +86,7 @@ class CommitmentError(ValueError):
 
 def commit(coeffs: Sequence[int]) -> tuple[bytes, ...]:
     """C_j = g^{a_j} for the polynomial's coefficients (constant term first), serialised."""
-    return tuple(encode(int(gmpy2.powmod(_G, c, _P))) for c in coeffs)
+    return tuple(encode(int(_gpow(c))) for c in coeffs)
 
 
 def encode(element: int) -> bytes:
@@ -93,7 +121,7 @@ def verify(commitments: Sequence[int], index: int, share: int) -> bool:
     """Whether ``share`` is the dealt polynomial's value at ``index`` (checked on squares)."""
     if not 0 <= share < Q:
         return False
-    lhs = gmpy2.powmod(_G, 2 * share % Q, _P)
+    lhs = _gpow(2 * share % Q)
     return bool(lhs == gmpy2.powmod(evaluate(commitments, index), 2, _P))
 
 
@@ -114,5 +142,5 @@ def batch_verify(items: Sequence[tuple[Sequence[int], int, int]]) -> bool:
         r = secrets.randbits(64) | 1
         exponent = (exponent + r * share) % Q
         rhs = rhs * gmpy2.powmod(evaluate(commitments, index), r, _P) % _P
-    lhs = gmpy2.powmod(_G, 2 * exponent % Q, _P)
+    lhs = _gpow(2 * exponent % Q)
     return bool(lhs == gmpy2.powmod(rhs, 2, _P))
