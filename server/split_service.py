@@ -4,8 +4,11 @@ One shared frozen body, one :class:`~fedft.split.BodyAdapter` + optimiser per se
 Every frame is validated (session, kind, step ids, credits, tensor roles, dtype, shape,
 size, finiteness) before anything is allocated; a bad frame gets a typed ERROR frame and
 the stream (and the server) stay up. Body compute runs on one worker thread: the shared
-body is used by one forward/backward at a time, and the event loop stays free for I/O.
-Sessions idle for longer than ``session_timeout_s`` (a killed client) are freed.
+body is used by one forward/backward at a time, and the event loop stays free for I/O; each
+client identity has at most one job on it at a time, so busy clients take turns. Sessions
+are admitted by memory (what their largest micro-batches keep for backward, measured), and
+freed after ``session_timeout_s`` without work (a killed client, or one sending only empty
+Commits or bad frames).
 
 Identity: behind mutual TLS (``grpc.ssl_server_credentials(..., require_client_auth=True)``)
 gRPC verifies the client's certificate against the deployment CA and exposes its common name
@@ -108,12 +111,14 @@ class _Session:
     done: set[tuple[int, int, int]] = field(default_factory=set)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     dp: _ServerDP | None = None
+    reserved: int = 0  #: bytes admitted for this session (see SplitService._reserve)
+    kept: dict[tuple[int, int, int], int] = field(default_factory=dict)  #: pending -> bytes
 
     def state_bytes(self) -> int:
+        """Adapter bytes plus what the pending micro-batches keep for their backward
+        (inputs, output and the activations autograd saved, as measured at the forward)."""
         n = self.adapter.nbytes() if self.adapter is not None else 0
-        for ctx in self.pending.values():
-            n += ctx.inputs.numel() * ctx.inputs.element_size() * 2  # inputs + output
-        return n
+        return n + sum(self.kept.get(key, 0) for key in self.pending)
 
 
 class SplitService:
@@ -133,6 +138,15 @@ class SplitService:
         require_client_identity: refuse (UNAUTHENTICATED) an OpenSession whose peer has no
             verified client certificate; set it whenever the server runs mutual TLS, so that a
             misconfiguration (TLS without client auth) fails closed instead of open.
+        max_state_bytes: memory budget of all sessions together: OpenSession is refused
+            (RESOURCE_EXHAUSTED) when the open sessions' reservations plus the new one's
+            (adapter, optimiser state, ``max_in_flight`` largest micro-batches with the
+            activations kept for their backward, measured) would exceed it.
+
+    Scheduling: body compute runs on one worker thread, and each client identity (each
+    session, for anonymous peers) has at most one job queued or running at a time, so the
+    worker serves the clients with work in turn: a client flooding frames over all its
+    sessions gets one turn in k when k clients are busy, never the whole worker.
     """
 
     def __init__(
@@ -147,6 +161,7 @@ class SplitService:
         max_sessions: int = 64,
         max_sessions_per_client: int = 2,
         require_client_identity: bool = False,
+        max_state_bytes: int = 4 << 30,
     ) -> None:
         for p in body.parameters():
             p.requires_grad_(False)
@@ -160,7 +175,10 @@ class SplitService:
         self.max_sessions = max_sessions
         self.max_sessions_per_client = max_sessions_per_client
         self.require_client_identity = require_client_identity
+        self.max_state_bytes = max_state_bytes
         self.sessions: dict[str, _Session] = {}
+        self._probe_bytes: dict[tuple[int, int, int, bool], int] = {}
+        self._turns: dict[str, asyncio.Lock] = {}
         self.frames_received = 0
         self.errors: dict[str, int] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="split-body")
@@ -180,6 +198,11 @@ class SplitService:
         s = self.sessions.pop(sid, None)
         if s is not None:
             s.pending.clear()
+            s.kept.clear()
+            if s.identity is None or not any(
+                o.identity == s.identity for o in self.sessions.values()
+            ):
+                self._turns.pop(s.identity if s.identity is not None else f"session {sid}", None)
             log.info("split session %s… freed (%s)", sid[:8], why)
 
     def expire_idle(self, now: float | None = None) -> int:
@@ -211,14 +234,51 @@ class SplitService:
                 f"(this caller's certificate identity: {peer!r})",
             )
 
-    async def _compute(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def _compute(self, s: _Session, fn: Any, *args: Any) -> Any:
+        """Run ``fn`` on the worker once this session's client has no other job there."""
+        key = s.identity if s.identity is not None else f"session {s.sid}"
+        turn = self._turns.setdefault(key, asyncio.Lock())
+        async with turn:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # ------------------------------------------------------------------ control plane
 
     async def open_session(
         self, req: wire.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> wire.OpenSessionReply:
+        identity, declared = await self._identify(context)
+        await self._check_request(req, context)
+        await self._check_capacity(identity, context)
+        lim = self._negotiate(req.limits)
+        adapter, opt, dp = self._build_adapter(req)
+        reserved = await self._reserve(lim, adapter, dp is not None, context)
+        sid = secrets.token_hex(16)
+        self.sessions[sid] = _Session(
+            sid,
+            adapter,
+            opt,
+            req.wire_dtype,
+            lim,
+            lim.max_in_flight,
+            time.monotonic(),
+            identity,
+            dp=dp,
+            reserved=reserved,
+        )
+        log.info(
+            "split session %s… opened for %s (%s, rank %d, %d MiB reserved)",
+            sid[:8],
+            identity or declared or "an anonymous client",
+            req.wire_dtype,
+            req.lora_rank,
+            reserved >> 20,
+        )
+        return wire.OpenSessionReply(
+            sid, lim, self.hidden_size, lim.max_in_flight, self.session_timeout_s, dp is not None
+        )
+
+    async def _identify(self, context: grpc.aio.ServicerContext) -> tuple[str | None, str | None]:
+        """The caller's certificate identity and declared id (aborts on a mismatch)."""
         identity = peer_identity(context)
         if identity is None and self.require_client_identity:
             await context.abort(
@@ -231,6 +291,12 @@ class SplitService:
                 context,
                 f"declared client id {declared!r} != certificate identity {identity!r}",
             )
+        return identity, declared
+
+    async def _check_request(
+        self, req: wire.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Abort unless the request names the served model and cut and sane settings."""
         if req.model_id != self.model_id:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -242,6 +308,20 @@ class SplitService:
                 f"cut (front {req.front_layers}, body {req.body_layers}) != served cut "
                 f"(front {self.front_layers}, body {self.body_layers})",
             )
+        if req.lora_rank > 256 or not 0 <= req.server_lr < 10:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "lora_rank or server_lr out of range"
+            )
+        if req.server_dp is not None and req.lora_rank < 1:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "server_dp needs a server adapter (lora_rank >= 1): a frozen body trains nothing",
+            )
+
+    async def _check_capacity(
+        self, identity: str | None, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Abort (RESOURCE_EXHAUSTED) past the per-identity or the global session cap."""
         if identity is not None:
             held = sum(1 for s in self.sessions.values() if s.identity == identity)
             if held >= self.max_sessions_per_client:
@@ -253,61 +333,102 @@ class SplitService:
                 )
         if len(self.sessions) >= self.max_sessions:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open sessions")
-        if req.lora_rank > 256 or not 0 <= req.server_lr < 10:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "lora_rank or server_lr out of range"
-            )
-        mine, theirs = self.limits, req.limits  # 0 from the client = no preference
+
+    def _negotiate(self, theirs: Limits) -> Limits:
+        """The session's limits: the server's own, lowered where the client asks (0 = none)."""
+        mine = self.limits
 
         def pick(own: int, asked: int) -> int:
             return min(own, asked) if asked > 0 else own
 
-        lim = Limits(
+        return Limits(
             max_message_bytes=pick(mine.max_message_bytes, theirs.max_message_bytes),
             max_batch=pick(mine.max_batch, theirs.max_batch),
             max_seq_len=pick(mine.max_seq_len, theirs.max_seq_len),
             max_in_flight=pick(mine.max_in_flight, theirs.max_in_flight),
         )
-        if req.server_dp is not None and req.lora_rank < 1:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "server_dp needs a server adapter (lora_rank >= 1): a frozen body trains nothing",
-            )
-        adapter = opt = None
+
+    def _build_adapter(
+        self, req: wire.OpenSessionRequest
+    ) -> tuple[BodyAdapter | None, torch.optim.Optimizer | None, _ServerDP | None]:
+        """The session's adapter, its optimiser and, for a DP session, its mechanism."""
+        if req.lora_rank <= 0:
+            return None, None, None
+        adapter = BodyAdapter(
+            self.body, rank=req.lora_rank, alpha=req.lora_alpha or 16.0, seed=req.seed
+        )
+        opt = torch.optim.AdamW(adapter.parameters(), lr=req.server_lr or 1e-3)
         dp = None
-        if req.lora_rank > 0:
-            adapter = BodyAdapter(
-                self.body, rank=req.lora_rank, alpha=req.lora_alpha or 16.0, seed=req.seed
+        if req.server_dp is not None:
+            clip = ClippedSum(
+                dict(adapter.named_parameters()), max_grad_norm=req.server_dp.max_grad_norm
             )
-            opt = torch.optim.AdamW(adapter.parameters(), lr=req.server_lr or 1e-3)
-            if req.server_dp is not None:
-                clip = ClippedSum(
-                    dict(adapter.named_parameters()), max_grad_norm=req.server_dp.max_grad_norm
-                )
-                noise = torch.Generator().manual_seed(secrets.randbits(63))  # never the client's
-                dp = _ServerDP(req.server_dp, clip, noise)
-        sid = secrets.token_hex(16)
-        self.sessions[sid] = _Session(
-            sid,
-            adapter,
-            opt,
-            req.wire_dtype,
-            lim,
-            lim.max_in_flight,
-            time.monotonic(),
-            identity,
-            dp=dp,
-        )
-        log.info(
-            "split session %s… opened for %s (%s, rank %d)",
-            sid[:8],
-            identity or declared or "an anonymous client",
-            req.wire_dtype,
-            req.lora_rank,
-        )
-        return wire.OpenSessionReply(
-            sid, lim, self.hidden_size, lim.max_in_flight, self.session_timeout_s, dp is not None
-        )
+            noise = torch.Generator().manual_seed(secrets.randbits(63))  # never the client's
+            dp = _ServerDP(req.server_dp, clip, noise)
+        return adapter, opt, dp
+
+    async def _reserve(
+        self,
+        lim: Limits,
+        adapter: BodyAdapter | None,
+        dp: bool,
+        context: grpc.aio.ServicerContext,
+    ) -> int:
+        """Admission by memory: the bytes the session may hold (adapter, its optimiser state,
+        and ``max_in_flight`` largest micro-batches with the activations kept for backward);
+        RESOURCE_EXHAUSTED when the open sessions' reservations plus this one exceed
+        ``max_state_bytes``."""
+        per_batch = await self._micro_batch_bytes(lim.max_batch, lim.max_seq_len, adapter, dp)
+        params = 3 * adapter.nbytes() if adapter is not None else 0  # weights + AdamW moments
+        need = params + lim.max_in_flight * per_batch
+        held = sum(s.reserved for s in self.sessions.values())
+        if held + need > self.max_state_bytes:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"memory: this session needs {need >> 20} MiB ({lim.max_in_flight} micro-batches "
+                f"of {lim.max_batch} x {lim.max_seq_len} with their saved activations), open "
+                f"sessions hold {held >> 20} of {self.max_state_bytes >> 20} MiB; retry later "
+                "or ask for smaller limits",
+            )
+        return need
+
+    async def _micro_batch_bytes(
+        self, batch: int, seq_len: int, adapter: BodyAdapter | None, dp: bool
+    ) -> int:
+        """Bytes one (batch x seq_len) micro-batch keeps until its backward, measured once
+        per shape by a forward on zeros (inputs, output and the saved activations)."""
+        key = (batch, seq_len, adapter.nbytes() if adapter is not None else 0, dp)
+        if key not in self._probe_bytes:
+            hidden = torch.zeros(batch, seq_len, self.hidden_size)
+            mask = torch.ones(batch, seq_len, dtype=torch.long)
+            forward = body_forward_detached if dp else body_forward
+            _, nbytes = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._measured, forward, adapter, hidden, mask
+            )
+            self._probe_bytes[key] = nbytes
+        return self._probe_bytes[key]
+
+    def _measured(
+        self, forward: Any, adapter: BodyAdapter | None, hidden: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[BodyContext | DetachedBody, int]:
+        """Run ``forward`` and count the bytes it keeps: inputs, output and every tensor
+        autograd saved for backward (the shared frozen weights and the adapter excluded)."""
+        shared = {p.untyped_storage().data_ptr() for p in self.body.parameters()}
+        if adapter is not None:
+            shared |= {p.untyped_storage().data_ptr() for p in adapter.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in shared:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ctx = forward(self.body, adapter, hidden, mask)
+        for t in (ctx.inputs, ctx.output):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return ctx, sum(saved.values())
 
     async def commit(
         self, req: wire.CommitRequest, context: grpc.aio.ServicerContext
@@ -323,16 +444,18 @@ class SplitService:
             count = len(s.done)
             if s.dp is not None and s.adapter is not None and s.optimizer is not None:
                 # DP: every committed step releases noise, also one with no micro-batches
-                await self._compute(s.dp.release, s.adapter)
-                await self._compute(s.optimizer.step)
+                await self._compute(s, s.dp.release, s.adapter)
+                await self._compute(s, s.optimizer.step)
                 s.optimizer.zero_grad(set_to_none=True)
             elif s.optimizer is not None and count:
-                await self._compute(s.optimizer.step)
+                await self._compute(s, s.optimizer.step)
                 s.optimizer.zero_grad(set_to_none=True)
             s.committed = (req.round, req.step)
             s.done.clear()
             s.pending.clear()
-            s.last_seen = time.monotonic()
+            s.kept.clear()
+            if count:  # a Commit of no micro-batch does not keep an idle session alive
+                s.last_seen = time.monotonic()
         return wire.CommitReply(count)
 
     async def close(self, req: wire.CloseRequest, context: grpc.aio.ServicerContext) -> None:
@@ -363,10 +486,10 @@ class SplitService:
                 await self._authorize(s, context, "Exchange")
             sid = s.sid
             bound = sid
-            s.last_seen = time.monotonic()
             try:
                 async with s.lock:
                     reply = await self._handle(s, frame)
+                s.last_seen = time.monotonic()  # only work done keeps a session alive
             except WireError as err:
                 reply = self._error(frame, err.code, err.message)
             except Exception:  # keep the server up on anything unexpected
@@ -417,8 +540,9 @@ class SplitService:
             raise WireError("SHAPE_REJECTED", f"batch {b} x seq {t} exceeds {lim}")
         mask = wire.decode_mask(frame.tensor("attention_mask"), batch=b, seq_len=t)
         forward = body_forward_detached if s.dp is not None else body_forward
-        ctx = await self._compute(forward, self.body, s.adapter, hidden, mask)
+        ctx, kept = await self._compute(s, self._measured, forward, s.adapter, hidden, mask)
         s.pending[key] = ctx
+        s.kept[key] = kept
         out = wire.encode_tensor("hidden", ctx.output, s.wire_dtype)
         return Frame(s.sid, "body_output", frame.step, (out,))
 
@@ -435,11 +559,12 @@ class SplitService:
         if isinstance(ctx, DetachedBody):  # DP session: per-example adapter grads, clipped
             assert s.dp is not None and s.adapter is not None
             grad_cut = await self._compute(
-                body_backward_per_sample, self.body, s.adapter, ctx, grad, s.dp.clip
+                s, body_backward_per_sample, self.body, s.adapter, ctx, grad, s.dp.clip
             )
         else:
-            grad_cut = await self._compute(body_backward, ctx, grad)
+            grad_cut = await self._compute(s, body_backward, ctx, grad)
         del s.pending[key]
+        s.kept.pop(key, None)
         s.done.add(key)
         out = wire.encode_tensor("grad", grad_cut, s.wire_dtype)
         return Frame(s.sid, "cut_gradient", frame.step, (out,), credits=1)

@@ -20,7 +20,7 @@ from client.split_client import ClientTls, IdentityError, SplitClient
 from client.split_round import client_tls_from_node_config, run_split_round
 from fedft.certs import write_deployment_certs
 from fedft.config import RunConfig, load_config
-from fedft.split import split_model
+from fedft.split import front_forward, split_model
 from fedft.transport import split_wire as wire
 from server.deploy import (
     DeployError,
@@ -448,3 +448,221 @@ def test_split_limits_are_the_runs_own():
     cfg = load_config(None, ["federation.batch_size=8", "data.max_length=32"])
     lim = split_limits(cfg)
     assert (lim.max_batch, lim.max_seq_len) == (8, 32 + cfg.adapter.prompt_tokens)
+
+
+# --- one authenticated client against the others' share of the split server (issue 14) ---
+
+
+def _heavy_bert() -> torch.nn.Module:
+    """A BERT whose body (8 of 10 blocks) dominates a step: the server's compute is what a
+    flooding client can take from the others."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=97,
+        hidden_size=128,
+        num_hidden_layers=10,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=64,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+FLOOD_LIMITS = wire.Limits(max_batch=8, max_seq_len=32, max_in_flight=2)
+
+
+async def _flood(c: SplitClient, stop: asyncio.Event, jobs: list[int]) -> None:
+    """Keep the session's two credits busy with the largest micro-batches the limits allow:
+    forward, backward, forward, ... pipelined, no client compute, commit every step."""
+    assert c.session is not None
+    sid = c.session.session_id
+    hidden = wire.encode_tensor("hidden", torch.randn(8, 32, 128), "fp32")
+    mask = wire.encode_tensor("attention_mask", torch.ones(8, 32, dtype=torch.long), "uint8")
+    grad = wire.encode_tensor("grad", torch.randn(8, 32, 128) * 1e-3, "fp32")
+    step = 0
+    while not stop.is_set():
+        for mb in range(2):
+            await c.send(wire.Frame(sid, "forward", c.next_step_id(0, step, mb), (hidden, mask)))
+        for _ in range(4):
+            frame = await c.receive()
+            assert frame.kind != "error", frame.error_message
+            jobs[0] += 1
+            if frame.kind == "body_output":
+                await c.send(
+                    wire.Frame(
+                        sid, "backward", c.next_step_id(0, step, frame.step.micro_batch), (grad,)
+                    )
+                )
+        await c.stub.commit(wire.CommitRequest(sid, 0, step))
+        step += 1
+
+
+async def _steps_in(c: SplitClient, seconds: float, first: int) -> int:
+    """How many full training steps (4 x 32 micro-batch, forward and backward through the
+    server) ``c`` completes in ``seconds`` of wall time."""
+    loop = asyncio.get_running_loop()
+    end, n = loop.time() + seconds, 0
+    while loop.time() < end:
+        ids, mask, labels = batch("bert", b=8, t=32, seed=first + n)
+        await c.train_step([(ids, mask, labels)], round_=0, step=first + n)
+        n += 1
+    return n
+
+
+def test_a_flooding_client_does_not_starve_another(certs):
+    """Attack (issue 14, item 5): client-0 floods the split server with the largest
+    micro-batches over both of its sessions, pipelined, doing no work of its own; client-1
+    trains. Counted in equal windows, client-1 keeps at least half its solo step count:
+    every client identity has at most one job on the worker, so busy clients take turns
+    (before, client-0's two sessions held two places in the worker's queue to client-1's one)."""
+    model = _heavy_bert()
+    window = 6.0
+
+    async def main() -> None:
+        service = build_service(
+            copy.deepcopy(model),
+            model_id=MODEL_ID,
+            front_layers=1,
+            back_layers=1,
+            limits=FLOOD_LIMITS,
+            require_client_identity=True,
+        )
+        srv = await start_server(
+            service, address="127.0.0.1:0", server_credentials=server_credentials_from_dir(certs)
+        )
+        stop, jobs = asyncio.Event(), [0]
+        victim = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-1"))
+        flooders = [
+            _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-0"))
+            for _ in range(2)
+        ]
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            async with victim:
+                await _steps_in(victim, 1.0, first=0)  # warm up
+                solo = await _steps_in(victim, window, first=1000)
+                for f in flooders:
+                    await f.open()
+                tasks = [asyncio.create_task(_flood(f, stop, jobs)) for f in flooders]
+                await asyncio.sleep(0.5)
+                flooded = await _steps_in(victim, window, first=2000)
+                stop.set()
+                await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+            ratio = flooded / solo
+            print(
+                f"\nsplit flood: client-1 solo {solo} steps, flooded {flooded} steps in "
+                f"{window} s windows: ratio {ratio:.2f}; client-0 jobs {jobs[0]}"
+            )
+            assert jobs[0] >= 2 * flooded  # the flood really ran beside client-1's steps
+            assert solo >= 4
+            assert ratio >= 0.5, f"client-1 kept {ratio:.2f} of its solo step rate"
+        finally:
+            stop.set()
+            for t in tasks:
+                t.cancel()
+            for f in flooders:
+                await f.channel.close()
+            await srv.stop(None)
+
+    asyncio.run(asyncio.wait_for(main(), timeout=180))
+
+
+def test_memory_admission_counts_the_activations_kept_for_backward(model, certs):
+    """Attack (issue 14, item 5): sessions used to be admitted by count only, and a
+    session's state counted its inputs and outputs but not the activations autograd keeps
+    for backward (most of the memory). Now OpenSession reserves what the session's largest
+    micro-batches keep (measured), a session that would exceed the budget is refused, and
+    the bytes a pending micro-batch holds include its saved activations."""
+    limits = wire.Limits(max_batch=4, max_seq_len=8, max_in_flight=2)
+    in_out = 2 * 4 * 8 * 32 * 4  # a 4 x 8 x H=32 fp32 micro-batch's inputs and output
+
+    async def main() -> None:
+        service = build_service(
+            copy.deepcopy(model),
+            model_id=MODEL_ID,
+            front_layers=1,
+            back_layers=1,
+            limits=limits,
+            require_client_identity=True,
+        )
+        srv = await start_server(
+            service, address="127.0.0.1:0", server_credentials=server_credentials_from_dir(certs)
+        )
+        try:
+            first = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-0"))
+            async with first:
+                assert first.session is not None
+                reserved = service.sessions[first.session.session_id].reserved
+                assert reserved > 2 * 3 * in_out  # two micro-batches, each > 3x inputs + output
+                service.max_state_bytes = reserved + reserved // 2  # room for one session only
+                second = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-1"))
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await second.open()
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "memory" in (refused.value.details() or "")
+                await second.channel.close()
+                ids, mask, _ = batch("bert", b=4, t=8, seed=0)
+                front = front_forward(first.parts, ids, mask)
+                hidden = wire.encode_tensor("hidden", front.hidden, "fp32")
+                m = wire.encode_tensor("attention_mask", front.attention_mask, "uint8")
+                sid = first.session.session_id
+                await first.send(
+                    wire.Frame(sid, "forward", first.next_step_id(0, 0, 0), (hidden, m))
+                )
+                assert (await first.receive()).kind == "body_output"
+                adapter = service.sessions[sid].adapter
+                kept = service.stats()["state_bytes"] - (adapter.nbytes() if adapter else 0)
+                assert kept > 3 * in_out  # the saved activations are counted, not only in/out
+                assert kept <= reserved
+        finally:
+            await srv.stop(None)
+
+    _run(main)
+
+
+def test_empty_commits_do_not_keep_a_session_alive(model, certs):
+    """Attack (issue 14, item 5): a client that stops sending work but keeps calling Commit
+    held its session (and its memory reservation) forever, since every Commit counted as
+    activity. Now only forward/backward work and Commits of committed micro-batches do; the
+    reaper frees the session once the timeout passes without work."""
+
+    async def main() -> None:
+        service = build_service(
+            copy.deepcopy(model),
+            model_id=MODEL_ID,
+            front_layers=1,
+            back_layers=1,
+            session_timeout_s=1.0,
+            require_client_identity=True,
+        )
+        srv = await start_server(
+            service, address="127.0.0.1:0", server_credentials=server_credentials_from_dir(certs)
+        )
+        try:
+            c = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-0"))
+            await c.open()
+            assert c.session is not None
+            sid = c.session.session_id
+            await _step(c, step=0)  # real work: the session is alive
+            assert sid in service.sessions
+            freed_by_commit = None
+            for step in range(1, 16):  # 3 s of empty Commits, one every 0.2 s
+                await asyncio.sleep(0.2)
+                try:
+                    await c.stub.commit(wire.CommitRequest(sid, 0, step))
+                except grpc.aio.AioRpcError as exc:
+                    freed_by_commit = exc
+                    break
+            assert sid not in service.sessions
+            assert freed_by_commit is not None
+            assert freed_by_commit.code() == grpc.StatusCode.NOT_FOUND
+            await c.channel.close()
+        finally:
+            await srv.stop(None)
+
+    _run(main)
