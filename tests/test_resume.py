@@ -9,10 +9,11 @@ norm-bound wrapper, CentralDP's accountant and round counter) within 1e-6, the s
 sampled each round, the same metrics (bytes down aside: restarted clients are sent FFA's
 frozen A again), the same final adapter files, and every client's ε no lower.
 
-Sample-level DP is not in the matrix: two uninterrupted in-process runs of it already differ
-(by ~1e-3 with the noise seed pinned: state carried between DP-SGD calls in one process), so
-there is nothing exact to compare a resumed run with; its per-client ε after a resume is the
-privacy work's (client ledgers).
+Sample-level DP (HetLoRA + DP-SGD on every client, each with its own ledger file as a deployed
+client has): DP-SGD's batches and noise come from OS randomness (pinned here), and dropout
+from the round's seed, so an uninterrupted and a resumed run train the same; every client's
+ε after a resume is no lower (a client that trained round 2 before the kill trains it again
+and accounts both).
 
 Kill points: ``mid-round`` (after one client of round 2 trained and replied),
 ``checkpoint-write`` (between the two renames that swap round 2's checkpoint in),
@@ -37,6 +38,7 @@ import fedft.checkpoint as ckpt
 from fedft.checkpoint import load_checkpoint
 from fedft.privacy import dpsgd
 from fedft.privacy.central import CentralDP
+from fedft.privacy.client_ledger import read_ledger
 from fedft.privacy.sampling import poisson_cohort
 from fedft.reporting import metrics as metrics_mod
 from server import rounds as rounds_mod
@@ -49,6 +51,14 @@ CASES: dict[str, dict[str, Any]] = {
     "hetlora": {
         "aggregation.algorithm": "'hetlora'",
         "adapter.ranks": "[4, 2, 2]",
+    },
+    # stateful aggregator + sample-level DP: every client's accountant, ledger and ε
+    "hetlora+sample-dp": {
+        "aggregation.algorithm": "'hetlora'",
+        "adapter.ranks": "[4, 2, 2]",
+        "privacy.mode": "'sample'",
+        "privacy.noise_multiplier": "0.8",
+        "privacy.epsilon": "100.0",
     },
     # CentralDP: the server's accountant, round counter and seeded noise
     "fedit+user-dp": {
@@ -79,7 +89,15 @@ def _cfg(model_dir: str, case: str):
 
 
 def _run(cfg, out: Path, *, resume: bool = False, kill=None) -> None:
-    run_federation(LocalGrid(cfg, kill=kill), cfg, out, progress=False, resume=resume)
+    """One run; each client keeps its privacy ledger in a file beside ``out`` (as a deployed
+    client does on its own disk), so the ledgers outlive a killed run as they would."""
+    ledgers = out.parent / f"{out.name}-ledgers"
+
+    def node_config(i: int) -> dict[str, Any]:
+        return {"ledger": str(ledgers / f"client-{i}.json")}
+
+    grid = LocalGrid(cfg, kill=kill, node_config=node_config)
+    run_federation(grid, cfg, out, progress=False, resume=resume)
 
 
 def _close(a: Any, b: Any, path: str = "") -> list[str]:
@@ -104,9 +122,15 @@ def _close(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
-def _rows(out: Path) -> list[dict[str, Any]]:
+#: metrics a resume may raise: ε under sample-level DP (a client that trained round 2 before
+#: the kill trains it again, and accounts both)
+SPENT = ("epsilon", "epsilon_clients")
+
+
+def _rows(out: Path, *, skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     rows = metrics_mod.read_metrics(out)
-    return [{k: v for k, v in r.items() if k not in ("wall_s", "bytes_down")} for r in rows]
+    drop = ("wall_s", "bytes_down", *skip)
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
 
 def _killer(point: str, monkeypatch: pytest.MonkeyPatch):
@@ -186,7 +210,7 @@ def references(tiny_bert_dir, tmp_path_factory):
 
 POINTS = ["mid-round", "checkpoint-write", "after-checkpoint"]
 #: CI runs each case and each kill point once; `make test-slow` the rest of the matrix
-FAST = {("hetlora", "mid-round"), ("fedit+user-dp", "checkpoint-write")}
+FAST = {("hetlora+sample-dp", "mid-round"), ("fedit+user-dp", "checkpoint-write")}
 FAST |= {("ffa+norm-bound", "after-checkpoint")}
 
 
@@ -217,19 +241,31 @@ def test_killed_server_resumes_exactly(
     assert got["round"] == ref["round"] == 3
     problems = _close(ref["coordinator"], got["coordinator"], "coordinator")
     assert not problems, problems
+    sample_dp = cfg.privacy.mode == "sample"
     ref_rows, got_rows = _rows(ref_out), _rows(out)
     assert [r["round"] for r in got_rows] == [0, 1, 2, 3]
     # the same cohorts (sampling stream), the same metrics
-    problems = _close(ref_rows, got_rows, "metrics")
+    skip = SPENT if sample_dp else ()
+    problems = _close(_rows(ref_out, skip=skip), _rows(out, skip=skip), "metrics")
     assert not problems, problems
     for name in ("adapter_model.safetensors",):
         a = load_file(str(ref_out / "adapter" / name))
         b = load_file(str(out / "adapter" / name))
         problems = _close(a, b, name)
         assert not problems, problems
-    if "epsilon_clients" in ref_rows[-1]:  # sample-level DP: every client's ε, no lower
-        for client, eps in ref_rows[-1]["epsilon_clients"].items():
-            assert got_rows[-1]["epsilon_clients"][client] >= eps - 1e-9
+    if sample_dp:  # every client's ε, no lower: in every round, in the checkpoint, on disk
+        assert ref_rows[-1]["epsilon_clients"], "no client reported its ε"
+        for r_ref, r_got in zip(ref_rows[1:], got_rows[1:], strict=True):
+            assert set(r_got["epsilon_clients"]) == set(r_ref["epsilon_clients"])
+            for client, eps in r_ref["epsilon_clients"].items():
+                assert r_got["epsilon_clients"][client] >= eps - 1e-9, (r_got["round"], client)
+            assert r_got["epsilon"] >= r_ref["epsilon"] - 1e-9
+        for client, eps in ref["spent"].items():
+            assert got["spent"][client] >= eps - 1e-9
+        for i in ref_rows[-1]["epsilon_clients"]:
+            ref_ledger = read_ledger(ref_out.parent / f"{ref_out.name}-ledgers/client-{i}.json")
+            got_ledger = read_ledger(out.parent / f"{out.name}-ledgers/client-{i}.json")
+            assert got_ledger.steps >= ref_ledger.steps > 0
     if case == "fedit+user-dp":  # CentralDP's accountant counted all three rounds
         acc = got["coordinator"]["aggregator"]["accountant"]
         assert acc == ref["coordinator"]["aggregator"]["accountant"]

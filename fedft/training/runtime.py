@@ -160,11 +160,14 @@ def _train(
     seed: int,
     private_train: Callable[[nn.Module], dict[str, float]] | None,
 ) -> dict[str, float]:
-    if private_train is not None:  # DP noise never comes from a seed the server knows
-        return private_train(model)
     devices = [runtime.device.index or 0] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # dropout: same seed, same round, anywhere
         torch.manual_seed(seed)
+        if private_train is not None:
+            # DP-SGD draws its batches and noise from generators of its own, seeded from the
+            # OS (never a seed the server knows); dropout draws from the global stream, which
+            # unseeded would carry over from whatever ran before in this process
+            return private_train(model)
         it = batches(data, batch_size=batch_size, steps=steps, seed=seed)
         return train_steps(model, it, lr=lr, device=runtime.device)
 
