@@ -35,23 +35,27 @@ import json
 import logging
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from fedft import supervise
 from fedft.checkpoint import checkpoint_exists
 from fedft.config import RunConfig
+from fedft.launch import (
+    ChildProcess,
+    DeployError,
+    flower_env,
+    free_port,
+    port_in_use,
+    program,
+    split_address,
+    terminate_as_interrupt,
+    wait_for_port,
+)
 from fedft.transport.flower_config import to_run_config
 from server.fleet_front import FleetFront, FrontTls
 
@@ -69,166 +73,18 @@ OUT_KEY, RESUME_KEY, NODES_KEY = "fedft-out", "fedft-resume", "fedft-nodes"
 PROCESS_RECORD = "processes.json"
 DEFAULT_ADDRESS = "0.0.0.0:9092"
 
-
-class DeployError(RuntimeError):
-    """A deployment step failed; the message says which and what to do."""
-
-
-# --- processes -----------------------------------------------------------------------------
-
-
-def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for Flower's programs: offline, no telemetry, no update check, no
-    ``uv sync`` at run time, this interpreter's ``bin`` first on PATH (the SuperLink and
-    SuperNode start ``flower-superexec`` by name)."""
-    env = dict(os.environ if base is None else base)
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
-    env["FLWR_HOME"] = str(flwr_home)
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    return env
-
-
-def program(name: str) -> str:
-    """Absolute path of a Flower program installed next to this interpreter."""
-    path = Path(sys.executable).parent / name
-    if path.is_file():
-        return str(path)
-    found = shutil.which(name)
-    if found is None:
-        raise DeployError(f"{name!r} not found; install the pinned flwr (make install)")
-    return found
-
-
-@contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise KeyboardInterrupt (as SIGINT does), so
-    ``finally`` clauses stop the children, which run in sessions of their own."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@dataclass
-class ChildProcess:
-    """A child started in its own session, stopped by PID; its output goes to ``log_path``
-    (appended) or, when that is None, to our own stdout/stderr."""
-
-    name: str
-    argv: list[str]
-    log_path: Path | None
-    env: dict[str, str]
-    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
-    #: the child as started: the leader of the session everything it starts inherits
-    record: supervise.ProcRecord | None = field(default=None, init=False)
-
-    def start(self) -> ChildProcess:
-        """Start the child (with a parent-death signal: it dies with this process)."""
-        kwargs: dict[str, Any] = {
-            "stdin": subprocess.DEVNULL,
-            "env": self.env,
-            "start_new_session": True,
-            "preexec_fn": supervise.parent_death_signal(),
-        }
-        if self.log_path is None:
-            self.proc = subprocess.Popen(self.argv, **kwargs)  # noqa: S603 - fixed argv
-        else:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path, "ab") as log_file:
-                self.proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-                    self.argv, stdout=log_file, stderr=subprocess.STDOUT, **kwargs
-                )
-        supervise.adopt_popen(self.proc.pid)
-        self.record = supervise.ProcRecord.of(self.proc.pid)
-        logger.info(
-            "started %s (pid %d); output: %s",
-            self.name,
-            self.proc.pid,
-            self.log_path or "this terminal",
-        )
-        return self
-
-    @property
-    def pid(self) -> int:
-        """The child's PID (raises if not started)."""
-        if self.proc is None:
-            raise DeployError(f"{self.name} was never started")
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        """True while the child runs."""
-        return self.proc is not None and self.proc.poll() is None
-
-    def wait(self, timeout: float | None = None) -> int:
-        """Wait for the child to exit; its exit code."""
-        if self.proc is None:
-            raise DeployError(f"{self.name} was never started")
-        return self.proc.wait(timeout=timeout)
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The last ``lines`` lines of the child's log ("" without a log file)."""
-        if self.log_path is None:
-            return ""
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self, *, grace_s: float = 10.0) -> int | None:
-        """SIGTERM the child, give it ``grace_s`` seconds, then kill everything it started
-        that is still there: its session, the sessions its descendants opened (the
-        SuperLink starts ``flower-superexec`` in a session of its own, which starts the
-        ServerApp) and their descendants. Returns the child's exit code."""
-        if self.proc is None:
-            return None
-        tree = supervise.snapshot(self.proc.pid)
-        if self.record is not None:  # its session outlives it (e.g. a SuperExec it left)
-            tree.sessions.append(self.record)
-        if self.proc.poll() is None:
-            logger.info("stopping %s (pid %d)", self.name, self.pid)
-        supervise.stop(tree, grace_s=grace_s, term=[self.proc.pid])
-        try:
-            self.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        supervise.release_popen(self.proc.pid)
-        logger.info("%s (pid %d) exited with %s", self.name, self.pid, self.proc.returncode)
-        return self.proc.returncode
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now (bind to port 0, read it, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """True when ``host:port`` cannot be bound now (another program listens there)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
+#: the process helpers live in fedft.launch (shared with client/deploy.py); these names stay
+#: importable from here
+__all__ = [
+    "ChildProcess",
+    "DeployError",
+    "ServerPlan",
+    "ServerTls",
+    "flower_env",
+    "free_port",
+    "run_server",
+    "split_address",
+]
 
 
 def take_over(state_dir: Path, *, address: str) -> int:
@@ -271,31 +127,6 @@ def take_over(state_dir: Path, *, address: str) -> int:
             )
         time.sleep(0.2)
     return lock
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """``"host:port"`` -> (host, port); IPv6 hosts in brackets (``"[::1]:9092"``)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"address {address!r} is not HOST:PORT (e.g. 0.0.0.0:9092)")
-    return host.strip("[]"), int(port)
-
-
-def wait_for_port(host: str, port: int, *, child: ChildProcess, timeout_s: float) -> None:
-    """Block until ``host:port`` accepts TCP connections; fail if ``child`` dies first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise DeployError(
-                f"{child.name} exited with code {child.proc.returncode if child.proc else '?'}"
-                f" before listening on {host}:{port}:\n{child.log_tail()}"
-            )
-        try:
-            with socket.create_connection((host, port), timeout=1.0):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise DeployError(f"{child.name} did not listen on {host}:{port} within {timeout_s:.0f} s")
 
 
 # --- the flwr CLI ------------------------------------------------------------------------
@@ -634,20 +465,23 @@ def wait_for_run(cli: FlwrCli, run_id: str, *, superlink: ChildProcess, poll_s: 
         time.sleep(poll_s)
 
 
-def run_server(cfg: RunConfig, plan: ServerPlan) -> int:
-    """Start the SuperLink, submit the run, wait for it, stop the SuperLink.
+@dataclass
+class _Launch:
+    """What :func:`run_server` starts, in the order it stops them (reverse of start)."""
 
-    Args:
-        cfg: the resolved run configuration (sent to the ServerApp and every ClientApp).
-        plan: where and how to serve.
+    cfg: RunConfig
+    out: Path
+    state_dir: Path
+    port: int
+    cli: FlwrCli
+    superlink: ChildProcess
+    split_bind: str | None
+    front: FleetFront | None = None
+    split_server: SplitServerThread | None = None
 
-    Returns:
-        0 when the run finished as completed, 1 otherwise (failed or stopped).
 
-    Raises:
-        DeployError: the SuperLink did not start, a node key or the run was refused, or the
-            split service (split runs) has no address or did not start.
-    """
+def _plan_launch(cfg: RunConfig, plan: ServerPlan) -> _Launch:
+    """The run folder, the SuperLink's loopback port, its ``flwr`` connection and argv."""
     split_bind: str | None = None
     if cfg.adapter.method == "split":
         split_bind, cfg = split_service_addresses(cfg, plan)
@@ -664,57 +498,91 @@ def run_server(cfg: RunConfig, plan: ServerPlan) -> int:
         address=f"{LOCAL_HOST}:{port}",
         root_certificates=None if plan.tls is None else plan.tls.ca_cert,
     )
-    cli = FlwrCli(flwr_home=state_dir, env=env)
     superlink = ChildProcess(
         name="flower-superlink",
         argv=superlink_argv(plan, state_dir, port=port),
         log_path=state_dir / "superlink.log",
         env=env,
     )
+    cli = FlwrCli(flwr_home=state_dir, env=env)
+    return _Launch(cfg, out, state_dir, port, cli, superlink, split_bind)
+
+
+def _start_and_submit(run: _Launch, plan: ServerPlan) -> str:
+    """Start the split service (split runs), the SuperLink and the Fleet front; register the
+    node keys, stop runs a killed server left, submit this run. Returns its run id."""
+    if run.split_bind is not None:
+        run.split_server = start_split_service(run.cfg, plan, bind=run.split_bind)
+    run.superlink.start()
+    (run.state_dir / "superlink.pid").write_text(f"{run.superlink.pid}\n", encoding="utf-8")
+    wait_for_port(LOCAL_HOST, run.port, child=run.superlink, timeout_s=plan.start_timeout_s)
+    nodes = None
+    if plan.tls is not None:
+        ids = register_node_keys(run.cli, plan.node_keys)
+        nodes = bind_node_keys(plan.node_keys, ids, run.state_dir) or None
+    stop_unfinished_runs(run.cli)
+    run.front = start_fleet_front(plan, upstream_port=run.port)
+    run_cfg = write_run_config(
+        run.state_dir / "run_config.toml", run.cfg, out=run.out, resume=plan.resume, nodes=nodes
+    )
+    res = run.cli.call("run", str(APP_DIR), CONNECTION, "--run-config", str(run_cfg))
+    if not res.get("success"):
+        raise DeployError(f"the SuperLink refused the run: {res.get('error-message')}")
+    run_id = str(res["run-id"])
+    logger.info(
+        "run %s of %r submitted (%s); waiting for %d clients",
+        run_id,
+        run.cfg.name,
+        "resuming" if plan.resume else "fresh",
+        run.cfg.federation.num_clients,
+        extra={"console": True},
+    )
+    return run_id
+
+
+def _stop_launch(run: _Launch) -> None:
+    """Stop what :func:`_start_and_submit` started (each part only if it was started)."""
+    if run.front is not None:
+        run.front.stop()
+    run.superlink.stop()
+    if run.split_server is not None:
+        run.split_server.stop()
+
+
+def run_server(cfg: RunConfig, plan: ServerPlan) -> int:
+    """Start the SuperLink, submit the run, wait for it, stop the SuperLink.
+
+    Every process it starts is owned (:mod:`fedft.supervise`): a guardian stops them all
+    when this command ends, however it ends, and the next start in the same ``--out``
+    stops what a killed one left.
+
+    Args:
+        cfg: the resolved run configuration (sent to the ServerApp and every ClientApp).
+        plan: where and how to serve.
+
+    Returns:
+        0 when the run finished as completed, 1 otherwise (failed or stopped).
+
+    Raises:
+        DeployError: the SuperLink did not start, a node key or the run was refused, or the
+            split service (split runs) has no address or did not start.
+    """
+    run = _plan_launch(cfg, plan)
     run_id, status = "", "not started"
-    split_server: SplitServerThread | None = None
-    front: FleetFront | None = None
     supervise.become_subreaper()
-    lock = take_over(state_dir, address=plan.address)
-    guardian = supervise.Guardian(state_dir / PROCESS_RECORD, log_path=state_dir / "guardian.log")
+    lock = take_over(run.state_dir, address=plan.address)
+    guardian = supervise.Guardian(
+        run.state_dir / PROCESS_RECORD, log_path=run.state_dir / "guardian.log"
+    )
     with terminate_as_interrupt():
         try:
-            if split_bind is not None:
-                split_server = start_split_service(cfg, plan, bind=split_bind)
-            superlink.start()
-            (state_dir / "superlink.pid").write_text(f"{superlink.pid}\n", encoding="utf-8")
-            wait_for_port(LOCAL_HOST, port, child=superlink, timeout_s=plan.start_timeout_s)
-            nodes = None
-            if plan.tls is not None:
-                ids = register_node_keys(cli, plan.node_keys)
-                nodes = bind_node_keys(plan.node_keys, ids, state_dir) or None
-            stop_unfinished_runs(cli)
-            front = start_fleet_front(plan, upstream_port=port)
-            run_cfg = write_run_config(
-                state_dir / "run_config.toml", cfg, out=out, resume=plan.resume, nodes=nodes
-            )
-            res = cli.call("run", str(APP_DIR), CONNECTION, "--run-config", str(run_cfg))
-            if not res.get("success"):
-                raise DeployError(f"the SuperLink refused the run: {res.get('error-message')}")
-            run_id = str(res["run-id"])
-            logger.info(
-                "run %s of %r submitted (%s); waiting for %d clients",
-                run_id,
-                cfg.name,
-                "resuming" if plan.resume else "fresh",
-                cfg.federation.num_clients,
-                extra={"console": True},
-            )
-            status = wait_for_run(cli, run_id, superlink=superlink, poll_s=plan.poll_s)
+            run_id = _start_and_submit(run, plan)
+            status = wait_for_run(run.cli, run_id, superlink=run.superlink, poll_s=plan.poll_s)
         finally:
-            if front is not None:
-                front.stop()
-            superlink.stop()
-            if split_server is not None:
-                split_server.stop()
+            _stop_launch(run)
             guardian.close()
             os.close(lock)
     if status != "finished:completed":
-        logger.error("run %s ended %s; see %s", run_id, status, superlink.log_path)
+        logger.error("run %s ended %s; see %s", run_id, status, run.superlink.log_path)
         return 1
     return 0
