@@ -20,14 +20,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from fedft import supervise
-from server.deploy import (
+from fedft.launch import (
     ChildProcess,
     DeployError,
     flower_env,
@@ -67,8 +72,14 @@ class ClientPlan:
         accountant: the analysis it accounts with when it has its own budget.
         ledger: the file of this client's privacy ledger (None = :func:`default_ledger`).
         runtime_port: local port of the SuperNode's ClientApp API (0 = any free one).
-        max_wait_s: give up after the SuperNode has kept failing (refused or unable to
-            connect) for this many seconds (0 = never).
+        max_wait_s: one-shot mode: give up after the server has been unreachable, or has
+            refused this client, for this many seconds (0 = never). Ignored by a service.
+        service: service mode: never exit on its own (only on SIGTERM/SIGINT); when the
+            server finishes or goes away, say so once and wait quietly for it (or for the
+            next run). False (one-shot): exit once the run is over or the server is gone.
+        rounds: the run's number of rounds (``federation.rounds``): a one-shot client that
+            trained the last round and then loses the server knows the run finished.
+            0 = unknown.
         state_dir: FLWR_HOME of this SuperNode (None = a temporary folder, removed after).
         split_cert: this client's TLS certificate (``client-<i>.crt``, CN ``client-<i>``) for
             mutual TLS on the split service; its CA is ``root_cert``. None = no split mTLS.
@@ -86,6 +97,8 @@ class ClientPlan:
     ledger: Path | None = None
     runtime_port: int = 0
     max_wait_s: float = 0.0
+    service: bool = False
+    rounds: int = 0
     state_dir: Path | None = None
     split_cert: Path | None = None
     split_key: Path | None = None
@@ -194,79 +207,220 @@ def supernode_argv(plan: ClientPlan, *, runtime_port: int) -> list[str]:
         argv += ["--root-certificates", str(plan.root_cert.resolve())]
     if plan.node_key is not None:
         argv += ["--auth-supernode-private-key", str(plan.node_key.resolve())]
-    if plan.max_wait_s > 0:
+    if plan.max_wait_s > 0 and not plan.service:
         argv += ["--max-wait-time", str(plan.max_wait_s)]
     return argv
 
 
-def run_client(plan: ClientPlan, *, log_path: Path | None = None, retry_s: float = 5.0) -> int:
-    """Run the SuperNode, restarting it when it exits, until SIGTERM/SIGINT or until it has
-    kept failing for ``plan.max_wait_s``.
+#: exit status of a one-shot client whose run finished (it trained the last round, then the
+#: server closed), and after SIGTERM/SIGINT
+EXIT_DONE = 0
+#: exit status of a one-shot client whose server went away before the run's last round and
+#: did not come back within ``max_wait_s`` (EX_TEMPFAIL: start it again with the server)
+EXIT_SERVER_GONE = 75
+
+_RETRY_LINE = "Connection attempt failed, retrying"
+_BACK_LINES = ("Connection successful after", "Receiving:", "SuperNode ID:")
+_ROUND_LINE = re.compile(r"\[RUN \d+, ROUND (\d+)\]")
+
+
+class NodeWatch:
+    """Reads a SuperNode's output: passes it on without Flower's endless retry warnings,
+    and keeps what it says about the server (admitted, last round, unreachable since)."""
+
+    def __init__(self, sink: Callable[[str], None]) -> None:
+        self.sink = sink
+        self.admitted = False
+        self.last_round = 0
+        self.hidden = 0  # retry warnings not passed on
+        self.announced = False  # the current outage was reported
+        self._unreachable_since: float | None = None
+        self._lock = threading.Lock()
+
+    def feed(self, line: str) -> None:
+        """One line of the SuperNode's output."""
+        with self._lock:
+            if _RETRY_LINE in line:
+                if self._unreachable_since is None:
+                    self._unreachable_since = time.monotonic()
+                self.hidden += 1
+                return  # run_client reports an outage once, in its own words
+            if any(mark in line for mark in _BACK_LINES):
+                self._unreachable_since = None
+                self.admitted = self.admitted or "SuperNode ID:" in line
+            if (m := _ROUND_LINE.search(line)) is not None:
+                self.last_round = max(self.last_round, int(m.group(1)))
+        self.sink(line)
+
+    def unreachable_s(self) -> float | None:
+        """Seconds since the server stopped answering (None while it answers)."""
+        with self._lock:
+            since = self._unreachable_since
+        return None if since is None else time.monotonic() - since
+
+
+class _Sink:
+    """Where the SuperNode's lines go: a log file (appended) or this process's stdout."""
+
+    def __init__(self, log_path: Path | None) -> None:
+        self._file: IO[str] | None = None
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+
+    def write(self, line: str) -> None:
+        out = self._file if self._file is not None else sys.stdout
+        out.write(line + "\n")
+        out.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _verdict(watch: NodeWatch, plan: ClientPlan) -> int | None:
+    """What the server's absence means now: an exit status, or None to carry on.
+
+    One-shot: the run is over (the last round trained, then the server closed): EXIT_DONE;
+    gone for ``max_wait_s`` after this client was admitted: EXIT_SERVER_GONE. A service
+    never ends here. Each outage is reported once, and its end too.
+    """
+    gone = watch.unreachable_s()
+    if gone is None:
+        if watch.announced:
+            logger.warning("the server at %s answers again", plan.server)
+            watch.announced = False
+        return None
+    finished = bool(plan.rounds) and watch.admitted and watch.last_round >= plan.rounds
+    if finished and not plan.service:
+        logger.warning(
+            "the run is over (this client trained up to round %d of %d) and the server at %s "
+            "has closed; exiting",
+            watch.last_round,
+            plan.rounds,
+            plan.server,
+        )
+        return EXIT_DONE
+    if not watch.announced:
+        waiting = (
+            "waiting quietly for it (service mode)"
+            if plan.service
+            else f"waiting up to {plan.max_wait_s:.0f} s for it to come back"
+            if plan.max_wait_s > 0
+            else "waiting for it to come back"
+        )
+        state = f"after round {watch.last_round}" if watch.admitted else "before admitting us"
+        logger.warning("the server at %s does not answer (%s); %s", plan.server, state, waiting)
+        watch.announced = True
+    if not plan.service and watch.admitted and 0 < plan.max_wait_s <= gone:
+        logger.error(
+            "the server at %s has been gone for %.0f s, before the run's last round; exiting "
+            "with status %d (start this client again when the server is back, or run it "
+            "with --service)",
+            plan.server,
+            gone,
+            EXIT_SERVER_GONE,
+        )
+        return EXIT_SERVER_GONE
+    return None
+
+
+def _run_node(node: ChildProcess, watch: NodeWatch, plan: ClientPlan, poll_s: float) -> int | None:
+    """Start ``node`` and follow it until it exits (None) or :func:`_verdict` ends the
+    client (its exit status); the SuperNode and what it started are stopped either way."""
+    node.start()
+    try:
+        while node.alive():
+            if (verdict := _verdict(watch, plan)) is not None:
+                return verdict
+            time.sleep(poll_s)
+        return _verdict(watch, plan)
+    finally:
+        node.stop(grace_s=2.0)
+
+
+def _serve(plan: ClientPlan, state: Path, sink: _Sink, *, retry_s: float, poll_s: float) -> int:
+    """Run the SuperNode, starting it again when it exits, until a verdict or a give-up."""
+    port = plan.runtime_port or free_port()
+    watch = NodeWatch(sink.write)
+    failing_since: float | None = None
+    warned = False
+    while True:
+        node = ChildProcess(
+            name=f"flower-supernode[{plan.partition}]",
+            argv=supernode_argv(plan, runtime_port=port),
+            log_path=None,
+            env=flower_env(state),
+            on_line=watch.feed,
+        )
+        started = time.monotonic()
+        if (verdict := _run_node(node, watch, plan, poll_s)) is not None:
+            return verdict
+        code = node.proc.returncode if node.proc is not None else 1
+        now = time.monotonic()
+        if failing_since is None or now - started > ADMITTED_S:
+            failing_since = started  # it had been admitted: a new outage begins
+            warned = False
+        if not plan.service and plan.max_wait_s > 0 and now - failing_since >= plan.max_wait_s:
+            logger.error(
+                "the SuperNode kept exiting for %.0f s (last code %d: refused, or no server); "
+                "giving up",
+                now - failing_since,
+                code,
+            )
+            return code or 1
+        # once per outage, then quietly
+        (logger.debug if warned else logger.warning)(
+            "the SuperNode exited with code %d (refused, or the server is gone or restarted); "
+            "starting it again every %.0f s%s",
+            code,
+            retry_s,
+            f" (giving up after {plan.max_wait_s:.0f} s)"
+            if plan.max_wait_s and not plan.service
+            else "",
+        )
+        warned = True
+        time.sleep(retry_s)
+
+
+def run_client(
+    plan: ClientPlan, *, log_path: Path | None = None, retry_s: float = 5.0, poll_s: float = 0.5
+) -> int:
+    """Run this client's SuperNode until the run is over (one-shot), or until SIGTERM/SIGINT.
 
     A SuperNode exits when the SuperLink refuses it (its key is not registered yet: a client
     may start before the server has registered the keys) or forgets it (a restarted
-    SuperLink); both heal by starting it again. A SuperNode that ran for a while before
-    exiting had been admitted, so its failure clock starts afresh.
+    SuperLink); both heal by starting it again. When the server stops answering, the client
+    says so once (Flower's own retry warnings are not passed on) and, one-shot, exits when
+    the run is over or the server stays gone; as a service (``plan.service``) it waits
+    quietly. Everything it starts is owned (:mod:`fedft.supervise`): nothing outlives it.
 
     Args:
         plan: the client.
-        log_path: where the SuperNode's output goes (None = this process's stdout/stderr).
-        retry_s: seconds between restarts.
+        log_path: where the SuperNode's output goes (None = this process's stdout).
+        retry_s: seconds between restarts of an exited SuperNode.
+        poll_s: seconds between looks at the SuperNode.
 
     Returns:
-        0 after a requested stop; the SuperNode's last exit code (non-zero) when it was
-        refused for ``plan.max_wait_s`` seconds (e.g. an unregistered node key, or a
-        plaintext client on a TLS SuperLink).
+        EXIT_DONE (0) when the run is over, or after a requested stop; EXIT_SERVER_GONE (75)
+        when the server went away before the run's last round and stayed away
+        ``plan.max_wait_s`` seconds; the SuperNode's last exit code (non-zero) when it was
+        refused or could not connect for ``plan.max_wait_s`` seconds (e.g. an unregistered
+        node key, or a plaintext client on a TLS server).
     """
     state = plan.state_dir or Path(tempfile.mkdtemp(prefix=f"fedft-client-{plan.partition}-"))
     state.mkdir(parents=True, exist_ok=True)
-    port = plan.runtime_port or free_port()
-    failing_since: float | None = None
-    warned = False
-    node: ChildProcess | None = None
     supervise.become_subreaper()
-    record = state / "processes.json" if plan.state_dir is not None else None
-    guardian = supervise.Guardian(record)
+    guardian = supervise.Guardian(state / "processes.json" if plan.state_dir else None)
+    sink = _Sink(log_path)
     with terminate_as_interrupt():
         try:
-            while True:
-                node = ChildProcess(
-                    name=f"flower-supernode[{plan.partition}]",
-                    argv=supernode_argv(plan, runtime_port=port),
-                    log_path=log_path,
-                    env=flower_env(state),
-                )
-                started = time.monotonic()
-                code = node.start().wait()
-                node.stop(grace_s=2.0)  # what the exited SuperNode left in its session
-                now = time.monotonic()
-                if failing_since is None or now - started > ADMITTED_S:
-                    failing_since = started  # it had been admitted: a new outage begins
-                    warned = False
-                if plan.max_wait_s > 0 and now - failing_since >= plan.max_wait_s:
-                    logger.error(
-                        "the SuperNode kept exiting for %.0f s (last code %d); giving up\n%s",
-                        now - failing_since,
-                        code,
-                        node.log_tail(),
-                    )
-                    return code or 1
-                # once per outage, then quietly: a service waits for its server
-                (logger.debug if warned else logger.warning)(
-                    "the SuperNode exited with code %d (refused, or the server is gone or "
-                    "restarted); starting it again every %.0f s until the server takes it%s",
-                    code,
-                    retry_s,
-                    f" (giving up after {plan.max_wait_s:.0f} s)" if plan.max_wait_s else "",
-                )
-                warned = True
-                time.sleep(retry_s)
+            return _serve(plan, state, sink, retry_s=retry_s, poll_s=poll_s)
         except KeyboardInterrupt:
-            logger.info("stopping the SuperNode")
-            return 0
+            logger.info("stopped; the SuperNode and everything it started are gone")
+            return EXIT_DONE
         finally:
-            if node is not None:
-                node.stop()
             guardian.close()
+            sink.close()
             if plan.state_dir is None:
                 shutil.rmtree(state, ignore_errors=True)

@@ -226,6 +226,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
             accountant=args.accountant,
             ledger=Path(args.ledger) if args.ledger else None,
             max_wait_s=args.max_wait,
+            service=args.service,
+            rounds=cfg.federation.rounds,
             split_cert=split_cert,
             split_key=split_key,
         )
@@ -546,7 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-wait",
         type=float,
         default=600.0,
-        help="give up after this many seconds without the server (0: never)",
+        help="one-shot mode: exit after this many seconds without the server, or refused "
+        "by it (0: never; a service ignores it)",
+    )
+    cli.add_argument(
+        "--service",
+        action="store_true",
+        help="service mode: when the server finishes or goes away, wait quietly for it (or "
+        "its next run) instead of exiting; stops on SIGTERM/SIGINT only",
     )
     cli.add_argument("--insecure", action="store_true", help="no TLS, no node auth (local)")
     cli.set_defaults(func=_cmd_client)

@@ -76,7 +76,9 @@ class Proc:
     log: Path
 
     @classmethod
-    def start(cls, name: str, args: list[str], logs: Path) -> Proc:
+    def start(
+        cls, name: str, args: list[str], logs: Path, *, env: dict[str, str] | None = None
+    ) -> Proc:
         log = logs / f"{name}.log"
         with open(log, "ab") as fh:
             proc = subprocess.Popen(
@@ -86,6 +88,7 @@ class Proc:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env=env,
             )
         return cls(name, proc, log)
 
@@ -106,6 +109,14 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _code_within(p: Proc, timeout: float) -> int | None:
+    """``p``'s exit code, or None if it still runs after ``timeout`` seconds."""
+    try:
+        return p.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -160,8 +171,8 @@ def _client(cfg: Path, port: int, certs: Path, logs: Path, name: str, i: int, *e
     )
 
 
-def _clients(cfg: Path, port: int, certs: Path, logs: Path, tag: str) -> list[Proc]:
-    return [_client(cfg, port, certs, logs, f"{tag}-client-{i}", i) for i in range(3)]
+def _clients(cfg: Path, port: int, certs: Path, logs: Path, tag: str, *extra: str) -> list[Proc]:
+    return [_client(cfg, port, certs, logs, f"{tag}-client-{i}", i, *extra) for i in range(3)]
 
 
 def _submitted(server: Proc) -> bool:
@@ -287,6 +298,8 @@ class Deployed:
     plain_code: int
     superlink_log: str
     attack: dict[str, object]
+    clients: list[Proc]
+    client_codes: list[int | None]
 
 
 @pytest.fixture(scope="module")
@@ -339,8 +352,13 @@ def deployed(tiny_bert_dir, pki, tmp_path_factory):
         procs += [*clients, rogue, plain]
         rogue_code, plain_code = rogue.wait(120), plain.wait(120)
         server_code = server.wait(RUN_TIMEOUT_S)
+        # one-shot clients (the default) end by themselves once the run is over
+        client_codes = [_code_within(c, 120) for c in clients]
         log = (out / ".superlink" / "superlink.log").read_text(errors="replace")
-        yield Deployed(out, cfg, server_code, rogue, rogue_code, plain, plain_code, log, attack)
+        yield Deployed(
+            out, cfg, server_code, rogue, rogue_code, plain, plain_code, log, attack,
+            clients, client_codes,
+        )  # fmt: skip
     finally:
         for p in reversed(procs):
             p.stop()
@@ -402,6 +420,16 @@ def test_tls_auth_three_clients_two_rounds(deployed):
     assert deployed.superlink_log.count('/v1/fleet/activate-node HTTP/1.1" 200') >= 3
 
 
+def test_one_shot_clients_exit_when_the_run_is_over(deployed):
+    """#20: each client says once that the run is over and exits 0, without the stream of
+    Flower's retry warnings a SuperNode prints while its server is away."""
+    assert deployed.client_codes == [0, 0, 0]
+    for c in deployed.clients:
+        text = c.text()
+        assert text.count("the run is over (this client trained up to round 2 of 2)") == 1, text
+        assert "Connection attempt failed" not in text
+
+
 def test_insider_cannot_take_another_clients_index(deployed):
     """Attack: a registered node (key client-3) declares client index 0 before client 0
     connects. Its index is bound to its key (3, outside this 3-client run), so it neither
@@ -448,7 +476,8 @@ def test_killed_server_resumes_to_the_same_adapter(deployed, pki, tmp_path):
     procs = [server]
     try:
         _wait_for(lambda: _submitted(server), SUBMIT_TIMEOUT_S, "the run to be submitted")
-        procs += _clients(deployed.cfg, port, certs, tmp_path, "resume")
+        # service clients: they wait for the killed server to come back
+        procs += _clients(deployed.cfg, port, certs, tmp_path, "resume", "--service")
         ckpt = out / "checkpoint" / "state.json"
         _wait_for(lambda: len(_rows(out)) >= 2 and ckpt.is_file(), RUN_TIMEOUT_S, "round 1")
         assert json.loads(ckpt.read_text())["round"] == 1 and len(_rows(out)) == 2
@@ -532,7 +561,9 @@ def test_spending_survives_a_killed_client_and_server(tiny_bert_dir, pki, tmp_pa
     ledgers = [tmp_path / f"ledger-{i}.json" for i in range(3)]
 
     def client(name: str, i: int) -> Proc:
-        return _client(cfg, port, certs, tmp_path, name, i, "--ledger", str(ledgers[i]))
+        return _client(
+            cfg, port, certs, tmp_path, name, i, "--ledger", str(ledgers[i]), "--service"
+        )
 
     server = _server("server-1", cfg, out, port, certs, tmp_path)
     procs = [server]

@@ -4,14 +4,20 @@
 (SuperNode -> flower-superexec -> flwr-clientapp), plaintext, a tiny config-built model,
 2 clients x 2 rounds. A recorder thread lists every process below each command by PID (and
 start time) while it runs; after a kill the test counts which of those PIDs still run.
+Every test stops only the processes it started (by PID).
 
-1. The server is killed with SIGKILL before it submits the run: nothing of it survives.
-2. Mid-round 2 (round 1 checkpointed, clients training round 2), the server and client 1 are
-   killed with SIGKILL: nothing of either survives (the ServerApp included, which used to
-   live on under init). Client 1 is started again and `fedft server --resume` continues on
-   the same port without any hand kill; the final adapter equals an uninterrupted run's
-   (in-process, same config) within 1e-6.
-3. SIGTERM stops a client and everything it started; exit code 0.
+Kill points:
+
+1. before submit: the server is killed (SIGKILL) as soon as its SuperLink runs; nothing of
+   it survives, and the next server in the same folder starts without a hand kill;
+2. during the checkpoint write (CI): the ServerApp is frozen between the two renames that
+   swap round 2's checkpoint in (tests/fault_hooks), and the server and client 1 are killed
+   there (SIGKILL); nothing of either survives; client 1 is started again, `fedft server
+   --resume` continues on the same port, and the final adapter equals an uninterrupted run's
+   (in-process, same config) within 1e-6;
+3. mid-round 2 (slow): round 1 checkpointed, clients training round 2; the same checks.
+
+SIGTERM (what Docker and systemd send) stops a server or a client and everything it started.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from server.federation import run_federation
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
 RUN_TIMEOUT_S = 600
+HOOKS = Path(__file__).resolve().parent / "fault_hooks"
 
 
 class TreeRecorder:
@@ -130,14 +137,49 @@ def _cfg_file(path: Path, model_dir: str) -> Path:
     return path
 
 
-def _server(tag: str, cfg: Path, out: Path, port: int, logs: Path, *extra: str) -> Proc:
+def _server(
+    tag: str, cfg: Path, out: Path, port: int, logs: Path, *extra: str, freeze_round: int = 0
+) -> Proc:
+    """A `fedft server`; with ``freeze_round``, its ServerApp stops itself in the middle of
+    that round's checkpoint write (tests/fault_hooks/sitecustomize.py)."""
     args = ["server", str(cfg), "--out", str(out), "--insecure"]
-    return Proc.start(tag, [*args, "--address", f"127.0.0.1:{port}", *extra], logs)
+    env = None
+    if freeze_round:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(HOOKS), env.get("PYTHONPATH", "")])
+        env["FEDFT_TEST_FREEZE_CHECKPOINT"] = str(freeze_round)
+    return Proc.start(tag, [*args, "--address", f"127.0.0.1:{port}", *extra], logs, env=env)
 
 
 def _client(tag: str, cfg: Path, i: int, port: int, logs: Path) -> Proc:
-    args = ["client", str(cfg), "--partition", str(i), "--insecure"]
+    """A `fedft client` in service mode: it waits for a server that went away to come back."""
+    args = ["client", str(cfg), "--partition", str(i), "--insecure", "--service"]
     return Proc.start(tag, [*args, "--server", f"127.0.0.1:{port}"], logs)
+
+
+def _assert_same_as_uninterrupted(cfg_path: Path, out: Path, ref_out: Path) -> float:
+    """The resumed run's rows and adapter equal an uninterrupted in-process run's (≤ 1e-6)."""
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    cfg = load_config(str(cfg_path), [])
+    run_federation(LocalGrid(cfg), cfg, ref_out, progress=False)
+    ref = load_file(str(ref_out / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert ref.keys() == got.keys()
+    diff = max(float((ref[k] - got[k]).abs().max()) for k in ref)
+    assert diff <= 1e-6, diff
+    torch.testing.assert_close(
+        torch.tensor(rows[2]["loss"]), torch.tensor(_rows(ref_out)[2]["loss"]), atol=1e-6, rtol=0
+    )
+    return diff
+
+
+def _sigterm_leaves_nothing(recorder: TreeRecorder, proc: Proc, *, code: int) -> None:
+    """SIGTERM ``proc``: it exits with ``code`` and nothing it started runs on."""
+    assert recorder.programs(proc.proc.pid), "nothing recorded"
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(timeout=60) == code, proc.text()[-2000:]
+    assert recorder.wait_gone(proc.proc.pid) == []
 
 
 @pytest.fixture
@@ -147,7 +189,7 @@ def recorder():
     rec.close()
 
 
-def test_killed_server_and_client_leave_nothing_and_the_run_resumes_exactly(
+def test_killed_during_checkpoint_write_leaves_nothing_and_resumes_exactly(
     tiny_bert_dir, tmp_path, recorder
 ):
     cfg_path = _cfg_file(tmp_path / "run.toml", tiny_bert_dir)
@@ -155,7 +197,52 @@ def test_killed_server_and_client_leave_nothing_and_the_run_resumes_exactly(
     t0 = time.monotonic()
     procs: list[Proc] = []
     try:
-        # 1. killed before it submits: as soon as its SuperLink runs
+        server = _server("server-1", cfg_path, out, port, logs, freeze_round=2)
+        clients = [_client(f"client-{i}", cfg_path, i, port, logs) for i in range(2)]
+        procs += [server, *clients]
+        for p in (server, *clients):
+            recorder.watch(p.proc.pid)
+        frozen = out / "frozen-at-checkpoint-write"
+        _wait_for(frozen.is_file, RUN_TIMEOUT_S, "round 2's checkpoint write")
+        recorder.poll()
+        assert {"flwr-serverapp", "flower-superlink"} <= recorder.programs(server.proc.pid)
+        # the crash: round 2's checkpoint half swapped in (the old one moved aside)
+        assert not (out / "checkpoint").exists()
+        assert json.loads((out / ".checkpoint.old" / "state.json").read_text())["round"] == 1
+        server.proc.kill()
+        clients[1].proc.kill()
+        server.proc.wait()
+        clients[1].proc.wait()
+        assert recorder.wait_gone(server.proc.pid) == []
+        assert recorder.wait_gone(clients[1].proc.pid) == []
+        assert [r["round"] for r in _rows(out)] == [0, 1]
+
+        # resume on the same port, client 1 started again: no hand kill anywhere
+        clients.append(_client("client-1b", cfg_path, 1, port, logs))
+        resumed = _server("server-2", cfg_path, out, port, logs, "--resume")
+        procs += [clients[-1], resumed]
+        recorder.watch(resumed.proc.pid)
+        recorder.watch(clients[-1].proc.pid)
+        assert resumed.wait(RUN_TIMEOUT_S) == 0, resumed.text()[-3000:]
+        assert recorder.wait_gone(resumed.proc.pid) == []
+        for c in (clients[0], clients[-1]):  # service clients stop on SIGTERM, with exit 0
+            _sigterm_leaves_nothing(recorder, c, code=0)
+    finally:
+        for p in reversed(procs):
+            p.stop(signal.SIGKILL)
+    run_s = time.monotonic() - t0
+    diff = _assert_same_as_uninterrupted(cfg_path, out, tmp_path / "reference")
+    print(f"adapter max |resumed - uninterrupted| = {diff:.3g}; deployed part {run_s:.0f} s")
+
+
+def test_server_killed_before_submit_or_stopped_leaves_nothing(tiny_bert_dir, tmp_path, recorder):
+    """SIGKILL before the run is submitted, then SIGTERM once it runs (no client joins):
+    each time nothing the server started survives, and the second server needs no hand
+    kill of the first one's leftovers."""
+    cfg_path = _cfg_file(tmp_path / "run.toml", tiny_bert_dir)
+    out, port, logs = tmp_path / "run", free_port(), tmp_path
+    procs: list[Proc] = []
+    try:
         early = _server("server-0", cfg_path, out, port, logs)
         procs.append(early)
         recorder.watch(early.proc.pid)
@@ -165,7 +252,27 @@ def test_killed_server_and_client_leave_nothing_and_the_run_resumes_exactly(
         early.proc.wait()
         assert recorder.wait_gone(early.proc.pid) == []
 
-        # 2. a run killed mid-round 2, server and one client together
+        server = _server("server-1", cfg_path, out, port, logs)
+        procs.append(server)
+        recorder.watch(server.proc.pid)
+        _wait_for(
+            lambda: "flwr-serverapp" in recorder.programs(server.proc.pid),
+            RUN_TIMEOUT_S,
+            "the ServerApp",
+        )
+        _sigterm_leaves_nothing(recorder, server, code=1)  # 1: the run did not finish
+        assert "interrupted" in server.text()
+    finally:
+        for p in reversed(procs):
+            p.stop(signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_killed_mid_round_leaves_nothing_and_resumes_exactly(tiny_bert_dir, tmp_path, recorder):
+    cfg_path = _cfg_file(tmp_path / "run.toml", tiny_bert_dir)
+    out, port, logs = tmp_path / "run", free_port(), tmp_path
+    procs: list[Proc] = []
+    try:
         server = _server("server-1", cfg_path, out, port, logs)
         clients = [_client(f"client-{i}", cfg_path, i, port, logs) for i in range(2)]
         procs += [server, *clients]
@@ -182,17 +289,14 @@ def test_killed_server_and_client_leave_nothing_and_the_run_resumes_exactly(
             "client 1 to train in round 2",
         )
         assert {"flwr-serverapp", "flower-superlink"} <= recorder.programs(server.proc.pid)
-        t_kill = time.monotonic()
         server.proc.kill()
         clients[1].proc.kill()
         server.proc.wait()
         clients[1].proc.wait()
         assert recorder.wait_gone(server.proc.pid) == []
         assert recorder.wait_gone(clients[1].proc.pid) == []
-        gone_s = time.monotonic() - t_kill
         assert json.loads(ckpt.read_text())["round"] == 1
 
-        # resume on the same port, with client 1 started again: no hand kill anywhere
         clients.append(_client("client-1b", cfg_path, 1, port, logs))
         resumed = _server("server-2", cfg_path, out, port, logs, "--resume")
         procs += [clients[-1], resumed]
@@ -200,31 +304,9 @@ def test_killed_server_and_client_leave_nothing_and_the_run_resumes_exactly(
         recorder.watch(clients[-1].proc.pid)
         assert resumed.wait(RUN_TIMEOUT_S) == 0, resumed.text()[-3000:]
         assert recorder.wait_gone(resumed.proc.pid) == []
-
-        # 3. SIGTERM: a client stops with everything it started
         for c in (clients[0], clients[-1]):
-            c.proc.send_signal(signal.SIGTERM)
-            assert c.proc.wait(timeout=60) == 0, c.text()[-2000:]
-            assert recorder.wait_gone(c.proc.pid) == []
+            _sigterm_leaves_nothing(recorder, c, code=0)
     finally:
         for p in reversed(procs):
             p.stop(signal.SIGKILL)
-    total_s = time.monotonic() - t0
-
-    rows = _rows(out)
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    ref_out = tmp_path / "reference"
-    cfg = load_config(str(cfg_path), [])
-    run_federation(LocalGrid(cfg), cfg, ref_out, progress=False)
-    ref = load_file(str(ref_out / "adapter" / "adapter_model.safetensors"))
-    got = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    assert ref.keys() == got.keys()
-    diff = max(float((ref[k] - got[k]).abs().max()) for k in ref)
-    print(
-        f"adapter max |resumed - uninterrupted| = {diff:.3g}; killed trees gone in "
-        f"{gone_s:.1f} s; test {total_s:.0f} s"
-    )
-    assert diff <= 1e-6
-    torch.testing.assert_close(
-        torch.tensor(rows[2]["loss"]), torch.tensor(_rows(ref_out)[2]["loss"]), atol=1e-6, rtol=0
-    )
+    _assert_same_as_uninterrupted(cfg_path, out, tmp_path / "reference")

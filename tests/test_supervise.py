@@ -1,7 +1,7 @@
 """Process ownership with real processes: a command that dies, however it dies, leaves nothing.
 
 The "owner" here is a small Python program shaped like ``fedft server``: it starts its children
-with :class:`server.deploy.ChildProcess` (parent-death signal, own session), and one child
+with :class:`fedft.launch.ChildProcess` (parent-death signal, own session), and one child
 starts a grandchild in a session of its own which starts a great-grandchild that ignores
 SIGTERM, as the SuperLink -> flower-superexec -> flwr-serverapp chain does. The tests list the
 whole tree by PID while it is alive and check that none of those PIDs is left afterwards.
@@ -52,7 +52,7 @@ _OWNER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from fedft import supervise
-    from server.deploy import ChildProcess, terminate_as_interrupt
+    from fedft.launch import ChildProcess, terminate_as_interrupt
     chain, record, extra = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     supervise.become_subreaper()
     guardian = supervise.Guardian(record)
@@ -271,3 +271,122 @@ def test_a_client_whose_server_is_gone_says_so_once_and_exits_with_its_status(tm
     assert log.count("the SuperNode exited with code 3") == 1, log  # not once per retry
     assert log.count("giving up") >= 1 and "kept exiting" in log
     assert log.count("started flower-supernode") >= 3  # it did retry, quietly
+
+
+# --- a client's life after its server (#20): one-shot exits, a service waits, quietly --------
+
+# A "SuperNode" that is admitted, receives train messages up to round argv[2], starts a child
+# (as a SuperNode starts flower-superexec), then loses its server: Flower retries for ever,
+# with a warning per try. It writes its own record and its child's to argv[1].
+_FAKE_NODE = textwrap.dedent(
+    """
+    import json, subprocess, sys, time
+    from fedft import supervise
+    record, last_round = sys.argv[1], int(sys.argv[2])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    recs = [supervise.ProcRecord.of(p).to_json() for p in (supervise.os.getpid(), child.pid)]
+    with open(record, "w") as fh:
+        json.dump(recs, fh)
+    print("INFO :      SuperNode ID: 42", flush=True)
+    for r in range(1, last_round + 1):
+        print(f"INFO :      [RUN 7, ROUND {r}]", flush=True)
+        print("INFO :      Receiving: train message (ID: x)", flush=True)
+    while True:
+        print("WARNING :   Connection attempt failed, retrying in 0.05 seconds", flush=True)
+        time.sleep(0.05)
+    """
+)
+
+_LIFE_CLIENT = textwrap.dedent(
+    """
+    import logging, sys
+    from pathlib import Path
+    import client.deploy as deploy
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    fake, record, last_round, max_wait, mode = sys.argv[1:6]
+    deploy.supernode_argv = lambda plan, runtime_port: [sys.executable, fake, record, last_round]
+    plan = deploy.ClientPlan(partition=0, server="127.0.0.1:9", max_wait_s=float(max_wait),
+                             service=mode == "service", rounds=2)
+    sys.exit(deploy.run_client(plan, retry_s=0.2, poll_s=0.1))
+    """
+)
+
+
+def _life_client(tmp_path: Path, *, last_round: int, max_wait: float, mode: str):
+    fake = tmp_path / "fake_node.py"
+    fake.write_text(_FAKE_NODE)
+    record = tmp_path / "node.json"
+    out, err = open(tmp_path / "out.log", "wb"), open(tmp_path / "err.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LIFE_CLIENT, str(fake), str(record), str(last_round)]
+        + [str(max_wait), mode],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=out,
+        stderr=err,
+        start_new_session=True,
+    )
+    out.close()
+    err.close()
+    return proc, record
+
+
+def _node_records(record: Path) -> list[supervise.ProcRecord]:
+    _wait(record.is_file, 60)
+    return [supervise.ProcRecord.from_json(o) for o in json.loads(record.read_text())]
+
+
+def _wait(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("last_round", "code", "said"),
+    [
+        (2, 0, "the run is over (this client trained up to round 2 of 2)"),
+        (1, 75, "has been gone for"),
+    ],
+    ids=["run-over", "server-gone-mid-run"],
+)
+def test_one_shot_client_says_once_that_the_server_is_gone_and_exits(
+    tmp_path, last_round, code, said
+):
+    proc, record = _life_client(tmp_path, last_round=last_round, max_wait=1.5, mode="one-shot")
+    try:
+        node = _node_records(record)
+        assert proc.wait(timeout=120) == code
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out, err = (tmp_path / "out.log").read_text(), (tmp_path / "err.log").read_text()
+    assert "SuperNode ID: 42" in out  # the SuperNode's own lines are passed on ...
+    assert "Connection attempt failed" not in out + err  # ... but not its retry warnings
+    assert err.count(said) == 1, err
+    if code:  # gone mid-run: it said so when the server stopped answering, then gave up
+        assert err.count("does not answer (after round 1)") == 1, err
+    assert not [r.pid for r in node if r.matches()]  # the SuperNode and its child are gone
+
+
+def test_service_client_waits_quietly_and_sigterm_stops_everything(tmp_path):
+    proc, record = _life_client(tmp_path, last_round=2, max_wait=0.5, mode="service")
+    try:
+        node = _node_records(record)
+        err_log = tmp_path / "err.log"
+        _wait(lambda: "waiting quietly" in err_log.read_text(), 60)
+        time.sleep(2.0)  # ~40 retry warnings from the SuperNode meanwhile; past --max-wait
+        assert proc.poll() is None, err_log.read_text()  # a service does not exit on its own
+        assert all(r.matches() for r in node)  # its SuperNode still retries
+        proc.send_signal(signal.SIGTERM)  # what Docker and systemd send
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out, err = (tmp_path / "out.log").read_text(), err_log.read_text()
+    assert err.count("does not answer") == 1, err
+    assert "Connection attempt failed" not in out + err
+    assert not [r.pid for r in node if r.matches()]  # nothing it started outlives it
