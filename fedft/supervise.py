@@ -145,6 +145,19 @@ def descendants(roots: Iterable[int], table: Mapping[int, ProcInfo]) -> set[int]
     return found - set(roots)
 
 
+def runs_below(root: int, program: str) -> bool:
+    """True when a live process named ``program`` runs below ``root``.
+
+    ``program`` as :class:`ProcRecord` names it (``flwr-serverapp``).
+    """
+    table = scan()
+    return any(
+        not table[pid].zombie and _program(pid) == program
+        for pid in descendants([root], table)
+        if pid in table
+    )
+
+
 # --- proof of ownership --------------------------------------------------------------------
 
 

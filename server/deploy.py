@@ -447,12 +447,29 @@ def start_fleet_front(plan: ServerPlan, *, upstream_port: int) -> FleetFront:
         raise DeployError(str(exc)) from exc
 
 
-def wait_for_run(cli: FlwrCli, run_id: str, *, superlink: ChildProcess, poll_s: float) -> str:
-    """Poll the run's status until it is ``finished:*``; returns that status."""
+#: the program of a run's ServerApp (started below the SuperLink by ``flower-superexec``)
+SERVERAPP = "flwr-serverapp"
+
+
+def wait_for_run(
+    cli: FlwrCli, run_id: str, *, superlink: ChildProcess, poll_s: float, recheck_s: float = 60.0
+) -> str:
+    """Wait until the run's status is ``finished:*``; returns that status.
+
+    The status is asked with ``flwr ls`` (a Python start: about a second of CPU each time),
+    so while the run's ServerApp process runs below the SuperLink it is asked only every
+    ``recheck_s`` seconds; otherwise every ``poll_s`` seconds.
+    """
     status = "pending"
+    asked = -recheck_s
     while True:
         if not superlink.alive():
             raise DeployError(f"the SuperLink exited during the run:\n{superlink.log_tail()}")
+        now = time.monotonic()
+        if now - asked < recheck_s and supervise.runs_below(superlink.pid, SERVERAPP):
+            time.sleep(poll_s)
+            continue
+        asked = now
         res = cli.call("ls", CONNECTION, "--run-id", run_id)
         runs = res.get("runs") or []
         if res.get("success") and runs:

@@ -390,3 +390,17 @@ def test_service_client_waits_quietly_and_sigterm_stops_everything(tmp_path):
     assert err.count("does not answer") == 1, err
     assert "Connection attempt failed" not in out + err
     assert not [r.pid for r in node if r.matches()]  # nothing it started outlives it
+
+
+def test_runs_below_finds_a_program_anywhere_in_the_tree(tmp_path):
+    """What ``fedft server`` asks before it polls the run status: is the ServerApp running?"""
+    chain = tmp_path / "chain.py"
+    chain.write_text(_CHAIN)
+    link = subprocess.Popen([sys.executable, str(chain), "link"], start_new_session=True)
+    try:
+        _wait(lambda: supervise.runs_below(link.pid, "chain.py") and len(_tree(link.pid)) >= 3, 60)
+        assert not supervise.runs_below(link.pid, "flwr-serverapp")
+    finally:
+        supervise.stop(supervise.snapshot(link.pid))
+        link.wait()
+    assert not supervise.runs_below(link.pid, "chain.py")
