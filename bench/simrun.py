@@ -1,6 +1,6 @@
 """Run a real simulation (Flower's Simulation Engine) with an instrumented ClientApp.
 
-The ClientApp here is ``client.app``'s, call for call (same ``train_round``), plus:
+The ClientApp here is ``client.app``'s own, with a Flower mod around its train handler:
 
 - load counting: after each call the worker process writes ``<dir>/<pid>.json`` with
   ``fedft.models.load_count()`` of that process; the run's total is the sum over files
@@ -51,47 +51,48 @@ def config(overrides: list[str]) -> RunConfig:
 def _client_app(
     cfg: RunConfig, count_dir: str, *, reload_each_call: bool, profile_dir: str | None
 ) -> Any:
-    from flwr.app import ConfigRecord, Context, Message, RecordDict
-    from flwr.clientapp import ClientApp
+    from client.app import make_client_app
 
-    app = ClientApp()
+    mod = _Instrument(count_dir, reload_each_call=reload_each_call, profile_dir=profile_dir)
+    return make_client_app(cfg, mods=[mod])
 
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        from client.app import client_index
 
-        info = ConfigRecord({"client_index": client_index(context)})
-        return Message(content=RecordDict({"info": info}), reply_to=msg)
+class _Instrument:
+    """A Flower mod around the real train handler: load counts, optional reloads, profiles."""
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        # this closure is pickled by value into the workers (with copies of the globals it
-        # names), so per-process state lives in the imported module, which persists
+    def __init__(self, count_dir: str, *, reload_each_call: bool, profile_dir: str | None):
+        self.count_dir, self.reload_each_call, self.profile_dir = (
+            count_dir,
+            reload_each_call,
+            profile_dir,
+        )
+
+    def __call__(self, msg: Any, context: Any, call_next: Any) -> Any:
+        if msg.metadata.message_type != "train":
+            return call_next(msg, context)
+        # per-process state lives in the imported module, which persists across calls
         from bench import simrun
-        from client.app import train_round
         from fedft import models
         from fedft.training import runtime
 
-        if reload_each_call:
+        if self.reload_each_call:
             with runtime._LOCK:
                 runtime._RUNTIMES.clear()
         pid = os.getpid()
-        prof = simrun._PROFILES.setdefault(pid, cProfile.Profile()) if profile_dir else None
+        prof = simrun._PROFILES.setdefault(pid, cProfile.Profile()) if self.profile_dir else None
         if prof is not None:
             prof.enable()
         try:
-            content = train_round(cfg, msg.content, context)
+            reply = call_next(msg, context)
         finally:
             if prof is not None:
                 prof.disable()
-                prof.dump_stats(str(Path(profile_dir) / f"{pid}.prof"))  # type: ignore[arg-type]
+                prof.dump_stats(str(Path(self.profile_dir) / f"{pid}.prof"))  # type: ignore[arg-type]
         simrun._CALLS[pid] = simrun._CALLS.get(pid, 0) + 1
-        (Path(count_dir) / f"{pid}.json").write_text(
+        (Path(self.count_dir) / f"{pid}.json").write_text(
             json.dumps({"loads": models.load_count(), "calls": simrun._CALLS[pid]})
         )
-        return Message(content=content, reply_to=msg)
-
-    return app
+        return reply
 
 
 _PROFILES: dict[int, cProfile.Profile] = {}

@@ -41,18 +41,21 @@ from fedft.launch import (
     split_address,
     terminate_as_interrupt,
 )
+from fedft.transport.records import (
+    ACCOUNTANT_KEY,
+    DATA_KEY,
+    DELTA_KEY,
+    EPSILON_KEY,
+    LEDGER_KEY,
+    PARTITION_KEY,
+    SPLIT_CA_KEY,
+    SPLIT_CERT_KEY,
+    SPLIT_ID_KEY,
+    SPLIT_KEY_KEY,
+)
 
 logger = logging.getLogger(__name__)
 
-PARTITION_KEY, DATA_KEY, EPSILON_KEY = "partition-id", "data-path", "epsilon"
-DELTA_KEY, ACCOUNTANT_KEY, LEDGER_KEY = "delta", "accountant", "ledger"
-#: node-config keys of the split service's mutual TLS (same names as client/split_round.py).
-SPLIT_CA_KEY, SPLIT_CERT_KEY, SPLIT_KEY_KEY, SPLIT_ID_KEY = (
-    "split-ca",
-    "split-cert",
-    "split-key",
-    "split-client-id",
-)
 #: a SuperNode that ran this long before exiting had been admitted by the SuperLink.
 ADMITTED_S = 30.0
 

@@ -4,11 +4,12 @@ The server drives five stages (``message_type = "train.secagg"``, the stage name
 ``fedft.secagg`` record); this node answers each one:
 
 - ``advertise``: train one local round exactly as a plain round does
-  (:func:`client.app.train_round`), turn the update into the weighted vector
+  (:func:`client.local_round.train_round`), turn the update into the weighted vector
   ``[w * x_k, w]`` (:func:`fedft.secagg.encoding.encode_update`), optionally clip the
   update delta first (user-level DP's C or robust ``norm_bound``: the server never sees an
   update, so it cannot clip), create a :class:`~fedft.secagg.SecAggClient` and reply with
-  its public keys (plus the training metrics and, under sample-level DP, the accountant);
+  its public keys (plus the training metrics and, under sample-level DP, the privacy
+  record: refused or not, never the ledger);
 - ``share``, ``verify``, ``masked``, ``unmask``: the protocol's next steps (``verify``
   checks every received share against its dealer's Feldman commitments and complains
   about the dealers whose shares fail).
@@ -27,13 +28,14 @@ import numpy as np
 import torch
 from flwr.app import Context, RecordDict
 
+from client.local_round import encode_reply, train_round
 from fedft.aggregation import AGGREGATORS
 from fedft.aggregation.flat import clip_l2, flatten_trainables
 from fedft.config import RunConfig
 from fedft.secagg import SecAggClient, SecAggProtocolError
 from fedft.secagg.encoding import encode_update
+from fedft.transport import records, serde
 from fedft.transport import secagg_serde as ss
-from fedft.transport import serde
 from fedft.types import ClientUpdate, Parts
 
 logger = logging.getLogger(__name__)
@@ -68,22 +70,19 @@ def secure_vector(
 
 
 def _advertise(cfg: RunConfig, content: RecordDict, context: Context) -> RecordDict:
-    from client.app import train_round  # the plain round, call for call
-    from fedft.transport.serde import PRIVACY_RECORD
-
     params, index, clip_delta, weighted = ss.params_from_record(content)
-    reply = train_round(cfg, content, context)
-    privacy = reply.get(PRIVACY_RECORD)
-    if privacy is not None and bool(privacy["refused"]):  # type: ignore[index]
-        return reply  # out of budget: takes no part in this round's SecAgg
+    outcome = train_round(cfg, content, context)  # the plain round, call for call
     parts = AGGREGATORS[cfg.aggregation.algorithm].trainable
-    adapters, _, extras, _ = serde.start_from_recorddict(content)
-    update = serde.update_from_recorddict(
-        reply, client_id=str(index), parts=parts, reference=adapters
+    if outcome.update is None:
+        return encode_reply(outcome, parts=parts)  # out of budget: no part in this SecAgg
+    start = ClientUpdate(
+        client_id="start",
+        adapters=outcome.start.adapters,
+        num_examples=1,
+        extras=outcome.start.extras,
     )
-    start = ClientUpdate(client_id="start", adapters=adapters, num_examples=1, extras=extras)
     vector = secure_vector(
-        update, start=start, parts=parts, clip_delta=clip_delta, weighted=weighted
+        outcome.update, start=start, parts=parts, clip_delta=clip_delta, weighted=weighted
     )
     if vector.shape != (params.vector_length,):
         raise SecAggProtocolError(
@@ -93,9 +92,14 @@ def _advertise(cfg: RunConfig, content: RecordDict, context: Context) -> RecordD
     client = SecAggClient(index=index, params=params)
     keys = client.advertise_keys()
     context.state[STATE_KEY] = ss.client_state_to_record(client, vector=vector)
-    out = RecordDict({ss.RECORD: ss.advertise_to_record(keys), serde.METRICS: reply[serde.METRICS]})
-    if privacy is not None:
-        out[PRIVACY_RECORD] = privacy
+    out = RecordDict(
+        {
+            ss.RECORD: ss.advertise_to_record(keys),
+            serde.METRICS: serde.metrics_to_record(outcome.update.metrics),
+        }
+    )
+    if outcome.privacy is not None:
+        out[serde.PRIVACY_RECORD] = records.privacy_to_record(outcome.privacy)
     return out
 
 

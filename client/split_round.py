@@ -28,7 +28,7 @@ split server sees are not covered (see docs/threat-model.md).
 
 Deployed clients reach the split server over mutual TLS: ``fedft client --certs DIR`` puts
 the paths of ``ca.crt``, ``client-<i>.crt`` and ``client-<i>-tls.key`` and the id
-``client-<i>`` in the node config (keys in :data:`SPLIT_TLS_KEYS`);
+``client-<i>`` in the node config (keys in :data:`fedft.transport.records.SPLIT_TLS_KEYS`);
 :func:`client_tls_from_node_config` turns them into a :class:`~client.split_client.ClientTls`
 that ``run_split_round(..., tls=...)`` uses.
 """
@@ -42,8 +42,9 @@ import math
 import secrets
 import threading
 from collections.abc import Coroutine, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NotRequired, TypedDict, TypeVar, Unpack
 
 import grpc
 import torch
@@ -62,21 +63,13 @@ from fedft.split.dp import SplitPrivacy, apply_noisy_step, client_trainables, sh
 from fedft.training.coordinator import ClientStart
 from fedft.training.runtime import _LOCK, PROMPT, Runtime
 from fedft.transport import split_wire as wire
+from fedft.transport.records import SPLIT_CA_KEY, SPLIT_CERT_KEY, SPLIT_ID_KEY, SPLIT_KEY_KEY
 from fedft.transport.split_wire import Limits
 from fedft.types import ClientUpdate
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: node-config keys (set by ``client/deploy.py``): CA, client certificate, its key, the id.
-SPLIT_CA_KEY, SPLIT_CERT_KEY, SPLIT_KEY_KEY, SPLIT_ID_KEY = (
-    "split-ca",
-    "split-cert",
-    "split-key",
-    "split-client-id",
-)
-SPLIT_TLS_KEYS = (SPLIT_CA_KEY, SPLIT_CERT_KEY, SPLIT_KEY_KEY, SPLIT_ID_KEY)
 
 
 def client_tls_from_node_config(node_config: Mapping[str, Any]) -> ClientTls | None:
@@ -324,35 +317,10 @@ def _private_local_phase(
     return losses
 
 
-def run_split_round(
-    runtime: Runtime,
-    *,
-    client_id: str,
-    start: ClientStart,
-    data: Encoded,
-    server_address: str,
-    model_id: str,
-    front_layers: int,
-    back_layers: int,
-    wire_dtype: wire.WireDType,
-    in_flight: int,
-    local_loss_steps: int,
-    keep_fraction: float,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    tls: ClientTls | None = None,
-    dp: SplitPrivacy | None = None,
-) -> ClientUpdate:
-    """One SFPrompt round: local-loss phase, EL2N pruning, split training over gRPC.
+class SplitKnobs(TypedDict):
+    """The settings of one SFPrompt round (``split`` and ``federation`` sections).
 
-    Args:
-        runtime: the worker's cached base model (cut here, restored on exit).
-        client_id: this client's id.
-        start: the round's start; ``start.extras`` holds the prompt (n, H) under
-            ``"prompt"`` and the head parameters.
-        data: this client's encoded examples (N of them).
+    Attributes:
         server_address: ``host:port`` of the split server.
         model_id: the model id the split server serves (the run's ``model.name``).
         front_layers: blocks before the body (client front).
@@ -365,10 +333,46 @@ def run_split_round(
         batch_size: examples per step (cut into ``in_flight`` micro-batches).
         lr: AdamW learning rate of the prompt and head.
         seed: seeds batch order.
-        tls: mutual TLS to the split server (:func:`client_tls_from_node_config`); None =
-            plaintext (loopback simulation).
+        tls: mutual TLS to the split server (:func:`client_tls_from_node_config`); None or
+            absent = plaintext (loopback simulation).
         dp: sample-level DP-SGD (module docstring): every local-loss and split step is a
             DP-SGD step over a Poisson batch, recorded on ``dp.accountant``; no EL2N pruning.
+            None or absent: no DP.
+    """
+
+    server_address: str
+    model_id: str
+    front_layers: int
+    back_layers: int
+    wire_dtype: wire.WireDType
+    in_flight: int
+    local_loss_steps: int
+    keep_fraction: float
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    tls: NotRequired[ClientTls | None]
+    dp: NotRequired[SplitPrivacy | None]
+
+
+def run_split_round(
+    runtime: Runtime,
+    *,
+    client_id: str,
+    start: ClientStart,
+    data: Encoded,
+    **knobs: Unpack[SplitKnobs],
+) -> ClientUpdate:
+    """One SFPrompt round: local-loss phase, EL2N pruning, split training over gRPC.
+
+    Args:
+        runtime: the worker's cached base model (cut here, restored on exit).
+        client_id: this client's id.
+        start: the round's start; ``start.extras`` holds the prompt (n, H) under
+            ``"prompt"`` and the head parameters.
+        data: this client's encoded examples (N of them).
+        **knobs: the round's settings, :class:`SplitKnobs`.
 
     Returns:
         An update with ``adapters={}`` and ``extras={"prompt": (n, H), <head>}``;
@@ -383,6 +387,15 @@ def run_split_round(
         BudgetExceededError: with ``dp.epsilon_budget``, the round would exceed it (nothing
             is trained).
     """
+    _check_round(start, data, knobs)
+    cut = {"front_layers": knobs["front_layers"], "back_layers": knobs["back_layers"]}
+    with _LOCK, _split_over(runtime, start.extras, **cut) as parts:
+        trained = _train(runtime, parts, client_id, data, knobs)
+    return trained.update(client_id, len(data))
+
+
+def _check_round(start: ClientStart, data: Encoded, k: SplitKnobs) -> None:
+    """Refuse a start split learning cannot train from, or a round past the DP budget."""
     if PROMPT not in start.extras:
         raise ValueError("split learning needs the soft prompt in the start's extras")
     if start.adapters or start.base_delta:
@@ -390,123 +403,175 @@ def run_split_round(
             "split learning keeps the base weights frozen (the server's body is shared): the "
             "start must carry no LoRA adapters or base delta"
         )
+    steps, in_flight = k["steps"], k["in_flight"]
     if steps < 1 or in_flight < 1:
         raise ValueError(f"steps = {steps}, in_flight = {in_flight}: both must be >= 1")
+    dp = k.get("dp")
     if dp is not None and dp.epsilon_budget is not None:
         decision = check_budget(
             dp.accountant,
             noise_multiplier=dp.noise_multiplier,
-            sample_rate=sample_rate_for(len(data), batch_size),
-            steps=local_loss_steps + steps,
+            sample_rate=sample_rate_for(len(data), k["batch_size"]),
+            steps=k["local_loss_steps"] + steps,
             epsilon_budget=dp.epsilon_budget,
             delta=dp.delta,
         )
         if not decision.allowed:
             raise BudgetExceededError(decision)
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """What the split round trained and measured (before it becomes an update)."""
+
+    losses: list[float]
+    local: list[float]
+    kept: int
+    traffic: Traffic
+    extras: dict[str, Tensor]
+    private: _PrivateRun | None
+
+    def update(self, client_id: str, num_examples: int) -> ClientUpdate:
+        """The client's update: the prompt and head, the round's metrics."""
+        mean_loss = sum(self.losses) / len(self.losses)
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"split training diverged: mean loss {mean_loss}")
+        t = self.traffic
+        logger.info(
+            "client %s: split round kept %d/%d samples, %d frames up, loss %.4f",
+            client_id,
+            self.kept,
+            num_examples,
+            t.frames_up,
+            mean_loss,
+        )
+        metrics = {
+            "train_loss": mean_loss,
+            "kept_samples": float(self.kept),
+            "steps": float(len(self.losses)),
+            "split_frames_up": float(t.frames_up),
+            "split_frames_down": float(t.frames_down),
+            "split_bytes_up": float(t.bytes_up),
+            "split_bytes_down": float(t.bytes_down),
+        }
+        if self.local:
+            metrics["local_loss"] = sum(self.local) / len(self.local)
+        if self.private is not None:
+            metrics.update(self.private.metrics())
+        return ClientUpdate(
+            client_id=client_id,
+            adapters={},
+            num_examples=num_examples,
+            metrics=metrics,
+            extras=self.extras,
+        )
+
+
+def _train(
+    runtime: Runtime, parts: SplitParts, client_id: str, data: Encoded, k: SplitKnobs
+) -> _Trained:
+    """Local-loss phase -> EL2N pruning -> split phase, on the cut model (lock held)."""
     device = runtime.device
-    with (
-        _LOCK,
-        _split_over(
-            runtime, start.extras, front_layers=front_layers, back_layers=back_layers
-        ) as parts,
-    ):
-        model: Any = runtime.model
-        params = [p for p in parts.front.parameters() if p.requires_grad]
-        params += [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr)
-        private = None if dp is None else _PrivateRun(dp, parts, len(data), batch_size)
-
-        model.train()
-        if private is not None:
-            local = _private_local_phase(parts, data, private, local_loss_steps, optimizer, device)
-        else:
-            local = local_loss_phase(
-                parts,
-                _tuples(
-                    data, batch_size=batch_size, steps=local_loss_steps, seed=seed, device=device
-                ),
-                optimizer,
-            )
-
-        kept = data
-        if keep_fraction < 1.0 and private is not None:
-            logger.info(
-                "client %s: EL2N pruning skipped under sample-level DP (top-γ selection "
-                "depends on every example's score)",
-                client_id,
-            )
-        elif keep_fraction < 1.0:
-            model.eval()
-            idx = select_samples(
-                parts,
-                data.input_ids.to(device),
-                data.attention_mask.to(device),
-                data.labels.to(device),
-                gamma=keep_fraction,
-                batch_size=batch_size,
-            )
-            kept = data.subset(idx.cpu())
-
-        model.train()
-        if private is not None:
-            split_steps = [_poisson_batch(data, private.draw(), device) for _ in range(steps)]
-        else:
-            split_steps = list(
-                _tuples(kept, batch_size=batch_size, steps=steps, seed=seed + 1, device=device)
-            )
-        try:
-            losses, traffic = _run(
-                _split_phase(
-                    parts,
-                    split_steps,
-                    target=server_address,
-                    model_id=model_id,
-                    wire_dtype=wire_dtype,
-                    in_flight=in_flight,
-                    optimizer=optimizer,
-                    tls=tls,
-                    dp=private,
-                )
-            )
-        except grpc.aio.AioRpcError as err:
-            raise RuntimeError(
-                f"split server at {server_address!r} failed: {err.code().name}: "
-                f"{err.details()}; start one with `fedft split-server` or leave split.server "
-                "empty in a simulation"
-            ) from err
-        model.eval()
-        assert parts.front.prompt is not None
-        extras = {PROMPT: get_prompt(parts.front.prompt).cpu()}
-        extras.update(peft_io.get_extras(model, runtime.extras_names))
-        extras = {k: v.detach().cpu().clone() for k, v in extras.items()}
-    mean_loss = sum(losses) / len(losses)
-    if not math.isfinite(mean_loss):
-        raise FloatingPointError(f"split training diverged: mean loss {mean_loss}")
-    logger.info(
-        "client %s: split round kept %d/%d samples, %d frames up, loss %.4f",
-        client_id,
-        len(kept),
-        len(data),
-        traffic.frames_up,
-        mean_loss,
-    )
-    metrics = {
-        "train_loss": mean_loss,
-        "kept_samples": float(len(kept)),
-        "steps": float(len(losses)),
-        "split_frames_up": float(traffic.frames_up),
-        "split_frames_down": float(traffic.frames_down),
-        "split_bytes_up": float(traffic.bytes_up),
-        "split_bytes_down": float(traffic.bytes_down),
-    }
-    if local:
-        metrics["local_loss"] = sum(local) / len(local)
+    model: Any = runtime.model
+    params = [p for p in parts.front.parameters() if p.requires_grad]
+    params += [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=k["lr"])
+    dp = k.get("dp")
+    private = None if dp is None else _PrivateRun(dp, parts, len(data), k["batch_size"])
+    model.train()
     if private is not None:
-        metrics.update(private.metrics())
-    return ClientUpdate(
-        client_id=client_id,
-        adapters={},
-        num_examples=len(data),
-        metrics=metrics,
-        extras=extras,
+        local = _private_local_phase(parts, data, private, k["local_loss_steps"], optimizer, device)
+    else:
+        batches = _tuples(
+            data,
+            batch_size=k["batch_size"],
+            steps=k["local_loss_steps"],
+            seed=k["seed"],
+            device=device,
+        )
+        local = local_loss_phase(parts, batches, optimizer)
+    kept = _pruned(runtime, parts, data, k, private=private is not None, client_id=client_id)
+    model.train()
+    if private is not None:
+        split_steps = [_poisson_batch(data, private.draw(), device) for _ in range(k["steps"])]
+    else:
+        split_steps = list(
+            _tuples(
+                kept,
+                batch_size=k["batch_size"],
+                steps=k["steps"],
+                seed=k["seed"] + 1,
+                device=device,
+            )
+        )
+    losses, traffic = _split_train(parts, split_steps, k, optimizer, private)
+    model.eval()
+    assert parts.front.prompt is not None
+    extras = {PROMPT: get_prompt(parts.front.prompt).cpu()}
+    extras.update(peft_io.get_extras(model, runtime.extras_names))
+    extras = {key: v.detach().cpu().clone() for key, v in extras.items()}
+    return _Trained(losses, local, len(kept), traffic, extras, private)
+
+
+def _pruned(
+    runtime: Runtime,
+    parts: SplitParts,
+    data: Encoded,
+    k: SplitKnobs,
+    *,
+    private: bool,
+    client_id: str,
+) -> Encoded:
+    """The top-EL2N fraction γ of ``data`` (all of it when γ = 1 or under DP)."""
+    gamma = k["keep_fraction"]
+    if gamma >= 1.0:
+        return data
+    if private:
+        logger.info(
+            "client %s: EL2N pruning skipped under sample-level DP (top-γ selection "
+            "depends on every example's score)",
+            client_id,
+        )
+        return data
+    runtime.model.eval()
+    device = runtime.device
+    idx = select_samples(
+        parts,
+        data.input_ids.to(device),
+        data.attention_mask.to(device),
+        data.labels.to(device),
+        gamma=gamma,
+        batch_size=k["batch_size"],
     )
+    return data.subset(idx.cpu())
+
+
+def _split_train(
+    parts: SplitParts,
+    split_steps: list[MicroBatch],
+    k: SplitKnobs,
+    optimizer: torch.optim.Optimizer,
+    private: _PrivateRun | None,
+) -> tuple[list[float], Traffic]:
+    """The split phase over gRPC; a failed server is a RuntimeError that says what to do."""
+    address = k["server_address"]
+    try:
+        return _run(
+            _split_phase(
+                parts,
+                split_steps,
+                target=address,
+                model_id=k["model_id"],
+                wire_dtype=k["wire_dtype"],
+                in_flight=k["in_flight"],
+                optimizer=optimizer,
+                tls=k.get("tls"),
+                dp=private,
+            )
+        )
+    except grpc.aio.AioRpcError as err:
+        raise RuntimeError(
+            f"split server at {address!r} failed: {err.code().name}: "
+            f"{err.details()}; start one with `fedft split-server` or leave split.server "
+            "empty in a simulation"
+        ) from err

@@ -13,14 +13,14 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from torch import Tensor
 
 from fedft.aggregation.validate import validate_update
-from fedft.replies import check_epsilon, parse_privacy_record
+from fedft.replies import check_epsilon
 from fedft.training.coordinator import ClientStart
-from fedft.transport import serde
+from fedft.transport import records, serde
 from fedft.types import AggregationResult, ClientUpdate, LoraFactors, Parts
 
 logger = logging.getLogger(__name__)
@@ -80,9 +80,24 @@ class Replies:
         plain = [float(u.metrics["train_loss"]) for u in self.updates if "train_loss" in u.metrics]
         return plain + self.train_loss
 
+    def take_privacy(self, idx: int, content: RecordDict, rnd: int) -> bool:
+        """Check client ``idx``'s privacy record; False when its reply goes no further
+        (the record is unacceptable: rejected; the client refused: refused)."""
+        checked = records.privacy_from_recorddict(content)
+        if checked is None:  # DP is off
+            return True
+        if isinstance(checked, str):
+            self.reject(idx, checked, rnd)
+            return False
+        if checked.refused:
+            logger.warning("round %d: client %d stopped: %s", rnd, idx, checked.message)
+            self.refused.append(idx)
+            return False
+        return True
+
     def reject(self, idx: int, why: str, rnd: int) -> None:
         """Drop client ``idx``'s reply as unsound (logged)."""
-        logger.warning("round %d: rejected update of client %d: %s", rnd, idx, why)
+        logger.warning("round %d: rejected reply of client %d: %s", rnd, idx, why)
         self.rejected.append((idx, why))
 
 
@@ -134,32 +149,18 @@ def _decode(
     parts_up: Parts,
 ) -> ClientUpdate | None:
     """Client ``idx``'s update from its reply, or None (stale, refused or undecodable)."""
-    tag = content.get(serde.ROUND_RECORD)
-    if not isinstance(tag, ConfigRecord) or tag.get("round") != rnd:
-        stale = None if not isinstance(tag, ConfigRecord) else tag.get("round")
+    tagged = records.round_of(content)
+    if tagged != rnd:
         logger.warning(
             "round %d: dropping a reply of client %d trained for round %r (stale or replayed)",
             rnd,
             idx,
-            stale,
+            tagged,
         )
-        out.rejected.append((idx, f"reply for round {stale!r}, not {rnd}"))
+        out.rejected.append((idx, f"reply for round {tagged!r}, not {rnd}"))
         return None
-    privacy = content.get(serde.PRIVACY_RECORD)
-    if privacy is not None:
-        checked = (
-            parse_privacy_record(privacy)
-            if isinstance(privacy, ConfigRecord)
-            else "privacy record is not a ConfigRecord"
-        )
-        if isinstance(checked, str):
-            logger.warning("round %d: rejected reply of client %d: %s", rnd, idx, checked)
-            out.rejected.append((idx, checked))
-            return None
-        if checked.refused:
-            logger.warning("round %d: client %d stopped: %s", rnd, idx, checked.message)
-            out.refused.append(idx)
-            return None
+    if not out.take_privacy(idx, content, rnd):
+        return None
     try:
         return serde.update_from_recorddict(
             content, client_id=str(idx), parts=parts_up, reference=start.adapters

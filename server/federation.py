@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
@@ -42,6 +42,7 @@ from fedft.training.runtime import (
     get_runtime,
     initial_prompt,
 )
+from fedft.transport.records import claimed_index
 from fedft.types import AggregationResult
 from server.rounds import (
     Federation,
@@ -258,9 +259,7 @@ def discover_clients(
                 "node %s did not answer the query: %s", reply.metadata.src_node_id, reply.error
             )
             continue
-        info = reply.content.get("info")
-        claimed = info.get("client_index") if isinstance(info, ConfigRecord) else None
-        claims.append((reply.metadata.src_node_id, claimed))
+        claims.append((reply.metadata.src_node_id, claimed_index(reply.content)))
     binding = bind_client_indices(claims, num_clients=num_clients, bound=bound)
     for node, reason in binding.ignored:
         logger.warning("node %s: %s; ignored", node, reason)

@@ -35,19 +35,20 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedft.aggregation.base import Aggregator
 from fedft.aggregation.flat import flatten_trainables
 from fedft.aggregation.robust import NormBound
 from fedft.privacy import CentralDP
-from fedft.replies import check_epsilon, parse_privacy_record
-from fedft.secagg import SecAggError, SecAggParams, SecAggResult, SecAggServer
+from fedft.replies import check_epsilon
+from fedft.secagg import KeyDirectory, SecAggError, SecAggParams, SecAggResult, SecAggServer
 from fedft.secagg.bounds import sum_problems
 from fedft.secagg.encoding import decode_aggregate, vector_length
 from fedft.transport import secagg_serde as ss
@@ -206,81 +207,133 @@ def run_secure_round(
     """
     out = Replies(secure=True)
     client_of_node = {nid: idx for idx, nid in nodes.items()}
-    chosen = sorted(client_of_node[m.metadata.dst_node_id] for m in messages)
-    content_of = {client_of_node[m.metadata.dst_node_id]: m.content for m in messages}
-    secagg_index = {idx: k + 1 for k, idx in enumerate(chosen)}  # client index -> 1..n
-    client_index = {k: idx for idx, k in secagg_index.items()}
-    n = len(chosen)
+    starts = {client_of_node[m.metadata.dst_node_id]: m.content for m in messages}
+    secagg_index = {idx: k + 1 for k, idx in enumerate(sorted(starts))}  # client idx -> 1..n
+    length = vector_length(template, parts=parts)
+    params = _params(len(starts), min_replies, length, rnd=rnd, frac_bits=frac_bits, clip=clip)
+    if isinstance(params, str):
+        out.failed = params
+        return out
+    ex = _Exchange(
+        grid, node_of={k: nodes[idx] for idx, k in secagg_index.items()}, rnd=rnd, timeout=timeout
+    )
+    result = _protocol(ex, SecAggServer(params), out, starts, secagg_index, aggregator)
+    _close(out, ex)
+    if result is not None:
+        _take_in(out, *result, {k: idx for idx, k in secagg_index.items()}, rnd)
+        _Release(template, parts, aggregator, min_replies, max_examples).apply(out, result[0], rnd)
+    return out
+
+
+def _params(
+    n: int, min_replies: int, length: int, *, rnd: int, frac_bits: int, clip: float
+) -> SecAggParams | str:
+    """The round's SecAgg parameters for ``n`` clients, or why it cannot run."""
     t = secagg_threshold(n, min_replies)
     if n < 2 or t > n:
-        out.failed = f"secure aggregation needs >= 2 clients and t={t} <= n={n}"
-        return out
-    params = SecAggParams(
+        return f"secure aggregation needs >= 2 clients and t={t} <= n={n}"
+    return SecAggParams(
         num_clients=n,
         max_dropouts=n - t,
-        vector_length=vector_length(template, parts=parts),
+        vector_length=length,
         round_id=rnd,
         frac_bits=frac_bits,
         clip=clip,
     )
-    clip_delta, weighted = client_clip(aggregator)
-    ex = _Exchange(
-        grid, node_of={k: nodes[idx] for idx, k in secagg_index.items()}, rnd=rnd, timeout=timeout
-    )
-    server = SecAggServer(params)
+
+
+def _protocol(
+    ex: _Exchange,
+    server: SecAggServer,
+    out: Replies,
+    starts: Mapping[int, RecordDict],
+    secagg_index: Mapping[int, int],
+    aggregator: Aggregator,
+) -> tuple[SecAggResult, dict[int, RecordDict]] | None:
+    """The five stages: the unmasked sum and the stage-0 replies of the clients who trained.
+
+    None when the round failed (too many clients dropped or were convicted, or the shares
+    do not rebuild the masks): ``out.failed`` says why, ``out.suspects`` who was convicted.
+    """
+    rnd = server.params.round_id
     try:
-        # stage 0: train + advertise keys
-        starts: dict[int, RecordDict] = {}
-        for idx in chosen:
-            content = RecordDict(dict(content_of[idx].items()))
-            content[ss.RECORD] = ss.params_to_record(
-                params, index=secagg_index[idx], clip_delta=clip_delta, weighted=weighted
-            )
-            starts[secagg_index[idx]] = content
-        replies = ex.send("advertise", starts)
-        keyed: dict[int, RecordDict] = {}
-        for k, content in replies.items():
-            if _privacy(out, client_index[k], content, rnd):
-                keyed[k] = content
-        ads = ex.decode("advertise", keyed, lambda c: ss.advertise_from_record(c, num_clients=n))
-        directory = server.collect_keys(ads)
-        # stage 1: share keys
-        u1 = [k.index for k in directory.keys]
-        rec = ss.directory_to_record(directory, round_id=rnd)
-        replies = ex.send("share", {k: RecordDict({ss.RECORD: rec}) for k in u1})
-        shares = ex.decode("share", replies, lambda c: ss.share_keys_from_record(c, num_clients=n))
-        routed = server.collect_shares(shares)
-        # stage 2: share check (complaints against dealers, resolved by the server)
-        replies = ex.send(
-            "verify",
-            {
-                k: RecordDict({ss.RECORD: ss.routed_to_record(r, round_id=rnd)})
-                for k, r in routed.items()
-            },
-        )
-        checks = ex.decode("verify", replies, lambda c: ss.check_from_record(c, num_clients=n))
-        qualified = server.collect_checks(checks)
-        # stage 3: masked input
-        rec = ss.mask_request_to_record(qualified, round_id=rnd)
-        replies = ex.send("masked", {k: RecordDict({ss.RECORD: rec}) for k in qualified.qualified})
-        masked = ex.decode(
-            "masked",
-            replies,
-            lambda c: ss.masked_from_record(c, num_clients=n, vector_length=params.vector_length),
-        )
-        request = server.collect_masked(masked)
-        # stage 4: unmask
-        rec = ss.request_to_record(request, round_id=rnd)
-        replies = ex.send("unmask", {k: RecordDict({ss.RECORD: rec}) for k in request.survivors})
-        unmask = ex.decode("unmask", replies, lambda c: ss.unmask_from_record(c, num_clients=n))
-        total = server.collect_unmasking(unmask)
+        keyed, directory = _advertise(ex, server, out, starts, secagg_index, aggregator)
+        return _mask_and_sum(ex, server, directory), keyed
     except SecAggError as exc:
         logger.error("round %d: %s; model unchanged", rnd, exc)
         out.failed = str(exc)
+        client_index = {k: idx for idx, k in secagg_index.items()}
         out.suspects = sorted(client_index[k] for k in server.convicted)
-        _close(out, ex)
-        return out
-    _close(out, ex)
+        return None
+
+
+def _advertise(
+    ex: _Exchange,
+    server: SecAggServer,
+    out: Replies,
+    starts: Mapping[int, RecordDict],
+    secagg_index: Mapping[int, int],
+    aggregator: Aggregator,
+) -> tuple[dict[int, RecordDict], KeyDirectory]:
+    """Stage 0: the round's start plus the SecAgg parameters -> each client trains and
+    advertises its keys; the replies of the clients who trained (privacy records taken) and
+    the key directory U1."""
+    params, rnd = server.params, server.params.round_id
+    client_index = {k: idx for idx, k in secagg_index.items()}
+    clip_delta, weighted = client_clip(aggregator)
+    advertise: dict[int, RecordDict] = {}
+    for idx in sorted(starts):
+        content = RecordDict(dict(starts[idx].items()))
+        content[ss.RECORD] = ss.params_to_record(
+            params, index=secagg_index[idx], clip_delta=clip_delta, weighted=weighted
+        )
+        advertise[secagg_index[idx]] = content
+    replies = ex.send("advertise", advertise)
+    keyed = {k: c for k, c in replies.items() if _privacy(out, client_index[k], c, rnd)}
+    n = params.num_clients
+    ads = ex.decode("advertise", keyed, lambda c: ss.advertise_from_record(c, num_clients=n))
+    return keyed, server.collect_keys(ads)
+
+
+def _mask_and_sum(ex: _Exchange, server: SecAggServer, directory: KeyDirectory) -> SecAggResult:
+    """Stages 1-4 (share, verify, masked, unmask) after the keys are in; the unmasked sum."""
+    n, rnd, length = server.params.num_clients, server.params.round_id, server.params.vector_length
+    rec = ss.directory_to_record(directory, round_id=rnd)
+    replies = ex.send("share", {k.index: RecordDict({ss.RECORD: rec}) for k in directory.keys})
+    shares = ex.decode("share", replies, lambda c: ss.share_keys_from_record(c, num_clients=n))
+    routed = server.collect_shares(shares)
+    # share check: complaints against dealers, resolved by the server
+    replies = ex.send(
+        "verify",
+        {
+            k: RecordDict({ss.RECORD: ss.routed_to_record(r, round_id=rnd)})
+            for k, r in routed.items()
+        },
+    )
+    checks = ex.decode("verify", replies, lambda c: ss.check_from_record(c, num_clients=n))
+    qualified = server.collect_checks(checks)
+    rec = ss.mask_request_to_record(qualified, round_id=rnd)
+    replies = ex.send("masked", {k: RecordDict({ss.RECORD: rec}) for k in qualified.qualified})
+    masked = ex.decode(
+        "masked",
+        replies,
+        lambda c: ss.masked_from_record(c, num_clients=n, vector_length=length),
+    )
+    request = server.collect_masked(masked)
+    rec = ss.request_to_record(request, round_id=rnd)
+    replies = ex.send("unmask", {k: RecordDict({ss.RECORD: rec}) for k in request.survivors})
+    unmask = ex.decode("unmask", replies, lambda c: ss.unmask_from_record(c, num_clients=n))
+    return server.collect_unmasking(unmask)
+
+
+def _take_in(
+    out: Replies,
+    total: SecAggResult,
+    keyed: Mapping[int, RecordDict],
+    client_index: Mapping[int, int],
+    rnd: int,
+) -> None:
+    """Who is in the sum, who was convicted of cheating, the clients' training losses."""
     out.in_sum = len(total.included)
     out.suspects = sorted(client_index[k] for k in total.suspects)
     if out.suspects:
@@ -294,18 +347,39 @@ def run_secure_round(
         loss = _metric(keyed[k], "train_loss")
         if loss is not None:
             out.train_loss.append(loss)
-    if out.in_sum < min_replies:
-        out.failed = f"{out.in_sum} clients in the sum < federation.min_replies={min_replies}"
-        return out
-    problems = check_sum(
-        total, template=template, parts=parts, aggregator=aggregator, max_examples=max_examples
-    )
-    if problems:
-        out.failed = "; ".join(problems)
-        logger.error("round %d: refused the secure sum: %s; model unchanged", rnd, out.failed)
-        return out
-    out.summed = aggregate_from_sum(total, template=template, parts=parts, aggregator=aggregator)
-    return out
+
+
+@dataclass(frozen=True)
+class _Release:
+    """What an unmasked sum must satisfy before the round's aggregate is rebuilt from it."""
+
+    template: ClientUpdate
+    parts: Parts
+    aggregator: Aggregator
+    min_replies: int
+    max_examples: int
+
+    def apply(self, out: Replies, total: SecAggResult, rnd: int) -> None:
+        """``out.summed`` from ``total`` when it is sound, else ``out.failed`` says why."""
+        if out.in_sum < self.min_replies:
+            out.failed = (
+                f"{out.in_sum} clients in the sum < federation.min_replies={self.min_replies}"
+            )
+            return
+        problems = check_sum(
+            total,
+            template=self.template,
+            parts=self.parts,
+            aggregator=self.aggregator,
+            max_examples=self.max_examples,
+        )
+        if problems:
+            out.failed = "; ".join(problems)
+            logger.error("round %d: refused the secure sum: %s; model unchanged", rnd, out.failed)
+            return
+        out.summed = aggregate_from_sum(
+            total, template=self.template, parts=self.parts, aggregator=self.aggregator
+        )
 
 
 def check_sum(
@@ -348,23 +422,10 @@ def _metric(content: RecordDict, name: str) -> float | None:
 
 
 def _privacy(out: Replies, idx: int, content: RecordDict, rnd: int) -> bool:
-    """Mirror the accountant and the ε of a stage-0 reply (checked by
+    """Take the privacy record and the ε of a stage-0 reply (checked by
     :mod:`fedft.replies`); False if the client refused or its record is unacceptable."""
-    privacy = content.get(serde.PRIVACY_RECORD)
-    if privacy is not None:
-        checked = (
-            parse_privacy_record(privacy)
-            if isinstance(privacy, ConfigRecord)
-            else "privacy record is not a ConfigRecord"
-        )
-        if isinstance(checked, str):
-            logger.warning("round %d: rejected reply of client %d: %s", rnd, idx, checked)
-            out.rejected.append((idx, checked))
-            return False
-        if checked.refused:
-            logger.warning("round %d: client %d stopped: %s", rnd, idx, checked.message)
-            out.refused.append(idx)
-            return False
+    if not out.take_privacy(idx, content, rnd):
+        return False
     metrics = content.get(serde.METRICS)
     if metrics is not None and "epsilon" in metrics:  # type: ignore[operator]
         eps = metrics["epsilon"]  # type: ignore[index]

@@ -1,6 +1,7 @@
 """An in-process grid for ``server.federation.run_federation`` (no Ray, no processes, no tests).
 
-Every message goes straight to the real client code (``client.app.train_round``) with one
+Every message goes straight to the real client code (``client.app.train_reply``: the
+local round's outcome, encoded once) with one
 Flower ``Context`` per client, as a SuperNode keeps it across the messages of one run. A
 server restart is a new Flower run: give the resumed run fresh contexts (``LocalGrid.fresh``).
 ``kill`` lets a test end the "server" at a chosen point of a round with :class:`Killed`, which,
@@ -12,10 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 
-from client.app import train_round
+from client.app import train_reply
 from fedft.config import RunConfig
+from fedft.transport.records import discovery_to_recorddict
 
 
 class Killed(BaseException):
@@ -75,10 +77,9 @@ class LocalGrid:
             nid = msg.metadata.dst_node_id
             ctx = self.contexts[nid]
             if msg.metadata.message_type == "query":
-                info = {"client_index": int(ctx.node_config["partition-id"])}
-                content = RecordDict({"info": ConfigRecord(info)})
+                content = discovery_to_recorddict(int(ctx.node_config["partition-id"]))
             else:
-                content = train_round(self.cfg, msg.content, ctx)
+                content = train_reply(self.cfg, msg.content, ctx)
                 if self.kill is not None:
                     self.kill(int(msg.metadata.group_id), len(replies) + 1)
             replies.append(_Reply(nid, content))

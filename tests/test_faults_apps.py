@@ -1,8 +1,8 @@
 """Fault-injecting ClientApps and helpers shared by the Flower fault tests (no tests here).
 
-The ClientApp wraps ``client.app``'s real handlers call for call (``train_round`` and
-``client.secure_round.handle``) and, for chosen ``(round, client index)`` pairs, injects a
-fault on the client side, as a hostile or broken client would:
+The ClientApp is ``client.app``'s own, with :class:`FaultMod` (a Flower mod) around its real
+handlers; for chosen ``(round, client index)`` pairs the mod injects a fault on the client
+side, as a hostile or broken client would:
 
 - ``"raise"``: crash before training (Flower returns an error reply);
 - ``"sleep:S"``: answer S seconds late (past ``federation.round_timeout_s``);
@@ -22,6 +22,7 @@ With ``capture_dir`` every client saves what it started from and what it sent
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -112,88 +113,72 @@ def fault_client_app(
     drop_rate: float = 0.0,
     drop_seed: int = 0,
 ) -> Any:
-    """The real ClientApp plus injected faults; ``plan`` maps "round:index" to a fault."""
-    from flwr.app import ConfigRecord, Context, Message, RecordDict
-    from flwr.clientapp import ClientApp
+    """The real ClientApp with a fault-injecting mod; ``plan`` maps "round:index" to a fault."""
+    from client.app import make_client_app
 
-    faults = dict(plan or {})
-    app = ClientApp()
+    mod = FaultMod(
+        cfg, plan=plan or {}, capture_dir=capture_dir, drop_rate=drop_rate, drop_seed=drop_seed
+    )
+    return make_client_app(cfg, mods=[mod])
 
-    def _fault(rnd: int, idx: int) -> str:
-        if drop_rate and dropped(drop_seed, rnd, idx, drop_rate):
+
+class FaultMod:
+    """A Flower mod around the real handlers: injects the planned fault, captures tensors."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        plan: dict[str, str],
+        capture_dir: str | None,
+        drop_rate: float,
+        drop_seed: int,
+    ) -> None:
+        self.cfg, self.plan, self.capture_dir = cfg, dict(plan), capture_dir
+        self.drop_rate, self.drop_seed = drop_rate, drop_seed
+
+    def fault(self, rnd: int, idx: int) -> str:
+        """The fault planned for client ``idx`` in round ``rnd`` ("" for none)."""
+        if self.drop_rate and dropped(self.drop_seed, rnd, idx, self.drop_rate):
             return "raise"
-        return faults.get(f"{rnd}:{idx}", "")
+        return self.plan.get(f"{rnd}:{idx}", "")
 
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
+    def __call__(self, msg: Any, context: Any, call_next: Any) -> Any:
+        kind = msg.metadata.message_type
+        if kind == "train":
+            return self._train(msg, context, call_next)
+        if kind == "train.secagg":
+            return self._secagg(msg, context, call_next)
+        return call_next(msg, context)
+
+    def _train(self, msg: Any, context: Any, call_next: Any) -> Any:
+        from flwr.app import ConfigRecord, Message, RecordDict
+
         from client.app import client_index
-
-        info = ConfigRecord({"client_index": client_index(context)})
-        return Message(content=RecordDict({"info": info}), reply_to=msg)
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        from client.app import client_index, train_round
-        from fedft.aggregation import AGGREGATORS
         from fedft.transport import serde
 
-        rnd = int(msg.content[serde.CONFIG]["round"])  # type: ignore[index]
+        rnd = int(msg.content[serde.CONFIG]["round"])
         idx = client_index(context)
-        fault = _fault(rnd, idx)
+        fault = self.fault(rnd, idx)
         if fault == "raise":
             raise RuntimeError(f"injected crash of client {idx} in round {rnd}")
         if fault.startswith("sleep:"):
             time.sleep(float(fault.split(":", 1)[1]))
-        content = train_round(cfg, msg.content, context)
-        parts = AGGREGATORS[cfg.aggregation.algorithm].trainable
-        start, _, start_extras, _ = serde.start_from_recorddict(msg.content)
-        update = serde.update_from_recorddict(
-            content, client_id=str(idx), parts=parts, reference=start
-        )
-        if fault.startswith("poison:"):
-            factor = float(fault.split(":", 1)[1])
-            adapters = {
-                m: LoraFactors(
-                    a=start[m].a + factor * (f.a - start[m].a),
-                    b=start[m].b + factor * (f.b - start[m].b),
-                    scaling=f.scaling,
-                    r=f.r,
-                )
-                for m, f in update.adapters.items()
-            }
-            extras = {
-                k: start_extras[k] + factor * (v - start_extras[k])
-                for k, v in update.extras.items()
-            }
-            update = ClientUpdate(
-                client_id=update.client_id,
-                adapters=adapters,
-                num_examples=update.num_examples,
-                metrics=update.metrics,
-                extras=extras,
-            )
-            tag = content["fedft.round"]
-            content = serde.update_to_recorddict(update, parts=parts)
-            content["fedft.round"] = tag
-        if fault.startswith("examples:"):
-            update = ClientUpdate(
-                client_id=update.client_id,
-                adapters=update.adapters,
-                num_examples=int(fault.split(":", 1)[1]),
-                metrics=update.metrics,
-                extras=update.extras,
-            )
-            tag = content["fedft.round"]
-            content = serde.update_to_recorddict(update, parts=parts)
-            content["fedft.round"] = tag
+        content = call_next(msg, context).content
+        start, update = self._decode(msg.content, content, idx)
+        if fault.startswith(("poison:", "examples:")):
+            if fault.startswith("poison:"):
+                update = _poisoned(start, update, float(fault.split(":", 1)[1]))
+            else:  # a FedAvg weight grab
+                update = dataclasses.replace(update, num_examples=int(fault.split(":", 1)[1]))
+            tag = content[serde.ROUND_RECORD]
+            content = serde.update_to_recorddict(update, parts=self._parts())
+            content[serde.ROUND_RECORD] = tag
         if fault == "bad-privacy":
             content[serde.PRIVACY_RECORD] = ConfigRecord({"message": "no flag"})
-        if capture_dir is not None:
-            d = Path(capture_dir)
-            start_update = ClientUpdate(
-                client_id="start", adapters=start, num_examples=1, extras=start_extras
-            )
-            save_update(d / f"start-{rnd}-{idx}.safetensors", start_update)
+        if self.capture_dir is not None:
+            d = Path(self.capture_dir)
+            save_update(d / f"start-{rnd}-{idx}.safetensors", start)
             if not fault:
                 save_update(d / f"update-{rnd}-{idx}.safetensors", update)
             elif fault.startswith("poison:"):
@@ -211,67 +196,106 @@ def fault_client_app(
             context.state[f"test.last.{key}"] = rec
         if fault == "garbage":
             arrays = content[serde.ADAPTERS]
-            key = next(iter(arrays))  # type: ignore[call-overload]
-            arr = arrays[key]  # type: ignore[index]
+            key = next(iter(arrays))
+            arr = arrays[key]
             arr.data = arr.data[: len(arr.data) // 2]  # truncated tensor bytes
         return Message(content=content, reply_to=msg)
 
-    @app.train("secagg")
-    def secagg(msg: Message, context: Context) -> Message:
+    def _parts(self) -> Any:
+        from fedft.aggregation import AGGREGATORS
+
+        return AGGREGATORS[self.cfg.aggregation.algorithm].trainable
+
+    def _decode(self, start_content: Any, content: Any, idx: int) -> tuple[ClientUpdate, Any]:
+        """What the client started from and what it sent, as ClientUpdates."""
+        from fedft.transport import serde
+
+        adapters, _, extras, _ = serde.start_from_recorddict(start_content)
+        update = serde.update_from_recorddict(
+            content, client_id=str(idx), parts=self._parts(), reference=adapters
+        )
+        start = ClientUpdate(client_id="start", adapters=adapters, num_examples=1, extras=extras)
+        return start, update
+
+    def _secagg(self, msg: Any, context: Any, call_next: Any) -> Any:
         from client.app import client_index
-        from client.secure_round import STATE_KEY, handle
+        from client.secure_round import STATE_KEY
         from fedft.transport import secagg_serde as ss
 
         stage = ss.stage_of(msg.content)
-        rnd = (
-            ss.round_of(msg.content)
-            if stage != "advertise"
-            else int(
-                msg.content[ss.RECORD]["round_id"]  # type: ignore[index]
-            )
-        )
+        if stage == "advertise":
+            rnd = int(msg.content[ss.RECORD]["round_id"])
+        else:
+            rnd = ss.round_of(msg.content)
         idx = client_index(context)
-        fault = _fault(rnd, idx)
+        fault = self.fault(rnd, idx)
         if fault == "raise" and stage == "advertise":
             raise RuntimeError(f"injected crash of client {idx} in round {rnd}")
         if fault == f"die:{stage}":
             raise RuntimeError(f"injected crash of client {idx} at secagg stage {stage}")
         if stage == "share" and fault == "bad-dealer":
-            content = _dealing_badly(lambda: handle(cfg, msg.content, context))
+            reply = _dealing_badly(lambda: call_next(msg, context))
         else:
-            content = handle(cfg, msg.content, context)
+            reply = call_next(msg, context)
         if stage == "unmask" and fault == "lie-unmask":
-            _lie_at_unmask(content[ss.RECORD])  # type: ignore[arg-type]
+            _lie_at_unmask(reply.content[ss.RECORD])
         if stage == "masked" and fault.startswith("offset:"):
-            import numpy as np
-
-            value, weight = (float(x) for x in fault.split(":")[1:])
-            rec = content[ss.RECORD]
-            masked = np.frombuffer(rec["masked"], dtype="<u8").copy()  # type: ignore[arg-type,index]
-            ring = 1 << 64
-            scale = 2.0**24  # the server's frac_bits
-            masked[:-1] += np.uint64(round(value * scale) % ring)
-            masked[-1:] += np.uint64(round(weight * scale) % ring)
-            rec["masked"] = masked.astype("<u8").tobytes()  # type: ignore[index]
-        if stage == "advertise" and capture_dir is not None:
+            _offset_masked(reply.content[ss.RECORD], fault)
+        if self.capture_dir is None:
+            return reply
+        d = Path(self.capture_dir)
+        if stage == "advertise" and STATE_KEY in context.state:
             from fedft.transport import serde
 
             start, _, start_extras, _ = serde.start_from_recorddict(msg.content)
             save_update(
-                Path(capture_dir) / f"start-{rnd}-{idx}.safetensors",
+                d / f"start-{rnd}-{idx}.safetensors",
                 ClientUpdate(
                     client_id="start", adapters=start, num_examples=1, extras=start_extras
                 ),
             )
-            _, vector = ss.client_state_from_record(context.state[STATE_KEY])  # type: ignore[arg-type]
-            torch_vec = torch.from_numpy(vector.copy())
-            save_file({"vector": torch_vec}, str(Path(capture_dir) / f"vector-{rnd}-{idx}.st"))
-        if stage == "masked" and capture_dir is not None:
-            raw = content[ss.RECORD]["masked"]  # type: ignore[index]
-            Path(capture_dir, f"masked-{rnd}-{idx}.bin").write_bytes(raw)  # type: ignore[arg-type]
-        return Message(content=content, reply_to=msg)
+            _, vector = ss.client_state_from_record(context.state[STATE_KEY])
+            save_file(
+                {"vector": torch.from_numpy(vector.copy())}, str(d / f"vector-{rnd}-{idx}.st")
+            )
+        if stage == "masked":
+            raw = reply.content[ss.RECORD]["masked"]
+            Path(d, f"masked-{rnd}-{idx}.bin").write_bytes(raw)
+        return reply
 
-    return app
+
+def _offset_masked(rec: Any, fault: str) -> None:
+    """Add V to every value entry and W to the weight entry of a masked vector (in the ring)."""
+    import numpy as np
+
+    value, weight = (float(x) for x in fault.split(":")[1:])
+    masked = np.frombuffer(rec["masked"], dtype="<u8").copy()
+    ring = 1 << 64
+    scale = 2.0**24  # the server's frac_bits
+    masked[:-1] += np.uint64(round(value * scale) % ring)
+    masked[-1:] += np.uint64(round(weight * scale) % ring)
+    rec["masked"] = masked.astype("<u8").tobytes()
+
+
+def _poisoned(start: ClientUpdate, update: ClientUpdate, factor: float) -> ClientUpdate:
+    """start + factor x (update - start): a model-poisoning client's update."""
+    adapters = {
+        m: LoraFactors(
+            a=start.adapters[m].a + factor * (f.a - start.adapters[m].a),
+            b=start.adapters[m].b + factor * (f.b - start.adapters[m].b),
+            scaling=f.scaling,
+            r=f.r,
+        )
+        for m, f in update.adapters.items()
+    }
+    extras = {k: start.extras[k] + factor * (v - start.extras[k]) for k, v in update.extras.items()}
+    return ClientUpdate(
+        client_id=update.client_id,
+        adapters=adapters,
+        num_examples=update.num_examples,
+        metrics=update.metrics,
+        extras=extras,
+    )
 
 
 def _dealing_badly(call: Any) -> Any:

@@ -94,16 +94,16 @@ def _dp_config(model_dir: str, **sets: Any) -> Any:
 
 def _exhaust(cfg: Any, context: Context) -> None:
     """Train every planned round; the next one is refused (the budget is spent)."""
-    from client.app import train_round
+    from client.app import train_reply
 
     for rnd in range(1, cfg.federation.rounds + 1):
-        assert not _refused(train_round(cfg, _start(cfg, 0, rnd), context)), rnd
-    assert _refused(train_round(cfg, _start(cfg, 0, 3), context))
+        assert not _refused(train_reply(cfg, _start(cfg, 0, rnd), context)), rnd
+    assert _refused(train_reply(cfg, _start(cfg, 0, 3), context))
 
 
 def test_server_cannot_reset_a_clients_spending(tiny_bert_dir: str, tmp_path: Path) -> None:
     """Threat model S4: a made-up history from the server does not lower the client's ε."""
-    from client.app import train_round
+    from client.app import train_reply
 
     cfg = _dp_config(tiny_bert_dir)
     context = _context(ledger=str(tmp_path / "ledger.json"))
@@ -112,11 +112,11 @@ def test_server_cannot_reset_a_clients_spending(tiny_bert_dir: str, tmp_path: Pa
     fake = PrivacyAccountant("prv", level="sample")
     fake.step(noise_multiplier=1e4, sample_rate=0.04, steps=101)
     forged = json.dumps(fake.state_dict())
-    reply = train_round(cfg, _start(cfg, 0, 4, accountant=forged), context)
+    reply = train_reply(cfg, _start(cfg, 0, 4, accountant=forged), context)
     assert _refused(reply), "the client trained past its budget on the server's history"
     # nor does a restart (fresh node state) forget it: the ledger is on the client's disk
     restarted = _context(ledger=str(tmp_path / "ledger.json"))
-    assert _refused(train_round(cfg, _start(cfg, 0, 5), restarted))
+    assert _refused(train_reply(cfg, _start(cfg, 0, 5), restarted))
     from fedft.privacy.client_ledger import read_ledger
 
     assert read_ledger(tmp_path / "ledger.json").steps == 4
@@ -126,7 +126,7 @@ def test_node_with_its_own_budget_trains_only_under_its_terms(
     tiny_bert_dir: str, tmp_path: Path
 ) -> None:
     """Threat model S5: the server's config cannot switch DP off for a budgeted node."""
-    from client.app import train_round
+    from client.app import train_reply
 
     node = {"epsilon": 3.0, "delta": 1e-5, "accountant": "prv", "ledger": str(tmp_path / "l")}
     for sets in (
@@ -136,11 +136,11 @@ def test_node_with_its_own_budget_trains_only_under_its_terms(
         {"privacy.accountant": "'rdp'"},
     ):
         cfg = _dp_config(tiny_bert_dir, **sets)
-        reply = train_round(cfg, _start(cfg, 0, 1), _context(**node))
+        reply = train_reply(cfg, _start(cfg, 0, 1), _context(**node))
         assert _refused(reply), sets
         assert serde.ADAPTERS not in reply  # nothing trained, nothing sent
     cfg = _dp_config(tiny_bert_dir)  # its own terms: it trains, under DP
-    reply = train_round(cfg, _start(cfg, 0, 1), _context(**node))
+    reply = train_reply(cfg, _start(cfg, 0, 1), _context(**node))
     assert not _refused(reply)
     assert 0 < float(reply[serde.METRICS]["epsilon"]) <= 3.0  # type: ignore[index]
 
@@ -181,13 +181,13 @@ def test_nothing_data_dependent_leaves_a_dp_client(
     tiny_bert_dir: str, tmp_path: Path, mode: str
 ) -> None:
     """Threat model S6 / A3: a DP client's reply carries the mechanism's output only."""
-    from client.app import train_round
+    from client.app import train_reply
 
     sets: dict[str, Any] = {"privacy.mode": f"'{mode}'"}
     if mode == "user":
         sets |= {"federation.num_clients": 4, "federation.clients_per_round": 2}
     cfg = _dp_config(tiny_bert_dir, **sets)
-    reply = train_round(cfg, _start(cfg, 0, 1), _context(ledger=str(tmp_path / "l")))
+    reply = train_reply(cfg, _start(cfg, 0, 1), _context(ledger=str(tmp_path / "l")))
     assert not _refused(reply)
     metrics = dict(reply[serde.METRICS])  # type: ignore[arg-type]
     assert set(metrics) <= ({"epsilon"} if mode == "sample" else set()), metrics
@@ -199,10 +199,10 @@ def test_nothing_data_dependent_leaves_a_dp_client(
 
 
 def test_no_dp_run_still_reports_its_statistics(tiny_bert_dir: str, tmp_path: Path) -> None:
-    from client.app import train_round
+    from client.app import train_reply
 
     cfg = _dp_config(tiny_bert_dir, **{"privacy.mode": "'off'"})
-    reply = train_round(cfg, _start(cfg, 0, 1), _context())
+    reply = train_reply(cfg, _start(cfg, 0, 1), _context())
     assert "train_loss" in reply[serde.METRICS]  # type: ignore[operator]
 
 

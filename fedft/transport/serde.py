@@ -485,6 +485,20 @@ def _scalings(rd: RecordDict, key: str) -> dict[str, float]:
     return out
 
 
+def metrics_to_record(metrics: Mapping[str, float]) -> MetricRecord:
+    """A client's scalar metrics (train loss, ε, ...) as the ``fedft.metrics`` record.
+
+    Raises:
+        SerdeError: a value is not a number.
+    """
+    record = MetricRecord()
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SerdeError(f"metric {name!r} = {value!r} is not a number")
+        record[name] = float(value)
+    return record
+
+
 def update_to_recorddict(update: ClientUpdate, *, parts: WireParts) -> RecordDict:
     """Encode what a client sends back after a round.
 
@@ -498,11 +512,7 @@ def update_to_recorddict(update: ClientUpdate, *, parts: WireParts) -> RecordDic
         ``fedft.extras`` and ``fedft.metrics``.
     """
     _check_parts(parts)
-    metrics = MetricRecord()
-    for name, value in update.metrics.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise SerdeError(f"metric {name!r} = {value!r} is not a number")
-        metrics[name] = float(value)
+    metrics = metrics_to_record(update.metrics)
     return RecordDict(
         {
             META: ConfigRecord(
