@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -133,6 +133,40 @@ class Traffic:
     frames_down: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+
+
+@dataclass
+class _StepState:
+    """One training step's micro-batches in flight (see :meth:`SplitClient.train_step`).
+
+    Attributes:
+        micro_batches: the step's (input_ids, attention_mask, labels) micro-batches.
+        clip: sample-level DP's clipped-sum accumulator (None: plain gradients).
+        params: under DP, the client trainables whose per-example gradients are formed.
+        fronts: micro-batch -> its front output, until its cut gradient comes back.
+        back_grads: under DP, micro-batch -> the back half's per-example gradients.
+        losses: the summed loss of each micro-batch answered so far.
+        examples: under DP, the examples whose loss is in ``losses``.
+        sent, done: micro-batches sent forward / finished (cut gradient applied).
+    """
+
+    micro_batches: Sequence[MicroBatch]
+    clip: ClippedSum | None
+    params: Mapping[str, Tensor]
+    fronts: dict[int, FrontOutput | PerSampleFront] = field(default_factory=dict)
+    back_grads: dict[int, list[Grads]] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    examples: int = 0
+    sent: int = 0
+    done: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.micro_batches)
+
+    @property
+    def labels(self) -> list[Tensor]:
+        return [mb[2] for mb in self.micro_batches]
 
 
 class SplitClient:
@@ -322,74 +356,83 @@ class SplitClient:
             The mean loss over the micro-batches (with ``clip``: over the examples; 0 for none).
         """
         assert self.session is not None, "call open() first"
-        n = len(micro_batches)
         if optimizer is not None and clip is None:
             optimizer.zero_grad(set_to_none=True)
         params = client_trainables(self.parts) if clip is not None else {}
-        back_grads: dict[int, list[Grads]] = {}
-        examples = 0
-        fronts: dict[int, FrontOutput | PerSampleFront] = {}
-        labels = {i: mb[2] for i, mb in enumerate(micro_batches)}
-        losses: list[float] = []
-        sent = done = 0
-        while done < n:
-            while sent < n and self.credits > 0:
-                ids, mask, _ = micro_batches[sent]
-                front = (
-                    front_forward(self.parts, ids, mask)
-                    if clip is None
-                    else front_per_sample(self.parts, ids, mask)
-                )
-                fronts[sent] = front
-                hidden = wire.encode_tensor("hidden", front.hidden, self.wire_dtype)
-                m = wire.encode_tensor("attention_mask", front.attention_mask, "uint8")
-                sid = self.session.session_id
-                step_id = self.next_step_id(round_, step, sent)
-                await self.send(Frame(sid, "forward", step_id, (hidden, m)))
-                self.credits -= 1
-                sent += 1
+        st = _StepState(micro_batches, clip, params)
+        while st.done < st.n:
+            await self._send_forwards(st, round_, step)
             frame = await self.receive()
             if frame.kind == "error":
                 raise SplitError(frame.error_code or "INTERNAL", frame.error_message)
-            mb = frame.step.micro_batch
-            front = fronts[mb]
             if frame.kind == "body_output":
-                body_out = self._decode(frame, front.hidden)
-                if clip is None:
-                    back = back_forward(
-                        self.parts, body_out, front.attention_mask, labels[mb], loss_scale=1.0 / n
-                    )
-                    grad = back_backward(back)
-                    losses.append(float(back.loss.detach()) * n)
-                else:  # per example: ℓ_i, d ℓ_i / d body output_i, the back's grads
-                    per, grad, back_grads[mb] = back_per_sample(
-                        self.parts, params, body_out, front.attention_mask, labels[mb]
-                    )
-                    losses.append(float(per.sum()))
-                    examples += int(per.numel())
-                g = wire.encode_tensor("grad", grad, self.wire_dtype)
-                step_id = self.next_step_id(round_, step, mb)
-                await self.send(Frame(self.session.session_id, "backward", step_id, (g,)))
+                await self._backward(st, frame, round_, step)
             elif frame.kind == "cut_gradient":
-                grad_cut = self._decode(frame, front.hidden)
-                if isinstance(front, PerSampleFront):
-                    assert clip is not None
-                    halves = front_grads_per_sample(front, params, grad_cut)
-                    clip.add([merge(b, f) for b, f in zip(back_grads.pop(mb), halves, strict=True)])
-                else:
-                    front_backward(front, grad_cut)
-                del fronts[mb]
-                self.credits += frame.credits
-                done += 1
+                self._front_backward(st, frame)
         try:
             await self.stub.commit(wire.CommitRequest(self.session.session_id, round_, step))
         except grpc.aio.AioRpcError as err:
             raise _typed(err) from err
         if clip is not None:
-            return sum(losses) / examples if examples else 0.0
+            return sum(st.losses) / st.examples if st.examples else 0.0
         if optimizer is not None:
             optimizer.step()
-        return sum(losses) / n
+        return sum(st.losses) / st.n
+
+    async def _send_forwards(self, st: _StepState, round_: int, step: int) -> None:
+        """Send the next micro-batches' front outputs while the server grants credits."""
+        assert self.session is not None
+        while st.sent < st.n and self.credits > 0:
+            ids, mask, _ = st.micro_batches[st.sent]
+            front = (
+                front_forward(self.parts, ids, mask)
+                if st.clip is None
+                else front_per_sample(self.parts, ids, mask)
+            )
+            st.fronts[st.sent] = front
+            hidden = wire.encode_tensor("hidden", front.hidden, self.wire_dtype)
+            m = wire.encode_tensor("attention_mask", front.attention_mask, "uint8")
+            step_id = self.next_step_id(round_, step, st.sent)
+            await self.send(Frame(self.session.session_id, "forward", step_id, (hidden, m)))
+            self.credits -= 1
+            st.sent += 1
+
+    async def _backward(self, st: _StepState, frame: Frame, round_: int, step: int) -> None:
+        """The body's output -> the back's loss and gradient -> send the gradient back."""
+        assert self.session is not None
+        mb = frame.step.micro_batch
+        front = st.fronts[mb]
+        body_out = self._decode(frame, front.hidden)
+        if st.clip is None:
+            back = back_forward(
+                self.parts, body_out, front.attention_mask, st.labels[mb], loss_scale=1.0 / st.n
+            )
+            grad = back_backward(back)
+            st.losses.append(float(back.loss.detach()) * st.n)
+        else:  # per example: ℓ_i, d ℓ_i / d body output_i, the back's grads
+            per, grad, st.back_grads[mb] = back_per_sample(
+                self.parts, st.params, body_out, front.attention_mask, st.labels[mb]
+            )
+            st.losses.append(float(per.sum()))
+            st.examples += int(per.numel())
+        g = wire.encode_tensor("grad", grad, self.wire_dtype)
+        step_id = self.next_step_id(round_, step, mb)
+        await self.send(Frame(self.session.session_id, "backward", step_id, (g,)))
+
+    def _front_backward(self, st: _StepState, frame: Frame) -> None:
+        """The cut gradient -> the front's gradients (clipped per example under DP)."""
+        mb = frame.step.micro_batch
+        front = st.fronts[mb]
+        grad_cut = self._decode(frame, front.hidden)
+        if isinstance(front, PerSampleFront):
+            assert st.clip is not None
+            halves = front_grads_per_sample(front, st.params, grad_cut)
+            st.clip.add([merge(b, f) for b, f in zip(st.back_grads.pop(mb), halves, strict=True)])
+        else:
+            front_backward(front, grad_cut)
+        del st.fronts[mb]
+        self.credits += frame.credits
+        st.done += 1
 
     def local_phase(
         self, batches: Iterable[MicroBatch], optimizer: torch.optim.Optimizer
