@@ -32,6 +32,7 @@ from torch import Tensor
 
 from bench import DOC, Size, md_table, ratio_line, sim_env, write_section
 from fedft.aggregation import AGGREGATORS, get_aggregator
+from fedft.seeds import derive_seed
 from fedft.training.coordinator import Coordinator
 from fedft.training.sampling import sample_clients
 from fedft.transport import serde
@@ -50,7 +51,8 @@ MIB = 2**20
 
 def _config(rnd: int, rank: int) -> dict[str, int]:
     """The per-round config the server sends (same keys as ``server.rounds.client_config``)."""
-    return {"round": rnd, "client_index": 0, "rank": rank, "seed": 10_007 * rnd}
+    seed = derive_seed(0, rnd, 0)  # run seed 0, client 0: the server's formula (= 10_007 * rnd)
+    return {"round": rnd, "client_index": 0, "rank": rank, "seed": seed}
 
 
 def _factors(out_f: int, in_f: int, rank: int, *, middle: bool = False) -> LoraFactors:

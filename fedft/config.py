@@ -87,6 +87,25 @@ class ModelConfig:
             raise Refusal("name", self.name, "a non-empty model name or path")
 
 
+#: how fedft itself splits examples over clients (``fedft.data.partition``).
+OwnPartition = Literal["iid", "dirichlet", "natural"]
+#: Flower Datasets' partitioners fedft runs under their own names
+#: (``fedft.data.flower_partition``).
+LibraryPartition = Literal[
+    "pathological",
+    "shard",
+    "inner_dirichlet",
+    "linear",
+    "square",
+    "exponential",
+    "size",
+    "natural_id",
+    "grouped_natural",
+]
+#: every ``data.partition`` name: the one definition the data modules derive theirs from.
+PartitionMethod = Literal[OwnPartition, LibraryPartition]
+
+
 @dataclass(frozen=True, kw_only=True, config=_SECTION)
 class DataConfig:
     """Dataset, partitioning and tokenisation."""
@@ -95,20 +114,7 @@ class DataConfig:
         default="rotten_tomatoes",
         description='"rotten_tomatoes" | "chatterbot" | a local .csv/.jsonl file',
     )
-    partition: Literal[
-        "iid",
-        "dirichlet",
-        "natural",
-        "pathological",
-        "shard",
-        "inner_dirichlet",
-        "linear",
-        "square",
-        "exponential",
-        "size",
-        "natural_id",
-        "grouped_natural",
-    ] = Field(
+    partition: PartitionMethod = Field(
         default="dirichlet",
         description="how training examples are split over clients: iid, dirichlet (label "
         "skew), natural (whole groups: movie / category) are fedft's; the others are Flower "

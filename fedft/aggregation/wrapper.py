@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from fedft.aggregation.base import Aggregator, clone_factors
@@ -52,31 +51,20 @@ class Wrapper(Aggregator):
         """What clients train and upload: the inner aggregator's ``trainable``."""
         return self.inner.trainable
 
+    # Pure delegation: the keyword arguments are the interface's (rank, scaling, generator).
     def init_global(
-        self,
-        shapes: Mapping[str, tuple[int, int]],
-        *,
-        rank: int,
-        scaling: float,
-        generator: torch.Generator,
+        self, shapes: Mapping[str, tuple[int, int]], **kwargs: Any
     ) -> dict[str, LoraFactors]:
         """The inner aggregator's round-1 adapters."""
-        init = self.inner.init_global(shapes, rank=rank, scaling=scaling, generator=generator)
+        init = self.inner.init_global(shapes, **kwargs)
         self._shapes = dict(self.inner._shapes)
         return init
 
     def client_start(
-        self,
-        global_adapters: Mapping[str, LoraFactors],
-        *,
-        rank: int,
-        scaling: float,
-        generator: torch.Generator,
+        self, global_adapters: Mapping[str, LoraFactors], **kwargs: Any
     ) -> dict[str, LoraFactors]:
         """The inner aggregator's client start."""
-        return self.inner.client_start(
-            global_adapters, rank=rank, scaling=scaling, generator=generator
-        )
+        return self.inner.client_start(global_adapters, **kwargs)
 
     def set_reference(
         self,

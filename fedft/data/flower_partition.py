@@ -27,34 +27,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
+from fedft.config import LibraryPartition
+
 log = logging.getLogger(__name__)
 
-LibraryMethod = Literal[
-    "pathological",
-    "shard",
-    "inner_dirichlet",
-    "linear",
-    "square",
-    "exponential",
-    "size",
-    "natural_id",
-    "grouped_natural",
-]
-LIBRARY_METHODS: tuple[str, ...] = (
-    "pathological",
-    "shard",
-    "inner_dirichlet",
-    "linear",
-    "square",
-    "exponential",
-    "size",
-    "natural_id",
-    "grouped_natural",
-)
+LibraryMethod = LibraryPartition
+LIBRARY_METHODS: tuple[LibraryMethod, ...] = get_args(LibraryPartition)
 #: methods that derive the number of clients from the data (it must equal num_clients).
 DERIVED_COUNT = ("natural_id", "grouped_natural")
 

@@ -15,30 +15,18 @@ import logging
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, get_args
 
 import numpy as np
 
+from fedft.config import OwnPartition, PartitionMethod
 from fedft.data.flower_partition import LIBRARY_METHODS, PartitionOptions, library_partition
 
 log = logging.getLogger(__name__)
 
-Method = Literal[
-    "iid",
-    "dirichlet",
-    "natural",
-    "pathological",
-    "shard",
-    "inner_dirichlet",
-    "linear",
-    "square",
-    "exponential",
-    "size",
-    "natural_id",
-    "grouped_natural",
-]
-OWN_METHODS = ("iid", "dirichlet", "natural")
-METHODS: tuple[str, ...] = (*OWN_METHODS, *LIBRARY_METHODS)
+Method = PartitionMethod
+OWN_METHODS: tuple[OwnPartition, ...] = get_args(OwnPartition)
+METHODS: tuple[Method, ...] = get_args(PartitionMethod)
 #: methods whose key is the example's label on classification (its group on causal_lm).
 LABEL_METHODS = ("dirichlet", "pathological", "shard", "inner_dirichlet")
 #: resampling attempts of the Dirichlet split before giving up.
