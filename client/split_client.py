@@ -2,7 +2,10 @@
 
 Runs the client half of the U-shape (front, back, loss) and exchanges only cut activations,
 the padding mask and gradients with the server. Micro-batches are pipelined up to the
-credits the server grants; each CUT_GRADIENT returns a credit.
+credits the server grants; each CUT_GRADIENT returns a credit. One
+:meth:`SplitClient.train_step` loops over three named steps on a ``_StepState``: send the
+front outputs the credits allow, answer a body output with the back's gradient, apply a cut
+gradient to the front.
 
 Mutual TLS: :class:`ClientTls` names the deployment CA, the client's certificate and key
 (``fedft certs``: ``ca.crt``, ``client-<i>.crt``, ``client-<i>-tls.key``) and the client id

@@ -9,6 +9,10 @@ split server runs the shared, frozen middle of the model. Per round (SFPrompt, C
 3. ``steps`` split-training steps on the kept samples against the split server over gRPC
    (micro-batches pipelined up to the granted credits, tensors in ``wire_dtype``).
 
+:func:`run_split_round` reads in that order: ``_check_round`` (the start, the DP budget) ->
+``_train`` (the local-loss phase, ``_pruned``, ``_split_train``) -> ``_Trained.update``; its
+settings are one typed :class:`SplitKnobs`.
+
 The update has no LoRA adapters; the prompt (n, H) and the head travel as extras, exactly as
 in :func:`fedft.training.runtime.run_prompt_round`, so the server averages them by p_k and
 evaluates the whole model in-process (identical to the split model while the body is frozen).
