@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from fedft.aggregation.base import Aggregator, clone_factors
@@ -51,20 +52,31 @@ class Wrapper(Aggregator):
         """What clients train and upload: the inner aggregator's ``trainable``."""
         return self.inner.trainable
 
-    # Pure delegation: the keyword arguments are the interface's (rank, scaling, generator).
     def init_global(
-        self, shapes: Mapping[str, tuple[int, int]], **kwargs: Any
+        self,
+        shapes: Mapping[str, tuple[int, int]],
+        *,
+        rank: int,
+        scaling: float,
+        generator: torch.Generator,
     ) -> dict[str, LoraFactors]:
         """The inner aggregator's round-1 adapters."""
-        init = self.inner.init_global(shapes, **kwargs)
+        init = self.inner.init_global(shapes, rank=rank, scaling=scaling, generator=generator)
         self._shapes = dict(self.inner._shapes)
         return init
 
     def client_start(
-        self, global_adapters: Mapping[str, LoraFactors], **kwargs: Any
+        self,
+        global_adapters: Mapping[str, LoraFactors],
+        *,
+        rank: int,
+        scaling: float,
+        generator: torch.Generator,
     ) -> dict[str, LoraFactors]:
         """The inner aggregator's client start."""
-        return self.inner.client_start(global_adapters, **kwargs)
+        return self.inner.client_start(
+            global_adapters, rank=rank, scaling=scaling, generator=generator
+        )
 
     def set_reference(
         self,
