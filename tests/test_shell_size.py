@@ -17,7 +17,6 @@ MAX_LINES = 60
 ALLOWED: dict[tuple[str, str], str] = {
     ("server/deploy.py", "run_server"): "#21 splits the deployment launchers",
     ("client/deploy.py", "run_client"): "#21 splits the deployment launchers",
-    ("server/split_service.py", "SplitService.open_session"): "#14 reworks the split service",
 }
 
 
