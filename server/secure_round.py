@@ -14,6 +14,11 @@ Five ``grid.send_and_receive`` exchanges with the round's clients, each message 
 
 Clients convicted in a round (``Replies.suspects``) are left out of the run's later rounds.
 
+:func:`run_secure_round` reads in that order: the SecAgg parameters (``_params``) ->
+``_protocol`` (``_advertise``: stage 1, each client's privacy record taken by
+``Replies.take_privacy`` as in a plain round; ``_mask_and_sum``: stages 2-5) -> ``_take_in``
+(who is in the sum, their losses) -> ``_Release`` (the checks before the sum is used).
+
 The server learns only ``[sum w_k x_k, sum w_k]`` over U3 (w_k = n_k, or 1 under user-level
 DP) and rebuilds the round's result with :func:`fedft.secagg.encoding.decode_aggregate`.
 The threshold is t = max(federation.min_replies, floor(n/2) + 1): up to n - t clients may
@@ -217,10 +222,11 @@ def run_secure_round(
     ex = _Exchange(
         grid, node_of={k: nodes[idx] for idx, k in secagg_index.items()}, rnd=rnd, timeout=timeout
     )
-    result = _protocol(ex, SecAggServer(params), out, starts, secagg_index, aggregator)
+    sr = _SecureRound(ex, SecAggServer(params), out, secagg_index)
+    result = _protocol(sr, starts, aggregator)
     _close(out, ex)
     if result is not None:
-        _take_in(out, *result, {k: idx for idx, k in secagg_index.items()}, rnd)
+        _take_in(out, *result, sr.client_index, rnd)
         _Release(template, parts, aggregator, min_replies, max_examples).apply(out, result[0], rnd)
     return out
 
@@ -242,61 +248,72 @@ def _params(
     )
 
 
+@dataclass(frozen=True)
+class _SecureRound:
+    """One secure round's moving parts.
+
+    Attributes:
+        ex: the exchange with the round's clients.
+        server: the SecAgg server (its parameters, its convictions).
+        out: what the round produced so far.
+        secagg_index: client index -> SecAgg index (1..n).
+    """
+
+    ex: _Exchange
+    server: SecAggServer
+    out: Replies
+    secagg_index: Mapping[int, int]
+
+    @property
+    def client_index(self) -> dict[int, int]:
+        """SecAgg index -> client index."""
+        return {k: idx for idx, k in self.secagg_index.items()}
+
+
 def _protocol(
-    ex: _Exchange,
-    server: SecAggServer,
-    out: Replies,
-    starts: Mapping[int, RecordDict],
-    secagg_index: Mapping[int, int],
-    aggregator: Aggregator,
+    sr: _SecureRound, starts: Mapping[int, RecordDict], aggregator: Aggregator
 ) -> tuple[SecAggResult, dict[int, RecordDict]] | None:
-    """The five stages: the unmasked sum and the stage-0 replies of the clients who trained.
+    """The five stages: the unmasked sum and the advertise replies of the clients who trained.
 
     None when the round failed (too many clients dropped or were convicted, or the shares
     do not rebuild the masks): ``out.failed`` says why, ``out.suspects`` who was convicted.
     """
-    rnd = server.params.round_id
     try:
-        keyed, directory = _advertise(ex, server, out, starts, secagg_index, aggregator)
-        return _mask_and_sum(ex, server, directory), keyed
+        keyed, directory = _advertise(sr, starts, aggregator)
+        return _mask_and_sum(sr, directory), keyed
     except SecAggError as exc:
-        logger.error("round %d: %s; model unchanged", rnd, exc)
-        out.failed = str(exc)
-        client_index = {k: idx for idx, k in secagg_index.items()}
-        out.suspects = sorted(client_index[k] for k in server.convicted)
+        logger.error("round %d: %s; model unchanged", sr.server.params.round_id, exc)
+        sr.out.failed = str(exc)
+        sr.out.suspects = sorted(sr.client_index[k] for k in sr.server.convicted)
         return None
 
 
 def _advertise(
-    ex: _Exchange,
-    server: SecAggServer,
-    out: Replies,
-    starts: Mapping[int, RecordDict],
-    secagg_index: Mapping[int, int],
-    aggregator: Aggregator,
+    sr: _SecureRound, starts: Mapping[int, RecordDict], aggregator: Aggregator
 ) -> tuple[dict[int, RecordDict], KeyDirectory]:
-    """Stage 0: the round's start plus the SecAgg parameters -> each client trains and
-    advertises its keys; the replies of the clients who trained (privacy records taken) and
-    the key directory U1."""
-    params, rnd = server.params, server.params.round_id
-    client_index = {k: idx for idx, k in secagg_index.items()}
+    """Stage 1 (advertise): the round's start plus the SecAgg parameters -> each client
+    trains and advertises its keys; the replies of the clients who trained (privacy records
+    taken) and the key directory U1."""
+    params, rnd, index = sr.server.params, sr.server.params.round_id, sr.secagg_index
     clip_delta, weighted = client_clip(aggregator)
     advertise: dict[int, RecordDict] = {}
     for idx in sorted(starts):
         content = RecordDict(dict(starts[idx].items()))
         content[ss.RECORD] = ss.params_to_record(
-            params, index=secagg_index[idx], clip_delta=clip_delta, weighted=weighted
+            params, index=index[idx], clip_delta=clip_delta, weighted=weighted
         )
-        advertise[secagg_index[idx]] = content
-    replies = ex.send("advertise", advertise)
-    keyed = {k: c for k, c in replies.items() if _privacy(out, client_index[k], c, rnd)}
+        advertise[index[idx]] = content
+    replies = sr.ex.send("advertise", advertise)
+    client_index = sr.client_index
+    keyed = {k: c for k, c in replies.items() if _privacy(sr.out, client_index[k], c, rnd)}
     n = params.num_clients
-    ads = ex.decode("advertise", keyed, lambda c: ss.advertise_from_record(c, num_clients=n))
-    return keyed, server.collect_keys(ads)
+    ads = sr.ex.decode("advertise", keyed, lambda c: ss.advertise_from_record(c, num_clients=n))
+    return keyed, sr.server.collect_keys(ads)
 
 
-def _mask_and_sum(ex: _Exchange, server: SecAggServer, directory: KeyDirectory) -> SecAggResult:
-    """Stages 1-4 (share, verify, masked, unmask) after the keys are in; the unmasked sum."""
+def _mask_and_sum(sr: _SecureRound, directory: KeyDirectory) -> SecAggResult:
+    """Stages 2-5 (share, verify, masked, unmask) after the keys are in; the unmasked sum."""
+    ex, server = sr.ex, sr.server
     n, rnd, length = server.params.num_clients, server.params.round_id, server.params.vector_length
     rec = ss.directory_to_record(directory, round_id=rnd)
     replies = ex.send("share", {k.index: RecordDict({ss.RECORD: rec}) for k in directory.keys})
@@ -422,7 +439,7 @@ def _metric(content: RecordDict, name: str) -> float | None:
 
 
 def _privacy(out: Replies, idx: int, content: RecordDict, rnd: int) -> bool:
-    """Take the privacy record and the ε of a stage-0 reply (checked by
+    """Take the privacy record and the ε of an advertise reply (checked by
     :mod:`fedft.replies`); False if the client refused or its record is unacceptable."""
     if not out.take_privacy(idx, content, rnd):
         return False
