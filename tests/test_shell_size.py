@@ -12,13 +12,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 60
 
-# Functions still being split by engineers working in these files right now; each entry
-# names the issue that removes it. Nothing else may be added here.
-ALLOWED: dict[tuple[str, str], str] = {
-    ("server/deploy.py", "run_server"): "#21 splits the deployment launchers",
-    ("client/deploy.py", "run_client"): "#21 splits the deployment launchers",
-}
-
 
 def long_functions(root: Path, *, limit: int = MAX_LINES) -> dict[tuple[str, str], int]:
     """(file relative to ``root``, qualified name) -> lines, for every function over ``limit``."""
@@ -46,7 +39,7 @@ def _long_in(node: ast.AST, rel: str, prefix: str, limit: int) -> dict[tuple[str
 
 
 def test_no_shell_function_is_over_a_screenful() -> None:
-    too_long = {k: v for k, v in long_functions(ROOT).items() if k not in ALLOWED}
+    too_long = long_functions(ROOT)
     assert not too_long, f"functions over {MAX_LINES} lines (split them into named steps): " + (
         ", ".join(f"{f}:{name} ({n})" for (f, name), n in sorted(too_long.items()))
     )
