@@ -288,6 +288,7 @@ def _train_split(job: Training) -> ClientUpdate:
         keep_fraction=s.keep_fraction,
         tls=client_tls_from_node_config(job.node_config),  # split mTLS (deployment)
         dp=split_dp,
+        dx_epsilon=s.dx_epsilon if s.privatize == "dx" else None,
     )
 
 

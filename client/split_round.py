@@ -64,6 +64,7 @@ from fedft.prompt import SoftPrompt, get_prompt, set_prompt
 from fedft.seeds import derive_seed
 from fedft.split import SplitParts, local_loss_phase, select_samples, split_model
 from fedft.split.dp import SplitPrivacy, apply_noisy_step, client_trainables, shortcut_per_sample
+from fedft.split.dx import DxNoise
 from fedft.training.coordinator import ClientStart
 from fedft.training.runtime import _LOCK, PROMPT, Runtime
 from fedft.transport import split_wire as wire
@@ -342,6 +343,10 @@ class SplitKnobs(TypedDict):
         dp: sample-level DP-SGD (module docstring): every local-loss and split step is a
             DP-SGD step over a Poisson batch, recorded on ``dp.accountant``; no EL2N pruning.
             None or absent: no DP.
+        dx_epsilon: SAP's d_χ-privacy (:mod:`fedft.split.dx`): every token embedding gets
+            noise ∝ exp(-ε‖z‖) before the front runs, in every phase (fresh OS randomness),
+            reported as the metric ``dx_epsilon`` (never mixed with DP-SGD's ε). None or
+            absent: no noise.
     """
 
     server_address: str
@@ -358,6 +363,7 @@ class SplitKnobs(TypedDict):
     seed: int
     tls: NotRequired[ClientTls | None]
     dp: NotRequired[SplitPrivacy | None]
+    dx_epsilon: NotRequired[float | None]
 
 
 def run_split_round(
@@ -384,7 +390,8 @@ def run_split_round(
         ``kept_samples``, ``steps``, ``split_frames_up/down`` and ``split_bytes_up/down``
         (tensor payload bytes on the split wire); with ``dp`` also ``sample_rate``,
         ``noise_multiplier``, ``max_grad_norm``, ``dp_steps``, ``mean_batch_size``,
-        ``clip_fraction``, ``epsilon_sample`` and ``delta``.
+        ``clip_fraction``, ``epsilon_sample`` and ``delta``; with ``dx_epsilon`` also
+        ``dx_epsilon``.
 
     Raises:
         RuntimeError: the split server could not be reached or refused the session.
@@ -434,6 +441,7 @@ class _Trained:
     traffic: Traffic
     extras: dict[str, Tensor]
     private: _PrivateRun | None
+    dx_epsilon: float | None = None
 
     def update(self, client_id: str, num_examples: int) -> ClientUpdate:
         """The client's update: the prompt and head, the round's metrics."""
@@ -462,6 +470,8 @@ class _Trained:
             metrics["local_loss"] = sum(self.local) / len(self.local)
         if self.private is not None:
             metrics.update(self.private.metrics())
+        if self.dx_epsilon is not None:
+            metrics["dx_epsilon"] = float(self.dx_epsilon)
         return ClientUpdate(
             client_id=client_id,
             adapters={},
@@ -477,6 +487,9 @@ def _train(
     """Local-loss phase -> EL2N pruning -> split phase, on the cut model (lock held)."""
     device = runtime.device
     model: Any = runtime.model
+    dx_epsilon = k.get("dx_epsilon")
+    if dx_epsilon is not None:  # the parts are this round's: the noise leaves with them
+        parts.front.privatizer = DxNoise(dx_epsilon)
     params = [p for p in parts.front.parameters() if p.requires_grad]
     params += [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=k["lr"])
@@ -514,7 +527,7 @@ def _train(
     extras = {PROMPT: get_prompt(parts.front.prompt).cpu()}
     extras.update(peft_io.get_extras(model, runtime.extras_names))
     extras = {key: v.detach().cpu().clone() for key, v in extras.items()}
-    return _Trained(losses, local, len(kept), traffic, extras, private)
+    return _Trained(losses, local, len(kept), traffic, extras, private, dx_epsilon)
 
 
 def _pruned(

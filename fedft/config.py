@@ -404,6 +404,15 @@ class SplitConfig:
     keep_fraction: Float = Field(
         default=1.0, gt=0, le=1, description="SFPrompt: EL2N pruning keeps this fraction"
     )
+    privatize: Literal["off", "dx"] = Field(
+        default="off",
+        description='"dx" = d_χ-privacy noise on the client token embeddings before the cut (SAP)',
+    )
+    dx_epsilon: Float = Field(
+        default=100.0,
+        gt=0,
+        description="per-token d_χ ε (noise norm ~ hidden size / ε); not DP-SGD's ε",
+    )
 
 
 @dataclass(frozen=True, kw_only=True, config=_SECTION)
@@ -513,6 +522,12 @@ class RunConfig:
                 "client's data with no DP at all, so no epsilon would describe what the split "
                 "server sees: use privacy.mode = 'off' with split, or adapter.method = "
                 "'prompt' or 'lora' with DP",
+            )
+        if self.split.privatize == "dx" and self.adapter.method != "split":
+            raise Refusal(
+                "split.privatize",
+                "dx",
+                "'off': d_χ noise protects the split cut; set adapter.method = 'split'",
             )
         for client in self.privacy.client_epsilon:
             if int(client) >= self.federation.num_clients:

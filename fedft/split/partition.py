@@ -114,6 +114,8 @@ class Front(nn.Module):
         self.word_embeddings = model.get_input_embeddings()
         self.blocks = blocks
         self.prompt: Any = None  # a fedft.prompt.SoftPrompt, set by the caller
+        # a fedft.split.dx.DxNoise (SAP's d_χ-privacy on the token embeddings), or None
+        self.privatizer: Any = None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Embed and run the front blocks.
@@ -126,6 +128,8 @@ class Front(nn.Module):
             hidden (B, T', H) and mask (B, T') with T' = T + prompt length (0 without a prompt).
         """
         embeds = self.word_embeddings(input_ids)  # (B, T, H)
+        if self.privatizer is not None:  # before the prompt: the prompt is not private data
+            embeds = self.privatizer(embeds)
         if self.prompt is not None:
             embeds, attention_mask = self.prompt.prepend(embeds, attention_mask)
         if self.family == "bert":

@@ -1,0 +1,41 @@
+"""Attacks a curious server can run on what fedft sends it, as measurements.
+
+* :mod:`fedft.attacks.cut_inversion`: token ids back from the split cut's activations.
+* :mod:`fedft.attacks.gradient_inversion`: the label (iDLG) and the tokens (DLG) of one
+  client's batch-of-one update.
+
+Pure library code (tensors in, numbers out): ``simulations/attacks.py`` runs them on fedft's
+own payloads and ``tests/test_attacks.py`` holds each attack's sanity case.
+"""
+
+from fedft.attacks.cut_inversion import (
+    RidgeInverter,
+    cut_front,
+    depth0_candidates,
+    nearest_embedding_invert,
+    recovery_rate,
+)
+from fedft.attacks.gradient_inversion import (
+    InversionResult,
+    gradient_distance,
+    infer_label,
+    invert_gradient,
+    random_guess_f1,
+    token_f1,
+    update_gradients,
+)
+
+__all__ = [
+    "InversionResult",
+    "RidgeInverter",
+    "cut_front",
+    "depth0_candidates",
+    "gradient_distance",
+    "infer_label",
+    "invert_gradient",
+    "nearest_embedding_invert",
+    "random_guess_f1",
+    "recovery_rate",
+    "token_f1",
+    "update_gradients",
+]

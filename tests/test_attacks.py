@@ -1,0 +1,291 @@
+"""What a curious server recovers from fedft's own payloads, and what the defences leave.
+
+Each attack has a sanity case that must succeed (no defence) and a defended case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fedft.attacks.cut_inversion import (
+    RidgeInverter,
+    cut_front,
+    depth0_candidates,
+    nearest_embedding_invert,
+    recovery_rate,
+)
+from fedft.attacks.gradient_inversion import (
+    infer_label,
+    invert_gradient,
+    random_guess_f1,
+    token_f1,
+    update_gradients,
+)
+from fedft.privacy.persample import ClippedSum, noisy_mean
+from fedft.split import front_forward, split_model
+from fedft.split.dx import DxNoise, sample_dx_noise
+from fedft.transport import split_wire as wire
+
+PRIVATE = [
+    "the film is a quiet triumph of patience and craft",
+    "a clumsy script wastes two fine actors",
+    "funny, warm and far smarter than it looks",
+    "i left the theatre before the second act ended",
+]
+PUBLIC = [
+    "an old story told with new energy and a great cast",
+    "the plot drags but the photography is stunning",
+    "nothing here feels earned, least of all the ending",
+    "a small gem about family, grief and cooking",
+    "the director never decides what the movie is about",
+    "loud, long and strangely forgettable",
+    "it is the kind of comedy that ages well",
+    "every scene with the villain crackles with menace",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Any, Any]:
+    from fedft.models import tiny_model
+
+    return tiny_model("classification", family="bert")
+
+
+def _encode(tok: Any, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tok(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def _as_received(hidden: torch.Tensor, dtype: wire.WireDType = "bf16") -> torch.Tensor:
+    """The cut activations after the split wire's encoding (what the server decodes)."""
+    enc = wire.encode_tensor("hidden", hidden.detach(), dtype)
+    return wire.decode_tensor(enc, max_elements=hidden.numel(), expect_shape=tuple(hidden.shape))
+
+
+# -- activation inversion at the cut ---------------------------------------------------------
+
+
+def test_depth0_nearest_embedding_recovers_every_token(tiny: tuple[Any, Any]) -> None:
+    model, tok = tiny
+    ids, mask = _encode(tok, PRIVATE)
+    with torch.no_grad():
+        hidden, _ = cut_front(model, 0)(ids, mask)
+    got = nearest_embedding_invert(_as_received(hidden), depth0_candidates(model, ids.shape[1]))
+    assert recovery_rate(got, ids, mask) >= 0.99
+    # control: a server that ignores the payload recovers (almost) nothing
+    assert recovery_rate(torch.full_like(ids, 1000), ids, mask) < 0.05
+
+
+def test_ridge_inverter_reads_the_split_clients_front_output(tiny: tuple[Any, Any]) -> None:
+    """Depth 1 through fedft's own split front (front_forward) and the bf16 wire."""
+    model, tok = tiny
+    parts = split_model(model, front_layers=1, back_layers=0)
+    ids, mask = _encode(tok, PRIVATE)
+    with torch.no_grad():
+        sent = _as_received(front_forward(parts, ids, mask).hidden)
+    pub_ids, pub_mask = _encode(tok, PUBLIC)
+    words = model.get_input_embeddings().weight
+    inverter = RidgeInverter.fit(parts.front, words, pub_ids, pub_mask)
+    rate = recovery_rate(inverter.invert(sent), ids, mask)
+    assert rate >= 0.5, rate
+    # the same inverter on activations of other text recovers the other text, not PRIVATE
+    assert recovery_rate(inverter.invert(sent), pub_ids[: len(PRIVATE)], mask) < 0.2
+
+
+def test_dx_noise_norm_and_direction() -> None:
+    gen = torch.Generator().manual_seed(0)
+    d, eps = 16, 4.0
+    z = sample_dx_noise((20_000, d), eps, generator=gen)
+    norms = z.norm(dim=1)
+    assert abs(float(norms.mean()) - d / eps) < 0.02 * d / eps  # Gamma(d, 1/eps): mean d/eps
+    assert abs(float(norms.var()) - d / eps**2) < 0.1 * d / eps**2  # variance d/eps^2
+    unit = z / norms[:, None]
+    assert float(unit.mean(dim=0).norm()) < 0.05  # uniform direction
+    with pytest.raises(ValueError, match="must be > 0"):
+        sample_dx_noise((2, d), 0.0)
+
+
+def test_dx_noise_lowers_recovery_as_epsilon_shrinks(tiny: tuple[Any, Any]) -> None:
+    model, tok = tiny
+    ids, mask = _encode(tok, PRIVATE)
+    candidates = depth0_candidates(model, ids.shape[1])
+    parts = split_model(model, front_layers=1, back_layers=0)
+    zero = cut_front(model, 0)
+    rates = []
+    for eps in (3000.0, 300.0, 30.0):
+        zero.privatizer = DxNoise(eps, seed=1)
+        with torch.no_grad():
+            rates.append(
+                recovery_rate(nearest_embedding_invert(zero(ids, mask)[0], candidates), ids, mask)
+            )
+    assert rates[0] >= 0.9 and rates[2] < 0.2, rates
+    assert rates[0] >= rates[1] >= rates[2], rates
+    # the split client's own front applies it: the cut output changes with the noise on
+    with torch.no_grad():
+        clean = front_forward(parts, ids, mask).hidden
+        parts.front.privatizer = DxNoise(30.0, seed=2)
+        noisy = front_forward(parts, ids, mask).hidden
+    parts.front.privatizer = None
+    assert not torch.allclose(clean, noisy)
+
+
+# -- label leakage (iDLG) --------------------------------------------------------------------
+
+
+def _label_model(num_labels: int = 4) -> tuple[Any, dict[str, torch.nn.Parameter], str]:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedft.adapters.peft_io import attach_lora
+
+    torch.manual_seed(0)
+    cfg = BertConfig(  # type: ignore[call-arg]
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        attn_implementation="eager",  # DLG differentiates the gradient (double backward)
+    )
+    base = BertForSequenceClassification(cfg).eval()
+    model = attach_lora(
+        base,
+        target_modules=["query", "value"],
+        rank=4,
+        alpha=8,
+        extras=["classifier.weight", "classifier.bias"],
+        seed=0,
+    )
+    model.eval()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    bias = next(n for n in params if n.endswith("classifier.bias"))
+    return model, params, bias
+
+
+def _dp_gradient(
+    grad: dict[str, torch.Tensor], sigma: float, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """fedft's DP-SGD step on a batch of one: clip to C = 1 (the shipped default), add σC noise."""
+    summed = ClippedSum(grad, max_grad_norm=1.0)
+    summed.add([grad])
+    return noisy_mean(summed, noise_multiplier=sigma, expected_batch_size=1, generator=gen)
+
+
+def test_label_leaks_from_one_update_and_dp_brings_it_near_chance() -> None:
+    model, params, bias = _label_model(num_labels=4)
+    gen = torch.Generator().manual_seed(3)
+    trials, clean, private = 40, 0, 0
+    for _ in range(trials):
+        ids = torch.randint(5, 100, (1, 6), generator=gen)
+        label = torch.randint(0, 4, (1,), generator=gen)
+        grad = update_gradients(
+            model, params, attention_mask=torch.ones_like(ids), label=label, input_ids=ids
+        )
+        clean += infer_label(grad[bias]) == int(label)
+        # a plain-SGD update is -lr * gradient: the same rule with sign = -1
+        assert infer_label(-0.01 * grad[bias], sign=-1.0) == int(label)
+        private += infer_label(_dp_gradient(grad, 1.0, gen)[bias]) == int(label)
+    assert clean == trials  # 100 % without a defence
+    # DP-SGD at σ = 1, C = 1: chance is 0.25; a loose bound well under the clean 1.0
+    assert private / trials <= 0.5, private / trials
+
+
+def test_secagg_server_never_holds_one_clients_update() -> None:
+    """What SecAggServer takes in: keys, ciphertexts, masked vectors, shares; out: the sum."""
+    import inspect
+
+    from fedft.secagg import SecAggClient, SecAggParams, SecAggServer
+    from fedft.secagg import protocol as proto
+
+    model, params, bias = _label_model(num_labels=4)
+    n = 3
+    gen = torch.Generator().manual_seed(5)
+    vectors = {}
+    for i in range(1, n + 1):
+        ids = torch.randint(5, 100, (1, 6), generator=gen)
+        label = torch.tensor([i % 4])
+        grad = update_gradients(
+            model, params, attention_mask=torch.ones_like(ids), label=label, input_ids=ids
+        )
+        vectors[i] = grad[bias].double().numpy()
+    p = SecAggParams(num_clients=n, max_dropouts=1, vector_length=4, round_id=1)
+    clients = {i: SecAggClient(index=i, params=p) for i in vectors}
+    server = SecAggServer(p)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    routed = server.collect_shares([c.share_keys(directory) for c in clients.values()])
+    qualified = server.collect_checks([clients[i].check_shares(routed[i]) for i in clients])
+    masked = [clients[i].masked_input(qualified, vectors[i]) for i in clients]
+    request = server.collect_masked(masked)
+    result = server.collect_unmasking([clients[i].unmask(request) for i in clients])
+    # the only client -> server message that carries a vector is MaskedInput: masked bytes
+    inbound = {
+        name: inspect.signature(getattr(SecAggServer, name)).parameters["messages"].annotation
+        for name in (
+            "collect_keys",
+            "collect_shares",
+            "collect_checks",
+            "collect_masked",
+            "collect_unmasking",
+        )
+    }
+    vector_fields = {
+        f.name
+        for cls in (
+            proto.AdvertiseKeys,
+            proto.ShareKeys,
+            proto.ShareCheck,
+            proto.MaskedInput,
+            proto.UnmaskShares,
+        )
+        for f in dataclasses.fields(cls)
+        if "ndarray" in str(f.type) or "Tensor" in str(f.type)
+    }
+    assert len(inbound) == 5 and not vector_fields
+    for m in masked:
+        seen = np.frombuffer(m.masked, dtype="<u8").view(np.int64).astype(np.float64)
+        plain = np.round(vectors[m.index] * 2.0**p.frac_bits)
+        assert np.all(seen != plain)  # not the client's fixed-point vector
+    # what the server learns is the sum
+    assert np.allclose(result.total, sum(vectors.values()), atol=p.error_bound * 2)
+
+
+# -- gradient inversion (DLG) ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gradient_inversion_recovers_tokens_without_dp_not_with_it() -> None:
+    model, params, bias = _label_model(num_labels=4)
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(5, 100, (1, 4), generator=gen)
+    label = torch.tensor([2])
+    grad = update_gradients(
+        model, params, attention_mask=torch.ones_like(ids), label=label, input_ids=ids
+    )
+    kw: dict[str, Any] = {"length": 4, "bias_name": bias, "steps": 40, "top_k": 4, "sweeps": 1}
+    clean = invert_gradient(model, params, grad, **kw)
+    private = invert_gradient(model, params, _dp_gradient(grad, 1.0, gen), **kw)
+    f1_clean, f1_dp = token_f1(clean.ids, ids[0]), token_f1(private.ids, ids[0])
+    guess = random_guess_f1(ids[0], torch.arange(5, 100), trials=500)
+    assert clean.label == 2
+    assert f1_clean >= 0.5 and f1_clean > f1_dp + 0.25, (f1_clean, f1_dp)
+    assert f1_dp <= guess + 0.25, (f1_dp, guess)
+
+
+def test_dx_config_keys_and_refusals() -> None:
+    from fedft.config import ConfigError, build_config, json_schema
+
+    props = json_schema()["$defs"]["SplitConfig"]["properties"]
+    assert {"privatize", "dx_epsilon"} <= set(props)
+    assert build_config({}).split.privatize == "off"
+    on = build_config({"adapter": {"method": "split"}, "split": {"privatize": "dx"}})
+    assert on.split.privatize == "dx" and on.split.dx_epsilon == 100.0
+    with pytest.raises(ConfigError, match="adapter.method = 'split'"):
+        build_config({"split": {"privatize": "dx"}})
+    with pytest.raises(ConfigError, match="dx_epsilon"):
+        build_config({"split": {"dx_epsilon": 0}})
