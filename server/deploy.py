@@ -420,7 +420,13 @@ def start_split_service(cfg: RunConfig, plan: ServerPlan, *, bind: str) -> Split
         creds = mtls_server_credentials(
             ca_cert=plan.tls.ca_cert, cert=plan.tls.cert, key=plan.tls.key
         )
-    service = build_split_service(cfg, require_client_identity=plan.tls is not None)
+    from server.split_service import ADMISSION_FILE
+
+    service = build_split_service(
+        cfg,
+        require_client_identity=plan.tls is not None,
+        admission_file=plan.out / ADMISSION_FILE if plan.tls is not None else None,
+    )
     try:
         server = SplitServerThread(service, address=bind, server_credentials=creds).start()
     except (RuntimeError, TimeoutError) as exc:

@@ -121,6 +121,7 @@ def run_round(fed: Federation, rnd: int) -> Outcome:
         logger.warning("stopping before round %d: %s", rnd, reason)
         return Outcome.STOP
     chosen = sample(fed, rnd)
+    admit_split_clients(fed, rnd, chosen)
     starts = build_starts(fed, rnd, chosen)
     replies = collect(fed, rnd, starts)
     validate(fed, rnd, replies, starts)
@@ -165,6 +166,18 @@ def sample(fed: Federation, rnd: int) -> list[int]:
     if isinstance(aggregator, CentralDP):
         return poisson_cohort(able, sample_rate=aggregator.sample_rate)
     return sample_clients(able, fed.cfg.federation.clients_per_round, seed=fed.cfg.seed, rnd=rnd)
+
+
+def admit_split_clients(fed: Federation, rnd: int, chosen: list[int]) -> None:
+    """Split learning: name this round's cohort to the split service (it admits only these
+    client identities, ``client-<index>``, see :func:`server.split_service.write_admission`)."""
+    if fed.cfg.adapter.method != "split":
+        return
+    from fedft.certs import client_name
+    from server.split_service import ADMISSION_FILE, write_admission
+
+    path = fed.ckpt_dir.parent / ADMISSION_FILE
+    write_admission(path, round_=rnd, identities=[client_name(k) for k in chosen])
 
 
 def client_config(cfg: RunConfig, *, rnd: int, idx: int, start: ClientStart) -> dict[str, Any]:

@@ -77,12 +77,18 @@ def server_credentials_from_dir(certs: str | Path) -> grpc.ServerCredentials:
 
 
 def build_split_service(
-    cfg: RunConfig, *, session_timeout_s: float = 60.0, require_client_identity: bool = False
+    cfg: RunConfig,
+    *,
+    session_timeout_s: float = 60.0,
+    require_client_identity: bool = False,
+    admission_file: Path | None = None,
 ) -> SplitService:
     """Load ``cfg``'s base model and serve the body between its client front and back.
 
     The model id clients must name is ``cfg.model.name``. ``require_client_identity``: refuse
     sessions from peers without a verified client certificate (set it under mutual TLS).
+    ``admission_file``: admit only the identities the round wrote there (see
+    :func:`server.split_service.write_admission`; needs mutual TLS).
     """
     if cfg.adapter.method != "split":
         raise ValueError(
@@ -100,6 +106,7 @@ def build_split_service(
         limits=split_limits(cfg),
         session_timeout_s=session_timeout_s,
         require_client_identity=require_client_identity,
+        admission_file=admission_file,
     )
 
 

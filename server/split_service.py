@@ -24,12 +24,16 @@ simulation, tests) the identity is None for everyone and nothing changes.
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import logging
+import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -50,6 +54,38 @@ CN_KEY = "x509_common_name"
 CLIENT_ID_METADATA = "fedft-client-id"
 #: prefix of the details of a PERMISSION_DENIED caused by an identity check.
 IDENTITY_MISMATCH = "IDENTITY_MISMATCH"
+#: prefix of the details of a PERMISSION_DENIED for a client not sampled this round.
+NOT_SAMPLED = "NOT_SAMPLED"
+#: the file (in the run's output folder) naming the identities sampled this round.
+ADMISSION_FILE = "split-admission.json"
+
+
+def write_admission(path: Path, *, round_: int, identities: Iterable[str]) -> None:
+    """Name the client identities the split service admits from now on (this round's
+    cohort): written by the round before it sends its messages, read by the service.
+
+    Written to a temporary file (0600) and renamed over ``path``, so a reader sees the old
+    list or the new one, never half of one.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump({"round": int(round_), "clients": sorted(set(identities))}, f)
+    os.replace(tmp, path)
+
+
+def read_admission(path: Path) -> tuple[int, frozenset[str]] | None:
+    """``(round, identities)`` from :func:`write_admission`'s file; None if absent or
+    unreadable (then nobody is admitted)."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        clients = raw["clients"]
+        if not isinstance(raw["round"], int) or not all(isinstance(c, str) for c in clients):
+            raise ValueError("bad types")
+        return raw["round"], frozenset(clients)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("split admission list %s unreadable (%s): admitting no one", path, exc)
+        return None
 
 
 def peer_identity(context: grpc.aio.ServicerContext) -> str | None:
@@ -95,6 +131,11 @@ class _ServerDP:
         self.clip = ClippedSum(params, max_grad_norm=self.clip.max_grad_norm)
 
 
+def _client_key(s: _Session) -> str:
+    """Whose turn a session's job takes: its certificate identity, or the session alone."""
+    return s.identity if s.identity is not None else f"session {s.sid}"
+
+
 @dataclass
 class _Session:
     sid: str
@@ -138,6 +179,10 @@ class SplitService:
         require_client_identity: refuse (UNAUTHENTICATED) an OpenSession whose peer has no
             verified client certificate; set it whenever the server runs mutual TLS, so that a
             misconfiguration (TLS without client auth) fails closed instead of open.
+        admission_file: when set, only the client identities this file names (this round's
+            cohort, :func:`write_admission`) may open sessions (else PERMISSION_DENIED,
+            ``NOT_SAMPLED``), and sessions of identities a newer list leaves out are freed.
+            Without the file nobody is admitted. Needs client identities (mutual TLS).
         max_state_bytes: memory budget of all sessions together: OpenSession is refused
             (RESOURCE_EXHAUSTED) when the open sessions' reservations plus the new one's
             (adapter, optimiser state, ``max_in_flight`` largest micro-batches with the
@@ -162,6 +207,7 @@ class SplitService:
         max_sessions_per_client: int = 2,
         require_client_identity: bool = False,
         max_state_bytes: int = 4 << 30,
+        admission_file: Path | None = None,
     ) -> None:
         for p in body.parameters():
             p.requires_grad_(False)
@@ -176,9 +222,18 @@ class SplitService:
         self.max_sessions_per_client = max_sessions_per_client
         self.require_client_identity = require_client_identity
         self.max_state_bytes = max_state_bytes
+        self.admission_file = admission_file
+        self._admission: tuple[int, tuple[int, int, int] | None, frozenset[str]] = (
+            -1,
+            None,
+            frozenset(),
+        )
         self.sessions: dict[str, _Session] = {}
         self._probe_bytes: dict[tuple[int, int, int, bool], int] = {}
         self._turns: dict[str, asyncio.Lock] = {}
+        #: the last jobs, in order: ("wait", client) when one is asked for, ("start",
+        #: client) / ("end", client) when it starts / ends on the worker
+        self.job_log: collections.deque[tuple[str, str]] = collections.deque(maxlen=100_000)
         self.frames_received = 0
         self.errors: dict[str, int] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="split-body")
@@ -202,7 +257,7 @@ class SplitService:
             if s.identity is None or not any(
                 o.identity == s.identity for o in self.sessions.values()
             ):
-                self._turns.pop(s.identity if s.identity is not None else f"session {sid}", None)
+                self._turns.pop(_client_key(s), None)
             log.info("split session %s… freed (%s)", sid[:8], why)
 
     def expire_idle(self, now: float | None = None) -> int:
@@ -214,10 +269,39 @@ class SplitService:
         return len(stale)
 
     async def reap_forever(self) -> None:
-        """Background task: :meth:`expire_idle` every quarter timeout."""
+        """Background task: :meth:`expire_idle` and :meth:`expire_unadmitted` every quarter
+        timeout."""
         while True:
             await asyncio.sleep(max(0.05, self.session_timeout_s / 4))
             self.expire_idle()
+            self.expire_unadmitted()
+
+    def admitted(self) -> frozenset[str] | None:
+        """The identities admitted now (None: no admission list, everyone)."""
+        if self.admission_file is None:
+            return None
+        try:
+            st = self.admission_file.stat()
+            stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None
+        if stamp != self._admission[1]:
+            got = read_admission(self.admission_file) if stamp is not None else None
+            rnd, ids = got if got is not None else (-1, frozenset[str]())
+            if rnd != self._admission[0]:
+                log.info("split admission: round %d, %d clients", rnd, len(ids))
+            self._admission = (rnd, stamp, ids)
+        return self._admission[2]
+
+    def expire_unadmitted(self) -> int:
+        """Free the sessions of identities the admission list no longer names."""
+        admitted = self.admitted()
+        if admitted is None:
+            return 0
+        gone = [k for k, s in self.sessions.items() if s.identity not in admitted]
+        for sid in gone:
+            self._free(sid, "client not sampled this round")
+        return len(gone)
 
     async def _deny(self, context: grpc.aio.ServicerContext, why: str) -> None:
         self.errors["PERMISSION_DENIED"] = self.errors.get("PERMISSION_DENIED", 0) + 1
@@ -236,10 +320,19 @@ class SplitService:
 
     async def _compute(self, s: _Session, fn: Any, *args: Any) -> Any:
         """Run ``fn`` on the worker once this session's client has no other job there."""
-        key = s.identity if s.identity is not None else f"session {s.sid}"
+        key = _client_key(s)
+        self.job_log.append(("wait", key))
         turn = self._turns.setdefault(key, asyncio.Lock())
+
+        def run() -> Any:
+            self.job_log.append(("start", key))
+            try:
+                return fn(*args)
+            finally:
+                self.job_log.append(("end", key))
+
         async with turn:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
     # ------------------------------------------------------------------ control plane
 
@@ -290,6 +383,14 @@ class SplitService:
             await self._deny(
                 context,
                 f"declared client id {declared!r} != certificate identity {identity!r}",
+            )
+        admitted = self.admitted()
+        if admitted is not None and identity not in admitted:
+            self.errors[NOT_SAMPLED] = self.errors.get(NOT_SAMPLED, 0) + 1
+            log.warning("split session refused: %s is not sampled this round", identity)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{NOT_SAMPLED}: client {identity!r} is not in this round's cohort",
             )
         return identity, declared
 
@@ -395,8 +496,9 @@ class SplitService:
     async def _micro_batch_bytes(
         self, batch: int, seq_len: int, adapter: BodyAdapter | None, dp: bool
     ) -> int:
-        """Bytes one (batch x seq_len) micro-batch keeps until its backward, measured once
-        per shape by a forward on zeros (inputs, output and the saved activations)."""
+        """Bytes one (batch x seq_len) micro-batch keeps until its backward: inputs, output
+        and the saved activations, measured once per shape (here by a forward on zeros, or
+        by the first real micro-batch of that shape) and cached."""
         key = (batch, seq_len, adapter.nbytes() if adapter is not None else 0, dp)
         if key not in self._probe_bytes:
             hidden = torch.zeros(batch, seq_len, self.hidden_size)
@@ -540,9 +642,15 @@ class SplitService:
             raise WireError("SHAPE_REJECTED", f"batch {b} x seq {t} exceeds {lim}")
         mask = wire.decode_mask(frame.tensor("attention_mask"), batch=b, seq_len=t)
         forward = body_forward_detached if s.dp is not None else body_forward
-        ctx, kept = await self._compute(s, self._measured, forward, s.adapter, hidden, mask)
+        shape = (b, t, s.adapter.nbytes() if s.adapter is not None else 0, s.dp is not None)
+        if shape in self._probe_bytes:  # measured before: a plain forward
+            ctx = await self._compute(s, forward, self.body, s.adapter, hidden, mask)
+        else:  # the first micro-batch of this shape counts what it keeps
+            ctx, self._probe_bytes[shape] = await self._compute(
+                s, self._measured, forward, s.adapter, hidden, mask
+            )
         s.pending[key] = ctx
-        s.kept[key] = kept
+        s.kept[key] = self._probe_bytes[shape]
         out = wire.encode_tensor("hidden", ctx.output, s.wire_dtype)
         return Frame(s.sid, "body_output", frame.step, (out,))
 
@@ -629,10 +737,12 @@ def build_service(
     limits: Limits | None = None,
     session_timeout_s: float = 60.0,
     require_client_identity: bool = False,
+    admission_file: Path | None = None,
 ) -> SplitService:
     """Cut ``model`` and serve its body (the front/back blocks are simply unused here).
 
-    ``require_client_identity``: see :class:`SplitService` (set it under mutual TLS).
+    ``require_client_identity``, ``admission_file``: see :class:`SplitService` (set both
+    under mutual TLS).
     """
     from fedft.split import split_model
 
@@ -645,4 +755,5 @@ def build_service(
         limits=limits,
         session_timeout_s=session_timeout_s,
         require_client_identity=require_client_identity,
+        admission_file=admission_file,
     )

@@ -296,6 +296,10 @@ def test_simulate_split_rounds_on_loopback_server(tiny_bert4_dir, tmp_path):
         assert most // 2 <= r["split_frames_up"] <= most
         assert r["split_bytes_up"] > 0 and r["split_bytes_down"] > 0
     assert summary["rounds"] == 2
+    # every round named its cohort for the split service's admission (the last one stays)
+    from server.split_service import ADMISSION_FILE, read_admission
+
+    assert read_admission(out / ADMISSION_FILE) == (2, {"client-0", "client-1", "client-2"})
 
     got = _evaluate_saved_adapter(cfg, out)
     assert got["accuracy"] == pytest.approx(summary["after"]["accuracy"], abs=1e-9)

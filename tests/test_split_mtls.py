@@ -4,9 +4,10 @@ every later call on a session must come from the certificate identity that opene
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +32,15 @@ from server.deploy import (
     start_split_service,
 )
 from server.split_runner import mtls_server_credentials, server_credentials_from_dir
-from server.split_service import IDENTITY_MISMATCH, RunningServer, build_service, start_server
+from server.split_service import (
+    ADMISSION_FILE,
+    IDENTITY_MISMATCH,
+    NOT_SAMPLED,
+    RunningServer,
+    build_service,
+    start_server,
+    write_admission,
+)
 
 MODEL_ID = "tiny"
 
@@ -364,6 +373,8 @@ def test_deployed_split_service_runs_mtls_for_node_config_clients(tiny_bert_dir,
     try:
         service = server.service
         assert service.require_client_identity
+        assert service.admission_file == plan.out / ADMISSION_FILE
+        write_admission(service.admission_file, round_=1, identities=["client-1"])  # the round
         runtime, data, start = _round_inputs(cfg)
         kw = {
             "client_id": "1",
@@ -476,9 +487,10 @@ def _heavy_bert() -> torch.nn.Module:
 FLOOD_LIMITS = wire.Limits(max_batch=8, max_seq_len=32, max_in_flight=2)
 
 
-async def _flood(c: SplitClient, stop: asyncio.Event, jobs: list[int]) -> None:
-    """Keep the session's two credits busy with the largest micro-batches the limits allow:
-    forward, backward, forward, ... pipelined, no client compute, commit every step."""
+async def _flood(c: SplitClient, go: asyncio.Event, stop: asyncio.Event, jobs: list[int]) -> None:
+    """While ``go`` is set, keep the session's two credits busy with the largest
+    micro-batches the limits allow: forward, backward, ... pipelined, no client compute,
+    commit every step."""
     assert c.session is not None
     sid = c.session.session_id
     hidden = wire.encode_tensor("hidden", torch.randn(8, 32, 128), "fp32")
@@ -486,6 +498,9 @@ async def _flood(c: SplitClient, stop: asyncio.Event, jobs: list[int]) -> None:
     grad = wire.encode_tensor("grad", torch.randn(8, 32, 128) * 1e-3, "fp32")
     step = 0
     while not stop.is_set():
+        if not go.is_set():
+            await asyncio.sleep(0.01)
+            continue
         for mb in range(2):
             await c.send(wire.Frame(sid, "forward", c.next_step_id(0, step, mb), (hidden, mask)))
         for _ in range(4):
@@ -514,14 +529,39 @@ async def _steps_in(c: SplitClient, seconds: float, first: int) -> int:
     return n
 
 
+def _cut_ins(log: Sequence[tuple[str, str]], client: str) -> tuple[list[int], int]:
+    """For each job of ``client``: how many other clients' jobs started on the worker
+    between the moment it was asked for and its own start; and how many of its jobs were
+    asked for while another client's job was running (they had to wait)."""
+    out, waiting, count, running, contended = [], False, 0, 0, 0
+    for event, who in log:
+        if who == client:
+            if event == "wait":
+                waiting, count = True, 0
+                contended += running > 0
+            elif event == "start" and waiting:
+                out.append(count)
+                waiting = False
+        elif event == "start":
+            running += 1
+            count += waiting
+        elif event == "end":
+            running -= 1
+    return out, contended
+
+
 def test_a_flooding_client_does_not_starve_another(certs):
     """Attack (issue 14, item 5): client-0 floods the split server with the largest
-    micro-batches over both of its sessions, pipelined, doing no work of its own; client-1
-    trains. Counted in equal windows, client-1 keeps at least half its solo step count:
-    every client identity has at most one job on the worker, so busy clients take turns
-    (before, client-0's two sessions held two places in the worker's queue to client-1's one)."""
+    micro-batches over both of its sessions, pipelined, doing no work of its own, while
+    client-1 trains. Each client identity has at most one job on the worker, so every job
+    client-1 asks for runs after at most the one client-0 job already running (before,
+    client-0's two sessions held two places in the worker's FIFO queue ahead of client-1's
+    one). Client-1's step counts in equal windows, solo and flooded, alternating three times
+    so the shared machine's load weighs on both alike, are printed (docs/benchmarks.md §14)
+    but not asserted: on two shared cores client-1's own front and back compute competes
+    with client-0's jobs for the CPU, which no scheduling of the server's worker removes."""
     model = _heavy_bert()
-    window = 6.0
+    window, cycles = 2.0, 3
 
     async def main() -> None:
         service = build_service(
@@ -535,7 +575,7 @@ def test_a_flooding_client_does_not_starve_another(certs):
         srv = await start_server(
             service, address="127.0.0.1:0", server_credentials=server_credentials_from_dir(certs)
         )
-        stop, jobs = asyncio.Event(), [0]
+        go, stop, jobs = asyncio.Event(), asyncio.Event(), [0]
         victim = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-1"))
         flooders = [
             _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-0"))
@@ -544,23 +584,30 @@ def test_a_flooding_client_does_not_starve_another(certs):
         tasks: list[asyncio.Task[None]] = []
         try:
             async with victim:
-                await _steps_in(victim, 1.0, first=0)  # warm up
-                solo = await _steps_in(victim, window, first=1000)
                 for f in flooders:
                     await f.open()
-                tasks = [asyncio.create_task(_flood(f, stop, jobs)) for f in flooders]
-                await asyncio.sleep(0.5)
-                flooded = await _steps_in(victim, window, first=2000)
+                tasks = [asyncio.create_task(_flood(f, go, stop, jobs)) for f in flooders]
+                await _steps_in(victim, 1.0, first=0)  # warm up
+                solo = flooded = 0
+                for k in range(cycles):
+                    await asyncio.sleep(0.3)  # the last flood steps drain
+                    solo += await _steps_in(victim, window, first=1000 * (2 * k + 1))
+                    go.set()
+                    await asyncio.sleep(0.3)
+                    flooded += await _steps_in(victim, window, first=1000 * (2 * k + 2))
+                    go.clear()
                 stop.set()
                 await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
-            ratio = flooded / solo
+            cut_ins, contended = _cut_ins(list(service.job_log), "client-1")
             print(
                 f"\nsplit flood: client-1 solo {solo} steps, flooded {flooded} steps in "
-                f"{window} s windows: ratio {ratio:.2f}; client-0 jobs {jobs[0]}"
+                f"{cycles} x {window} s windows each: ratio {flooded / solo:.2f}; client-0 "
+                f"jobs {jobs[0]}; client-0 jobs started while a client-1 job waited: "
+                f"{dict(collections.Counter(cut_ins))}; found it busy: {contended}"
             )
             assert jobs[0] >= 2 * flooded  # the flood really ran beside client-1's steps
-            assert solo >= 4
-            assert ratio >= 0.5, f"client-1 kept {ratio:.2f} of its solo step rate"
+            assert contended >= 5  # client-1's jobs found the worker busy with client-0's
+            assert max(cut_ins) <= 1, "a client-1 job waited for two client-0 jobs"
         finally:
             stop.set()
             for t in tasks:
@@ -662,6 +709,57 @@ def test_empty_commits_do_not_keep_a_session_alive(model, certs):
             assert freed_by_commit is not None
             assert freed_by_commit.code() == grpc.StatusCode.NOT_FOUND
             await c.channel.close()
+        finally:
+            await srv.stop(None)
+
+    _run(main)
+
+
+def test_only_clients_sampled_this_round_are_admitted(model, certs, tmp_path):
+    """Attack (issue 14, item 5): any client with a certificate could open sessions in any
+    round, sampled or not, and keep them. Now the round names its cohort
+    (``write_admission``): client-0, not sampled, is refused with NOT_SAMPLED; client-1
+    trains; when the next round samples client-0 only, client-1's session is freed and
+    client-0 gets in. Without any list nobody is admitted."""
+    admission = tmp_path / ADMISSION_FILE
+
+    async def main() -> None:
+        service = build_service(
+            copy.deepcopy(model),
+            model_id=MODEL_ID,
+            front_layers=1,
+            back_layers=1,
+            session_timeout_s=1.0,
+            require_client_identity=True,
+            admission_file=admission,
+        )
+        srv = await start_server(
+            service, address="127.0.0.1:0", server_credentials=server_credentials_from_dir(certs)
+        )
+        try:
+            early = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-1"))
+            with pytest.raises(IdentityError, match=NOT_SAMPLED):  # PERMISSION_DENIED
+                await early.open()
+            await early.channel.close()
+            write_admission(admission, round_=1, identities=["client-1"])
+            outsider = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-0"))
+            with pytest.raises(IdentityError, match=f"PERMISSION_DENIED: {NOT_SAMPLED}"):
+                await outsider.open()
+            await outsider.channel.close()
+            sampled = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-1"))
+            await sampled.open()
+            assert math.isfinite(await _step(sampled))
+            write_admission(admission, round_=2, identities=["client-0"])
+            for _ in range(40):  # the reaper runs every quarter timeout
+                if not service.sessions:
+                    break
+                await asyncio.sleep(0.1)
+            assert not service.sessions  # client-1's session went with its round
+            await sampled.channel.close()
+            now = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-0"))
+            async with now:
+                assert math.isfinite(await _step(now))
+            assert service.errors[NOT_SAMPLED] == 2
         finally:
             await srv.stop(None)
 
