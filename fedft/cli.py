@@ -487,7 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser(
-        "simulate", parents=[common], help="run a federation on Flower's Simulation Engine"
+        "simulate",
+        parents=[common],
+        help="run a federation on Flower's Simulation Engine",
+        # one usage line, so that a mistake on the command line stays a two-line error
+        usage="fedft simulate CONFIG [--set KEY=VALUE] [--out OUT] [options]",
     )
     _add_config_args(sim)
     sim.add_argument("--out", help="output folder (default runs/<name>)")
