@@ -243,7 +243,9 @@ def test_user_cohort_is_secret_poisson_and_matches_its_accountant() -> None:
     assert isinstance(dp, CentralDP)
     q = dp.sample_rate
     assert q == m / n_clients
-    fed = SimpleNamespace(cfg=cfg, ledger=PrivacyLedger(), coord=SimpleNamespace(aggregator=dp))
+    fed = SimpleNamespace(
+        cfg=cfg, ledger=PrivacyLedger(), coord=SimpleNamespace(aggregator=dp), excluded=set()
+    )
     draws = [sample(fed, 1) for _ in range(4000)]  # type: ignore[arg-type]
     assert draws[:20] != [draws[0]] * 20  # the same round and seed: not reproducible
     inclusion = np.array([[i in c for i in range(n_clients)] for c in draws], dtype=float)
