@@ -112,7 +112,11 @@ def cut_attacks(
     return rows
 
 
-def _lora_model() -> tuple[Any, dict[str, torch.nn.Parameter], str]:
+def lora_label_model(num_labels: int = 4) -> tuple[Any, dict[str, torch.nn.Parameter], str]:
+    """A tiny BERT classifier with LoRA on query/value + head: (model, trainable, bias name).
+
+    Eager attention: DLG differentiates the gradient (double backward).
+    """
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -123,7 +127,7 @@ def _lora_model() -> tuple[Any, dict[str, torch.nn.Parameter], str]:
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=32,
-        num_labels=4,
+        num_labels=num_labels,
         attn_implementation="eager",
     )
     model = attach_lora(
@@ -151,7 +155,7 @@ def gradient_attacks(
     *, label_trials: int, dlg_trials: int, sigmas: list[float], dlg_steps: int
 ) -> list[dict[str, Any]]:
     """Label accuracy (iDLG) and token F1 (DLG), without defence and under DP-SGD."""
-    model, params, bias = _lora_model()
+    model, params, bias = lora_label_model()
     gen = torch.Generator().manual_seed(0)
     hits = {s: 0 for s in [0.0, *sigmas]}
     for _ in range(label_trials):

@@ -31,6 +31,7 @@ from fedft.privacy.persample import ClippedSum, noisy_mean
 from fedft.split import front_forward, split_model
 from fedft.split.dx import DxNoise, sample_dx_noise
 from fedft.transport import split_wire as wire
+from simulations.attacks import lora_label_model
 
 PRIVATE = [
     "the film is a quiet triumph of patience and craft",
@@ -138,37 +139,6 @@ def test_dx_noise_lowers_recovery_as_epsilon_shrinks(tiny: tuple[Any, Any]) -> N
 # -- label leakage (iDLG) --------------------------------------------------------------------
 
 
-def _label_model(num_labels: int = 4) -> tuple[Any, dict[str, torch.nn.Parameter], str]:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from fedft.adapters.peft_io import attach_lora
-
-    torch.manual_seed(0)
-    cfg = BertConfig(  # type: ignore[call-arg]
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=num_labels,
-        attn_implementation="eager",  # DLG differentiates the gradient (double backward)
-    )
-    base = BertForSequenceClassification(cfg).eval()
-    model = attach_lora(
-        base,
-        target_modules=["query", "value"],
-        rank=4,
-        alpha=8,
-        extras=["classifier.weight", "classifier.bias"],
-        seed=0,
-    )
-    model.eval()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    bias = next(n for n in params if n.endswith("classifier.bias"))
-    return model, params, bias
-
-
 def _dp_gradient(
     grad: dict[str, torch.Tensor], sigma: float, gen: torch.Generator
 ) -> dict[str, torch.Tensor]:
@@ -179,7 +149,7 @@ def _dp_gradient(
 
 
 def test_label_leaks_from_one_update_and_dp_brings_it_near_chance() -> None:
-    model, params, bias = _label_model(num_labels=4)
+    model, params, bias = lora_label_model(num_labels=4)
     gen = torch.Generator().manual_seed(3)
     trials, clean, private = 40, 0, 0
     for _ in range(trials):
@@ -204,7 +174,7 @@ def test_secagg_server_never_holds_one_clients_update() -> None:
     from fedft.secagg import SecAggClient, SecAggParams, SecAggServer
     from fedft.secagg import protocol as proto
 
-    model, params, bias = _label_model(num_labels=4)
+    model, params, bias = lora_label_model(num_labels=4)
     n = 3
     gen = torch.Generator().manual_seed(5)
     vectors = {}
@@ -261,7 +231,7 @@ def test_secagg_server_never_holds_one_clients_update() -> None:
 
 @pytest.mark.slow
 def test_gradient_inversion_recovers_tokens_without_dp_not_with_it() -> None:
-    model, params, bias = _label_model(num_labels=4)
+    model, params, bias = lora_label_model(num_labels=4)
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(5, 100, (1, 4), generator=gen)
     label = torch.tensor([2])
