@@ -10,6 +10,7 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -70,13 +71,16 @@ async def _server(
     creds: grpc.ServerCredentials | None,
     *,
     require_identity: bool = True,
+    **service_kw: Any,
 ) -> RunningServer:
+    """A split server on loopback over a copy of ``model`` (``service_kw`` to build_service)."""
     service = build_service(
         copy.deepcopy(model),
         model_id=MODEL_ID,
         front_layers=1,
         back_layers=1,
         require_client_identity=require_identity,
+        **service_kw,
     )
     return await start_server(service, address="127.0.0.1:0", server_credentials=creds)
 
@@ -564,17 +568,8 @@ def test_a_flooding_client_does_not_starve_another(certs):
     window, cycles = 2.0, 3
 
     async def main() -> None:
-        service = build_service(
-            copy.deepcopy(model),
-            model_id=MODEL_ID,
-            front_layers=1,
-            back_layers=1,
-            limits=FLOOD_LIMITS,
-            require_client_identity=True,
-        )
-        srv = await start_server(
-            service, address="127.0.0.1:0", server_credentials=server_credentials_from_dir(certs)
-        )
+        srv = await _server(model, server_credentials_from_dir(certs), limits=FLOOD_LIMITS)
+        service = srv.service
         go, stop, jobs = asyncio.Event(), asyncio.Event(), [0]
         victim = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-1"))
         flooders = [
@@ -629,17 +624,8 @@ def test_memory_admission_counts_the_activations_kept_for_backward(model, certs)
     in_out = 2 * 4 * 8 * 32 * 4  # a 4 x 8 x H=32 fp32 micro-batch's inputs and output
 
     async def main() -> None:
-        service = build_service(
-            copy.deepcopy(model),
-            model_id=MODEL_ID,
-            front_layers=1,
-            back_layers=1,
-            limits=limits,
-            require_client_identity=True,
-        )
-        srv = await start_server(
-            service, address="127.0.0.1:0", server_credentials=server_credentials_from_dir(certs)
-        )
+        srv = await _server(model, server_credentials_from_dir(certs), limits=limits)
+        service = srv.service
         try:
             first = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-0"))
             async with first:
@@ -679,17 +665,8 @@ def test_empty_commits_do_not_keep_a_session_alive(model, certs):
     reaper frees the session once the timeout passes without work."""
 
     async def main() -> None:
-        service = build_service(
-            copy.deepcopy(model),
-            model_id=MODEL_ID,
-            front_layers=1,
-            back_layers=1,
-            session_timeout_s=1.0,
-            require_client_identity=True,
-        )
-        srv = await start_server(
-            service, address="127.0.0.1:0", server_credentials=server_credentials_from_dir(certs)
-        )
+        srv = await _server(model, server_credentials_from_dir(certs), session_timeout_s=1.0)
+        service = srv.service
         try:
             c = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-0"))
             await c.open()
@@ -724,18 +701,13 @@ def test_only_clients_sampled_this_round_are_admitted(model, certs, tmp_path):
     admission = tmp_path / ADMISSION_FILE
 
     async def main() -> None:
-        service = build_service(
-            copy.deepcopy(model),
-            model_id=MODEL_ID,
-            front_layers=1,
-            back_layers=1,
+        srv = await _server(
+            model,
+            server_credentials_from_dir(certs),
             session_timeout_s=1.0,
-            require_client_identity=True,
             admission_file=admission,
         )
-        srv = await start_server(
-            service, address="127.0.0.1:0", server_credentials=server_credentials_from_dir(certs)
-        )
+        service = srv.service
         try:
             early = _client(model, srv.port, tls=ClientTls.from_dir(certs, name="client-1"))
             with pytest.raises(IdentityError, match=NOT_SAMPLED):  # PERMISSION_DENIED
