@@ -190,7 +190,7 @@ class SplitServerThread:
         if self._thread.is_alive():
             self._thread.join()
         # the service's body-compute worker thread: no thread outlives the server
-        self.service._executor.shutdown(wait=True)
+        self.service.stop_worker()
 
     def __enter__(self) -> SplitServerThread:
         return self.start()

@@ -268,6 +268,15 @@ class SplitService:
             self._free(sid, "timeout")
         return len(stale)
 
+    def stop_worker(self) -> None:
+        """Wait for the body's worker thread to finish its job and end it (idempotent).
+
+        A fresh worker (no thread until its first job) takes its place, so the service
+        can be served again.
+        """
+        self._executor.shutdown(wait=True)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="split-body")
+
     async def reap_forever(self) -> None:
         """Background task: :meth:`expire_idle` and :meth:`expire_unadmitted` every quarter
         timeout."""
@@ -690,6 +699,7 @@ class RunningServer:
     async def stop(self, grace: float | None = None) -> None:
         self.reaper.cancel()
         await self.server.stop(grace)
+        self.service.stop_worker()  # no thread outlives the server
 
 
 async def start_server(

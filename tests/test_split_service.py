@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -85,6 +86,35 @@ def _forward_frame(c: SplitClient, ids, mask, mb=0, step=0, dtype="fp32", round_
             wire.encode_tensor("attention_mask", f.attention_mask, "uint8"),
         ),
     )
+
+
+def test_stopping_the_server_ends_the_body_worker_thread() -> None:
+    """The body's worker thread ends with the server, not when the service is collected."""
+    model = tiny_bert(layers=4)
+
+    def workers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("split-body")]
+
+    async def run() -> None:
+        srv = await _server(model)
+        try:
+            async with _client(model, srv.port, wire_dtype="fp32", lora_rank=4, seed=7) as c:
+                await c.train_step([batch("bert", b=2, seed=0)], round_=0, step=0)
+            assert srv.service._executor._threads  # the step ran on the worker
+        finally:
+            await srv.stop()
+        assert not [t for t in srv.service._executor._threads if t.is_alive()]
+        # served again after a stop: a fresh worker takes the job
+        srv = await start_server(srv.service)
+        try:
+            async with _client(model, srv.port, wire_dtype="fp32", lora_rank=4, seed=7) as c:
+                await c.train_step([batch("bert", b=2, seed=1)], round_=0, step=0)
+        finally:
+            await srv.stop()
+
+    before = set(workers())
+    asyncio.run(run())
+    assert not set(workers()) - before
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
