@@ -289,6 +289,7 @@ def _train_split(job: Training) -> ClientUpdate:
         tls=client_tls_from_node_config(job.node_config),  # split mTLS (deployment)
         dp=split_dp,
         dx_epsilon=s.dx_epsilon if s.privatize == "dx" else None,
+        cut_noise_std=s.cut_noise_std,
     )
 
 

@@ -64,7 +64,7 @@ from fedft.prompt import SoftPrompt, get_prompt, set_prompt
 from fedft.seeds import derive_seed
 from fedft.split import SplitParts, local_loss_phase, select_samples, split_model
 from fedft.split.dp import SplitPrivacy, apply_noisy_step, client_trainables, shortcut_per_sample
-from fedft.split.dx import DxNoise
+from fedft.split.dx import CutNoise, DxNoise
 from fedft.training.coordinator import ClientStart
 from fedft.training.runtime import _LOCK, PROMPT, Runtime
 from fedft.transport import split_wire as wire
@@ -347,6 +347,9 @@ class SplitKnobs(TypedDict):
             noise ∝ exp(-ε‖z‖) before the front runs, in every phase (fresh OS randomness),
             reported as the metric ``dx_epsilon`` (never mixed with DP-SGD's ε). None or
             absent: no noise.
+        cut_noise_std: Gaussian noise of this std on the front's output, every phase
+            (fresh OS randomness), reported as the metric ``cut_noise_std``; no DP guarantee
+            (:class:`fedft.split.dx.CutNoise`). 0 or absent: none.
     """
 
     server_address: str
@@ -364,6 +367,7 @@ class SplitKnobs(TypedDict):
     tls: NotRequired[ClientTls | None]
     dp: NotRequired[SplitPrivacy | None]
     dx_epsilon: NotRequired[float | None]
+    cut_noise_std: NotRequired[float]
 
 
 def run_split_round(
@@ -391,7 +395,7 @@ def run_split_round(
         (tensor payload bytes on the split wire); with ``dp`` also ``sample_rate``,
         ``noise_multiplier``, ``max_grad_norm``, ``dp_steps``, ``mean_batch_size``,
         ``clip_fraction``, ``epsilon_sample`` and ``delta``; with ``dx_epsilon`` also
-        ``dx_epsilon``.
+        ``dx_epsilon``; with ``cut_noise_std`` > 0 also ``cut_noise_std``.
 
     Raises:
         RuntimeError: the split server could not be reached or refused the session.
@@ -442,6 +446,7 @@ class _Trained:
     extras: dict[str, Tensor]
     private: _PrivateRun | None
     dx_epsilon: float | None = None
+    cut_noise_std: float = 0.0
 
     def update(self, client_id: str, num_examples: int) -> ClientUpdate:
         """The client's update: the prompt and head, the round's metrics."""
@@ -472,6 +477,8 @@ class _Trained:
             metrics.update(self.private.metrics())
         if self.dx_epsilon is not None:
             metrics["dx_epsilon"] = float(self.dx_epsilon)
+        if self.cut_noise_std > 0:
+            metrics["cut_noise_std"] = float(self.cut_noise_std)
         return ClientUpdate(
             client_id=client_id,
             adapters={},
@@ -490,6 +497,9 @@ def _train(
     dx_epsilon = k.get("dx_epsilon")
     if dx_epsilon is not None:  # the parts are this round's: the noise leaves with them
         parts.front.privatizer = DxNoise(dx_epsilon)
+    cut_noise_std = float(k.get("cut_noise_std", 0.0))
+    if cut_noise_std > 0:
+        parts.front.cut_noise = CutNoise(cut_noise_std)
     params = [p for p in parts.front.parameters() if p.requires_grad]
     params += [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=k["lr"])
@@ -527,7 +537,7 @@ def _train(
     extras = {PROMPT: get_prompt(parts.front.prompt).cpu()}
     extras.update(peft_io.get_extras(model, runtime.extras_names))
     extras = {key: v.detach().cpu().clone() for key, v in extras.items()}
-    return _Trained(losses, local, len(kept), traffic, extras, private, dx_epsilon)
+    return _Trained(losses, local, len(kept), traffic, extras, private, dx_epsilon, cut_noise_std)
 
 
 def _pruned(

@@ -94,6 +94,8 @@ def _show_partition(cfg: RunConfig) -> FederatedData:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.ray_address is not None:  # the flag is federation.ray_address, checked as such
         args.set = [*(args.set or ()), f"federation.ray_address={json.dumps(args.ray_address)}"]
+    if args.audit:  # the flag is audit.enabled
+        args.set = [*(args.set or ()), "audit.enabled=true"]
     cfg = _load(args)
     out = Path(args.out or f"runs/{cfg.name}")
     fed = _show_partition(cfg)
@@ -501,6 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="run the virtual clients on this existing Ray cluster (`ray start --head`); "
         "sets federation.ray_address (docs/ray-cluster.md)",
+    )
+    sim.add_argument(
+        "--audit",
+        action="store_true",
+        help="after the run, attack its payloads and add the results to summary.json and "
+        "report.html (sets audit.enabled)",
     )
     sim.set_defaults(func=_cmd_simulate)
 

@@ -413,6 +413,30 @@ class SplitConfig:
         gt=0,
         description="per-token d_χ ε (noise norm ~ hidden size / ε); not DP-SGD's ε",
     )
+    cut_noise_std: Float = Field(
+        default=0.0,
+        ge=0,
+        description="Gaussian noise (this std) on the activations sent across the cut; "
+        "0 = none. Not a DP guarantee: nothing calibrates it to a sensitivity",
+    )
+
+
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
+class AuditConfig:
+    """After the run, the attacks that apply to its configuration, measured on its payloads."""
+
+    enabled: Bool = Field(
+        default=False,
+        description="attack the run's payloads after it ends (split: cut inversion; lora / "
+        "prompt: label and token inversion of one update) and add the results to "
+        "summary.json and report.html",
+    )
+    examples: Int = Field(
+        default=16, ge=1, le=1024, description="client 0's training examples attacked"
+    )
+    dlg_steps: Int = Field(
+        default=30, ge=0, le=1000, description="gradient-inversion optimiser steps (0 = skip)"
+    )
 
 
 @dataclass(frozen=True, kw_only=True, config=_SECTION)
@@ -440,6 +464,7 @@ class RunConfig:
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
         algo = self.aggregation.algorithm
@@ -529,6 +554,12 @@ class RunConfig:
                 "dx",
                 "'off': d_χ noise protects the split cut; set adapter.method = 'split'",
             )
+        if self.split.cut_noise_std > 0 and self.adapter.method != "split":
+            raise Refusal(
+                "split.cut_noise_std",
+                self.split.cut_noise_std,
+                "0: noise on the cut activations needs adapter.method = 'split'",
+            )
         for client in self.privacy.client_epsilon:
             if int(client) >= self.federation.num_clients:
                 raise Refusal(
@@ -555,6 +586,7 @@ SECTIONS: dict[str, type] = {
     "privacy": PrivacyConfig,
     "split": SplitConfig,
     "tracking": TrackingConfig,
+    "audit": AuditConfig,
 }
 
 _ADAPTER: TypeAdapter[RunConfig] = TypeAdapter(RunConfig)

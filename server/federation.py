@@ -27,6 +27,8 @@ from fedft.adapters.math import effective_delta
 from fedft.aggregation.base import Aggregator
 from fedft.checkpoint import load_checkpoint
 from fedft.config import RunConfig
+from fedft.data import FederatedData
+from fedft.data.datasets import Records
 from fedft.data.encode import batches
 from fedft.privacy.ledger import PrivacyLedger
 from fedft.replies import bind_client_indices
@@ -343,11 +345,38 @@ def finish(
         "failed_rounds": sum(1 for r in rows if r.get("failed")),
         "wall_s": time.monotonic() - t_start,
     }
-    partition = get_data(**builders.data_kwargs(cfg)).summary.to_dict()  # memoised
-    write_summary(out, final=final, config=cfg.to_dict(), partition=partition)
+    dx = [r["dx_epsilon"] for r in rows if r.get("dx_epsilon") is not None]
+    if dx:  # split's d_χ ε, under its own name (never DP-SGD's epsilon)
+        final["dx_epsilon"] = max(dx)
+    fed = get_data(**builders.data_kwargs(cfg))  # memoised
+    audit = _audit(cfg, fed, coord) if cfg.audit.enabled else None
+    write_summary(
+        out, final=final, config=cfg.to_dict(), partition=fed.summary.to_dict(), audit=audit
+    )
     write_report(out, title=f"fedft run {cfg.name!r}")
     logger.info("final %s", final)
     return final
+
+
+def _audit(cfg: RunConfig, fed: FederatedData, coord: Coordinator) -> dict[str, Any]:
+    """``[audit]``: the attacks on this run's payloads (fedft.attacks.audit), timed."""
+    from fedft.attacks.audit import audit_run, headline
+
+    public = Records(  # text the server holds: the public and the test split
+        text=fed.public.text + fed.test.text,
+        target=[*fed.public.target, *fed.test.target],  # type: ignore[arg-type]
+        group=fed.public.group + fed.test.group,
+        label_names=fed.public.label_names,
+    )
+    audit = audit_run(
+        cfg,
+        victims=fed.clients[0],
+        public=public,
+        num_labels=fed.num_labels,
+        prompt=coord.extras.get(PROMPT),
+    )
+    logger.info("audit: %s", headline(audit), extra={"console": True})
+    return audit
 
 
 def _save_adapter(cfg: RunConfig, out: Path, runtime: Runtime, coord: Coordinator) -> None:

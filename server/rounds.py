@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,14 @@ SUMMED_CLIENT_METRICS = (
     "split_bytes_up",
     "split_bytes_down",
 )
+
+#: client metrics written as the round's weakest value (split learning's cut protections,
+#: each under its own name: neither is DP-SGD's epsilon): the largest d_χ ε, the smallest
+#: Gaussian std on the cut.
+WEAKEST_CLIENT_METRICS: dict[str, Callable[[list[float]], float]] = {
+    "dx_epsilon": max,
+    "cut_noise_std": min,
+}
 
 
 class Outcome(enum.Enum):
@@ -356,6 +364,10 @@ def round_record(fed: Federation, rnd: int, replies: Replies, *, sampled: int) -
         values = [float(u.metrics[key]) for u in replies.updates if key in u.metrics]
         if values:
             line[key] = sum(values)
+    for key, weakest in WEAKEST_CLIENT_METRICS.items():
+        values = [float(u.metrics[key]) for u in replies.updates if key in u.metrics]
+        if values:
+            line[key] = weakest(values)
     line.update(fed.ledger.record())
     return line
 

@@ -260,6 +260,11 @@ def test_dx_config_keys_and_refusals() -> None:
         build_config({"split": {"privatize": "dx"}})
     with pytest.raises(ConfigError, match="dx_epsilon"):
         build_config({"split": {"dx_epsilon": 0}})
+    assert build_config({}).split.cut_noise_std == 0.0
+    with pytest.raises(ConfigError, match="cut_noise_std.*adapter.method = 'split'"):
+        build_config({"split": {"cut_noise_std": 0.1}})
+    with pytest.raises(ConfigError, match="cut_noise_std"):
+        build_config({"adapter": {"method": "split"}, "split": {"cut_noise_std": -1.0}})
 
 
 class _UpRecorder(grpc.aio.ServerInterceptor):

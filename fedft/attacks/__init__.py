@@ -3,6 +3,8 @@
 * :mod:`fedft.attacks.cut_inversion`: token ids back from the split cut's activations.
 * :mod:`fedft.attacks.gradient_inversion`: the label (iDLG) and the tokens (DLG) of one
   client's batch-of-one update.
+* :mod:`fedft.attacks.audit`: the attacks that apply to one run's configuration, on its own
+  model, data and defences (``fedft simulate --audit``).
 
 Pure library code (tensors in, numbers out): ``simulations/attacks.py`` runs them on fedft's
 own payloads and ``tests/test_attacks.py`` holds each attack's sanity case.

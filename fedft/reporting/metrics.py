@@ -190,6 +190,7 @@ def write_summary(
     final: Mapping[str, Any],
     config: Mapping[str, Any],
     partition: Mapping[str, Any] | None = None,
+    audit: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``<out_dir>/summary.json`` atomically (temp file + ``os.replace``).
 
@@ -198,6 +199,8 @@ def write_summary(
         final: the final figures (test metric, loss, total bytes, ε at δ, ...).
         config: the resolved run configuration (``RunConfig.to_dict()``).
         partition: what each client held (``PartitionSummary.to_dict()``), when known.
+        audit: the attacks run on this run's payloads (``fedft.attacks.audit.audit_run``),
+            when the run asked for them (``[audit] enabled``).
 
     Returns:
         The path written.
@@ -207,6 +210,8 @@ def write_summary(
     payload = {"final": _jsonable(final, "final"), "config": _jsonable(config, "config")}
     if partition is not None:
         payload["partition"] = _jsonable(partition, "partition")
+    if audit is not None:
+        payload["audit"] = _jsonable(audit, "audit")
     text = json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n"
     target = out / SUMMARY_FILE
     fd, tmp = tempfile.mkstemp(prefix=".summary.", suffix=".tmp", dir=out)

@@ -197,6 +197,23 @@ _CSS = (
 )
 
 
+def _audit_section(audit: Mapping[str, Any]) -> list[str]:
+    """``[audit]``'s attacks on this run's payloads, one row per (attack, defence)."""
+    rows = [dict(r) for r in audit.get("attacks", [])]
+    for r in rows:
+        r["defence"] = r.get("defence") or "none"
+    return [
+        "<h2>Audit: what a curious server recovers from this run</h2>",
+        f"<p>Attacks run after the run on its own model, data and defences "
+        f"({int(audit.get('examples', 0))} of client 0's examples, "
+        f"{float(audit.get('seconds', 0.0)):.0f} s): recovery = fraction of real tokens whose "
+        "id the server recovers from the cut activations; accuracy = labels read off one "
+        "update; f1 = tokens recovered from one update. Each beside its chance level "
+        "(blind_guess, chance, random_guess_f1). Measured on this run, not a bound.</p>",
+        _table(rows) if rows else "<p>No attack applies to this configuration.</p>",
+    ]
+
+
 def write_report(
     out_dir: str | Path,
     *,
@@ -231,6 +248,8 @@ def write_report(
     ]
     if summary is not None and summary.get("final"):
         parts += ["<h2>Final figures</h2>", _table([{"round": "final", **summary["final"]}])]
+    if summary is not None and summary.get("audit"):
+        parts += _audit_section(summary["audit"])
     parts.append("<h2>Plots</h2>")
     for name, path in plots.items():
         parts.append(_img(path, name))

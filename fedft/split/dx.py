@@ -14,6 +14,12 @@ sphere and the norm follows Gamma(shape=H, scale=1/ε) (mean H/ε).
 
 The ε here is a per-token *metric* privacy parameter: it is not an (ε, δ)-DP guarantee on a
 training example and is never added to DP-SGD's ε (fedft reports it as ``dx_epsilon``).
+
+:class:`CutNoise` is the other, cruder knob: isotropic Gaussian noise added to the front's
+*output* (the activations that cross the cut). Nothing bounds how much one token or one
+example moves those activations, so a noise std is not calibrated to any sensitivity and
+carries no DP guarantee; it only makes inversion harder by an amount fedft measures
+(``fedft simulate --audit``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DxNoise", "sample_dx_noise"]
+__all__ = ["CutNoise", "DxNoise", "sample_dx_noise"]
 
 
 def sample_dx_noise(
@@ -80,3 +86,31 @@ class DxNoise(nn.Module):
         """``embeds + z`` with one independent ``z`` per token (padding included)."""
         z = sample_dx_noise(tuple(embeds.shape), self.epsilon, generator=self.generator)
         return embeds + z.to(device=embeds.device, dtype=embeds.dtype)
+
+
+class CutNoise(nn.Module):
+    """Adds N(0, std²) noise to every element of the cut activations (B, T, H).
+
+    Not differential privacy: the activations' sensitivity is unbounded, so ``std`` is not
+    calibrated to anything (see the module docstring).
+
+    Args:
+        std: noise standard deviation > 0, in the units of the activations.
+        seed: seeds the noise (None: fresh OS randomness, what a deployment wants).
+    """
+
+    def __init__(self, std: float, *, seed: int | None = None) -> None:
+        super().__init__()
+        if not std > 0:
+            raise ValueError(f"cut noise std = {std}: must be > 0 (0 means no noise module)")
+        self.std = float(std)
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """``hidden + std * n``, n standard normal, drawn on the CPU generator."""
+        z = torch.randn(tuple(hidden.shape), generator=self.generator) * self.std
+        return hidden + z.to(device=hidden.device, dtype=hidden.dtype)

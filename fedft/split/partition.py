@@ -116,6 +116,8 @@ class Front(nn.Module):
         self.prompt: Any = None  # a fedft.prompt.SoftPrompt, set by the caller
         # a fedft.split.dx.DxNoise (SAP's d_χ-privacy on the token embeddings), or None
         self.privatizer: Any = None
+        # a fedft.split.dx.CutNoise (Gaussian noise on the front's output), or None
+        self.cut_noise: Any = None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Embed and run the front blocks.
@@ -136,7 +138,10 @@ class Front(nn.Module):
             hidden = self.embeddings(inputs_embeds=embeds)  # + position, token type, LayerNorm
         else:
             hidden = embeds
-        return self.blocks(hidden, attention_mask), attention_mask
+        hidden = self.blocks(hidden, attention_mask)
+        if self.cut_noise is not None:  # on everything that crosses the cut, prompt included
+            hidden = self.cut_noise(hidden)
+        return hidden, attention_mask
 
 
 class Back(nn.Module):

