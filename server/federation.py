@@ -50,6 +50,7 @@ from server.rounds import (
     Federation,
     Outcome,
     evaluate,
+    excluded_from_state,
     frozen_fingerprint,
     metric_fields,
     run_round,
@@ -189,10 +190,18 @@ def _public_init(cfg: RunConfig, runtime: Runtime, aggregator: Aggregator, publi
 
 
 def _resume(fed: Federation, out: Path) -> int:
-    """Restore the coordinator and the ledger from the checkpoint; the round it holds."""
+    """Restore the coordinator, the ledger and the excluded clients from the checkpoint;
+    the round it holds."""
     state = load_checkpoint(fed.ckpt_dir)
     fed.coord.load_state_dict(state["coordinator"])
     fed.ledger.load_state_dict(state)
+    fed.excluded = excluded_from_state(
+        state.get("excluded"), num_clients=fed.cfg.federation.num_clients
+    )
+    if fed.excluded:
+        logger.warning(
+            "clients %s stay excluded (convicted before the resume)", sorted(fed.excluded)
+        )
     done = int(state["round"])
     logger.info("resuming after round %d", done)
     _reconcile_metrics(out, round_=done, row=state.get("row"))

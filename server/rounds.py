@@ -93,7 +93,8 @@ class Federation:
         frozen_id: fingerprint of the shared frozen factors ("" when every part trains).
         holds_frozen: clients known to hold the frozen factors (they get only what trains).
         excluded: clients a secure round convicted of cheating (``Replies.suspects``):
-            never sampled again in this run.
+            never sampled again in this run, checkpointed with every round (a resumed run
+            keeps them out).
     """
 
     cfg: RunConfig
@@ -139,8 +140,8 @@ def run_round(fed: Federation, rnd: int) -> Outcome:
         logger.warning("round %d: every client has spent its privacy budget; stopping", rnd)
         record(fed, line, t_round, stopped="every client has spent its privacy budget")
         return Outcome.STOP
-    if too_few(fed, rnd, replies):
-        record(fed, line, t_round, failed=True)
+    if too_few(fed, rnd, replies):  # checkpointed too: its convictions, the ledger's news
+        record(fed, line, t_round, checkpoint_round=rnd, failed=True)
         return Outcome.FAILED
     result = aggregate(fed, replies)
     fed.last = evaluate(fed)
@@ -341,9 +342,41 @@ def checkpoint(fed: Federation, rnd: int, row: Mapping[str, Any]) -> None:
             "coordinator": fed.coord.state_dict(),
             "config": fed.cfg.to_dict(),
             **fed.ledger.state_dict(),
+            "excluded": sorted(fed.excluded),
             "row": json.dumps(row, default=str),
         },
     )
+
+
+def excluded_from_state(value: Any, *, num_clients: int) -> set[int]:
+    """The checkpoint's ``excluded`` field (clients a secure round convicted), validated.
+
+    A checkpoint without the field (written before exclusions were saved) has none.
+
+    Raises:
+        ValueError: not a list of at most ``num_clients`` distinct client indices in
+            ``[0, num_clients)``.
+    """
+    if value is None:
+        return set()
+    if not isinstance(value, list) or len(value) > num_clients:
+        raise ValueError(
+            f"checkpoint field 'excluded' must be a list of at most {num_clients} client "
+            f"indices, got {type(value).__name__} of length {_length(value)}; the checkpoint "
+            "is damaged: restore it or start the run afresh without --resume"
+        )
+    bad = [v for v in value if type(v) is not int or not 0 <= v < num_clients]
+    if bad or len(set(value)) != len(value):
+        raise ValueError(
+            f"checkpoint field 'excluded' holds {bad[:5] or 'repeated indices'}: each entry "
+            f"must be a distinct client index in [0, {num_clients}); the checkpoint is "
+            "damaged: restore it or start the run afresh without --resume"
+        )
+    return set(value)
+
+
+def _length(value: Any) -> int | str:
+    return len(value) if isinstance(value, list | str | dict) else "-"
 
 
 # -- the metrics line -------------------------------------------------------------------
@@ -372,8 +405,16 @@ def round_record(fed: Federation, rnd: int, replies: Replies, *, sampled: int) -
     return line
 
 
-def record(fed: Federation, line: dict[str, Any], t_round: float, **outcome: Any) -> None:
-    """Write the line of a round that did not aggregate (the model's figures unchanged)."""
+def record(
+    fed: Federation,
+    line: dict[str, Any],
+    t_round: float,
+    *,
+    checkpoint_round: int | None = None,
+    **outcome: Any,
+) -> None:
+    """Write the line of a round that did not aggregate (the model's figures unchanged);
+    with ``checkpoint_round``, checkpoint that round first (the model as it was)."""
     row = {
         **line,
         **metric_fields(fed.last),
@@ -381,7 +422,10 @@ def record(fed: Federation, line: dict[str, Any], t_round: float, **outcome: Any
         **outcome,
         "wall_s": time.monotonic() - t_round,
     }
-    fed.writer.write(**published_round(row, mode=fed.cfg.privacy.mode))
+    row = published_round(row, mode=fed.cfg.privacy.mode)
+    if checkpoint_round is not None:
+        checkpoint(fed, checkpoint_round, row)
+    fed.writer.write(**row)
 
 
 def record_fields(

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_faults_apps import fault_client_app, metrics_rows, run_sim, tiny_config
+from local_grid import Killed, LocalGrid
+from test_faults_apps import FaultMod, fault_client_app, metrics_rows, run_sim, tiny_config
 
 from fedft.aggregation.robust import flatten_trainables
 from fedft.checkpoint import load_checkpoint
@@ -25,8 +26,11 @@ from fedft.replies import (
     check_epsilon,
     parse_privacy_record,
 )
+from fedft.reporting.metrics import MetricsWriter
 from fedft.secagg.bounds import sum_problems
 from fedft.types import ClientUpdate, LoraFactors
+from server.federation import run_federation
+from server.rounds import excluded_from_state
 
 THREE = {
     "federation.num_clients": 3,
@@ -142,7 +146,70 @@ def test_lying_holder_is_convicted_and_excluded(tiny_bert_dir: str, tmp_path: Pa
     assert rows[2]["sampled"] == 2 and rows[2]["clients"] == 2 and not rows[2].get("failed")
 
 
+@pytest.mark.parametrize("cheats", [[0], [0, 1]], ids=["round-completes", "round-fails"])
+def test_exclusions_survive_a_resume(
+    tiny_bert_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cheats: list[int]
+) -> None:
+    """Attack: clients ``cheats`` deal bad shares every round and wait for the server to
+    restart. Round 1 convicts them (with two of three cheating it fails: too few honest
+    clients remain); the server is killed right after round 1's checkpoint and resumed
+    (in process, fresh client contexts, as a restarted server is a new Flower run).
+    Before the exclusions were checkpointed the resumed run sampled the convicted again
+    in rounds 2 and 3 (convicting them again each time, or, with a less clumsy cheat,
+    letting them back in), and a failed round left no checkpoint at all; now they stay
+    out."""
+    cfg = tiny_config(
+        tiny_bert_dir, **THREE, **{"federation.rounds": 3, "aggregation.secure": "true"}
+    )
+    faults = FaultMod(
+        cfg,
+        plan={f"{r}:{k}": "bad-dealer" for r in (1, 2, 3) for k in cheats},
+        capture_dir=None,
+        drop_rate=0.0,
+        drop_seed=0,
+    )
+
+    real_write = MetricsWriter.write
+
+    def killed_after_round_1(self: MetricsWriter, **row: object) -> None:
+        if row.get("round") == 1:
+            raise Killed("server killed after round 1's checkpoint")
+        real_write(self, **row)
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        m.setattr(MetricsWriter, "write", killed_after_round_1)
+        run_federation(LocalGrid(cfg, mod=faults), cfg, out, progress=False)
+    assert load_checkpoint(out / "checkpoint")["excluded"] == cheats
+    run_federation(LocalGrid(cfg, mod=faults), cfg, out, progress=False, resume=True)
+    rows = {r["round"]: r for r in metrics_rows(out)}
+    assert rows[1]["secagg_suspects"] == cheats
+    assert bool(rows[1].get("failed")) is (len(cheats) == 2)
+    honest = 3 - len(cheats)
+    for rnd in (2, 3):
+        assert rows[rnd]["sampled"] == honest, rows[rnd]
+        assert "secagg_suspects" not in rows[rnd]
+    if honest == 2:
+        assert rows[3]["clients"] == 2 and not rows[3].get("failed")
+
+
 # --- the pure checks ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [[3], [-1], [0, 0], [True], [1.0], ["1"], "0", {"0": 1}, list(range(4)), [None]],
+)
+def test_damaged_exclusions_in_a_checkpoint_are_refused(value: object) -> None:
+    """The checkpoint's exclusions are read as data: indices of this run's clients only."""
+    with pytest.raises(ValueError, match="'excluded'"):
+        excluded_from_state(value, num_clients=3)
+
+
+def test_exclusions_from_a_checkpoint() -> None:
+    assert excluded_from_state([2, 0], num_clients=3) == {0, 2}
+    assert excluded_from_state([], num_clients=3) == set()
+    assert excluded_from_state(None, num_clients=3) == set()  # written before they were saved
 
 
 def test_sum_bounds_weighted() -> None:
