@@ -47,6 +47,7 @@ SECTIONS = (
     "secagg_round",
     "config_partition",
     "sim_paths",
+    "deploy",
 )
 
 _HEADER = """# fedft benchmarks

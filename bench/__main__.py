@@ -30,6 +30,7 @@ NAMES = (
     "secagg_round",
     "config_partition",
     "sim_paths",
+    "deploy",
 )
 
 

@@ -2,8 +2,12 @@
 
 The SuperNode connects to the SuperLink over TLS (verified against the deployment's CA),
 authenticates with the client's ECDSA P-384 node key, and runs ``client.app:app`` from the
-run's Flower App Bundle for every message it gets. What this client is, it says in its
-node config (read by ``client/app.py`` through ``context.node_config``):
+run's Flower App Bundle for every message it gets, each in a fresh process. Beside it,
+``fedft client`` keeps a resident worker (``client/worker.py``) that holds the base model and
+the client's encoded data across rounds; the per-message ClientApp hands every message to it
+over a Unix socket in a private folder (:class:`WorkerKeeper` starts it, starts it again when
+it dies, and stops it with the client). What this client is, it says in its node config
+(read by ``client/app.py`` through ``context.node_config``):
 
 - ``partition-id`` (int): the client index (which partition of a built-in dataset);
 - ``data-path`` (str, optional): the client's own CSV/JSONL file;
@@ -11,6 +15,8 @@ node config (read by ``client/app.py`` through ``context.node_config``):
   ``delta`` (float) and ``accountant`` (str) say the only privacy settings it trains under;
 - ``ledger`` (str): the file where the client records the privacy it has spent (written
   before every DP round it trains, read back when it starts again; never sent);
+- ``worker-socket`` (str, optional): the resident worker's Unix socket (absent with
+  ``--no-worker``: every message then runs in its own process, loading the model again);
 - ``split-ca``, ``split-cert``, ``split-key``, ``split-client-id`` (str, optional): the CA
   certificate, this client's TLS certificate and key, and its id (``client-<i>``) for mutual
   TLS on the split-learning service (read by ``client.split_round.client_tls_from_node_config``).
@@ -18,6 +24,7 @@ node config (read by ``client/app.py`` through ``context.node_config``):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -41,6 +48,7 @@ from fedft.launch import (
     split_address,
     terminate_as_interrupt,
 )
+from fedft.transport.flower_config import RUN_CONFIG_KEY
 from fedft.transport.records import (
     ACCOUNTANT_KEY,
     DATA_KEY,
@@ -52,6 +60,7 @@ from fedft.transport.records import (
     SPLIT_CERT_KEY,
     SPLIT_ID_KEY,
     SPLIT_KEY_KEY,
+    WORKER_KEY,
 )
 
 logger = logging.getLogger(__name__)
@@ -87,6 +96,11 @@ class ClientPlan:
         split_cert: this client's TLS certificate (``client-<i>.crt``, CN ``client-<i>``) for
             mutual TLS on the split service; its CA is ``root_cert``. None = no split mTLS.
         split_key: the certificate's private key (``client-<i>-tls.key``).
+        worker: keep a resident worker holding the model and data across rounds (False:
+            every message loads them again in the process Flower starts for it).
+        warm_config: the run's configuration as ``fedft client`` read it (RunConfig JSON):
+            the worker loads its model and this client's data before the first round
+            ("" = on the first message).
     """
 
     partition: int
@@ -105,6 +119,8 @@ class ClientPlan:
     state_dir: Path | None = None
     split_cert: Path | None = None
     split_key: Path | None = None
+    worker: bool = True
+    warm_config: str = ""
 
     def __post_init__(self) -> None:
         split_address(self.server)
@@ -154,10 +170,12 @@ def default_ledger(partition: int) -> Path:
     return Path(base) / "fedft" / f"ledger-client-{partition}.json"
 
 
-def node_config(plan: ClientPlan) -> str:
+def node_config(plan: ClientPlan, *, worker_socket: Path | None = None) -> str:
     """The ``--node-config`` string: ``partition-id=N ledger="..." [data-path="..."]
-    [epsilon=E delta=D accountant="..."]``."""
+    [epsilon=E delta=D accountant="..."] [worker-socket="..."]``."""
     parts = [f"{PARTITION_KEY}={plan.partition}", f'{LEDGER_KEY}="{plan.ledger_path.resolve()}"']
+    if worker_socket is not None:
+        parts.append(f'{WORKER_KEY}="{worker_socket}"')
     if plan.data_path is not None:
         parts.append(f'{DATA_KEY}="{plan.data_path.resolve()}"')
     if plan.epsilon is not None:
@@ -191,14 +209,17 @@ def split_tls_files(certs: Path, partition: int) -> tuple[Path, Path] | tuple[No
     return (cert, key) if cert.is_file() and key.is_file() else (None, None)
 
 
-def supernode_argv(plan: ClientPlan, *, runtime_port: int) -> list[str]:
-    """The ``flower-supernode`` command line for ``plan``."""
+def supernode_argv(
+    plan: ClientPlan, *, runtime_port: int, worker_socket: Path | None = None
+) -> list[str]:
+    """The ``flower-supernode`` command line for ``plan`` (its messages handed to the
+    worker at ``worker_socket`` when given)."""
     argv = [
         program("flower-supernode"),
         "--superlink",
         plan.server,
         "--node-config",
-        node_config(plan),
+        node_config(plan, worker_socket=worker_socket),
         "--host",
         "127.0.0.1",
         "--port",
@@ -328,36 +349,121 @@ def _verdict(watch: NodeWatch, plan: ClientPlan) -> int | None:
     return None
 
 
-def _run_node(node: ChildProcess, watch: NodeWatch, plan: ClientPlan, poll_s: float) -> int | None:
+#: a worker that ran this long before dying is started again at once (else after a backoff)
+WORKER_STEADY_S = 60.0
+
+
+class WorkerKeeper:
+    """The client's resident worker (``client/worker.py``): started, started again when it
+    dies (at once after a long life, else after a backoff doubling up to 60 s), stopped.
+
+    Its socket lives in a private folder (``mkdtemp``: mode 0700) made here and removed by
+    :meth:`close`. A message the worker was handling when it died is tried once more by the
+    ClientApp with the restarted worker (``client/worker_link.py``), then refused.
+    """
+
+    def __init__(self, plan: ClientPlan, env: dict[str, str], sink: Callable[[str], None]):
+        self.plan, self.env, self.sink = plan, env, sink
+        self.dir = Path(tempfile.mkdtemp(prefix=f"fedft-worker-{plan.partition}-"))
+        self.socket = self.dir / "worker.sock"
+        self.argv = [sys.executable, "-m", "client.worker", "--socket", str(self.socket)]
+        if plan.warm_config:
+            node = {PARTITION_KEY: plan.partition}
+            if plan.data_path is not None:
+                node[DATA_KEY] = str(plan.data_path.resolve())  # type: ignore[assignment]
+            spec = {"run_config": {RUN_CONFIG_KEY: plan.warm_config}, "node_config": node}
+            warm = self.dir / "warm.json"
+            warm.write_text(json.dumps(spec), encoding="utf-8")
+            self.argv += ["--warm", str(warm)]
+        self.proc: ChildProcess | None = None
+        self.started = 0.0
+        self.backoff_s = 2.0
+        self.restarts = 0
+
+    def start(self) -> None:
+        """Start a worker."""
+        self.proc = ChildProcess(
+            name=f"fedft-worker[{self.plan.partition}]",
+            argv=self.argv,
+            log_path=None,
+            env=self.env,
+            on_line=lambda line: self.sink(f"[worker] {line}"),
+        ).start()
+        self.started = time.monotonic()
+
+    def check(self) -> None:
+        """Start the worker again if it died (and its backoff has passed)."""
+        if self.proc is None or self.proc.alive():
+            return
+        lived = time.monotonic() - self.started
+        if lived < self.backoff_s:
+            return
+        code = self.proc.stop(grace_s=1.0)
+        self.backoff_s = 2.0 if lived > WORKER_STEADY_S else min(self.backoff_s * 2, 60.0)
+        self.restarts += 1
+        logger.warning(
+            "the worker (pid %d) exited with code %s; starting it again (restart %d)",
+            self.proc.pid,
+            code,
+            self.restarts,
+        )
+        self.start()
+
+    def close(self) -> None:
+        """Stop the worker and remove its folder."""
+        if self.proc is not None:
+            self.proc.stop(grace_s=5.0)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _run_node(
+    node: ChildProcess,
+    watch: NodeWatch,
+    plan: ClientPlan,
+    poll_s: float,
+    keeper: WorkerKeeper | None,
+) -> int | None:
     """Start ``node`` and follow it until it exits (None) or :func:`_verdict` ends the
-    client (its exit status); the SuperNode and what it started are stopped either way."""
+    client (its exit status); the SuperNode and what it started are stopped either way.
+    Meanwhile the worker is kept alive."""
     node.start()
     try:
         while node.alive():
             if (verdict := _verdict(watch, plan)) is not None:
                 return verdict
+            if keeper is not None:
+                keeper.check()
             time.sleep(poll_s)
         return _verdict(watch, plan)
     finally:
         node.stop(grace_s=2.0)
 
 
-def _serve(plan: ClientPlan, state: Path, sink: _Sink, *, retry_s: float, poll_s: float) -> int:
+def _serve(
+    plan: ClientPlan,
+    state: Path,
+    sink: _Sink,
+    keeper: WorkerKeeper | None,
+    *,
+    retry_s: float,
+    poll_s: float,
+) -> int:
     """Run the SuperNode, starting it again when it exits, until a verdict or a give-up."""
     port = plan.runtime_port or free_port()
     watch = NodeWatch(sink.write)
     failing_since: float | None = None
     warned = False
+    socket_path = keeper.socket if keeper is not None else None
     while True:
         node = ChildProcess(
             name=f"flower-supernode[{plan.partition}]",
-            argv=supernode_argv(plan, runtime_port=port),
+            argv=supernode_argv(plan, runtime_port=port, worker_socket=socket_path),
             log_path=None,
             env=flower_env(state),
             on_line=watch.feed,
         )
         started = time.monotonic()
-        if (verdict := _run_node(node, watch, plan, poll_s)) is not None:
+        if (verdict := _run_node(node, watch, plan, poll_s, keeper)) is not None:
             return verdict
         code = node.proc.returncode if node.proc is not None else 1
         now = time.monotonic()
@@ -396,7 +502,9 @@ def run_client(
     SuperLink); both heal by starting it again. When the server stops answering, the client
     says so once (Flower's own retry warnings are not passed on) and, one-shot, exits when
     the run is over or the server stays gone; as a service (``plan.service``) it waits
-    quietly. Everything it starts is owned (:mod:`fedft.supervise`): nothing outlives it.
+    quietly. With ``plan.worker`` it keeps a resident worker holding the model and data
+    across rounds (:class:`WorkerKeeper`). Everything it starts is owned
+    (:mod:`fedft.supervise`): nothing outlives it.
 
     Args:
         plan: the client.
@@ -416,13 +524,19 @@ def run_client(
     supervise.become_subreaper()
     guardian = supervise.Guardian(state / "processes.json" if plan.state_dir else None)
     sink = _Sink(log_path)
+    keeper: WorkerKeeper | None = None
     with terminate_as_interrupt():
         try:
-            return _serve(plan, state, sink, retry_s=retry_s, poll_s=poll_s)
+            if plan.worker:
+                keeper = WorkerKeeper(plan, flower_env(state), sink.write)
+                keeper.start()
+            return _serve(plan, state, sink, keeper, retry_s=retry_s, poll_s=poll_s)
         except KeyboardInterrupt:
-            logger.info("stopped; the SuperNode and everything it started are gone")
+            logger.info("stopped; the SuperNode, the worker and everything they started are gone")
             return EXIT_DONE
         finally:
+            if keeper is not None:
+                keeper.close()
             guardian.close()
             sink.close()
             if plan.state_dir is None:

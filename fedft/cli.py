@@ -232,6 +232,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
             rounds=cfg.federation.rounds,
             split_cert=split_cert,
             split_key=split_key,
+            worker=not args.no_worker,
+            warm_config=cfg.to_json(),
         )
         return run_client(plan)
     except (DeployError, ValueError) as exc:
@@ -568,6 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="service mode: when the server finishes or goes away, wait quietly for it (or "
         "its next run) instead of exiting; stops on SIGTERM/SIGINT only",
+    )
+    cli.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="no resident worker: every message loads the model and data again in the "
+        "process Flower starts for it (slow; for machines that cannot keep them in memory)",
     )
     cli.add_argument("--insecure", action="store_true", help="no TLS, no node auth (local)")
     cli.set_defaults(func=_cmd_client)

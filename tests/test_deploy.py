@@ -430,6 +430,16 @@ def test_one_shot_clients_exit_when_the_run_is_over(deployed):
         assert "Connection attempt failed" not in text
 
 
+def test_clients_keep_the_model_in_their_resident_worker(deployed):
+    """#20: each client's worker loaded the model and data once, before round 1, and
+    answered both rounds' train messages (the app bundle is its own code version)."""
+    for i, c in enumerate(deployed.clients):
+        text = c.text()
+        assert text.count(f"model and data of client {i} loaded") == 1, text[-3000:]
+        assert text.count("train message answered in") == 2, text[-3000:]
+        assert "another code version" not in text and "the worker (pid" not in text
+
+
 def test_insider_cannot_take_another_clients_index(deployed):
     """Attack: a registered node (key client-3) declares client index 0 before client 0
     connects. Its index is bound to its key (3, outside this 3-client run), so it neither

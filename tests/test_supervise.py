@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -251,9 +252,9 @@ _FAILING_CLIENT = textwrap.dedent(
     import client.deploy as deploy
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     # a SuperNode that is refused at once, every time (exit code 3)
-    deploy.supernode_argv = lambda plan, runtime_port: [sys.executable, "-c", "exit(3)"]
+    deploy.supernode_argv = lambda plan, runtime_port, **kw: [sys.executable, "-c", "exit(3)"]
     plan = deploy.ClientPlan(partition=0, server="127.0.0.1:9", max_wait_s=float(sys.argv[1]),
-                             state_dir=Path(sys.argv[2]))
+                             state_dir=Path(sys.argv[2]), worker=False)
     sys.exit(deploy.run_client(plan, retry_s=0.2))
     """
 )
@@ -304,9 +305,11 @@ _LIFE_CLIENT = textwrap.dedent(
     import client.deploy as deploy
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     fake, record, last_round, max_wait, mode = sys.argv[1:6]
-    deploy.supernode_argv = lambda plan, runtime_port: [sys.executable, fake, record, last_round]
+    deploy.supernode_argv = lambda plan, runtime_port, **kw: [
+        sys.executable, fake, record, last_round]
+    # a service keeps a resident worker (a real one, without a config to preload)
     plan = deploy.ClientPlan(partition=0, server="127.0.0.1:9", max_wait_s=float(max_wait),
-                             service=mode == "service", rounds=2)
+                             service=mode == "service", rounds=2, worker=mode == "service")
     sys.exit(deploy.run_client(plan, retry_s=0.2, poll_s=0.1))
     """
 )
@@ -390,6 +393,10 @@ def test_service_client_waits_quietly_and_sigterm_stops_everything(tmp_path):
     assert err.count("does not answer") == 1, err
     assert "Connection attempt failed" not in out + err
     assert not [r.pid for r in node if r.matches()]  # nothing it started outlives it
+    worker = re.search(r"started fedft-worker\[0\] \(pid (\d+)\)", err)
+    assert worker is not None, err  # the resident worker (#20 item 2) was started ...
+    left = supervise.read_proc(int(worker.group(1)))
+    assert left is None or left.zombie  # ... and stopped with it
 
 
 def test_runs_below_finds_a_program_anywhere_in_the_tree(tmp_path):

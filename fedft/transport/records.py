@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedft.replies import PrivacyReply, parse_privacy_record
 from fedft.transport.serde import PRIVACY_RECORD, ROUND_RECORD
+from fedft.transport.worker_wire import WORKER_KEY
 
 __all__ = [
     "ACCOUNTANT_KEY",
@@ -34,6 +35,7 @@ __all__ = [
     "SPLIT_ID_KEY",
     "SPLIT_KEY_KEY",
     "SPLIT_TLS_KEYS",
+    "WORKER_KEY",
     "claimed_index",
     "discovery_to_recorddict",
     "privacy_from_recorddict",
@@ -63,6 +65,8 @@ SPLIT_CA_KEY, SPLIT_CERT_KEY, SPLIT_KEY_KEY, SPLIT_ID_KEY = (
     "split-client-id",
 )
 SPLIT_TLS_KEYS = (SPLIT_CA_KEY, SPLIT_CERT_KEY, SPLIT_KEY_KEY, SPLIT_ID_KEY)
+# WORKER_KEY (node config: the Unix socket of the client's resident worker) is defined in
+# fedft.transport.worker_wire, which the per-message ClientApp imports without this module.
 
 #: the discovery reply's record: ``{"client_index": int}``.
 DISCOVERY_RECORD = "info"

@@ -1,0 +1,320 @@
+"""A deployed round beside a simulated one: where the time goes (issue 20).
+
+One small config (MiniLM + LoRA on Rotten Tomatoes by default), run three ways one after
+the other on this machine, with ``FEDFT_PHASE_LOG`` set so every client message records its
+phases (``client/phases.py``):
+
+* **simulated**: ``fedft simulate CONFIG`` (Flower's Simulation Engine on Ray);
+* **deployed, resident worker**: ``fedft certs``, ``fedft server`` (TLS, node keys) and one
+  ``fedft client`` per client on loopback, as README's one-machine deployment; each client
+  keeps its model and data in its worker (the default);
+* **deployed, a process per message**: the same with ``fedft client --no-worker`` (what
+  every deployed client did before the worker: Flower starts a fresh ``flwr-clientapp``
+  process for every message, which imports the model code and loads the model again).
+
+Per path: the rounds' ``wall_s`` (the server's metrics.jsonl: send, the clients' work,
+collect, aggregate, evaluate), and per client train message the mean of each phase: the
+ClientApp process's start until fedft's code runs (interpreter, Flower's imports, pulling
+the task, installing the app bundle), fedft's imports, model + data load, the local round
+(decode + train), encoding the reply, and the hand-over to the worker (socket + protobuf,
+both ways). What is left of a round once the slowest client's message is done is the rest:
+the server's own work, which the simulation has too, plus, deployed, the polling waits of
+Flower's SuperNode (3 s when idle), SuperExec (1 s) and ServerApp (3 s) and the transport.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean
+
+from bench import DOC, ROOT, Size, md_table, ratio_line, write_section
+
+logger = logging.getLogger(__name__)
+
+CONFIG = "simulations/quickstart.toml"
+PATHS = ("simulated", "deployed, resident worker", "deployed, a process per message")
+RUN_TIMEOUT_S = 3600
+
+
+def _sets(*, size: Size, model: str) -> list[str]:
+    clients, rounds, steps = {"smoke": (2, 2, 2), "default": (3, 2, 10), "full": (3, 3, 20)}[size]
+    return [
+        f"model.name='{model}'",
+        f"federation.num_clients={clients}",
+        f"federation.clients_per_round={clients}",
+        f"federation.rounds={rounds}",
+        f"federation.local_steps={steps}",
+        "federation.batch_size=8",
+        "federation.device='cpu'",
+        "data.test_size=100",
+        "data.public_size=8",
+        "data.max_train_examples=600",
+    ]
+
+
+def _env(phase_log: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("FEDFT_RUN_LOG", None)
+    env["FEDFT_PHASE_LOG"] = str(phase_log)
+    for key, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("TRANSFORMERS_OFFLINE", "1"),
+        ("FLWR_TELEMETRY_ENABLED", "0"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
+        env.setdefault(key, value)
+    return env
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedft.cli", *args]
+
+
+def _set_args(sets: Sequence[str]) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]
+
+
+@dataclass
+class PathRun:
+    """One path's run: its rounds and its clients' phases."""
+
+    path: str
+    wall_s: float  #: launch to the server's (or the simulation's) exit
+    rounds: list[dict[str, object]]  #: metrics.jsonl rows of rounds >= 1
+    app: list[dict[str, float]] = field(default_factory=list)  #: ClientApp lines, train
+    handler: list[dict[str, float]] = field(default_factory=list)  #: handler lines, train
+
+
+def _read(out: Path, phase_log: Path, path: str, wall: float) -> PathRun:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lines = (
+        [json.loads(x) for x in phase_log.read_text().splitlines()] if phase_log.is_file() else []
+    )
+    train = sorted((x for x in lines if x.get("kind") == "train"), key=lambda x: x["at"])
+    return PathRun(
+        path,
+        wall,
+        [r for r in rows if int(r["round"]) >= 1],
+        app=[x for x in train if x["side"] == "app"],
+        handler=[x for x in train if x["side"] == "handler"],
+    )
+
+
+def run_simulated(sets: Sequence[str], work: Path) -> PathRun:
+    """``fedft simulate CONFIG --set ...`` in a child process."""
+    out, log = work / "sim", work / "sim-phases.jsonl"
+    argv = _cli("simulate", CONFIG, "--out", str(out), "--no-progress", *_set_args(sets))
+    t0 = time.perf_counter()
+    res = subprocess.run(argv, cwd=ROOT, env=_env(log), capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"fedft simulate failed ({res.returncode}): {res.stderr[-2000:]}")
+    return _read(out, log, PATHS[0], time.perf_counter() - t0)
+
+
+def _free_port() -> int:
+    from fedft.launch import free_port
+
+    return free_port()
+
+
+def run_deployed(sets: Sequence[str], work: Path, *, worker: bool, clients: int) -> PathRun:
+    """``fedft server`` + ``clients`` x ``fedft client`` (TLS, node keys) on loopback."""
+    tag = "worker" if worker else "per-message"
+    out, log, logs = work / f"dep-{tag}", work / f"dep-{tag}-phases.jsonl", work / f"logs-{tag}"
+    logs.mkdir(parents=True)
+    certs = work / "certs"
+    env = _env(log)
+    if not certs.is_dir():
+        subprocess.run(
+            _cli("certs", str(certs), "--clients", str(clients)), cwd=ROOT, env=env, check=True,
+            capture_output=True,
+        )  # fmt: skip
+    port = _free_port()
+    common = [*_set_args(sets), "--certs", str(certs)]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        with open(logs / f"{name}.log", "ab") as fh:
+            p = subprocess.Popen(  # noqa: S603 - fixed argv
+                argv, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        procs.append(p)
+        return p
+
+    t0 = time.perf_counter()
+    server = start(
+        "server",
+        _cli("server", CONFIG, "--out", str(out), "--address", f"127.0.0.1:{port}", *common),
+    )
+    extra = [] if worker else ["--no-worker"]
+    for i in range(clients):
+        start(
+            f"client-{i}",
+            _cli("client", CONFIG, "--partition", str(i), "--server", f"127.0.0.1:{port}")
+            + common
+            + extra,
+        )
+    try:
+        code = server.wait(timeout=RUN_TIMEOUT_S)
+        wall = time.perf_counter() - t0
+        for p in procs[1:]:
+            p.wait(timeout=180)  # one-shot clients exit once the run is over
+    finally:
+        for p in procs:  # only what this benchmark started, by PID
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=60)
+    if code != 0:
+        tail = (logs / "server.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"fedft server ({tag}) exited {code}:\n{tail}")
+    return _read(out, log, PATHS[1] if worker else PATHS[2], wall)
+
+
+def flower_start_s() -> float:
+    """Wall seconds for a bare interpreter to import what ``flwr-clientapp`` imports."""
+    t0 = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-c", "import flwr.supernode.runtime.run_clientapp"],
+        check=True,
+        env=_env(Path(os.devnull)),
+    )
+    return time.perf_counter() - t0
+
+
+# -- the table -----------------------------------------------------------------------------
+
+
+def _chunks(items: list[dict[str, float]], n: int) -> list[list[dict[str, float]]]:
+    return [items[i : i + n] for i in range(0, len(items), n)]
+
+
+def _avg(values: Sequence[float]) -> str:
+    return f"{mean(values):.1f}" if values else "-"
+
+
+def phase_row(run: PathRun, rnd: int, clients: int) -> list[str]:
+    """One table row: round ``rnd`` (1-based) of ``run``."""
+    apps = _chunks(run.app, clients)[rnd - 1] if len(run.app) >= rnd * clients else []
+    hands = _chunks(run.handler, clients)[rnd - 1] if len(run.handler) >= rnd * clients else []
+    wall = float(str(run.rounds[rnd - 1]["wall_s"]))
+    deployed = run.path != PATHS[0]
+    start = [a["import_start"] - a["proc_start"] for a in apps if deployed and a.get("proc_start")]
+    imports = [
+        (a["import_end"] - a["import_start"] if deployed else 0.0) + float(a.get("import_s", 0.0))
+        for a in apps
+    ]
+    work = {h["client"]: h["load_s"] + h["round_s"] + h["encode_s"] for h in hands}
+    handover = [
+        (a["handler_end"] - a["handler_start"]) - work[a["client"]]
+        for a in apps
+        if a.get("worker") and a["client"] in work
+    ]
+    if deployed:
+        spans = [a["handler_end"] - a["proc_start"] for a in apps if a.get("proc_start")]
+    else:
+        spans = [a["handler_end"] - a["handler_start"] for a in apps]
+    rest = wall - max(spans) if spans else float("nan")
+    return [
+        run.path,
+        str(rnd),
+        f"{wall:.1f}",
+        _avg(start),
+        _avg(imports),
+        _avg([h["load_s"] for h in hands]),
+        _avg([h["round_s"] for h in hands]),
+        _avg([h["encode_s"] for h in hands]),
+        _avg(handover) if handover else "-",
+        f"{rest:.1f}",
+    ]
+
+
+HEADER = [
+    "path",
+    "round",
+    "round wall s",
+    "process start -> fedft code s",
+    "fedft imports s",
+    "model + data load s",
+    "local round s",
+    "encode reply s",
+    "hand-over s",
+    "rest of the round s",
+]
+
+
+def run(*, size: Size = "default", doc: Path | None = DOC, model: str = "minilm") -> list[str]:
+    """Run the three paths; write the table; return the RATIO line."""
+    sets = _sets(size=size, model=model)
+    clients = int(next(s for s in sets if "num_clients" in s).split("=")[1])
+    loads = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
+        work = Path(tmp)
+        runs = [run_simulated(sets, work)]
+        loads.append(os.getloadavg()[0])
+        runs.append(run_deployed(sets, work, worker=True, clients=clients))
+        loads.append(os.getloadavg()[0])
+        runs.append(run_deployed(sets, work, worker=False, clients=clients))
+        loads.append(os.getloadavg()[0])
+        flwr_s = flower_start_s()
+    n_rounds = len(runs[0].rounds)
+    rows = [phase_row(r, k, clients) for r in runs for k in range(1, n_rounds + 1)]
+    mean_wall = {r.path: mean(float(str(x["wall_s"])) for x in r.rounds) for r in runs}
+    sim = mean_wall[PATHS[0]]
+    per_round = {
+        r.path: " / ".join(
+            f"{float(str(x['wall_s'])) / float(str(s['wall_s'])):.2f}"
+            for x, s in zip(r.rounds, runs[0].rounds, strict=True)
+        )
+        for r in runs[1:]
+    }
+    line = ratio_line(
+        "deploy",
+        f"deployed/simulated round wall time: resident worker {mean_wall[PATHS[1]] / sim:.2f} "
+        f"(rounds {per_round[PATHS[1]]}), a process per message "
+        f"{mean_wall[PATHS[2]] / sim:.2f} (rounds {per_round[PATHS[2]]}); mean round "
+        f"{sim:.1f} / {mean_wall[PATHS[1]]:.1f} / {mean_wall[PATHS[2]]:.1f} s",
+    )
+    body = (
+        md_table(HEADER, rows)
+        + "\n\n"
+        + md_table(
+            ["path", "launch to exit s", "mean round s", "round / simulated"],
+            [
+                [
+                    r.path,
+                    f"{r.wall_s:.1f}",
+                    f"{mean_wall[r.path]:.1f}",
+                    f"{mean_wall[r.path] / sim:.2f}",
+                ]
+                for r in runs
+            ],
+        )  # fmt: skip
+        + f"\n\nA bare `python -c 'import flwr.supernode.runtime.run_clientapp'` (what "
+        f"every `flwr-clientapp` process imports before fedft's code) took {flwr_s:.1f} s. "
+        f"1-min load average of the machine between runs: {min(loads):.1f}-{max(loads):.1f} "
+        f"(2 cores). {line.removeprefix('RATIO deploy: ')}."
+    )
+    write_section(
+        "deploy",
+        title="15. A deployed round beside a simulated one: where the time goes",
+        command=f"python -m bench --only deploy   # {CONFIG} with --set " + " ".join(sets),
+        body=body,
+        doc=doc,
+    )
+    return [line]
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    run(size="default")
