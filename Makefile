@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: simulate test test-slow lint bench protos install clean mutation docker-check
+.PHONY: simulate test test-slow lint bench protos install clean mutation docker-check gpu-check
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ protos: $(STAMP)
 	$(PY) scripts/gen_protos.py
 
 # Outside CI. Dev tools pinned in requirements-dev.txt, never in the runtime requirements.
+# The GPU paths, each run once on CUDA (<= 5 min on one GPU); without CUDA it says so, exit 0.
+gpu-check: $(STAMP)
+	$(PY) -m bench.gpu_check
+
 mutation: $(STAMP)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) scripts/mutation.py $(MODULES)

@@ -48,6 +48,7 @@ SECTIONS = (
     "config_partition",
     "sim_paths",
     "deploy",
+    "gpu_check",
 )
 
 _HEADER = """# fedft benchmarks

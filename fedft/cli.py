@@ -97,6 +97,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.audit:  # the flag is audit.enabled
         args.set = [*(args.set or ()), "audit.enabled=true"]
     cfg = _load(args)
+    from simulations.simulate import check_devices
+
+    check_devices(cfg)  # a GPU the virtual clients cannot reach: exit 2 before any work
     out = Path(args.out or f"runs/{cfg.name}")
     fed = _show_partition(cfg)
     run_log = attach_run_log(out)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedft.config import RunConfig, build_config
+from fedft.config import ConfigError, RunConfig, build_config
 from fedft.console import QUIET_ENV, RUN_LOG_ENV, route_third_party_loggers
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,43 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
         },
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
+
+
+def check_devices(cfg: RunConfig) -> str | None:
+    """Refuse a simulation whose virtual clients cannot reach the GPU it asks for.
+
+    Ray hides every GPU from a virtual client that reserves none (it sets
+    ``CUDA_VISIBLE_DEVICES`` to empty for it), so ``gpus_per_client = 0`` means CPU clients
+    whatever ``device`` says.
+
+    Returns:
+        A one-line notice when ``device = "auto"`` would train on the CPU although this
+        machine has a GPU; None otherwise.
+
+    Raises:
+        ConfigError: ``device = "cuda"`` with ``gpus_per_client = 0``, or (without
+            ``ray_address``) on a machine where torch sees no CUDA device.
+    """
+    import torch
+
+    f = cfg.federation
+    if f.device == "cuda" and f.gpus_per_client == 0:
+        raise ConfigError(
+            "federation.device = 'cuda' with federation.gpus_per_client = 0: Ray hides the "
+            "GPU from virtual clients that reserve none; set gpus_per_client (e.g. 0.5: two "
+            "clients share a GPU) or device = 'cpu'"
+        )
+    if f.device == "cuda" and not f.ray_address and not torch.cuda.is_available():
+        raise ConfigError(
+            f"federation.device = 'cuda' but torch {torch.__version__} sees no CUDA device "
+            "on this machine; use device = 'auto' or 'cpu'"
+        )
+    if f.device == "auto" and f.gpus_per_client == 0 and torch.cuda.is_available():
+        return (
+            "note: this machine has a GPU but federation.gpus_per_client = 0, so the virtual "
+            "clients train on the CPU; set gpus_per_client (e.g. 0.5) to train on the GPU"
+        )
+    return None
 
 
 class RayClusterError(SimulationFailed):
@@ -155,6 +192,9 @@ def simulate(cfg: RunConfig, out: Path, *, progress: bool = True) -> dict[str, A
     from server.app import make_server_app
 
     route_third_party_loggers()  # Flower and Ray install console handlers when imported
+    notice = check_devices(cfg)
+    if notice is not None:
+        logger.warning("%s", notice, extra={"console": True})
 
     split_server = None
     if cfg.adapter.method == "split" and not cfg.split.server:

