@@ -15,7 +15,10 @@ server's sum bounds (:func:`server.secure_round.check_sum`).
 Each measurement runs :func:`one_round` in a fresh subprocess of its tree (same driver,
 same interpreter), before and after interleaved, best of ``repeat``. A second table
 breaks this tree's round into steps; a third plays one hostile client: index 1 sends a
-wrong value for every share it reveals, or deals shares off its polynomial to every holder.
+wrong value for every share it reveals, or deals shares off its polynomial to every holder,
+against three trees side by side: before Feldman, Feldman with a failed batch checked
+share by share (the code at :data:`ONE_BY_ONE`), and this tree (a failed batch bisected,
+convicted holders' later shares and complaints against a convicted dealer skipped).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ CLIENTS = (10, 40)
 HERE = Path(__file__).resolve().parents[1]
 BEFORE = "9dbe6203b3bb65f5038dbe1db1e7ce3f7baff7ea"
 """The commit before the Feldman change: its fedft/, server/, client/, bench/ are "before"."""
+ONE_BY_ONE = "1a60c65e5b3bde8b4d0b7f96ef6cd944d8ce6547"
+"""The last commit whose Feldman checks, once a batch failed, checked every share alone."""
 
 #: Run in a subprocess of either tree: one round, optionally with client 1 dealing shares
 #: off its polynomial (patches whichever dealing function the tree has).
@@ -221,12 +226,17 @@ def run(*, size: Size = "default", doc: Path | None = DOC) -> list[str]:
     The default size compares with :data:`BEFORE` (read from git); smoke runs this tree only.
     """
     if size == "smoke":
-        return _run(size, doc, None)
+        return _run(size, doc, None, None)
     with tempfile.TemporaryDirectory(prefix="secagg-before-") as tmp:
-        return _run(size, doc, reference_tree(Path(tmp)))
+        before, one_by_one = Path(tmp, "before"), Path(tmp, "one-by-one")
+        before.mkdir()
+        one_by_one.mkdir()
+        return _run(size, doc, reference_tree(before), reference_tree(one_by_one, ONE_BY_ONE))
 
 
-def _run(size: Size, doc: Path | None, reference: Path | None) -> list[str]:
+def _run(
+    size: Size, doc: Path | None, reference: Path | None, one_by_one: Path | None
+) -> list[str]:
     d = 2_000 if size == "smoke" else D
     clients = (10,) if size == "smoke" else CLIENTS
     repeat = 1 if size == "smoke" else 3
@@ -267,6 +277,7 @@ def _run(size: Size, doc: Path | None, reference: Path | None) -> list[str]:
     for n in clients:
         for attack in ("liar", "dealer"):
             ref = in_tree(reference, n, d, attack) if reference is not None else None
+            old = in_tree(one_by_one, n, d, attack) if one_by_one is not None else None
             now = (
                 in_tree(HERE, n, d, attack) if reference is not None else _attack_here(n, d, attack)
             )
@@ -275,9 +286,19 @@ def _run(size: Size, doc: Path | None, reference: Path | None) -> list[str]:
                     str(n),
                     ATTACKS[attack],
                     f"{ref[0]:.2f} ({ref[2]})" if ref else "-",
+                    f"{old[0]:.2f} ({old[2]})" if old else "-",
                     f"{now[0]:.2f} ({now[2]})",
+                    f"{old[0] / now[0]:.2f}" if old else "-",
                 ]
             )
+            if old:
+                lines.append(
+                    ratio_line(
+                        f"secagg_{attack}_{n}",
+                        f"one by one / bisected = {old[0] / now[0]:.2f} "
+                        f"({old[0]:.2f} s -> {now[0]:.2f} s)",
+                    )
+                )
     body = _body(d, repeat, rows, step_rows, attack_rows)
     write_section(
         "secagg_round",
@@ -335,8 +356,19 @@ def _body(
             ],
             step_rows,
         )
-        + "\n\nOne hostile client (seconds, outcome):\n\n"
-        + md_table(["clients", "attack", "before", "after"], attack_rows)
+        + "\n\nOne hostile client (seconds of the whole round, outcome; Feldman's two columns "
+        "measured side by side, one after the other for each row):\n\n"
+        + md_table(
+            [
+                "clients",
+                "attack",
+                "before Feldman",
+                "Feldman, one by one",
+                "Feldman, bisected",
+                "one by one / bisected",
+            ],
+            attack_rows,
+        )
         + "\n\n"
         + READING
     )

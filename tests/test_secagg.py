@@ -472,6 +472,106 @@ def test_feldman_commitments_bind_the_shares() -> None:
         feldman.decode([bytes(256), *blobs[1:]], threshold=4)
 
 
+def _count_gpow(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the exponentiations of g (the cost of a Feldman check) from now on."""
+    from fedft.secagg import feldman
+
+    calls = [0]
+    real = feldman._gpow
+
+    def counted(exponent: int):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return real(exponent)
+
+    monkeypatch.setattr(feldman, "_gpow", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "wrong", [set(), {17}, {0, 63}, {5, 6, 7}, set(range(0, 64, 8)), set(range(64))]
+)
+def test_a_failed_batch_is_bisected_to_exactly_the_wrong_shares(
+    monkeypatch: pytest.MonkeyPatch, wrong: set[int]
+) -> None:
+    """``feldman.failing`` names exactly the shares :func:`feldman.verify` refuses, with one
+    exponentiation of g when all pass and at most 2 log2(m) more per wrong share (m = 64:
+    13 for one wrong share instead of 64)."""
+    import secrets as pysecrets
+
+    from fedft.secagg import feldman
+
+    shares, blobs = shamir.deal(pysecrets.token_bytes(32), threshold=5, indices=range(1, 65))
+    commitments = feldman.decode(blobs, threshold=5)
+    items = [
+        (commitments, i, (y + 3) % shamir.PRIME if i - 1 in wrong else y)
+        for i, y in sorted(shares.items())
+    ]
+    items[9] = (commitments, 10, shamir.PRIME + 1) if 9 in wrong else items[9]  # out of range
+    calls = _count_gpow(monkeypatch)
+    assert feldman.failing(items) == wrong
+    assert calls[0] <= 1 + 2 * 6 * len(wrong)  # each wrong share: <= 2 checks per level
+    assert {k for k, it in enumerate(items) if not feldman.verify(*it)} == wrong
+    assert feldman.batch_verify(items) is not wrong
+
+
+def test_a_lying_holder_costs_one_search_not_one_per_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """n = 20, client 1 lies about every share it reveals (20 seeds). Before, each of the
+    20 secrets checked all 20 of its shares one by one (400 exponentiations of g); now the
+    first secret's failed batch is bisected to client 1, who is convicted, and the others
+    are rebuilt from the shares of the unconvicted without a Feldman check."""
+    params = _params(n=20, max_dropouts=9, d=64)
+    vectors = _vectors(20, 64, seed=5)
+    clients = {i: SecAggClient(index=i, params=params) for i in vectors}
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    routed = server.collect_shares([c.share_keys(directory) for c in clients.values()])
+    qualified = _qualify(server, clients, routed, clients)
+    request = server.collect_masked(
+        [c.masked_input(qualified, vectors[i]) for i, c in clients.items()]
+    )
+    answers = [clients[i].unmask(request) for i in request.survivors]
+    calls = _count_gpow(monkeypatch)
+    result = server.collect_unmasking([_tamper(a) if a.index == 1 else a for a in answers])
+    assert result.suspects == (1,) and result.included == tuple(range(1, 21))
+    expected = np.sum([vectors[i] for i in result.included], axis=0)
+    assert np.abs(result.total - expected).max() <= params.error_bound
+    assert calls[0] <= 1 + 2 * 5  # one search among 20 shares
+
+
+def test_a_bad_dealer_costs_each_holder_one_search_and_the_server_one_resolution(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """n = 20, client 3 deals every holder shares off its polynomial. Before, each of the
+    19 holders checked its 38 shares one by one after its batch failed, and the server
+    resolved all 19 complaints; now each holder bisects to dealer 3 (<= 1 + 2 * 6 checks) and
+    the server resolves one complaint, skipping those against a dealer already convicted."""
+    params = _params(n=20, max_dropouts=9, d=64)
+    clients = {i: SecAggClient(index=i, params=params) for i in range(1, 21)}
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    shares = []
+    for i, c in clients.items():
+        with monkeypatch.context() as m:
+            if i == 3:
+                m.setattr(shamir, "deal", _bad_deal(set(range(1, 21))))
+            shares.append(c.share_keys(directory))
+    routed = server.collect_shares(shares)
+    calls = _count_gpow(monkeypatch)
+    checks = []
+    for i, c in clients.items():
+        before = calls[0]
+        checks.append(c.check_shares(routed[i]))
+        assert calls[0] - before <= 1 + 2 * 6, i  # 38 shares: one batch, one bisection
+    assert all(set(m.complaints) == {3} for m in checks if m.index != 3)
+    before = calls[0]
+    qualified = server.collect_checks(checks)
+    assert qualified.qualified == tuple(i for i in range(1, 21) if i != 3)
+    assert server.convicted == {3}
+    assert calls[0] - before <= 1 + 1  # one complaint resolved (2 shares)
+
+
 def test_the_group_is_a_safe_prime_subgroup() -> None:
     """p = 2q + 1 with p and q prime, g of order q; shares live in Z_q."""
     import sympy

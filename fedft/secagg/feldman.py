@@ -12,7 +12,7 @@ Shares are elements of Z_q (:data:`fedft.secagg.shamir.PRIME` is this q). Commit
 any integers in [1, p); the check is made on squares, g^{2s} == (prod_j C_j^{i^j})^2: squaring
 maps Z_p^* onto the order-q subgroup, so an element outside it (e.g. -C) cannot make a
 check pass or fail depending on who checks it, and batched checks stay sound (every
-squared element has prime order q > 2^64, see :func:`batch_verify`).
+squared element has prime order q > 2^64, see :func:`failing`).
 
 Secrecy: C_0 = g^{a_0} reveals g^{secret}; recovering a 256-bit secret from it costs about
 2^128 group operations (Pollard's kangaroo), and 2048-bit p gives about 112-bit security
@@ -128,19 +128,80 @@ def verify(commitments: Sequence[int], index: int, share: int) -> bool:
 def batch_verify(items: Sequence[tuple[Sequence[int], int, int]]) -> bool:
     """Whether every ``(commitments, index, share)`` passes :func:`verify`, batched.
 
-    One check instead of one per item: g^{2 sum r_k s_k} == (prod_k E_k^{r_k})^2 with fresh
-    random odd 64-bit r_k and E_k = :func:`evaluate`.
-    Every squared element has order q (or 1), so if some item fails its own check the
-    batch passes with probability at most 2^-63. On False, check the items one by one to
-    find the bad ones.
+    One batched check; its soundness is derived in :func:`failing`.
     """
-    exponent = 0
-    rhs = gmpy2.mpz(1)
-    for commitments, index, share in items:
-        if not 0 <= share < Q:
-            return False
-        r = secrets.randbits(64) | 1
-        exponent = (exponent + r * share) % Q
-        rhs = rhs * gmpy2.powmod(evaluate(commitments, index), r, _P) % _P
-    lhs = _gpow(2 * exponent % Q)
-    return bool(lhs == gmpy2.powmod(rhs, 2, _P))
+    batch = _Batch(items)
+    return not batch.out_of_range and batch.passes(batch.live)
+
+
+def failing(items: Sequence[tuple[Sequence[int], int, int]]) -> set[int]:
+    """Positions in ``items`` of the ``(commitments, index, share)`` that fail :func:`verify`.
+
+    One batched check when every item passes; a failed batch is bisected, never checked
+    item by item.
+
+    The batch check. Item k holds E_k = :func:`evaluate` (commitments, index) and a share
+    s_k; it passes :func:`verify` iff d_k = 2 s_k - log_g(E_k^2) is 0 mod q (squares lie in
+    the order-q subgroup, where log_g is defined). With fresh random odd 64-bit r_k
+    (``secrets``), a set B of items passes the batch check g^{2 sum_B r_k s_k} ==
+    (prod_B E_k^{r_k})^2 iff sum_B r_k d_k = 0 mod q. Complete: a B of passing items
+    always passes. Sound: if some k0 in B fails (d_k0 != 0), then for any values of the
+    other r_k at most one r_k0 mod q satisfies the equation, and the 2^63 odd 64-bit values
+    of r_k0 are distinct mod q (q > 2^64), so B passes with probability <= 2^-63.
+
+    The bisection. The r_k are drawn once and the powers E_k^{r_k} and exponents r_k s_k
+    computed once per item; checking a subset then costs its products and one
+    exponentiation of g. The subsets checked are nodes of a fixed binary tree over the
+    positions (halves of halves), at most 2m - 1 for m items, fixed before the r_k are
+    drawn. A failed node is split; when its left half passes, the right half fails by
+    algebra (the node's check is the product of its halves'), so only the left one is
+    checked; a failed leaf is a failing item. The answer is exact unless some checked node
+    that holds a failing item passes: by the union bound over the tree's nodes, probability
+    <= (2m - 1) * 2^-63 (< 2^-55 for the 78 shares a client checks at 40 clients). Each
+    failing item adds at most two checks per level of the tree: one failing item among m
+    costs at most 1 + 2 ceil(log2 m) exponentiations of g instead of m.
+    """
+    batch = _Batch(items)
+    bad = set(batch.out_of_range)
+
+    def search(block: Sequence[int]) -> None:  # ``block`` failed its check
+        if len(block) == 1:
+            bad.add(block[0])
+            return
+        left, right = block[: len(block) // 2], block[len(block) // 2 :]
+        if batch.passes(left):
+            search(right)  # it fails: block = left * right
+            return
+        search(left)
+        if not batch.passes(right):
+            search(right)
+
+    if batch.live and not batch.passes(batch.live):
+        search(batch.live)
+    return bad
+
+
+class _Batch:
+    """Items prepared for batched checks (see :func:`failing`).
+
+    E_k^{r_k} and r_k s_k for fresh random odd 64-bit r_k, computed once per item.
+    """
+
+    def __init__(self, items: Sequence[tuple[Sequence[int], int, int]]) -> None:
+        self.out_of_range = [k for k, (_, _, s) in enumerate(items) if not 0 <= s < Q]
+        self.live = [k for k, (_, _, s) in enumerate(items) if 0 <= s < Q]
+        self.powers: dict[int, gmpy2.mpz] = {}
+        self.exponents: dict[int, int] = {}
+        for k in self.live:
+            commitments, index, share = items[k]
+            r = secrets.randbits(64) | 1
+            self.powers[k] = gmpy2.powmod(evaluate(commitments, index), r, _P)
+            self.exponents[k] = r * share % Q
+
+    def passes(self, block: Sequence[int]) -> bool:
+        """g^{2 sum_B r_k s_k} == (prod_B E_k^{r_k})^2 for the items ``block``."""
+        rhs = gmpy2.mpz(1)
+        for k in block:
+            rhs = rhs * self.powers[k] % _P
+        lhs = _gpow(2 * sum(self.exponents[k] for k in block) % Q)
+        return bool(lhs == gmpy2.powmod(rhs, 2, _P))

@@ -358,9 +358,8 @@ def _open_shares(
 def _shares_verify(
     commitments: tuple[Sequence[int], Sequence[int]], index: int, shares: tuple[int, int]
 ) -> bool:
-    return feldman.verify(commitments[0], index, shares[0]) and feldman.verify(
-        commitments[1], index, shares[1]
-    )
+    """Whether a holder's key and seed shares both pass the dealer's commitments."""
+    return feldman.batch_verify([(commitments[k], index, shares[k]) for k in (0, 1)])
 
 
 @dataclass(frozen=True)
@@ -560,13 +559,16 @@ class SecAggClient:
         commitments: Mapping[int, tuple[list[int], list[int]]],
         skip: set[int],
     ) -> set[int]:
-        """Dealers whose opened shares fail their commitments (one batched check first)."""
+        """Dealers whose opened shares fail their commitments.
+
+        One batched check of all of them, bisected when it fails
+        (:func:`fedft.secagg.feldman.failing`).
+        """
         items = [u for u in opened if u not in skip]
         batch = [(commitments[u][k], self.index, opened[u][k]) for u in items for k in (0, 1)]
-        if feldman.batch_verify(batch):
-            return set()
-        bad = {u for u in items if not _shares_verify(commitments[u], self.index, opened[u])}
-        logger.warning("secagg client %d: shares of %s fail their commitments", self.index, bad)
+        bad = {items[pos // 2] for pos in feldman.failing(batch)}
+        if bad:
+            logger.warning("secagg client %d: shares of %s fail their commitments", self.index, bad)
         return bad
 
     def masked_input(self, request: MaskRequest, vector: np.ndarray) -> MaskedInput:
@@ -746,6 +748,8 @@ class SecAggServer:
                 if dealer not in self._u2 or dealer == m.index:
                     self._convict(m.index, f"complained about {dealer}, not a dealer of its")
                     continue
+                if dealer in self.convicted:  # proven already: its shares are dropped anyway
+                    continue
                 guilty, why = self._resolve(m.index, dealer, evidence)
                 self._convict(guilty, why)
         qualified = tuple(sorted({m.index for m in checks} - self.convicted))
@@ -853,7 +857,15 @@ class SecAggServer:
     def _rebuild(
         self, shares: Mapping[int, int], u: int, which: int, verify: Callable[[bytes], bool]
     ) -> bytes:
-        """Secret ``which`` (0 key, 1 seed) of client ``u``; holders of wrong shares convicted."""
+        """Secret ``which`` (0 key, 1 seed) of client ``u``; holders of wrong shares convicted.
+
+        The shares of holders convicted already (e.g. of a wrong share of an earlier secret)
+        are left out while t others remain, so one lying holder costs one search for the
+        wrong share, not one per secret.
+        """
+        honest = {h: v for h, v in shares.items() if h not in self.convicted}
+        if len(honest) >= self.params.threshold:
+            shares = honest
         try:
             secret, wrong = shamir.reconstruct_checked(
                 shares,

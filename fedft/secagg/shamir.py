@@ -156,10 +156,10 @@ def reconstruct_checked(
     """Rebuild a secret from shares checked against the dealer's Feldman commitments.
 
     Fast path (honest shares): interpolate t shares, check that every other share lies on
-    the same polynomial and that ``verify`` accepts f(0). Otherwise every share is checked
-    against ``commitments`` (:func:`fedft.secagg.feldman.verify`); the ones that fail are
-    wrong (their holders lied: they were dealt verified shares), and the secret is
-    interpolated from t shares that pass.
+    the same polynomial and that ``verify`` accepts f(0). Otherwise the shares are checked
+    against ``commitments`` in one batched check, bisected to the ones that fail
+    (:func:`fedft.secagg.feldman.failing`); those are wrong (their holders lied: they were
+    dealt verified shares), and the secret is interpolated from t shares that pass.
 
     Args:
         shares: index -> share value.
@@ -184,8 +184,9 @@ def reconstruct_checked(
         secret = _to_secret(f[0])
         if secret is not None and verify(secret):
             return secret, set()
-    good = [(x, y) for x, y in points if feldman.verify(commitments, x, y)]
-    wrong = {x for x, _ in points} - {x for x, _ in good}
+    failed = feldman.failing([(commitments, x, y) for x, y in points])
+    good = [p for k, p in enumerate(points) if k not in failed]
+    wrong = {points[k][0] for k in failed}
     if len(good) < threshold:
         raise ShareError(
             f"only {len(good)} of {len(points)} shares match the dealer's commitments "
