@@ -374,26 +374,31 @@ def _body(
     )
 
 
-READING = """**Reading.** The honest round at 40 clients costs 1.79x the round before
-(12.9 s -> 23.2 s of all clients' CPU in one process). Per client, what a node spends in
-a deployment: dealing with Feldman commitments 218 ms (2 x 21 exponentiations of g from a fixed-base
-table, 2048-bit modulus) and checking every received share 179 ms (one batched check of
-78 shares); the server's unmasking step 0.39 s -> 0.57 s (2047-bit field arithmetic instead
-of 521-bit). At 10 clients the subprocess rows (0.71 s -> 3.21 s) are noisy on this loaded
-machine: the same round measured step by step in one process sums to 0.73 s. Yesterday's
-"unmask at 40 slower after" was the machine, not the code: a cProfile of the unmasking step
-of the code before (40 clients, D = 100,000, best of two) gave 0.275 s for the subset search
-and 0.296 s for Reed-Solomon decoding, decoding adding 0.014 s; in the same profiles the
-identical ChaCha20 mask expansion took 0.017 s in one run and 0.090 s in the other, and the
-first decoding run of the process took 1.21 s, the second 0.30 s. Attacks: a bad dealer
-aborted the round before and is now convicted at the share check, the round completing
-without it; a lying holder was already corrected by decoding and is now convicted from the
-commitments. Both attacked rounds are slow after the change (51 s and 112 s at 40 clients):
-once a share is off the polynomial every share of that secret is checked one by one (the
-server, 40 shares for each of 40 secrets), and a receiver whose batched check fails checks
-all 78 of its shares one by one. Skipping the later shares of a holder already convicted
-and bisecting a failed batch would cut both; the convicted client is excluded from later
-rounds, so the cost is paid once per run.
+READING = """**Reading.** Measured 2026-12-02 on two cores shared with other engineers' runs (load
+average 15-24 during the run), so the honest rows move between runs of the same code: the
+round at 40 clients was 3.20 s -> 13.94 s here (4.35x; 12.9 s -> 23.2 s, 1.79x, in the
+previous run), because the two trees are measured one after the other, not at the same
+instant. Per client in this run's step table (one in-process run), dealing with Feldman
+commitments 460 ms and checking every received share 215 ms (one batched check of 78
+shares); the server's unmasking step 0.27 s -> 0.90 s (2047-bit field arithmetic instead of
+521-bit). The honest path is the same in the one-by-one and the bisected code (one batched
+check per client; the bisection starts only when it fails).
+
+Attacks: a bad dealer aborted the round before Feldman and is now convicted at the share
+check, the round completing without it; a lying holder was corrected by decoding before and
+is now convicted from the commitments. Measured side by side (the code at commit 1a60c65,
+which checked every share of a failed batch one by one, then this tree, for each row): at
+40 clients the lying holder's round 29.89 s -> 11.76 s (2.54x) and the bad dealer's 29.66 s
+-> 15.55 s (1.91x), about what an honest round costs in this run (13.94 s, best of 3);
+at 10 clients 2.81 s -> 2.11 s and 3.83 s -> 2.19 s. What changed, counted in exponentiations
+of g by `tests/test_secagg.py` (20 clients): a lying holder cost the server 400 (every
+share of every secret checked alone), now at most 11 (the first failed batch bisected, the
+liar convicted, its shares of the other 19 secrets left out, so they are rebuilt by
+interpolation alone); a holder facing a bad dealer checked its 38 shares one by one, now at
+most 13, and the server resolves one complaint against that dealer instead of 19. Each
+check stays a random-linear-combination batch check with fresh 64-bit exponents: a wrong
+share goes unnoticed with probability at most (2m - 1) 2^-63 for m shares
+(`fedft.secagg.feldman.failing`).
 """
 
 
