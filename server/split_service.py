@@ -231,9 +231,10 @@ class SplitService:
         self.sessions: dict[str, _Session] = {}
         self._probe_bytes: dict[tuple[int, int, int, bool], int] = {}
         self._turns: dict[str, asyncio.Lock] = {}
-        #: the last jobs, in order: ("wait", client) when one is asked for, ("start",
-        #: client) / ("end", client) when it starts / ends on the worker
-        self.job_log: collections.deque[tuple[str, str]] = collections.deque(maxlen=100_000)
+        #: the last jobs, in order: ("wait", client, t) when one is asked for, ("start",
+        #: client, t) / ("end", client, t) when it starts / ends on the worker (t:
+        #: time.monotonic() seconds)
+        self.job_log: collections.deque[tuple[str, str, float]] = collections.deque(maxlen=100_000)
         self.frames_received = 0
         self.errors: dict[str, int] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="split-body")
@@ -330,15 +331,15 @@ class SplitService:
     async def _compute(self, s: _Session, fn: Any, *args: Any) -> Any:
         """Run ``fn`` on the worker once this session's client has no other job there."""
         key = _client_key(s)
-        self.job_log.append(("wait", key))
+        self.job_log.append(("wait", key, time.monotonic()))
         turn = self._turns.setdefault(key, asyncio.Lock())
 
         def run() -> Any:
-            self.job_log.append(("start", key))
+            self.job_log.append(("start", key, time.monotonic()))
             try:
                 return fn(*args)
             finally:
-                self.job_log.append(("end", key))
+                self.job_log.append(("end", key, time.monotonic()))
 
         async with turn:
             return await asyncio.get_running_loop().run_in_executor(self._executor, run)
