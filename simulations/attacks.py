@@ -215,6 +215,147 @@ def gradient_attacks(
     return rows
 
 
+def shipped_dp() -> tuple[Any, float, float, int]:
+    """The default config with ``privacy.mode = "sample"``: (config, client 0's σ, C, n_0).
+
+    σ is calibrated exactly as client 0 calibrates it (ε = 3, δ = 1e-5, PRV, q = B / n_0 over
+    ``rounds x local_steps`` steps).
+    """
+    from fedft import builders
+    from fedft.config import build_config
+    from fedft.data import build_federated_data
+    from fedft.privacy.client import client_noise
+
+    cfg = build_config({"privacy": {"mode": "sample"}})
+    fed = build_federated_data(**builders.data_kwargs(cfg))
+    dp = builders.client_privacy(cfg, 0)
+    sigma, _ = client_noise(
+        epsilon=dp.epsilon,
+        delta=dp.delta,
+        mechanism=dp.mechanism,  # type: ignore[arg-type]
+        noise_multiplier=dp.noise_multiplier,
+        planned_steps=dp.planned_steps,
+        num_examples=len(fed.clients[0]),
+        batch_size=cfg.federation.batch_size,
+    )
+    return cfg, sigma, cfg.privacy.max_grad_norm, len(fed.clients[0])
+
+
+def shipped_label_attack(*, trials: int, batches: int) -> list[dict[str, Any]]:
+    """Label leakage (iDLG) on the shipped default model under the shipped DP-SGD step.
+
+    The model: MiniLM, LoRA r = 8 on query/value + head; the step: client 0's calibrated σ,
+    C = 1 (:func:`shipped_dp`). Examples come from all clients' training data, so the
+    labels are balanced where a skewed client's are not (client 0 holds 5 % of one class:
+    "always guess the other" would score 0.95 there). Two readings of one DP-SGD step:
+
+    * a batch of one (the attacker's best case): ``trials`` examples, half of each label;
+      the label is read off the head-bias gradient;
+    * the shipped batch of 16: ``batches`` random batches; the label the batch holds most of
+      (ties skipped). ``prior_guess`` is what always naming the more frequent majority scores.
+    """
+    from fedft import builders
+    from fedft.data import build_federated_data
+    from fedft.data.encode import encode
+    from fedft.models import default_target_modules, head_parameter_names
+
+    cfg, sigma, clip, n0 = shipped_dp()
+    fed = build_federated_data(**builders.data_kwargs(cfg))
+    model, tok = load_base_model(cfg.model.name, task="classification", num_labels=2)
+    model.requires_grad_(False)
+    peft = attach_lora(
+        model,
+        target_modules=default_target_modules(model),
+        rank=cfg.adapter.rank,
+        alpha=cfg.adapter.alpha,
+        extras=head_parameter_names(model, "classification"),
+        seed=0,
+    )
+    peft.eval()
+    params = {n: p for n, p in peft.named_parameters() if p.requires_grad}
+    bias = next(n for n in params if n.endswith("classifier.bias"))
+    parts = [
+        encode(c, tok, task="classification", max_length=cfg.data.max_length) for c in fed.clients
+    ]
+    ids = torch.cat([e.input_ids for e in parts])
+    masks = torch.cat([e.attention_mask for e in parts])
+    labels = torch.cat([e.labels for e in parts])
+    gen = torch.Generator().manual_seed(0)
+    batch = cfg.federation.batch_size
+
+    def example_grad(i: int) -> dict[str, torch.Tensor]:
+        t = int(masks[i].sum())
+        return update_gradients(
+            peft,
+            params,
+            attention_mask=masks[i : i + 1, :t],
+            label=labels[i : i + 1],
+            input_ids=ids[i : i + 1, :t],
+        )
+
+    by_label = [torch.nonzero(labels == c).flatten() for c in (0, 1)]
+    one = {"none": 0, "dp": 0}
+    for t in range(trials):
+        pool = by_label[t % 2]
+        i = int(pool[int(torch.randint(0, len(pool), (1,), generator=gen))])
+        g = example_grad(i)
+        y = int(labels[i])
+        one["none"] += infer_label(g[bias]) == y
+        one["dp"] += infer_label(_noised([g], sigma, clip, 1, gen)[bias]) == y
+    many = {"none": 0, "dp": 0}
+    majors: list[int] = []
+    for _ in range(batches):
+        idx = torch.randperm(len(labels), generator=gen)[:batch].tolist()
+        ones = int(labels[idx].sum())
+        if 2 * ones == len(idx):
+            continue
+        major = int(2 * ones > len(idx))
+        majors.append(major)
+        grads = [example_grad(j) for j in idx]
+        mean = {n: sum(g[n] for g in grads) / len(idx) for n in params}
+        many["none"] += infer_label(mean[bias]) == major
+        many["dp"] += infer_label(_noised(grads, sigma, clip, batch, gen)[bias]) == major
+    counted = max(1, len(majors))
+    prior = max(majors.count(0), majors.count(1)) / counted
+    common = {"model": cfg.model.name, "clients": cfg.federation.num_clients, "n0": n0}
+    dp_name = f"DP-SGD shipped: sigma={sigma:.3f} C={clip:g}"
+    rows = [
+        {
+            **common,
+            "attack": "label (iDLG), batch of one",
+            "defence": d,
+            "accuracy": one[k] / trials,
+            "prior_guess": 0.5,
+            "trials": trials,
+        }
+        for k, d in (("none", "none"), ("dp", dp_name))
+    ]
+    rows += [
+        {
+            **common,
+            "attack": f"batch majority label (iDLG), batch {batch}",
+            "defence": d,
+            "accuracy": many[k] / counted,
+            "prior_guess": prior,
+            "trials": len(majors),
+        }
+        for k, d in (("none", "none"), ("dp", dp_name))
+    ]
+    return rows
+
+
+def _noised(
+    grads: list[dict[str, torch.Tensor]],
+    sigma: float,
+    clip: float,
+    batch: int,
+    gen: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    summed = ClippedSum(grads[0], max_grad_norm=clip)
+    summed.add(grads)
+    return noisy_mean(summed, noise_multiplier=sigma, expected_batch_size=batch, generator=gen)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every attack, write ``OUT/attacks.json``, log one line per row."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -228,9 +369,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label-trials", type=int, default=100)
     p.add_argument("--dlg-trials", type=int, default=2, help="0 = skip DLG")
     p.add_argument("--dlg-steps", type=int, default=40)
+    p.add_argument(
+        "--shipped-trials",
+        type=int,
+        default=0,
+        help="iDLG on the default model under the shipped DP-SGD step (0 = skip)",
+    )
+    p.add_argument("--shipped-batches", type=int, default=20, help="batches of 16 (shipped)")
+    p.add_argument("--only-shipped", action="store_true", help="run only --shipped-trials")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
+    if a.only_shipped:
+        rows = shipped_label_attack(trials=a.shipped_trials, batches=a.shipped_batches)
+        for r in rows:
+            logger.info("%s", json.dumps(r))
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "attacks.json").write_text(json.dumps(rows, indent=2))
+        return 0
     rows = cut_attacks(
         a.model, private=a.private, public=a.public, length=a.length, epsilons=a.dx_epsilons
     )
@@ -245,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in grad_rows:
         logger.info("%s", json.dumps(r))
     rows += grad_rows
+    if a.shipped_trials > 0:
+        shipped = shipped_label_attack(trials=a.shipped_trials, batches=a.shipped_batches)
+        for r in shipped:
+            logger.info("%s", json.dumps(r))
+        rows += shipped
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "attacks.json").write_text(json.dumps(rows, indent=2))
     logger.info("%d rows in %.0f s -> %s", len(rows), time.time() - t0, a.out / "attacks.json")

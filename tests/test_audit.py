@@ -229,3 +229,31 @@ def test_cut_noise_on_the_wire_and_absent_at_zero(tiny_bert3_dir: str) -> None:
     assert "cut_noise_std" not in m0 and m1["cut_noise_std"] == 0.5
     diff = noisy - clean
     assert abs(float(diff.std()) - 0.5) < 0.05 and abs(float(diff.mean())) < 0.05
+
+
+@pytest.mark.slow
+def test_dx_sweep_recipe_rows_table_and_plot(tiny_bert3_dir: str, tmp_path: Path) -> None:
+    """simulations.dx_sweep: off + one ε, each audited; recovery falls under the noise."""
+    from simulations.dx_sweep import main
+
+    toml = tmp_path / "split.toml"
+    toml.write_text('name = "sweep"\n')
+    argv = [
+        str(toml),
+        "--epsilons",
+        "1",
+        "--out",
+        str(tmp_path / "sweep"),
+        "--no-progress",
+    ]
+    for s in _split(tiny_bert3_dir):
+        argv += ["--set", s]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "sweep" / "dx_sweep.json").read_text())
+    assert [r["dx_epsilon"] for r in rows] == [None, 1.0]
+    off, noisy = rows
+    assert off["recovery"] == off["recovery_without_dx"] >= 0.6
+    assert noisy["recovery"] <= noisy["blind_guess"] + 0.05 < off["recovery"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert (tmp_path / "sweep" / "dx_sweep.png").stat().st_size > 0
+    assert "| 1 |" in (tmp_path / "sweep" / "dx_sweep.md").read_text()
