@@ -356,6 +356,56 @@ def _noised(
     return noisy_mean(summed, noise_multiplier=sigma, expected_batch_size=batch, generator=gen)
 
 
+def adamw_dlg(*, trials: int, local_steps: int, lr: float, dlg_steps: int) -> list[dict[str, Any]]:
+    """DLG and iDLG against the update a LoRA client really sends: ``local_steps`` AdamW steps.
+
+    The client's local loop (:func:`fedft.training.local.train_steps`, AdamW, train mode) on
+    one 4-token example of the tiny vocabulary-100 model; the server knows the global model
+    (the state before) and inverts ``before - after`` with the same cosine objective as for
+    one gradient (any positive multiple of the gradient would match it exactly; AdamW's
+    update is not one). Beside it, the single-gradient attack on the same example.
+    """
+    from fedft.training.local import train_steps
+
+    model, params, bias = lora_label_model()
+    gen = torch.Generator().manual_seed(11)
+    kw: dict[str, Any] = {"length": 4, "bias_name": bias, "steps": dlg_steps, "top_k": 4}
+    got: dict[str, list[float]] = {"gradient": [], "adamw": []}
+    labels = {"gradient": 0, "adamw": 0}
+    for t in range(trials):
+        ids = torch.randint(5, 100, (1, 4), generator=gen)
+        y = torch.randint(0, 4, (1,), generator=gen)
+        mask = torch.ones_like(ids)
+        grad = update_gradients(model, params, attention_mask=mask, label=y, input_ids=ids)
+        before = {n: p.detach().clone() for n, p in params.items()}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": y}
+        train_steps(model, [batch] * local_steps, lr=lr, device=torch.device("cpu"))
+        model.eval()
+        delta = {n: before[n] - p.detach() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(before[n])
+        for name, seen in (("gradient", grad), ("adamw", delta)):
+            labels[name] += infer_label(seen[bias]) == int(y)
+            r = invert_gradient(model, params, seen, sweeps=1, seed=t, **kw)
+            got[name].append(token_f1(r.ids, ids[0]))
+    guess = random_guess_f1(torch.arange(5, 9), torch.arange(5, 100), trials=500)
+    return [
+        {
+            "attack": "tokens (DLG) + label (iDLG)",
+            "observed": "one gradient"
+            if k == "gradient"
+            else f"{local_steps} AdamW steps lr={lr:g}",
+            "f1": sum(v) / len(v),
+            "f1_each": v,
+            "label_accuracy": labels[k] / trials,
+            "random_guess_f1": guess,
+            "trials": trials,
+        }
+        for k, v in got.items()
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every attack, write ``OUT/attacks.json``, log one line per row."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -376,10 +426,23 @@ def main(argv: list[str] | None = None) -> int:
         help="iDLG on the default model under the shipped DP-SGD step (0 = skip)",
     )
     p.add_argument("--shipped-batches", type=int, default=20, help="batches of 16 (shipped)")
+    p.add_argument(
+        "--adamw-trials",
+        type=int,
+        default=0,
+        help="only: DLG on a real 20-step AdamW LoRA update (shipped lr) vs one gradient",
+    )
     p.add_argument("--only-shipped", action="store_true", help="run only --shipped-trials")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
+    if a.adamw_trials > 0:
+        rows = adamw_dlg(trials=a.adamw_trials, local_steps=20, lr=5e-4, dlg_steps=a.dlg_steps)
+        for r in rows:
+            logger.info("%s", json.dumps(r))
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "attacks.json").write_text(json.dumps(rows, indent=2))
+        return 0
     if a.only_shipped:
         rows = shipped_label_attack(trials=a.shipped_trials, batches=a.shipped_batches)
         for r in rows:
