@@ -379,3 +379,364 @@ def test_last_planned_round_at_exactly_the_budget_is_allowed(mechanism):
         acc, noise_multiplier=sigma, sample_rate=q, steps=1, epsilon_budget=budget, delta=delta
     )
     assert not one_more.allowed and "refused" in one_more.message
+
+
+# -- what the accountant refuses, keeps and reports, to the boundary (from mutation testing) --
+def test_step_arguments_are_checked_at_their_boundaries_and_named():
+    acc = PrivacyAccountant("rdp")
+    acc.step(noise_multiplier=0.5, sample_rate=1.0, steps=1)  # q = 1 and σ < 1 are valid
+    assert acc.history == [(0.5, 1.0, 1)]
+    bad = [
+        ({"noise_multiplier": -0.1}, "noise_multiplier"),
+        ({"noise_multiplier": "1.0"}, "noise_multiplier"),
+        ({"sample_rate": 0.0}, "sample_rate"),
+        ({"sample_rate": 1.0 + 1e-12}, "sample_rate"),
+        ({"sample_rate": "0.1"}, "sample_rate"),
+        ({"steps": -1}, "steps"),
+        ({"steps": True}, "steps"),
+        ({"steps": 2.0}, "steps"),
+    ]
+    for change, key in bad:
+        kw = {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 3, **change}
+        for call in (acc.step, lambda **k: acc.epsilon_if(delta=1e-5, **k)):
+            with pytest.raises(ValueError, match=f"^{key} = "):
+                call(**kw)
+        state = {
+            **acc.state_dict(),
+            "history": [[kw["noise_multiplier"], kw["sample_rate"], kw["steps"]]],
+        }
+        with pytest.raises(ValueError, match=f"^{key} = "):
+            PrivacyAccountant("rdp").load_state_dict(state)
+    assert acc.history == [(0.5, 1.0, 1)]  # nothing refused was recorded
+    for delta in (0.0, 1.0, -1e-5):
+        with pytest.raises(ValueError, match="^delta = "):
+            epsilon_of([(1.0, 0.1, 1)], delta=delta, mechanism="rdp")
+    assert math.isfinite(epsilon_of([(1.0, 0.1, 1)], delta=0.5, mechanism="rdp"))  # allowed
+
+
+def test_history_merges_only_equal_consecutive_pairs():
+    acc = PrivacyAccountant("rdp")
+    runs = [
+        (1.0, 0.1, 5),
+        (1.0, 0.2, 5),
+        (2.0, 0.2, 4),
+        (2.0, 0.2, 3),
+        (1.0, 0.1, 1),
+        (1.0, 0.1, 0),
+    ]
+    for sigma, q, n in runs:
+        acc.step(noise_multiplier=sigma, sample_rate=q, steps=n)
+    assert acc.history == [(1.0, 0.1, 5), (1.0, 0.2, 5), (2.0, 0.2, 7), (1.0, 0.1, 1)]
+    assert acc.steps == 18
+    restored = PrivacyAccountant("rdp")
+    restored.load_state_dict({**acc.state_dict(), "history": [list(r) for r in runs]})
+    assert restored.history == acc.history
+
+
+def test_epsilon_of_a_mixed_history_is_opacus_exactly():
+    """ε of several (σ, q, steps) runs is Opacus' own accountant's ε for the same history."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+    from opacus.accountants.analysis import gdp as gdp_analysis
+
+    history = [(1.1, 0.02, 300), (0.8, 0.05, 40), (1.1, 0.02, 1)]
+    rdp = RDPAccountant()
+    rdp.history = list(history)
+    assert epsilon_of(history, delta=1e-6, mechanism="rdp") == pytest.approx(
+        rdp.get_epsilon(delta=1e-6), rel=1e-12
+    )
+    prv = PRVAccountant()
+    prv.history = list(history)
+    assert epsilon_of(history, delta=1e-6, mechanism="prv") == pytest.approx(
+        prv.get_epsilon(delta=1e-6), rel=1e-9
+    )
+    assert epsilon_of([(1.3, 0.03, 77)], delta=1e-6, mechanism="gdp") == pytest.approx(
+        gdp_analysis.compute_eps_poisson(
+            steps=77, noise_multiplier=1.3, sample_rate=0.03, delta=1e-6
+        ),
+        rel=1e-12,
+    )
+    # runs of zero steps spend nothing, even without noise; one step spends something
+    assert epsilon_of([(0.0, 0.1, 0), *history], delta=1e-6, mechanism="rdp") == epsilon_of(
+        history, delta=1e-6, mechanism="rdp"
+    )
+    assert epsilon_of([(1.0, 0.1, 0)], delta=1e-6, mechanism="prv") == 0.0
+    assert epsilon_of([(1.0, 0.1, 1)], delta=1e-6, mechanism="rdp") > 0.0
+    assert math.isinf(epsilon_of([(1.0, 0.1, 5), (0.0, 0.1, 1)], delta=1e-6, mechanism="rdp"))
+
+
+def test_accountant_defaults_and_refused_settings():
+    acc = PrivacyAccountant()
+    assert (acc.mechanism, acc.level) == ("prv", "sample")
+    assert "steps=0" in repr(acc) and "'prv'" in repr(acc)
+    with pytest.raises(ValueError, match="^level = 'client'"):
+        PrivacyAccountant("rdp", level="client")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="^accountant = 'moments'.*'prv'"):
+        PrivacyAccountant("moments")  # type: ignore[arg-type]
+
+
+def test_gdp_accountant_warns_that_it_can_underestimate(caplog):
+    with caplog.at_level("WARNING", logger="fedft.privacy.accountant"):
+        PrivacyAccountant("rdp")
+        assert not caplog.records
+        PrivacyAccountant("gdp", level="user")
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "underestimate" in caplog.records[0].getMessage()
+
+
+def test_reported_epsilon_never_drops_below_what_was_reported_and_the_floor_resumes():
+    tiny = [(10.0, 0.01, 1)]  # ε well below 1
+    acc = PrivacyAccountant("rdp")
+    acc.step(noise_multiplier=10.0, sample_rate=0.01, steps=1)
+    exact = epsilon_of(tiny, delta=1e-5, mechanism="rdp")
+    assert 0 < exact < 1 and acc.epsilon(1e-5) == exact
+    assert acc.state_dict()["epsilon_floor"] == {repr(1e-5): exact}
+    # a resumed accountant whose floor is above its history's ε keeps reporting the floor,
+    # for the δ it was reported at only
+    state = {**acc.state_dict(), "epsilon_floor": {repr(1e-5): 2.5}}
+    resumed = PrivacyAccountant("rdp")
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    assert resumed.state_dict() == state
+    assert resumed.epsilon(1e-5) == 2.5
+    assert resumed.epsilon_if(noise_multiplier=10.0, sample_rate=0.01, steps=1, delta=1e-5) == 2.5
+    assert resumed.epsilon(1e-6) == epsilon_of(tiny, delta=1e-6, mechanism="rdp")
+    assert resumed.epsilon_if(
+        noise_multiplier=10.0, sample_rate=0.01, steps=1, delta=1e-6
+    ) == epsilon_of([(10.0, 0.01, 2)], delta=1e-6, mechanism="rdp")
+    # an infinite ε is reported but never stored: the state stays valid JSON
+    acc.step(noise_multiplier=0.0, sample_rate=0.01, steps=1)
+    assert math.isinf(acc.epsilon(1e-5))
+    assert acc.state_dict()["epsilon_floor"] == {repr(1e-5): exact}
+    json.dumps(acc.state_dict(), allow_nan=False)
+
+
+def test_accountant_state_format_and_refused_states():
+    acc = PrivacyAccountant("prv", level="user")
+    acc.step(noise_multiplier=1.2, sample_rate=0.1, steps=3)
+    acc.epsilon(1e-5)
+    state = acc.state_dict()
+    assert state == {
+        "version": 1,
+        "mechanism": "prv",
+        "level": "user",
+        "history": [[1.2, 0.1, 3]],
+        "epsilon_floor": {repr(1e-5): acc.epsilon(1e-5)},
+    }
+    minimal = {"version": 1, "mechanism": "prv", "level": "user"}
+    empty = PrivacyAccountant("prv", level="user")
+    empty.load_state_dict(minimal)
+    assert empty.history == [] and empty.state_dict()["epsilon_floor"] == {}
+    zero = PrivacyAccountant("prv", level="user")
+    zero.load_state_dict({**state, "epsilon_floor": {"1e-05": 0, "1e-06": 0.5}})
+    assert zero.state_dict()["epsilon_floor"] == {"1e-05": 0.0, "1e-06": 0.5}
+    refused = [
+        ({**state, "version": 2}, "version 2"),
+        ({k: v for k, v in state.items() if k != "version"}, "version None"),
+        ({**state, "level": "sample"}, r"\('prv', 'sample'\)"),
+        ({**state, "mechanism": "rdp"}, r"\('rdp', 'user'\)"),
+        ({**state, "history": [[1.2, 0.1]]}, "history entry"),
+        ({**state, "history": [[1.2, 0.1, 3, 4]]}, "history entry"),
+        ({**state, "history": [7]}, "history entry"),
+        ({**state, "epsilon_floor": {"1e-05": -0.1}}, "epsilon_floor"),
+        ({**state, "epsilon_floor": {"1e-05": "1"}}, "epsilon_floor"),
+        ({**state, "epsilon_floor": [1.0]}, "epsilon_floor"),
+    ]
+    for bad, message in refused:
+        target = PrivacyAccountant("prv", level="user")
+        with pytest.raises(ValueError, match=message):
+            target.load_state_dict(bad)
+        assert target.history == []  # nothing half-loaded
+
+
+def test_check_budget_refusals_and_what_the_decision_reports():
+    acc = PrivacyAccountant("rdp", level="user")
+    acc.step(noise_multiplier=1.5, sample_rate=0.04, steps=250)
+    now = acc.epsilon(1e-5)
+    for budget in (0, 0.0, -1.0):
+        with pytest.raises(ValueError, match="^epsilon_budget = "):
+            check_budget(
+                acc,
+                noise_multiplier=1.5,
+                sample_rate=0.04,
+                steps=1,
+                epsilon_budget=budget,
+                delta=1e-5,
+            )
+    with pytest.raises(ValueError, match="'gdp' cannot be used for refusing rounds"):
+        check_budget(
+            PrivacyAccountant("gdp"),
+            noise_multiplier=1.5,
+            sample_rate=0.04,
+            steps=1,
+            epsilon_budget=1.0,
+            delta=1e-5,
+        )
+    kw = dict(noise_multiplier=1.5, sample_rate=0.04, steps=2000, delta=1e-5)
+    yes = check_budget(acc, epsilon_budget=9, **kw)
+    assert (yes.allowed, yes.epsilon_now, yes.epsilon_budget, yes.delta, yes.level) == (
+        True,
+        now,
+        9.0,
+        1e-5,
+        "user",
+    )
+    assert yes.epsilon_after == pytest.approx(RDP_2250, rel=1e-6)
+    assert isinstance(yes.epsilon_budget, float)
+    assert f"{now:.4f} -> {yes.epsilon_after:.4f}" in yes.message and "refused" not in yes.message
+    no = check_budget(acc, epsilon_budget=7, **kw)
+    assert not no.allowed and no.epsilon_after == yes.epsilon_after
+    for part in (
+        "2000 more steps",
+        "sigma=1.5",
+        "q=0.04",
+        "user-level",
+        f"{now:.4f}",
+        "budget 7 ",
+        "delta=1e-05",
+    ):
+        assert part in no.message, part
+    err = BudgetExceededError(no)
+    assert err.decision is no and str(err) == no.message
+    assert acc.steps == 250  # deciding records nothing
+
+
+# -- planner boundaries ----------------------------------------------------------------------
+def test_planner_arguments_are_checked_at_their_boundaries():
+    assert sample_rate_for(1, 1) == 1.0 and sample_rate_for(3, 1) == 1 / 3
+    for n, b in ((0, 1), (1, 0), (-5, 3)):
+        with pytest.raises(ValueError, match=f"num_examples = {n}, batch_size = {b}"):
+            sample_rate_for(n, b)
+    ok = dict(epsilon=2.0, delta=1e-5, sample_rate=0.1, steps=10, accountant="rdp")
+    sigma = calibrate_noise(**{**ok, "sample_rate": 1.0, "steps": 1})
+    assert epsilon_of([(sigma, 1.0, 1)], delta=1e-5, mechanism="rdp") <= 2.0
+    for change, key in (
+        ({"epsilon": 0.0}, "epsilon = 0.0"),
+        ({"delta": 1.0}, "delta = 1.0"),
+        ({"delta": 0.0}, "delta = 0.0"),
+        ({"sample_rate": 0.0}, "sample_rate = 0.0"),
+        ({"sample_rate": 1.5}, "sample_rate = 1.5"),
+        ({"steps": 0}, "steps = 0"),
+        ({"accountant": "gdp"}, "'gdp' cannot be used for calibrating noise"),
+    ):
+        with pytest.raises(ValueError, match=key):
+            calibrate_noise(**{**ok, **change})
+    for rounds, per_round in ((0, 1), (1, 0)):
+        with pytest.raises(ValueError, match=f"rounds = {rounds}, steps_per_round = {per_round}"):
+            plan(
+                epsilon=2.0,
+                delta=1e-5,
+                sample_rate=0.1,
+                steps_per_round=per_round,
+                rounds=rounds,
+                accountant="rdp",
+            )
+    for m in (0, 11):
+        with pytest.raises(ValueError, match=f"clients_per_round = {m} must be in 1..num_clients"):
+            plan_user_level(
+                epsilon=2.0,
+                delta=1e-5,
+                clients_per_round=m,
+                num_clients=10,
+                rounds=2,
+                accountant="rdp",
+            )
+
+
+def test_calibrate_noise_never_hands_out_a_sigma_over_the_target(monkeypatch):
+    """Opacus' search stopping on the wrong side is corrected upwards, or refused."""
+    from fedft.privacy import planner
+
+    kw = dict(epsilon=2.0, delta=1e-5, sample_rate=0.1, steps=50, accountant="rdp")
+    right = calibrate_noise(**kw)
+    low = 0.97 * right
+    assert epsilon_of([(low, 0.1, 50)], delta=1e-5, mechanism="rdp") > 2.0
+    monkeypatch.setattr(planner, "get_noise_multiplier", lambda **_: low)
+    fixed = calibrate_noise(**kw)
+    assert epsilon_of([(fixed, 0.1, 50)], delta=1e-5, mechanism="rdp") <= 2.0
+    assert low < fixed <= low * 1.01**4  # raised in 1 % steps, no further than needed
+    assert epsilon_of([(fixed / 1.01, 0.1, 50)], delta=1e-5, mechanism="rdp") > 2.0
+    monkeypatch.setattr(planner, "get_noise_multiplier", lambda **_: 0.3 * right)
+    with pytest.raises(
+        ValueError, match="could not calibrate a noise multiplier for epsilon = 2.0"
+    ):
+        calibrate_noise(**kw)
+    seen = {}
+    monkeypatch.setattr(planner, "get_noise_multiplier", lambda **k: seen.update(k) or right)
+    calibrate_noise(**kw)
+    assert seen == dict(
+        target_epsilon=2.0,
+        target_delta=1e-5,
+        sample_rate=0.1,
+        steps=50,
+        accountant="rdp",
+        epsilon_tolerance=0.01,
+    )
+
+
+def test_long_plans_show_at_most_fifty_rounds_ending_with_the_last():
+    p = plan(
+        epsilon=4.0,
+        delta=1e-5,
+        sample_rate=0.01,
+        steps_per_round=2,
+        rounds=120,
+        accountant="rdp",
+        alternatives=(0.25, 1.0, 3.0),
+    )
+    rounds = [r for r, _ in p.epsilon_by_round]
+    assert rounds == sorted({max(1, round(120 * i / 50)) for i in range(1, 51)})
+    assert rounds[-1] == 120 and len(rounds) == 50
+    for r, eps in p.epsilon_by_round:
+        assert eps == epsilon_of([(p.noise_multiplier, 0.01, 2 * r)], delta=1e-5, mechanism="rdp")
+    assert p.epsilon == p.epsilon_by_round[-1][1] <= 4.0
+    assert [r for r, _ in p.alternatives] == [30, 360]  # 1.0 x rounds is the plan itself
+    assert (
+        p.epsilon_target,
+        p.delta,
+        p.accountant,
+        p.sample_rate,
+        p.steps_per_round,
+        p.rounds,
+    ) == (4.0, 1e-5, "rdp", 0.01, 2, 120)
+    text = format_plan(p)
+    rows = [line.split() for line in text.splitlines()]
+    for r, eps in p.epsilon_by_round:
+        assert [str(r), str(2 * r), f"{eps:.4f}"] in rows
+    for r, eps in p.alternatives:
+        assert [str(r), f"{eps:.4f}"] in rows
+    assert f"{p.epsilon:.4f}" in text and "0.01 " in text and "eps = 4 at delta = 1e-05" in text
+    short = plan(
+        epsilon=4.0,
+        delta=1e-5,
+        sample_rate=0.01,
+        steps_per_round=2,
+        rounds=3,
+        accountant="rdp",
+        alternatives=(),
+    )
+    assert [r for r, _ in short.epsilon_by_round] == [1, 2, 3] and short.alternatives == ()
+    assert "other round counts" not in format_plan(short)
+
+
+def test_user_level_plan_notes_say_when_delta_or_noise_is_too_large():
+    kw = dict(clients_per_round=2, num_clients=4, rounds=3, accountant="rdp")
+    loose = plan_user_level(epsilon=2.0, delta=0.25, **kw)  # δ exactly 1/N: flagged
+    assert loose.sample_rate == 0.5 and loose.level == "user" and loose.steps_per_round == 1
+    assert loose.epsilon <= 2.0 and [r for r, _ in loose.alternatives] == [2, 6]
+    assert "delta = 0.25 is not below 1/num_clients = 0.25" in loose.notes[0]
+    assert "q = 0.5" in loose.notes[1] and "2 clients per round" in loose.notes[1]
+    assert f"sigma*C/m = {loose.noise_multiplier / 2:.3g} x C" in loose.notes[2]
+    text = format_plan(loose)
+    assert all(f"note: {n}" in text for n in loose.notes)
+    noisy = plan_user_level(epsilon=1.0, delta=1e-5, **kw)
+    assert noisy.noise_multiplier > 2 and len(noisy.notes) == 2
+    assert "needs more clients" in noisy.notes[1]
+    many = plan_user_level(
+        epsilon=8.0,
+        delta=1e-5,
+        clients_per_round=1000,
+        num_clients=1000,
+        rounds=2,
+        accountant="rdp",
+    )
+    assert many.sample_rate == 1.0 and len(many.notes) == 2
+    assert not any("needs more clients" in n for n in many.notes)
