@@ -2,12 +2,20 @@
 
 For each module the tracked files are copied to a scratch folder, mutmut is configured there
 to mutate only that module and to run only the fast unit tests that cover it, and it runs
-niced on one worker. The score is killed / (killed + survived) over the mutants that some
-test executes, as mutmut counts it; mutants no selected test executes are listed apart.
+niced on one worker. mutmut records which tests execute each function and runs only those
+against that function's mutants, the fastest first. The score is killed / (killed + survived
++ no tests): a mutant that no selected test executes counts as not caught. Mutants not run
+(a run stopped by ``--budget``) are reported apart, as the fraction of the module that ran.
 
     python scripts/mutation.py                 # every module
     python scripts/mutation.py secagg serde    # some of them
     python scripts/mutation.py --keep DIR      # keep the scratch folders (browse survivors)
+    python scripts/mutation.py privacy --keep DIR --budget 1800   # stop after 30 min
+    python scripts/mutation.py privacy --keep DIR --rerun         # after adding tests
+
+``--rerun`` copies the current tests into the kept folder and runs again exactly the mutants
+that survived or had no test (the selection of test files must not have changed: mutmut
+forgets every result when it does).
 
 Needs mutmut (``pip install -r requirements-dev.txt``; ``make mutation`` installs it).
 """
@@ -19,11 +27,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +43,13 @@ MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "serde": ("fedft/transport/serde.py", ("tests/test_serde.py",)),
     "privacy": (
         "fedft/privacy/*",
-        ("tests/test_privacy.py", "tests/test_privacy_dpsgd.py", "tests/test_resume_state.py"),
+        (
+            "tests/test_privacy.py",
+            "tests/test_privacy_dpsgd.py",
+            "tests/test_privacy_guarantees.py",
+            "tests/test_split_dp.py",
+            "tests/test_resume_state.py",
+        ),
     ),
     "aggregation": (
         "fedft/aggregation/*",
@@ -78,11 +94,7 @@ def _mutmut_table(module: str) -> str:
     return "\n[tool.mutmut]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items())
 
 
-def run_module(module: str, scratch: Path) -> dict[str, object]:
-    """Run mutmut over one module in ``scratch``; return its counts, score and wall time."""
-    _copy_tree(scratch)
-    pyproject = scratch / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text() + _mutmut_table(module))
+def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(
         HF_HUB_OFFLINE="1",
@@ -91,46 +103,95 @@ def run_module(module: str, scratch: Path) -> dict[str, object]:
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="1",
     )
-    mutmut = [str(Path(sys.executable).parent / "mutmut")]
-    t0 = time.monotonic()
-    log = scratch / "mutmut-run.log"
-    with log.open("w") as fh:
-        subprocess.run(
-            ["nice", "-n", "10", *mutmut, "run", "--max-children", "1"],
-            cwd=scratch,
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
-    wall = time.monotonic() - t0
+    return env
+
+
+def _mutmut() -> str:
+    return str(Path(sys.executable).parent / "mutmut")
+
+
+def _results(scratch: Path) -> dict[str, str]:
+    """mutant name -> mutmut status, for every mutant of the module."""
     listing = subprocess.run(
-        [*mutmut, "results", "--all", "true"],
+        [_mutmut(), "results", "--all", "true"],
         cwd=scratch,
-        env=env,
+        env=_env(),
         capture_output=True,
         text=True,
         check=False,
     ).stdout
-    counts: dict[str, int] = {}
-    survivors: list[str] = []
+    out: dict[str, str] = {}
     for line in listing.splitlines():
         m = _STATUS.match(line)
-        if not m:
-            continue
-        name, status = m.group(1), m.group(2).strip()
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _run_mutmut(scratch: Path, names: list[str], *, workers: int, budget: float | None) -> float:
+    """``mutmut run`` (all mutants, or ``names``), stopped by SIGINT after ``budget`` s."""
+    t0 = time.monotonic()
+    with (scratch / "mutmut-run.log").open("a") as fh:
+        proc = subprocess.Popen(  # nice execs mutmut: SIGINT reaches mutmut, which stops cleanly
+            ["nice", "-n", "10", _mutmut(), "run", "--max-children", str(workers), *names],
+            cwd=scratch,
+            env=_env(),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            proc.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            # mutmut saves each result as it comes; it may finish the mutant in hand on
+            # SIGINT, so SIGTERM follows, then SIGKILL (results so far are kept either way)
+            for sig, grace in ((signal.SIGINT, 30), (signal.SIGTERM, 30), (signal.SIGKILL, None)):
+                proc.send_signal(sig)
+                try:
+                    proc.wait(timeout=grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+    return time.monotonic() - t0
+
+
+def _summary(module: str, statuses: dict[str, str], wall: float) -> dict[str, object]:
+    counts: dict[str, int] = {}
+    for status in statuses.values():
         counts[status] = counts.get(status, 0) + 1
-        if status == "survived":
-            survivors.append(name)
     killed = counts.get("killed", 0) + counts.get("timeout", 0)
-    tested = killed + counts.get("survived", 0)
+    judged = killed + counts.get("survived", 0) + counts.get("no tests", 0)
     return {
         "module": module,
+        "mutants": len(statuses),
+        "run": len(statuses) - counts.get("not checked", 0),
         "counts": counts,
-        "score": round(100 * killed / tested, 1) if tested else None,
+        "score": round(100 * killed / judged, 1) if judged else None,
         "wall_s": round(wall),
-        "survivors": survivors,
+        "survivors": sorted(n for n, st in statuses.items() if st == "survived"),
     }
+
+
+def run_module(
+    module: str, scratch: Path, *, workers: int = 1, budget: float | None = None
+) -> dict[str, object]:
+    """Run mutmut over one module in ``scratch``; return its counts, score and wall time."""
+    _copy_tree(scratch)
+    pyproject = scratch / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text() + _mutmut_table(module))
+    wall = _run_mutmut(scratch, [], workers=workers, budget=budget)
+    return _summary(module, _results(scratch), wall)
+
+
+def rerun_module(
+    module: str, scratch: Path, *, workers: int = 1, budget: float | None = None
+) -> dict[str, object]:
+    """Copy the current tests into a kept ``scratch`` and re-run its uncaught mutants."""
+    for dest in (scratch / "tests", scratch / "mutants" / "tests"):
+        shutil.copytree(ROOT / "tests", dest, dirs_exist_ok=True)
+    before = _results(scratch)
+    names = sorted(n for n, st in before.items() if st in ("survived", "no tests"))
+    wall = _run_mutmut(scratch, names, workers=workers, budget=budget) if names else 0.0
+    return _summary(module, _results(scratch), wall)
 
 
 def main(argv: list[str]) -> int:
@@ -139,26 +200,46 @@ def main(argv: list[str]) -> int:
     parser.add_argument("modules", nargs="*", help=f"some of {', '.join(MODULES)} (default all)")
     parser.add_argument("--keep", type=Path, help="keep each module's scratch folder here")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--budget", type=float, help="stop each module after this many seconds (a sample)"
+    )
+    parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help="with --keep: re-run the survived and untested mutants with the current tests",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="mutants tested at once (default 1: a shared box)"
+    )
     args = parser.parse_args(argv)
+    if args.rerun and not args.keep:
+        parser.error("--rerun needs --keep DIR (the folder of an earlier run)")
     unknown = sorted(set(args.modules) - set(MODULES))
     if unknown:
         parser.error(f"unknown modules {unknown}; choose from {', '.join(MODULES)}")
     results = []
     for module in args.modules or list(MODULES):
-        if args.keep:
+        opts = {"workers": args.workers, "budget": args.budget}
+        if args.rerun:
+            scratch = args.keep / module
+            if not (scratch / "mutants").is_dir():
+                parser.error(f"{scratch} holds no earlier mutmut run of {module}")
+            res = rerun_module(module, scratch, **opts)
+        elif args.keep:
             scratch = args.keep / module
             shutil.rmtree(scratch, ignore_errors=True)
             scratch.mkdir(parents=True)
-            res = run_module(module, scratch)
+            res = run_module(module, scratch, **opts)
         else:
             with tempfile.TemporaryDirectory(prefix=f"fedft-mutation-{module}-") as tmp:
-                res = run_module(module, Path(tmp))
+                res = run_module(module, Path(tmp), **opts)
         results.append(res)
-        c = res["counts"]
+        c = cast("dict[str, int]", res["counts"])
         print(
             f"{module}: score {res['score']}% (killed {c.get('killed', 0)}, timeout "
             f"{c.get('timeout', 0)}, survived {c.get('survived', 0)}, no tests "
-            f"{c.get('no tests', 0)}), {res['wall_s']} s",
+            f"{c.get('no tests', 0)}); ran {res['run']} of {res['mutants']} mutants, "
+            f"{res['wall_s']} s",
             flush=True,
         )
     if args.json:

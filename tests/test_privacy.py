@@ -740,3 +740,83 @@ def test_user_level_plan_notes_say_when_delta_or_noise_is_too_large():
     )
     assert many.sample_rate == 1.0 and len(many.notes) == 2
     assert not any("needs more clients" in n for n in many.notes)
+
+
+def test_plans_use_the_tightest_sound_accountant_by_default():
+    """Without an accountant, plans are PRV's (Opacus' default and the tightest sound one)."""
+    kw = dict(epsilon=3.0, delta=1e-5, rounds=1, alternatives=())
+    sample = plan(sample_rate=0.1, steps_per_round=10, **kw)
+    user = plan_user_level(clients_per_round=5, num_clients=50, **kw)
+    assert sample.accountant == user.accountant == "prv"
+    assert sample.noise_multiplier == calibrate_noise(
+        epsilon=3.0, delta=1e-5, sample_rate=0.1, steps=10, accountant="prv"
+    )
+    assert sample.epsilon == epsilon_of(
+        [(sample.noise_multiplier, 0.1, 10)], delta=1e-5, mechanism="prv"
+    )
+    assert PrivacyAccountant().mechanism == "prv"
+
+
+def test_resumed_central_dp_around_fedsb_keeps_the_reference_middle_matrix():
+    """Fed-SB trains R only: a resumed wrapper must start from the saved reference R."""
+
+    def build():
+        inner, ref = make_inner("fedsb")
+        dp = CentralDP(
+            inner, clip_norm=1.0, noise_multiplier=0.5, expected_clients=2, num_clients=20,
+            seed=5, accountant="rdp",
+        )  # fmt: skip
+        dp.set_reference(ref)
+        return dp, ref
+
+    a, ref = build()
+    r1 = a.aggregate([client_update(ref, "r", f"c{k}", 0.05, seed=k) for k in range(2)])
+    saved = a.state_dict()
+    assert all(saved["reference"][m]["r"] is not None for m in SHAPES)
+    ups2 = [client_update(r1.adapters, "r", f"c{k}", 0.05, seed=10 + k) for k in range(2)]
+    r2 = a.aggregate(ups2)
+    b, _ = build()
+    b.load_state_dict(saved)
+    for mod in SHAPES:
+        assert torch.equal(b.state_dict()["reference"][mod]["r"], saved["reference"][mod]["r"])
+    r2b = b.aggregate(ups2)
+    for mod in SHAPES:
+        assert torch.equal(r2.adapters[mod].r, r2b.adapters[mod].r)
+
+
+def test_central_dp_noise_is_fresh_every_round_and_depends_on_the_seed():
+    """Equal noise in two rounds would cancel in their difference: each round draws anew."""
+
+    def build(seed):
+        inner, ref = make_inner("fedit")
+        dp = CentralDP(
+            inner, clip_norm=1.0, noise_multiplier=1.0, expected_clients=2, num_clients=20,
+            seed=seed, accountant="rdp", delta=1e-5,
+        )  # fmt: skip
+        head = torch.zeros(2, 16)
+        dp.set_reference(ref, extras={"head": head})
+        return dp, ref, head
+
+    dp, ref, head = build(7)
+    steps = []
+    for rnd in range(3):
+        ups = [client_update(ref, "ab", f"c{k}", 0.01, seed=k, head=head) for k in range(2)]
+        out = dp.aggregate(ups)
+        assert out.metrics["clients"] == 2.0
+        assert dp.state_dict()["round"] == rnd + 1
+        ref_extras = dp.state_dict()["reference_extras"]
+        assert torch.equal(ref_extras["head"], out.extras["head"])  # next round's reference
+        steps.append(
+            flat_trainable(out.adapters, out.extras, "ab")
+            - flat_trainable(ref, {"head": head}, "ab")
+        )
+        ref, head = out.adapters, out.extras["head"]
+    assert dp.accountant.history == [(1.0, 0.1, 3)]
+    # same clients, same moves: the rounds differ only by their noise, which must differ
+    assert not torch.allclose(steps[0], steps[1]) and not torch.allclose(steps[1], steps[2])
+    other, ref2, head2 = build(8)
+    ups = [client_update(ref2, "ab", f"c{k}", 0.01, seed=k, head=head2) for k in range(2)]
+    again, _, _ = build(7)
+    a = again.aggregate(ups)
+    b = other.aggregate(ups)
+    assert not torch.equal(a.adapters["layer0.q"].b, b.adapters["layer0.q"].b)
