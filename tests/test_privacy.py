@@ -820,3 +820,11 @@ def test_central_dp_noise_is_fresh_every_round_and_depends_on_the_seed():
     a = again.aggregate(ups)
     b = other.aggregate(ups)
     assert not torch.equal(a.adapters["layer0.q"].b, b.adapters["layer0.q"].b)
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
+def test_epsilon_is_never_negative_even_at_a_large_delta(mechanism: str) -> None:
+    # both conversions go below 0 at delta = 0.5 (rdp -0.53, prv -0.68 for this history)
+    history = [(1.0, 0.1, 10)]
+    assert epsilon_of(history, delta=0.5, mechanism=mechanism) == 0.0
+    assert epsilon_of(history, delta=1e-5, mechanism=mechanism) > 0.0

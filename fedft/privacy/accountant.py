@@ -89,7 +89,7 @@ def _rdp_one_step(sample_rate: float, noise_multiplier: float) -> tuple[float, .
 
 
 def epsilon_of(history: Sequence[HistoryEntry], *, delta: float, mechanism: Mechanism) -> float:
-    """ε at δ spent by ``history`` under ``mechanism`` (stateless; no floor applied).
+    """ε at δ spent by ``history`` under ``mechanism`` (stateless; no reported floor applied).
 
     Args:
         history: ``(noise_multiplier, sample_rate, steps)`` entries.
@@ -97,8 +97,14 @@ def epsilon_of(history: Sequence[HistoryEntry], *, delta: float, mechanism: Mech
         mechanism: ``"rdp"``, ``"prv"`` or ``"gdp"``.
 
     Returns:
-        ε (0.0 for an empty history, ``inf`` when any run had no noise).
+        ε >= 0 (0.0 for an empty history, ``inf`` when any run had no noise). The RDP
+        conversion goes negative for large δ (δ = 0.5: -0.68); ε < 0 means nothing, so
+        it is 0 then.
     """
+    return max(_epsilon_of(history, delta=delta, mechanism=mechanism), 0.0)
+
+
+def _epsilon_of(history: Sequence[HistoryEntry], *, delta: float, mechanism: Mechanism) -> float:
     _check_delta(delta)
     live = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
     if not live:
