@@ -305,6 +305,7 @@ def run(*, size: Size = "default", doc: Path | None = DOC, model: str = "minilm"
         f"1-min load average of the machine between runs: {min(loads):.1f}-{max(loads):.1f} "
         f"(2 cores). {line.removeprefix('RATIO deploy: ')}."
     )
+    print(body, flush=True)
     write_section(
         "deploy",
         title="15. A deployed round beside a simulated one: where the time goes",

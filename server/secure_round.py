@@ -1,6 +1,6 @@
 """One secure-aggregation round over Flower messages (the server's side).
 
-Five ``grid.send_and_receive`` exchanges with the round's clients, each message carrying a
+Five exchanges (``server.collect.exchange``) with the round's clients, each message carrying a
 :mod:`fedft.secagg` message as the ``fedft.secagg`` ConfigRecord
 (:mod:`fedft.transport.secagg_serde`; ``message_type = "train.secagg"``):
 
@@ -59,7 +59,7 @@ from fedft.secagg.encoding import decode_aggregate, vector_length
 from fedft.transport import secagg_serde as ss
 from fedft.transport import serde
 from fedft.types import AggregationResult, ClientUpdate, Parts
-from server.collect import Replies
+from server.collect import Replies, exchange
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class _Exchange:
                 )
             )
         got: dict[int, RecordDict] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+        for reply in exchange(self.grid, messages, timeout=self.timeout):
             src = reply.metadata.src_node_id
             k = self.index_of.get(src)
             if reply.has_error():

@@ -195,3 +195,22 @@ def test_config_partition_bench_smoke(capsys):
     assert lines[0].startswith("RATIO config_partition: config fresh start after/before")
     out = capsys.readouterr().out
     assert "| partition 12,244 records: dirichlet alpha=2.0 |" in out
+
+
+@pytest.mark.slow
+def test_deploy_bench_smoke(tiny_bert_dir, tmp_path, capsys):
+    """#20: the simulated, worker and per-message paths all run and every phase is read."""
+    from bench import deploy
+
+    lines = deploy.run(size="smoke", doc=tmp_path / "b.md", model=str(tiny_bert_dir))
+    assert lines[0].startswith("RATIO deploy: deployed/simulated round wall time: resident")
+    rows = [r.split("|")[1:-1] for r in (tmp_path / "b.md").read_text().splitlines()]
+    phases = [[c.strip() for c in r] for r in rows if len(r) == len(deploy.HEADER)][2:]
+    assert [r[0] for r in phases] == [p for p in deploy.PATHS for _ in (1, 2)]
+    by_path = {(r[0], r[1]): r for r in phases}
+    worker, per_message = deploy.PATHS[1], deploy.PATHS[2]
+    for rnd in ("1", "2"):
+        assert by_path[(worker, rnd)][8] != "-"  # the hand-over to the worker was measured
+        assert by_path[(per_message, rnd)][8] == "-"  # no worker on this path
+        assert float(by_path[(per_message, rnd)][5]) > 0  # it loaded the model every round
+    assert float(by_path[(worker, "2")][5]) < 0.05  # the worker kept it loaded
