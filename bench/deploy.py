@@ -6,8 +6,11 @@ phases (``client/phases.py``):
 
 * **simulated**: ``fedft simulate CONFIG`` (Flower's Simulation Engine on Ray);
 * **deployed, resident worker**: ``fedft certs``, ``fedft server`` (TLS, node keys) and one
-  ``fedft client`` per client on loopback, as README's one-machine deployment; each client
-  keeps its model and data in its worker (the default);
+  ``fedft client --threads 1`` per client on loopback, as README's one-machine deployment
+  (one training thread each, as each simulated client has: three clients with torch's
+  default of every core each ran their local rounds 6-15x slower than the simulated
+  clients, measured 2026-12-02); each
+  client keeps its model and data in its worker (the default);
 * **deployed, a process per message**: the same with ``fedft client --no-worker`` (what
   every deployed client did before the worker: Flower starts a fresh ``flwr-clientapp``
   process for every message, which imports the model code and loads the model again).
@@ -157,7 +160,9 @@ def run_deployed(sets: Sequence[str], work: Path, *, worker: bool, clients: int)
         "server",
         _cli("server", CONFIG, "--out", str(out), "--address", f"127.0.0.1:{port}", *common),
     )
-    extra = [] if worker else ["--no-worker"]
+    # the clients share this machine: each trains on one thread, as each simulated client
+    # does (federation.cpus_per_client = 1: Ray sets one OpenMP thread per actor)
+    extra = ["--threads", "1"] + ([] if worker else ["--no-worker"])
     for i in range(clients):
         start(
             f"client-{i}",

@@ -98,6 +98,9 @@ class ClientPlan:
         split_key: the certificate's private key (``client-<i>-tls.key``).
         worker: keep a resident worker holding the model and data across rounds (False:
             every message loads them again in the process Flower starts for it).
+        threads: CPU threads of this client's training (``OMP_NUM_THREADS`` of the worker
+            and of every ClientApp process); 0 = torch's default, every core. Clients that
+            share a machine should each get their share.
         warm_config: the run's configuration as ``fedft client`` read it (RunConfig JSON):
             the worker loads its model and this client's data before the first round
             ("" = on the first message).
@@ -120,12 +123,15 @@ class ClientPlan:
     split_cert: Path | None = None
     split_key: Path | None = None
     worker: bool = True
+    threads: int = 0
     warm_config: str = ""
 
     def __post_init__(self) -> None:
         split_address(self.server)
         if self.partition < 0:
             raise DeployError(f"--partition {self.partition}: a client index >= 0")
+        if self.threads < 0:
+            raise DeployError(f"--threads {self.threads}: a number of threads >= 1 (0: all cores)")
         if self.epsilon is not None and not self.epsilon > 0:
             raise DeployError(f"--epsilon {self.epsilon}: a privacy budget > 0 (e.g. 3.0)")
         for name, path in (
@@ -162,6 +168,15 @@ class ClientPlan:
     def ledger_path(self) -> Path:
         """Where this client's privacy ledger lives."""
         return self.ledger if self.ledger is not None else default_ledger(self.partition)
+
+
+def client_env(plan: ClientPlan, state: Path) -> dict[str, str]:
+    """The environment of the SuperNode and the worker (:func:`flower_env`, and the thread
+    count when ``plan.threads`` is set)."""
+    env = flower_env(state)
+    if plan.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(plan.threads)
+    return env
 
 
 def default_ledger(partition: int) -> Path:
@@ -459,7 +474,7 @@ def _serve(
             name=f"flower-supernode[{plan.partition}]",
             argv=supernode_argv(plan, runtime_port=port, worker_socket=socket_path),
             log_path=None,
-            env=flower_env(state),
+            env=client_env(plan, state),
             on_line=watch.feed,
         )
         started = time.monotonic()
@@ -528,7 +543,7 @@ def run_client(
     with terminate_as_interrupt():
         try:
             if plan.worker:
-                keeper = WorkerKeeper(plan, flower_env(state), sink.write)
+                keeper = WorkerKeeper(plan, client_env(plan, state), sink.write)
                 keeper.start()
             return _serve(plan, state, sink, keeper, retry_s=retry_s, poll_s=poll_s)
         except KeyboardInterrupt:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from flwr.app import Context, RecordDict
 
 from client import phases
@@ -40,6 +41,7 @@ def train_reply(cfg: RunConfig, content: RecordDict, context: Context) -> Record
         load_s=t1 - t0,
         round_s=t2 - t1,
         encode_s=time.perf_counter() - t2,
+        threads=torch.get_num_threads(),
     )
     return reply
 

@@ -236,6 +236,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             split_cert=split_cert,
             split_key=split_key,
             worker=not args.no_worker,
+            threads=args.threads,
             warm_config=cfg.to_json(),
         )
         return run_client(plan)
@@ -573,6 +574,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="service mode: when the server finishes or goes away, wait quietly for it (or "
         "its next run) instead of exiting; stops on SIGTERM/SIGINT only",
+    )
+    cli.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads of this client's training (default 0: torch's own, every core); "
+        "clients sharing one machine should each get their share",
     )
     cli.add_argument(
         "--no-worker",

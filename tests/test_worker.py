@@ -296,3 +296,18 @@ def test_a_worker_of_another_code_version_is_not_used(tmp_path, monkeypatch):
     )  # fmt: skip
     app.dispatch("train", RecordDict(), ctx)
     assert ran_here == ["train"]
+
+
+def test_threads_reach_the_supernode_and_the_worker(tmp_path):
+    """``fedft client --threads N``: OMP_NUM_THREADS=N for the SuperNode (so every ClientApp
+    process) and the worker; 0 leaves torch's default; a negative count is refused."""
+    from client.deploy import client_env
+    from fedft.launch import DeployError
+
+    env = client_env(ClientPlan(partition=0, server="127.0.0.1:1", threads=1), tmp_path)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+    assert env["FLWR_HOME"] == str(tmp_path)
+    default = client_env(ClientPlan(partition=0, server="127.0.0.1:1"), tmp_path)
+    assert default.get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS")
+    with pytest.raises(DeployError, match="--threads -1"):
+        ClientPlan(partition=0, server="127.0.0.1:1", threads=-1)
