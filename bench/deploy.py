@@ -15,14 +15,16 @@ phases (``client/phases.py``):
   every deployed client did before the worker: Flower starts a fresh ``flwr-clientapp``
   process for every message, which imports the model code and loads the model again).
 
-Per path: the rounds' ``wall_s`` (the server's metrics.jsonl: send, the clients' work,
-collect, aggregate, evaluate), and per client train message the mean of each phase: the
-ClientApp process's start until fedft's code runs (interpreter, Flower's imports, pulling
-the task, installing the app bundle), fedft's imports, model + data load, the local round
-(decode + train), encoding the reply, and the hand-over to the worker (socket + protobuf,
-both ways). What is left of a round once the slowest client's message is done is the rest:
-the server's own work, which the simulation has too, plus, deployed, the polling waits of
-Flower's SuperNode (3 s when idle), SuperExec (1 s) and ServerApp (3 s) and the transport.
+Per path and round: the round's ``wall_s`` (the server's metrics.jsonl), the server's work
+outside the round's exchange with the clients (building the starts, validating,
+aggregating, evaluating, the checkpoint), and per client train message the mean of each
+phase: from the server's send until the client's code starts (deployed: the SuperLink, the
+SuperNode's poll (every 3 s when idle), its SuperExec's (every 1 s), a new process), that
+process's start until fedft's code runs (interpreter, Flower's imports, pulling the task,
+installing the app bundle), fedft's imports, model + data load, the local round (decode +
+train), encoding the reply, the hand-over to the worker (socket + protobuf, both ways); and
+from the last client's reply until the server has them all (the push back, the server's
+ask every 0.5 s).
 """
 
 from __future__ import annotations
@@ -96,13 +98,13 @@ class PathRun:
     rounds: list[dict[str, object]]  #: metrics.jsonl rows of rounds >= 1
     app: list[dict[str, float]] = field(default_factory=list)  #: ClientApp lines, train
     handler: list[dict[str, float]] = field(default_factory=list)  #: handler lines, train
+    server: list[dict[str, float]] = field(default_factory=list)  #: train exchanges
 
 
 def _read(out: Path, phase_log: Path, path: str, wall: float) -> PathRun:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    lines = (
-        [json.loads(x) for x in phase_log.read_text().splitlines()] if phase_log.is_file() else []
-    )
+    text = phase_log.read_text() if phase_log.is_file() else ""
+    lines = [json.loads(x) for x in text.splitlines()]
     train = sorted((x for x in lines if x.get("kind") == "train"), key=lambda x: x["at"])
     return PathRun(
         path,
@@ -110,6 +112,7 @@ def _read(out: Path, phase_log: Path, path: str, wall: float) -> PathRun:
         [r for r in rows if int(r["round"]) >= 1],
         app=[x for x in train if x["side"] == "app"],
         handler=[x for x in train if x["side"] == "handler"],
+        server=[x for x in train if x["side"] == "server"],
     )
 
 
@@ -212,6 +215,7 @@ def phase_row(run: PathRun, rnd: int, clients: int) -> list[str]:
     """One table row: round ``rnd`` (1-based) of ``run``."""
     apps = _chunks(run.app, clients)[rnd - 1] if len(run.app) >= rnd * clients else []
     hands = _chunks(run.handler, clients)[rnd - 1] if len(run.handler) >= rnd * clients else []
+    ex = run.server[rnd - 1] if len(run.server) >= rnd else None
     wall = float(str(run.rounds[rnd - 1]["wall_s"]))
     deployed = run.path != PATHS[0]
     start = [a["import_start"] - a["proc_start"] for a in apps if deployed and a.get("proc_start")]
@@ -225,22 +229,23 @@ def phase_row(run: PathRun, rnd: int, clients: int) -> list[str]:
         for a in apps
         if a.get("worker") and a["client"] in work
     ]
-    if deployed:
-        spans = [a["handler_end"] - a["proc_start"] for a in apps if a.get("proc_start")]
-    else:
-        spans = [a["handler_end"] - a["handler_start"] for a in apps]
-    rest = wall - max(spans) if spans else float("nan")
+    first = "proc_start" if deployed else "handler_start"
+    delivery = [a[first] - ex["sent"] for a in apps if ex and a.get(first)]
+    back = ex["done"] - max(a["handler_end"] for a in apps) if ex and apps else None
+    outside = wall - (ex["done"] - ex["begin"]) if ex else None
     return [
         run.path,
         str(rnd),
         f"{wall:.1f}",
+        "-" if outside is None else f"{outside:.1f}",
+        _avg(delivery),
         _avg(start),
         _avg(imports),
         _avg([h["load_s"] for h in hands]),
         _avg([h["round_s"] for h in hands]),
         _avg([h["encode_s"] for h in hands]),
         _avg(handover) if handover else "-",
-        f"{rest:.1f}",
+        "-" if back is None else f"{back:.1f}",
     ]
 
 
@@ -248,14 +253,61 @@ HEADER = [
     "path",
     "round",
     "round wall s",
+    "server work outside the exchange s",
+    "sent -> client process s",
     "process start -> fedft code s",
     "fedft imports s",
     "model + data load s",
     "local round s",
     "encode reply s",
     "hand-over s",
-    "rest of the round s",
+    "last reply -> server has all s",
 ]
+
+
+def _col(rows: list[list[str]], path: str, name: str) -> float:
+    """Mean over the rounds of column ``name`` of ``path``'s rows (0 where not measured)."""
+    i = HEADER.index(name)
+    values = [float(r[i]) for r in rows if r[0] == path and r[i] not in ("-", "nan")]
+    return mean(values) if values else 0.0
+
+
+def reading(rows: list[list[str]], runs: list[PathRun], flwr_s: float) -> str:
+    """The measured reading of the table: what the worker removed, what is left and why."""
+    sim, worker, per = PATHS
+    mean_wall = {r.path: mean(float(str(x["wall_s"])) for x in r.rounds) for r in runs}
+    ratios = [
+        float(str(x["wall_s"])) / float(str(s["wall_s"]))
+        for x, s in zip(runs[1].rounds, runs[0].rounds, strict=True)
+    ]
+    target = "met in every round" if max(ratios) <= 1.5 else "not met in every round"
+    return (
+        f"**Reading.** A process per message spent {_col(rows, per, 'fedft imports s'):.1f} s "
+        f"importing fedft's model code and {_col(rows, per, 'model + data load s'):.1f} s "
+        f"loading the model and data, per message (means over the rounds); with the resident "
+        f"worker these are {_col(rows, worker, 'fedft imports s'):.1f} s and "
+        f"{_col(rows, worker, 'model + data load s'):.2f} s, and the hand-over costs "
+        f"{_col(rows, worker, 'hand-over s'):.2f} s. What a deployed round still pays over a "
+        f"simulated one ({mean_wall[worker] - mean_wall[sim]:.1f} s a round on average): "
+        f"Flower starts a `flwr-clientapp` process for every message "
+        f"({_col(rows, worker, 'process start -> fedft code s'):.1f} s from its start to "
+        f"fedft's code; a bare interpreter importing Flower alone takes {flwr_s:.1f} s), the "
+        f"way to it ({_col(rows, worker, 'sent -> client process s'):.1f} s from the server's "
+        f"send; the SuperNode asks for messages every 3 s when idle and its SuperExec for "
+        f"tasks every 1 s, both fixed in flwr 1.41; simulated: "
+        f"{_col(rows, sim, 'sent -> client process s'):.1f} s) and back "
+        f"({_col(rows, worker, 'last reply -> server has all s'):.1f} s vs "
+        f"{_col(rows, sim, 'last reply -> server has all s'):.1f} s), and the server's work "
+        f"outside the exchange ({_col(rows, worker, 'server work outside the exchange s'):.1f} "
+        f"s deployed, {_col(rows, sim, 'server work outside the exchange s'):.1f} s "
+        f"simulated). The local rounds themselves: "
+        f"{_col(rows, worker, 'local round s'):.1f} s deployed, "
+        f"{_col(rows, sim, 'local round s'):.1f} s simulated (one thread per client on both; "
+        f"three deployed clients train at once on the 2 cores, the simulation two). Target "
+        f"deployed <= 1.5x simulated: {target} (per round "
+        + " / ".join(f"{r:.2f}" for r in ratios)
+        + ")."
+    )
 
 
 def run(*, size: Size = "default", doc: Path | None = DOC, model: str = "minilm") -> list[str]:
@@ -305,6 +357,8 @@ def run(*, size: Size = "default", doc: Path | None = DOC, model: str = "minilm"
                 for r in runs
             ],
         )  # fmt: skip
+        + "\n\n"
+        + reading(rows, runs, flwr_s)
         + f"\n\nA bare `python -c 'import flwr.supernode.runtime.run_clientapp'` (what "
         f"every `flwr-clientapp` process imports before fedft's code) took {flwr_s:.1f} s. "
         f"1-min load average of the machine between runs: {min(loads):.1f}-{max(loads):.1f} "

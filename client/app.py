@@ -29,8 +29,8 @@ from flwr.app import Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.clientapp.typing import Mod  # noqa: E402
 
-from client import phases  # noqa: E402
 from client.worker_link import CodeMismatch, ask_worker  # noqa: E402
+from fedft import phases  # noqa: E402
 from fedft.transport.worker_wire import WORKER_KEY  # noqa: E402
 
 if TYPE_CHECKING:

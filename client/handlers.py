@@ -14,9 +14,9 @@ import time
 import torch
 from flwr.app import Context, RecordDict
 
-from client import phases
 from client.local_round import client_index, encode_reply, load, train_round
 from client.secure_round import handle as secure_handle
+from fedft import phases
 from fedft.aggregation import AGGREGATORS
 from fedft.config import RunConfig
 from fedft.transport.flower_config import read_run_config

@@ -19,6 +19,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from torch import Tensor
 
+from fedft import phases
 from fedft.aggregation.validate import validate_update
 from fedft.replies import check_epsilon
 from fedft.training.coordinator import ClientStart
@@ -119,8 +120,12 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None) 
     if not isinstance(grid, Grid):
         return list(grid.send_and_receive(messages, timeout=timeout))
     pause = min(REPLY_POLL_S, float(getattr(grid, "pull_interval", REPLY_POLL_S)))
+    messages = list(messages)
+    kinds = sorted({m.metadata.message_type for m in messages})
+    begin = time.time()
     waiting = set(grid.push_messages(messages))
-    end = time.time() + (timeout or 0.0)
+    sent = time.time()
+    end = sent + (timeout or 0.0)
     got: list[Message] = []
     while timeout is None or time.time() < end:
         replies = list(grid.pull_messages(waiting))
@@ -129,6 +134,7 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None) 
         if not waiting:
             break
         time.sleep(pause)
+    phases.record("server", kind=",".join(kinds), begin=begin, sent=sent, done=time.time())
     return got
 
 

@@ -209,8 +209,11 @@ def test_deploy_bench_smoke(tiny_bert_dir, tmp_path, capsys):
     assert [r[0] for r in phases] == [p for p in deploy.PATHS for _ in (1, 2)]
     by_path = {(r[0], r[1]): r for r in phases}
     worker, per_message = deploy.PATHS[1], deploy.PATHS[2]
+    col = {name: i for i, name in enumerate(deploy.HEADER)}
     for rnd in ("1", "2"):
-        assert by_path[(worker, rnd)][8] != "-"  # the hand-over to the worker was measured
-        assert by_path[(per_message, rnd)][8] == "-"  # no worker on this path
-        assert float(by_path[(per_message, rnd)][5]) > 0  # it loaded the model every round
-    assert float(by_path[(worker, "2")][5]) < 0.05  # the worker kept it loaded
+        assert by_path[(worker, rnd)][col["hand-over s"]] != "-"  # measured with a worker
+        assert by_path[(per_message, rnd)][col["hand-over s"]] == "-"  # none without
+        assert float(by_path[(per_message, rnd)][col["model + data load s"]]) > 0  # reloads
+        for path in deploy.PATHS:  # the server's exchange was timed on every path
+            assert by_path[(path, rnd)][col["last reply -> server has all s"]] != "-"
+    assert float(by_path[(worker, "2")][col["model + data load s"]]) < 0.05  # kept loaded

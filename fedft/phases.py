@@ -5,8 +5,10 @@ With ``FEDFT_PHASE_LOG=PATH`` in the environment of ``fedft simulate`` or ``fedf
 PATH per process that handled it: the ClientApp's (``side = "app"``: when its process
 started, when ``client.app`` began and finished importing, when the handler began and
 ended, and how long it waited for the worker) and the handler's (``side = "handler"``: model
-and data load, the local round, encoding the reply). ``python -m bench --only deploy`` reads
-them. Without the variable nothing is measured or written. Imports nothing heavy.
+and data load, the local round, encoding the reply); the server adds one line per exchange
+(``side = "server"``: when it began, when the messages were sent, when the last reply was
+in). ``python -m bench --only deploy`` reads them. Without the variable nothing is measured
+or written. Imports nothing heavy (no Flower, no torch).
 """
 
 from __future__ import annotations
