@@ -21,7 +21,8 @@ import time
 
 _IMPORT_START = time.time()
 
-import logging  # noqa: E402 - the import's own cost is measured from _IMPORT_START
+import atexit  # noqa: E402 - the import's own cost is measured from _IMPORT_START
+import logging  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
@@ -71,10 +72,12 @@ def _here(kind: str, content: RecordDict, context: Context, cfg: RunConfig | Non
 
 def _record(kind: str, context: Context, start: float, **fields: object) -> None:
     if phases.enabled():
+        # when this process ends (after Flower pushed the reply to the SuperNode)
+        atexit.register(phases.record, "app-exit", kind=kind, client=_client_of(context))
         phases.record(
             "app",
             kind=kind,
-            client=context.node_config.get("partition-id"),
+            client=_client_of(context),
             proc_start=phases.process_started(),
             import_start=_IMPORT_START,
             import_end=_IMPORT_END,
@@ -82,6 +85,10 @@ def _record(kind: str, context: Context, start: float, **fields: object) -> None
             handler_end=time.time(),
             **fields,
         )
+
+
+def _client_of(context: Context) -> object:
+    return context.node_config.get("partition-id")
 
 
 def dispatch(

@@ -127,14 +127,18 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None) 
     sent = time.time()
     end = sent + (timeout or 0.0)
     got: list[Message] = []
+    arrived: list[float] = []
     while timeout is None or time.time() < end:
         replies = list(grid.pull_messages(waiting))
         got += replies
+        arrived += [time.time()] * len(replies)
         waiting -= {m.metadata.reply_to_message_id for m in replies}
         if not waiting:
             break
         time.sleep(pause)
-    phases.record("server", kind=",".join(kinds), begin=begin, sent=sent, done=time.time())
+    phases.record(
+        "server", kind=",".join(kinds), begin=begin, sent=sent, done=time.time(), arrived=arrived
+    )
     return got
 
 
