@@ -255,29 +255,56 @@ def discover_clients(
 
     ``bound`` (node id -> client index, from the operator's registered node keys) overrides
     what nodes declare, so one node cannot take another's index (:mod:`fedft.replies`).
+
+    A node that does not answer is asked again until ``timeout_s``: after a crash the
+    SuperLink still lists a killed client's node until its heartbeat expires, and the
+    restarted client can connect only then (a resumed run must wait for it, not fail).
     """
     # with a binding, wait for the nodes bound to indices 0..n-1, not for any n nodes (an
     # extra registered node connecting early must not start discovery without them)
     needed = None if bound is None else {n for n, i in bound.items() if 0 <= i < num_clients}
-    node_ids = _wait_for_nodes(grid, num_clients=num_clients, timeout_s=timeout_s, needed=needed)
+    deadline = time.monotonic() + timeout_s
+    claims: dict[int, object] = {}  # node id -> the index it declared
+    while True:
+        left = max(deadline - time.monotonic(), 0.0)
+        node_ids = _wait_for_nodes(grid, num_clients=num_clients, timeout_s=left, needed=needed)
+        claims.update(_query(grid, [n for n in node_ids if n not in claims], timeout_s=left))
+        binding = bind_client_indices(list(claims.items()), num_clients=num_clients, bound=bound)
+        missing = sorted(set(range(num_clients)) - set(binding.nodes))
+        if not missing:
+            break
+        if time.monotonic() >= deadline:
+            raise RuntimeError(
+                f"no node serves client indices {missing} within {timeout_s:.0f} s; start "
+                "those clients (fedft client --partition N) or lower federation.num_clients"
+            )
+        logger.info("client indices %s not served yet; asking again", missing)
+        time.sleep(DISCOVERY_RETRY_S)
+    for node, reason in binding.ignored:
+        logger.warning("node %s: %s; ignored", node, reason)
+    return binding.nodes
+
+
+#: seconds between two discovery queries while some client index is not served.
+DISCOVERY_RETRY_S = 2.0
+
+
+def _query(grid: Grid, node_ids: list[int], *, timeout_s: float) -> dict[int, object]:
+    """{node id: the index it declares} of the nodes that answered the discovery query."""
+    if not node_ids:
+        return {}
     messages = [
         Message(content=RecordDict(), dst_node_id=nid, message_type=QUERY) for nid in node_ids
     ]
-    claims: list[tuple[int, object]] = []
+    claims: dict[int, object] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout_s):
         if reply.has_error():
             logger.warning(
                 "node %s did not answer the query: %s", reply.metadata.src_node_id, reply.error
             )
             continue
-        claims.append((reply.metadata.src_node_id, claimed_index(reply.content)))
-    binding = bind_client_indices(claims, num_clients=num_clients, bound=bound)
-    for node, reason in binding.ignored:
-        logger.warning("node %s: %s; ignored", node, reason)
-    missing = sorted(set(range(num_clients)) - set(binding.nodes))
-    if missing:
-        raise RuntimeError(f"no node serves client indices {missing}")
-    return binding.nodes
+        claims[reply.metadata.src_node_id] = claimed_index(reply.content)
+    return claims
 
 
 def _wait_for_nodes(
