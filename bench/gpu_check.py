@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         write_section(
             "gpu_check",
-            title="15. The GPU paths (`make gpu-check`)",
+            title="16. The GPU paths (`make gpu-check`)",
             command="make gpu-check",
             body=f"GPU: {torch.cuda.get_device_name(0)}\n\n" + text,
             doc=DOC,
