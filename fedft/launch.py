@@ -77,6 +77,9 @@ def terminate_as_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # a parent may have left these blocked (the mask is inherited across fork and exec): a
+    # handler never runs for a blocked signal, and the process would not stop
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP, signal.SIGINT})
     try:
         yield
     finally:
