@@ -188,9 +188,7 @@ class SplitServerThread:
             self._grace = grace_s
             loop.call_soon_threadsafe(stopped.set)
         if self._thread.is_alive():
-            self._thread.join()
-        # the service's body-compute worker thread: no thread outlives the server
-        self.service.stop_worker()
+            self._thread.join()  # the running server's stop ended the body's worker thread
 
     def __enter__(self) -> SplitServerThread:
         return self.start()
