@@ -146,6 +146,27 @@ def client_privacy(cfg: RunConfig, client_index: int, *, node_epsilon: float = 0
     )
 
 
+def client_sigma(cfg: RunConfig, client_index: int, num_examples: int) -> float:
+    """The DP-SGD noise multiplier client ``client_index`` trains with under ``cfg``.
+
+    As configured, else calibrated from its budget over the run's plan at its sampling rate
+    batch / ``num_examples``, as the client itself does (what an analysis of the run needs).
+    """
+    from fedft.privacy.client import client_noise
+
+    dp = client_privacy(cfg, client_index)
+    sigma, _ = client_noise(
+        epsilon=dp.epsilon,
+        delta=dp.delta,
+        mechanism=dp.mechanism,  # type: ignore[arg-type]
+        noise_multiplier=dp.noise_multiplier,
+        planned_steps=dp.planned_steps,
+        num_examples=num_examples,
+        batch_size=cfg.federation.batch_size,
+    )
+    return sigma
+
+
 def steps_per_round(cfg: RunConfig) -> int:
     """DP-SGD steps one client takes per round.
 

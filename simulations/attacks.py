@@ -224,20 +224,10 @@ def shipped_dp() -> tuple[Any, float, float, int]:
     from fedft import builders
     from fedft.config import build_config
     from fedft.data import build_federated_data
-    from fedft.privacy.client import client_noise
 
     cfg = build_config({"privacy": {"mode": "sample"}})
     fed = build_federated_data(**builders.data_kwargs(cfg))
-    dp = builders.client_privacy(cfg, 0)
-    sigma, _ = client_noise(
-        epsilon=dp.epsilon,
-        delta=dp.delta,
-        mechanism=dp.mechanism,  # type: ignore[arg-type]
-        noise_multiplier=dp.noise_multiplier,
-        planned_steps=dp.planned_steps,
-        num_examples=len(fed.clients[0]),
-        batch_size=cfg.federation.batch_size,
-    )
+    sigma = builders.client_sigma(cfg, 0, len(fed.clients[0]))
     return cfg, sigma, cfg.privacy.max_grad_norm, len(fed.clients[0])
 
 

@@ -50,22 +50,9 @@ def noise_range(cfg: RunConfig) -> tuple[float, float]:
     """The smallest and largest σ ``cfg``'s clients train with (their own calibration)."""
     from fedft import builders
     from fedft.data import build_federated_data
-    from fedft.privacy.client import client_noise
 
     fed = build_federated_data(**builders.data_kwargs(cfg))
-    sigmas = []
-    for index, records in enumerate(fed.clients):
-        dp = builders.client_privacy(cfg, index)
-        sigma, _ = client_noise(
-            epsilon=dp.epsilon,
-            delta=dp.delta,
-            mechanism=dp.mechanism,  # type: ignore[arg-type]
-            noise_multiplier=dp.noise_multiplier,
-            planned_steps=dp.planned_steps,
-            num_examples=len(records),
-            batch_size=cfg.federation.batch_size,
-        )
-        sigmas.append(sigma)
+    sigmas = [builders.client_sigma(cfg, i, len(records)) for i, records in enumerate(fed.clients)]
     return min(sigmas), max(sigmas)
 
 

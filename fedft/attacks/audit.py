@@ -260,20 +260,10 @@ def _run_defence(cfg: RunConfig, victims: int) -> tuple[str, float, float]:
     ``victims`` is client 0's example count (σ is calibrated on it as client 0 does).
     """
     from fedft import builders
-    from fedft.privacy.client import client_noise
 
     p = cfg.privacy
     if p.mode == "sample":
-        dp = builders.client_privacy(cfg, 0)
-        sigma, _ = client_noise(
-            epsilon=dp.epsilon,
-            delta=dp.delta,
-            mechanism=dp.mechanism,  # type: ignore[arg-type]
-            noise_multiplier=dp.noise_multiplier,
-            planned_steps=dp.planned_steps,
-            num_examples=victims,
-            batch_size=cfg.federation.batch_size,
-        )
+        sigma = builders.client_sigma(cfg, 0, victims)
         return f"DP-SGD sigma={sigma:.3g} C={p.max_grad_norm:g}", p.max_grad_norm, sigma
     if p.mode == "user":  # the server clips, sees, then adds noise to the sum
         return f"user-level clip C={p.max_grad_norm:g} (noise added after)", p.max_grad_norm, 0.0
