@@ -16,9 +16,10 @@ import logging
 import os
 import platform
 import re
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,3 +246,29 @@ def sim_env() -> None:
         "RAY_DEDUP_LOGS": "0",
     }.items():
         os.environ.setdefault(key, value)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a ``fedft`` child process: this tree's code first on PYTHONPATH,
+    offline and quiet, no run log inherited from a parent run; ``extra`` on top."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("FEDFT_RUN_LOG", None)
+    for key, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("TRANSFORMERS_OFFLINE", "1"),
+        ("FLWR_TELEMETRY_ENABLED", "0"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
+        env.setdefault(key, value)
+    return {**env, **extra}
+
+
+def fedft_cli(*args: str) -> list[str]:
+    """The argv of ``fedft ARGS`` run by this interpreter."""
+    return [sys.executable, "-m", "fedft.cli", *args]
+
+
+def set_args(sets: Sequence[str]) -> list[str]:
+    """``--set KEY=VALUE`` for each override."""
+    return [a for s in sets for a in ("--set", s)]

@@ -41,7 +41,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
 
-from bench import DOC, ROOT, Size, md_table, ratio_line, write_section
+from bench import (
+    DOC,
+    ROOT,
+    Size,
+    child_env,
+    fedft_cli,
+    md_table,
+    ratio_line,
+    set_args,
+    write_section,
+)
+from fedft.launch import ChildProcess, free_port
 
 logger = logging.getLogger(__name__)
 
@@ -64,29 +75,6 @@ def _sets(*, size: Size, model: str) -> list[str]:
         "data.public_size=8",
         "data.max_train_examples=600",
     ]
-
-
-def _env(phase_log: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.pop("FEDFT_RUN_LOG", None)
-    env["FEDFT_PHASE_LOG"] = str(phase_log)
-    for key, value in (
-        ("HF_HUB_OFFLINE", "1"),
-        ("TRANSFORMERS_OFFLINE", "1"),
-        ("FLWR_TELEMETRY_ENABLED", "0"),
-        ("TOKENIZERS_PARALLELISM", "false"),
-    ):
-        env.setdefault(key, value)
-    return env
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedft.cli", *args]
-
-
-def _set_args(sets: Sequence[str]) -> list[str]:
-    return [a for s in sets for a in ("--set", s)]
 
 
 @dataclass
@@ -119,18 +107,19 @@ def _read(out: Path, phase_log: Path, path: str, wall: float) -> PathRun:
 def run_simulated(sets: Sequence[str], work: Path) -> PathRun:
     """``fedft simulate CONFIG --set ...`` in a child process."""
     out, log = work / "sim", work / "sim-phases.jsonl"
-    argv = _cli("simulate", CONFIG, "--out", str(out), "--no-progress", *_set_args(sets))
+    argv = fedft_cli("simulate", CONFIG, "--out", str(out), "--no-progress", *set_args(sets))
     t0 = time.perf_counter()
-    res = subprocess.run(argv, cwd=ROOT, env=_env(log), capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        argv,
+        cwd=ROOT,
+        env=child_env(FEDFT_PHASE_LOG=str(log)),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if res.returncode != 0:
         raise RuntimeError(f"fedft simulate failed ({res.returncode}): {res.stderr[-2000:]}")
     return _read(out, log, PATHS[0], time.perf_counter() - t0)
-
-
-def _free_port() -> int:
-    from fedft.launch import free_port
-
-    return free_port()
 
 
 def run_deployed(sets: Sequence[str], work: Path, *, worker: bool, clients: int) -> PathRun:
@@ -139,29 +128,22 @@ def run_deployed(sets: Sequence[str], work: Path, *, worker: bool, clients: int)
     out, log, logs = work / f"dep-{tag}", work / f"dep-{tag}-phases.jsonl", work / f"logs-{tag}"
     logs.mkdir(parents=True)
     certs = work / "certs"
-    env = _env(log)
+    env = child_env(FEDFT_PHASE_LOG=str(log))
     if not certs.is_dir():
-        subprocess.run(
-            _cli("certs", str(certs), "--clients", str(clients)), cwd=ROOT, env=env, check=True,
-            capture_output=True,
-        )  # fmt: skip
-    port = _free_port()
-    common = [*_set_args(sets), "--certs", str(certs)]
-    procs: list[subprocess.Popen[bytes]] = []
+        certs_argv = fedft_cli("certs", str(certs), "--clients", str(clients))
+        subprocess.run(certs_argv, cwd=ROOT, env=env, check=True, capture_output=True)
+    port, config = free_port(), str(ROOT / CONFIG)
+    common = [*set_args(sets), "--certs", str(certs)]
+    procs: list[ChildProcess] = []
 
-    def start(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        with open(logs / f"{name}.log", "ab") as fh:
-            p = subprocess.Popen(  # noqa: S603 - fixed argv
-                argv, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
-        procs.append(p)
-        return p
+    def start(name: str, argv: list[str]) -> ChildProcess:
+        procs.append(ChildProcess(name, argv, logs / f"{name}.log", env).start())
+        return procs[-1]
 
     t0 = time.perf_counter()
     server = start(
         "server",
-        _cli("server", CONFIG, "--out", str(out), "--address", f"127.0.0.1:{port}", *common),
+        fedft_cli("server", config, "--out", str(out), "--address", f"127.0.0.1:{port}", *common),
     )
     # the clients share this machine: each trains on one thread, as each simulated client
     # does (federation.cpus_per_client = 1: Ray sets one OpenMP thread per actor)
@@ -169,7 +151,7 @@ def run_deployed(sets: Sequence[str], work: Path, *, worker: bool, clients: int)
     for i in range(clients):
         start(
             f"client-{i}",
-            _cli("client", CONFIG, "--partition", str(i), "--server", f"127.0.0.1:{port}")
+            fedft_cli("client", config, "--partition", str(i), "--server", f"127.0.0.1:{port}")
             + common
             + extra,
         )
@@ -179,10 +161,8 @@ def run_deployed(sets: Sequence[str], work: Path, *, worker: bool, clients: int)
         for p in procs[1:]:
             p.wait(timeout=180)  # one-shot clients exit once the run is over
     finally:
-        for p in procs:  # only what this benchmark started, by PID
-            if p.poll() is None:
-                p.terminate()
-                p.wait(timeout=60)
+        for p in procs:  # only what this benchmark started, by PID, with what they started
+            p.stop(grace_s=60)
     if code != 0:
         tail = (logs / "server.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"fedft server ({tag}) exited {code}:\n{tail}")
@@ -195,7 +175,7 @@ def flower_start_s() -> float:
     subprocess.run(
         [sys.executable, "-c", "import flwr.supernode.runtime.run_clientapp"],
         check=True,
-        env=_env(Path(os.devnull)),
+        env=child_env(FEDFT_PHASE_LOG=os.devnull),
     )
     return time.perf_counter() - t0
 

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -37,12 +36,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import DOC, ROOT, md_table, sim_env, write_section
+from bench import DOC, ROOT, child_env, fedft_cli, md_table, set_args, sim_env, write_section
+from fedft.launch import ChildProcess, free_port
 
 #: local steps per client in every check's one round.
 STEPS = 20
 #: seconds a check may take before it counts as failed.
 CHECK_TIMEOUT_S = 600
+
+QUICKSTART = str(ROOT / "simulations" / "quickstart.toml")
 
 BASE = [
     "federation.num_clients=2",
@@ -124,37 +126,9 @@ class DeviceMemory:
         return (self.peak - self.start) / 2**20
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
-def _fedft(args: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
-    """Start ``python -m fedft.cli ARGS`` in its own session, output to ``log``."""
-    with open(log, "ab") as fh:
-        return subprocess.Popen(
-            [sys.executable, "-m", "fedft.cli", *args],
-            cwd=ROOT,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env=_env(),
-        )
-
-
-def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
-    """Stop the processes this check started (SIGTERM, then SIGKILL after 30 s)."""
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+def _fedft(name: str, args: Sequence[str], log: Path) -> ChildProcess:
+    """Start ``fedft ARGS`` in its own session, output to ``log``."""
+    return ChildProcess(name, fedft_cli(*args), log, child_env()).start()
 
 
 def _round_one(out: Path) -> dict[str, float]:
@@ -164,32 +138,31 @@ def _round_one(out: Path) -> dict[str, float]:
 
 
 def _simulate(overrides: list[str], out: Path, log: Path) -> int:
-    sets = [a for o in overrides for a in ("--set", o)]
     proc = _fedft(
-        ["simulate", str(ROOT / "simulations" / "quickstart.toml"), "--out", str(out), *sets], log
+        "simulate", ["simulate", QUICKSTART, "--out", str(out), *set_args(overrides)], log
     )
     try:
         return proc.wait(timeout=CHECK_TIMEOUT_S)
     finally:
-        _stop([proc])
+        proc.stop(grace_s=30)
 
 
 def _deploy(overrides: list[str], out: Path, log: Path) -> int:
     from fedft.certs import write_deployment_certs
-    from fedft.launch import free_port
 
     certs = write_deployment_certs(out.parent / "certs", clients=2).ca_cert.parent
     port = free_port()
-    config = str(ROOT / "simulations" / "quickstart.toml")
-    sets = [a for o in overrides for a in ("--set", o)]
+    sets = set_args(overrides)
     server = _fedft(
-        ["server", config, "--out", str(out), "--certs", str(certs)]
+        "server",
+        ["server", QUICKSTART, "--out", str(out), "--certs", str(certs)]
         + ["--address", f"127.0.0.1:{port}", "--wait-clients", "300", *sets],
         log,
     )
     clients = [
         _fedft(
-            ["client", config, "--partition", str(i), "--certs", str(certs)]
+            f"client-{i}",
+            ["client", QUICKSTART, "--partition", str(i), "--certs", str(certs)]
             + ["--server", f"127.0.0.1:{port}", *sets],
             log.with_name(f"client-{i}.log"),
         )
@@ -198,7 +171,8 @@ def _deploy(overrides: list[str], out: Path, log: Path) -> int:
     try:
         return server.wait(timeout=CHECK_TIMEOUT_S)
     finally:
-        _stop([server, *clients])
+        for p in [server, *clients]:  # what this check started, with what they started
+            p.stop(grace_s=30)
 
 
 def run_check(name: str, *, device: str, model: str, work: Path) -> Result:

@@ -24,14 +24,23 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import DOC, ROOT, Size, md_table, ratio_line, write_section
+from bench import (
+    DOC,
+    ROOT,
+    Size,
+    child_env,
+    fedft_cli,
+    md_table,
+    ratio_line,
+    set_args,
+    write_section,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,26 +77,13 @@ def _rows(out: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.pop("FEDFT_RUN_LOG", None)
-    for key, value in (
-        ("HF_HUB_OFFLINE", "1"),
-        ("TRANSFORMERS_OFFLINE", "1"),
-        ("FLWR_TELEMETRY_ENABLED", "0"),
-        ("TOKENIZERS_PARALLELISM", "false"),
-    ):
-        env.setdefault(key, value)
-    return env
-
-
 def run_fedft_simulate(sets: Sequence[str], out: Path) -> PathRun:
     """``fedft simulate CONFIG --set ...`` in a child process (run_simulation inside)."""
-    argv = [sys.executable, "-m", "fedft.cli", "simulate", CONFIG, "--out", str(out)]
-    argv += ["--no-progress", *(a for s in sets for a in ("--set", s))]
+    argv = fedft_cli("simulate", CONFIG, "--out", str(out), "--no-progress", *set_args(sets))
     t0 = time.perf_counter()
-    res = subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, check=False
+    )
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise RuntimeError(f"fedft simulate failed ({res.returncode}): {res.stderr[-2000:]}")
@@ -103,7 +99,7 @@ def run_flwr(sets: Sequence[str], out: Path) -> PathRun:
     cfg = load_config(ROOT / CONFIG, list(sets))
     out.mkdir(parents=True, exist_ok=True)
     home = (out / ".flwr").resolve()
-    env = deploy.flower_env(home, _env())
+    env = deploy.flower_env(home, child_env())
     port = deploy.free_port(deploy.LOCAL_HOST)
     deploy.write_connection(home, address=f"{deploy.LOCAL_HOST}:{port}", root_certificates=None)
     run_cfg = deploy.write_run_config(home / "run_config.toml", cfg, out=out, resume=False)
