@@ -378,6 +378,25 @@ def _bad_deal(victims: set[int]):  # type: ignore[no-untyped-def]
     return deal
 
 
+def _routed_with_bad_dealer(
+    params: SecAggParams,
+    clients: dict[int, SecAggClient],
+    monkeypatch: pytest.MonkeyPatch,
+    victims: set[int],
+) -> tuple[SecAggServer, dict[int, RoutedShares]]:
+    """Keys collected and shares routed, client 3 dealing ``victims`` shares off its
+    committed polynomial: (the server, each holder's routed shares)."""
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    shares = []
+    for i, c in clients.items():
+        with monkeypatch.context() as m:
+            if i == 3:
+                m.setattr(shamir, "deal", _bad_deal(victims))
+            shares.append(c.share_keys(directory))
+    return server, server.collect_shares(shares)
+
+
 @pytest.mark.parametrize("victims", [{5, 6}, set(range(4, 21))])
 def test_bad_dealer_is_convicted_before_masking(
     monkeypatch: pytest.MonkeyPatch, victims: set[int]
@@ -390,15 +409,7 @@ def test_bad_dealer_is_convicted_before_masking(
     params = _params(n=20, max_dropouts=9, d=64)
     vectors = _vectors(20, 64, seed=6)
     clients = {i: SecAggClient(index=i, params=params) for i in vectors}
-    server = SecAggServer(params)
-    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
-    shares = []
-    for i, c in clients.items():
-        with monkeypatch.context() as m:
-            if i == 3:
-                m.setattr(shamir, "deal", _bad_deal(victims))
-            shares.append(c.share_keys(directory))
-    routed = server.collect_shares(shares)
+    server, routed = _routed_with_bad_dealer(params, clients, monkeypatch, victims)
     checks = [c.check_shares(routed[i]) for i, c in clients.items()]
     assert {m.index for m in checks if m.complaints} == victims
     assert all(set(m.complaints) == {3} for m in checks if m.complaints)
@@ -549,15 +560,7 @@ def test_a_bad_dealer_costs_each_holder_one_search_and_the_server_one_resolution
     the server resolves one complaint, skipping those against a dealer already convicted."""
     params = _params(n=20, max_dropouts=9, d=64)
     clients = {i: SecAggClient(index=i, params=params) for i in range(1, 21)}
-    server = SecAggServer(params)
-    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
-    shares = []
-    for i, c in clients.items():
-        with monkeypatch.context() as m:
-            if i == 3:
-                m.setattr(shamir, "deal", _bad_deal(set(range(1, 21))))
-            shares.append(c.share_keys(directory))
-    routed = server.collect_shares(shares)
+    server, routed = _routed_with_bad_dealer(params, clients, monkeypatch, set(range(1, 21)))
     calls = _count_gpow(monkeypatch)
     checks = []
     for i, c in clients.items():
