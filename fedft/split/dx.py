@@ -62,6 +62,16 @@ def sample_dx_noise(
     return direction * radius.unsqueeze(-1)
 
 
+def _generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed``, or from fresh OS randomness when it is None."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
 class DxNoise(nn.Module):
     """Adds d_χ noise to input embeddings (B, T, H); the split client's front calls it.
 
@@ -76,11 +86,7 @@ class DxNoise(nn.Module):
         if not epsilon > 0:
             raise ValueError(f"dx epsilon = {epsilon}: must be > 0 (smaller adds more noise)")
         self.epsilon = float(epsilon)
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        self.generator = _generator(seed)
 
     def forward(self, embeds: Tensor) -> Tensor:
         """``embeds + z`` with one independent ``z`` per token (padding included)."""
@@ -104,11 +110,7 @@ class CutNoise(nn.Module):
         if not std > 0:
             raise ValueError(f"cut noise std = {std}: must be > 0 (0 means no noise module)")
         self.std = float(std)
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        self.generator = _generator(seed)
 
     def forward(self, hidden: Tensor) -> Tensor:
         """``hidden + std * n``, n standard normal, drawn on the CPU generator."""
