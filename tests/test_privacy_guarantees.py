@@ -282,10 +282,17 @@ def test_empty_user_cohort_still_releases_noise_and_is_accounted() -> None:
 def test_user_level_metrics_do_not_publish_the_cohort() -> None:
     from fedft.privacy.release import published_round
 
-    row = {"round": 1, "clients": 3, "sampled": 3, "bytes_up": 10, "agg_clients": 3.0}
+    row = {
+        "round": 1,
+        "clients": 3,
+        "sampled": 3,
+        "bytes_up": 10,
+        "agg_clients": 3.0,
+        "agg_error": 0.25,  # computed from the un-noised individual updates
+    }
     out = published_round(row, mode="user")
     assert out["clients"] is None and out["sampled"] is None and out["bytes_up"] is None
-    assert "agg_clients" not in out
+    assert "agg_clients" not in out and "agg_error" not in out
     assert published_round(row, mode="sample") == row
 
 

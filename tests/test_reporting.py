@@ -174,3 +174,32 @@ def test_partition_heat_map_in_summary_and_report(tmp_path: Path) -> None:
     from fedft.reporting.report import plot_partition
 
     assert plot_partition(many, tmp_path / "many.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_report_plots_agg_error_when_rounds_carry_it(tmp_path: Path) -> None:
+    rows: list[dict[str, Any]] = [
+        {"round": 0, "accuracy": 0.5},  # round 0 (the untuned model) has no aggregation
+        *({"round": r, "accuracy": 0.5 + 0.1 * r, "agg_error": 0.4 / r} for r in (1, 2, 3)),
+    ]
+    text = write_report(tmp_path, title="fedit", rows=rows).read_text()
+    assert _png_size(tmp_path / "plot_agg_error.png") == (600, 360)
+    assert len(_embedded_pngs(text)) == 2  # accuracy and agg_error
+    assert "Σ p_k s_k B_k A_k" in text
+    plain = tmp_path / "plain"
+    write_report(plain, title="no agg_error", rows=[{"round": 1, "accuracy": 0.6}])
+    assert not (plain / "plot_agg_error.png").exists()
+
+
+def test_plot_agg_error_compares_runs_and_skips_runs_without_it(tmp_path: Path) -> None:
+    from fedft.reporting.report import plot_agg_error
+
+    runs = {
+        "fedit": [{"round": r, "agg_error": 0.5 / r} for r in (1, 2, 3)],
+        "flora": [{"round": r, "agg_error": 3e-8} for r in (1, 2, 3)],
+        "secure": [{"round": r, "accuracy": 0.6} for r in (1, 2, 3)],
+    }
+    path = plot_agg_error(runs, tmp_path)
+    assert path == tmp_path / "compare_agg_error.png"
+    assert _png_size(path) == (600, 360)
+    linear = plot_agg_error({"fedit": runs["fedit"]}, tmp_path, name="one.png")
+    assert linear.read_bytes() != path.read_bytes()

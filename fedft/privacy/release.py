@@ -47,7 +47,8 @@ def published_round(record: Mapping[str, Any], *, mode: str) -> dict[str, Any]:
     """A metrics line as a run may publish it under privacy ``mode``.
 
     Under user-level DP the cohort is secret: the counts of a round's clients (and the
-    bytes, which grow with them) are written as null.
+    bytes, which grow with them) are written as null, and the aggregation error (a function
+    of the individual, un-noised updates) is not written.
     """
     out = dict(record)
     if mode == "user":
@@ -55,4 +56,5 @@ def published_round(record: Mapping[str, Any], *, mode: str) -> dict[str, Any]:
             if key in out:
                 out[key] = None
         out.pop("agg_clients", None)
+        out.pop("agg_error", None)
     return out

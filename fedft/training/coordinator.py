@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from fedft.aggregation.base import Aggregator
+from fedft.aggregation.error import aggregation_error
 from fedft.seeds import derive_seed
 from fedft.types import AggregationResult, ClientUpdate, LoraFactors
 
@@ -112,10 +113,45 @@ class Coordinator:
 
     # -- aggregation ------------------------------------------------------------------
     def aggregate(self, updates: Sequence[ClientUpdate]) -> AggregationResult:
-        """Aggregate one round's updates and move the global state forward."""
+        """Aggregate one round's updates and move the global state forward.
+
+        The result's metrics gain ``error``, the round's aggregation error
+        (:func:`fedft.aggregation.error.aggregation_error`, ``agg_error`` in metrics.jsonl),
+        whenever it is defined.
+        """
+        before = self.global_adapters
         # wrappers (norm bound, user-level DP) clip against what the clients started from
-        self.aggregator.set_reference(self.global_adapters, extras=self.extras)
-        return self.apply(self.aggregator.aggregate(updates))
+        self.aggregator.set_reference(before, extras=self.extras)
+        result = self.aggregator.aggregate(updates)
+        error = self.aggregation_error(before, updates, result)
+        if error is not None:
+            result = replace(result, metrics={**result.metrics, "error": error})
+        return self.apply(result)
+
+    def aggregation_error(
+        self,
+        before: Mapping[str, LoraFactors],
+        updates: Sequence[ClientUpdate],
+        result: AggregationResult,
+    ) -> float | None:
+        """The relative distance of the round's actual update from the ideal one.
+
+        Each update's start is what :meth:`Aggregator.client_start` hands a client of its
+        rank and scaling (the global adapters; FLoRA's fresh B = 0; HetLoRA's truncation).
+        """
+        if not updates or not updates[0].adapters:
+            return None
+        cache: dict[tuple[int, float], dict[str, LoraFactors]] = {}
+        starts: list[Mapping[str, LoraFactors]] = []
+        for u in updates:
+            first = next(iter(u.adapters.values()))
+            key = (first.rank, float(first.scaling))
+            if key not in cache:  # only FLoRA's A is random, and its B is 0: any seed will do
+                cache[key] = self.aggregator.client_start(
+                    before, rank=key[0], scaling=key[1], generator=torch.Generator().manual_seed(0)
+                )
+            starts.append(cache[key])
+        return aggregation_error(before, updates, starts, result)
 
     def apply(self, result: AggregationResult) -> AggregationResult:
         """Move the global state forward by a round's result computed elsewhere.
