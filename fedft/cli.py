@@ -288,16 +288,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     # the base config's own algorithm is replaced: compare validates each variant up front
     table = load_table(args.config, args.set or ())
     out = Path(args.out or f"runs/{table.get('name', 'run')}")
-    from simulations.compare import compare, configs_for
+    from simulations.compare import compare, config_for, configs_for
     from simulations.simulate import SimulationFailed
 
+    if args.seeds < 1:
+        print(f"fedft compare: --seeds must be at least 1, got {args.seeds}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     algorithms = args.algorithms.split(",") if args.algorithms else None
     configs = configs_for(table, algorithms or ALGORITHMS)  # ConfigError: exit 2
-    _show_partition(next(iter(configs.values())))  # every variant shares the data keys
+    first = next(iter(configs.values()))
+    _show_partition(first)  # every variant shares the data keys
+    for seed in range(first.seed + 1, first.seed + args.seeds):  # each seed's split, up front
+        _check_data(config_for(table, first.aggregation.algorithm, seed=seed))
     try:
         rows = compare(
             table,
             out,
+            seeds=args.seeds,
             progress=not args.no_progress,
             **({"algorithms": algorithms} if algorithms else {}),
         )
@@ -597,6 +604,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(cmp)
     cmp.add_argument("--out", help="output folder (default runs/<name>)")
     cmp.add_argument("--algorithms", help="comma-separated subset (default: all)")
+    cmp.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run every algorithm on N seeds (the config's seed and the N-1 after it; seed s "
+        "gives every algorithm the same split) and report mean ± std and a 95%% t-interval "
+        "per metric, into OUT/<algorithm>/seed<s>/ (default 1: OUT/<algorithm>/)",
+    )
     cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
     cmp.set_defaults(func=_cmd_compare)
 

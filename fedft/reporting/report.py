@@ -391,3 +391,111 @@ def plot_compare(
     ax.legend()
     bytes_png = _save(fig, out / f"compare_{_file_part(metric)}_bytes.png")
     return rounds_png, bytes_png
+
+
+def _mean_band(
+    series: Sequence[tuple[Sequence[float], Sequence[float]]],
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Mean and Student-t interval per x over several (xs, ys) series.
+
+    x values are the rounds; only the rounds every series has are kept. For one series the
+    band is the line itself.
+    """
+    from fedft.reporting.spread import spread
+
+    common = sorted(set.intersection(*(set(xs) for xs, _ in series))) if series else []
+    xs_out, mean, low, high = [], [], [], []
+    for x in common:
+        values = [ys[list(xs).index(x)] for xs, ys in series]
+        s = spread(values)
+        xs_out.append(float(x))
+        mean.append(s.mean)
+        low.append(s.mean if s.low is None else s.low)
+        high.append(s.mean if s.high is None else s.high)
+    return xs_out, mean, low, high
+
+
+def plot_compare_seeds(
+    runs: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
+    out_dir: str | Path,
+    *,
+    metric: str,
+    vs_bytes: bool | None = None,
+) -> list[Path]:
+    """Compare algorithms over seeds: the mean of ``metric`` with its 95 % t-interval.
+
+    Args:
+        runs: label (the algorithm) -> one list of per-round rows per seed.
+        out_dir: where ``compare_<metric>_rounds.png`` (mean per round, the interval as a
+            band) and ``compare_<metric>_bytes.png`` (mean against the mean cumulative
+            bytes, the interval as error bars) go.
+        metric: the row key (e.g. "accuracy", "agg_error").
+        vs_bytes: also draw the bytes plot (default: for every metric but ``agg_error``).
+
+    Returns:
+        The paths written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_seeds = max((len(per_seed) for per_seed in runs.values()), default=0)
+    band = f"mean over {n_seeds} seeds, band: 95 % t-interval" if n_seeds > 1 else "one seed"
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.add_subplot()
+    for label, per_seed in runs.items():
+        series = [_series(sorted(rows, key=lambda r: int(r["round"])), metric) for rows in per_seed]
+        series = [s for s in series if s[0]]
+        if not series:
+            logger.warning("run %r has no %r values to compare", label, metric)
+            continue
+        xs, mean, low, high = _mean_band(series)
+        (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=label)
+        if len(series) > 1:
+            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.set_title(f"{metric} per round ({band})", fontsize=10)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    paths = [_save(fig, out / f"compare_{_file_part(metric)}_rounds.png")]
+    if vs_bytes is None:
+        vs_bytes = metric != "agg_error"
+    if not vs_bytes:
+        return paths
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.add_subplot()
+    spans = []
+    for label, per_seed in runs.items():
+        per_round: dict[int, tuple[list[float], list[float]]] = {}
+        for rows in per_seed:
+            total = 0.0
+            for row in sorted(rows, key=lambda r: int(r["round"])):
+                total += float(row.get("bytes_up") or 0) + float(row.get("bytes_down") or 0)
+                value = row.get(metric)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    bx, by = per_round.setdefault(int(row["round"]), ([], []))
+                    bx.append(total)
+                    by.append(float(value))
+        keep = sorted(r for r, (bx, _) in per_round.items() if len(bx) == len(per_seed))
+        if not keep:
+            continue
+        from fedft.reporting.spread import spread
+
+        xs = [sum(per_round[r][0]) / len(per_round[r][0]) for r in keep]
+        stats = [spread(per_round[r][1]) for r in keep]
+        ys = [s.mean for s in stats]
+        err = [
+            [s.mean - (s.low if s.low is not None else s.mean) for s in stats],
+            [(s.high if s.high is not None else s.mean) - s.mean for s in stats],
+        ]
+        ax.errorbar(xs, ys, yerr=err, marker="o", markersize=3, capsize=3, label=label)
+        spans.append(xs)
+    ax.set_title(f"{metric} vs communication ({band})", fontsize=10)
+    ax.set_xlabel("cumulative bytes (up + down)")
+    ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+    if any(xs and min(xs) > 0 and max(xs) / min(xs) > 100 for xs in spans):
+        ax.set_xscale("log")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / f"compare_{_file_part(metric)}_bytes.png"))
+    return paths
