@@ -29,7 +29,7 @@ from typing import Any
 
 from fedft.config import ALGORITHMS, MIXED_RANK_ALGORITHMS, ConfigError, RunConfig, build_config
 from fedft.reporting.metrics import read_metrics
-from fedft.reporting.report import plot_compare, plot_compare_seeds
+from fedft.reporting.report import plot_agg_error, plot_compare, plot_compare_seeds
 from fedft.reporting.spread import INTERVAL_NAME, Spread, spreads_by_key, tell_apart
 
 logger = logging.getLogger(__name__)
@@ -333,7 +333,7 @@ def compare(
         (out / "compare.md").write_text(_markdown(rows, metric))
         plot_compare({a: r[0] for a, r in runs.items()}, out, metric=metric)
         if any("agg_error" in r for r in rows):
-            plot_compare_seeds(runs, out, metric="agg_error")
+            plot_agg_error({a: r[0] for a, r in runs.items()}, out)
         return rows
     summary_rows = _summary_rows(rows, list(configs), metric)
     verdicts = _verdicts(summary_rows, metric)

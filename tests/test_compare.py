@@ -267,6 +267,7 @@ def test_one_seed_keeps_its_layout_and_table(monkeypatch, tmp_path) -> None:
     assert md[0].startswith("| algorithm | ranks | accuracy before |") and "agg_error" in md[0]
     assert md[3] == "| fedit | 4 | 0.5000 | 0.7000 | 0.3000 | 0.3 | 0.00 | 0.01 | 10 |"
     assert (out / "compare_accuracy_rounds.png").is_file()
+    assert (out / "compare_agg_error.png").is_file()
 
 
 @pytest.mark.slow  # four Ray simulations: 340 s at load 10 on 2 cores

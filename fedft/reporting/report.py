@@ -441,16 +441,25 @@ def plot_compare_seeds(
     band = f"mean over {n_seeds} seeds, band: 95 % t-interval" if n_seeds > 1 else "one seed"
     fig = Figure(figsize=(6.4, 3.8))
     ax = fig.add_subplot()
+    bands = {}
     for label, per_seed in runs.items():
         series = [_series(sorted(rows, key=lambda r: int(r["round"])), metric) for rows in per_seed]
         series = [s for s in series if s[0]]
-        if not series:
+        if series:
+            bands[label] = (len(series), _mean_band(series))
+        else:
             logger.warning("run %r has no %r values to compare", label, metric)
-            continue
-        xs, mean, low, high = _mean_band(series)
+    means = [y for _, (_, ys, _, _) in bands.values() for y in ys]
+    # exact aggregators' agg_error sits at float rounding beside FedIT's ~0.1: a log axis
+    log = bool(means) and min(means) >= 0 and max(means) > 100 * max(min(means), 1e-12)
+    for label, (n, (xs, mean, low, high)) in bands.items():
+        if log:
+            mean, low, high = ([max(y, 1e-12) for y in v] for v in (mean, low, high))
         (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=label)
-        if len(series) > 1:
+        if n > 1:
             ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    if log:
+        ax.set_yscale("log")
     ax.set_title(f"{metric} per round ({band})", fontsize=10)
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
