@@ -305,6 +305,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             table,
             out,
             seeds=args.seeds,
+            reuse=args.reuse,
             progress=not args.no_progress,
             **({"algorithms": algorithms} if algorithms else {}),
         )
@@ -612,6 +613,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run every algorithm on N seeds (the config's seed and the N-1 after it; seed s "
         "gives every algorithm the same split) and report mean ± std and a 95%% t-interval "
         "per metric, into OUT/<algorithm>/seed<s>/ (default 1: OUT/<algorithm>/)",
+    )
+    cmp.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read a run whose folder already holds a finished run of the same config "
+        "(summary.json) instead of running it again: continues a stopped compare, or adds "
+        "algorithms or seeds to one",
     )
     cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
     cmp.set_defaults(func=_cmd_compare)

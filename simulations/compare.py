@@ -257,6 +257,32 @@ def _seeds_markdown(
     return "\n".join(lines)
 
 
+def finished_run(run_out: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The final block of a finished run of exactly ``cfg`` in ``run_out``, or None.
+
+    A run counts as finished when its ``summary.json`` exists and records this config (the
+    whole resolved config, seed included); anything else is run again.
+    """
+    path = run_out / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        logger.warning("compare: %s is unreadable (%s): running it again", path, exc)
+        return None
+    if not isinstance(saved, dict) or not isinstance(saved.get("final"), dict):
+        return None
+    if saved.get("config") != json.loads(json.dumps(cfg.to_dict())):
+        logger.warning(
+            "compare: %s holds a run of another config: running it again",
+            run_out,
+            extra={"console": True},
+        )
+        return None
+    return dict(saved["final"])
+
+
 def _eta(done: int, total: int, elapsed: float) -> str:
     if done == 0:
         return ""
@@ -270,6 +296,7 @@ def compare(
     *,
     algorithms: Sequence[str] = ALGORITHMS,
     seeds: int = 1,
+    reuse: bool = False,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Run every algorithm on ``base``'s split; write the table and plots; return the rows.
@@ -277,8 +304,10 @@ def compare(
     With ``seeds = N > 1`` every algorithm runs on N seeds (:func:`seeds_for`), into
     ``out/<algorithm>/seed<s>/``; the rows then carry their ``seed``, and the table and plots
     report the spread. Runs go seed by seed (every algorithm on the first seed, then the
-    next), so a stopped compare leaves whole seeds behind. Every variant is validated before
-    the first run (:func:`configs_for`).
+    next), so a stopped compare leaves whole seeds behind. With ``reuse`` a run whose folder
+    already holds a finished run of the same config (:func:`finished_run`) is read, not run
+    again: a stopped compare continues, and a compare of more algorithms or seeds runs only
+    what is new. Every variant is validated before the first run (:func:`configs_for`).
     """
     from simulations.simulate import simulate
 
@@ -307,7 +336,16 @@ def compare(
             _eta(i, len(plan), time.monotonic() - t0),
             extra={"console": True},
         )
-        summary = simulate(run_cfg, run_out, progress=progress)
+        summary = finished_run(run_out, run_cfg) if reuse else None
+        if summary is None:
+            summary = simulate(run_cfg, run_out, progress=progress)
+        else:
+            logger.info(
+                "compare: %s: reusing the finished run in %s",
+                label,
+                run_out,
+                extra={"console": True},
+            )
         per_round = read_metrics(run_out)
         row = _row(algorithm, run_cfg, summary, metric, per_round)
         if multi:

@@ -182,15 +182,18 @@ def _fake_simulate(calls):
             | ({"agg_error": agg} if agg is not None and r else {})
             for r in range(3)
         ]
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return {
+        final = {
             "before": {"accuracy": 0.5, "loss": 1.0},
             "after": {"accuracy": acc, "loss": 1 - acc},
             "bytes_up": 3000,
             "bytes_down": 6000,
             "wall_s": 10.0 + seed,
         }
+        summary = {"final": final, "config": cfg.to_dict()}
+        (out / "summary.json").write_text(json.dumps(summary))
+        return final
 
     return simulate
 
@@ -336,3 +339,38 @@ def test_cli_refuses_zero_seeds(tmp_path) -> None:
     )
     assert proc.returncode == 2 and "--seeds must be at least 1, got 0" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_reuse_runs_only_what_is_new_or_changed(monkeypatch, tmp_path) -> None:
+    import json
+
+    import simulations.simulate
+    from simulations.compare import compare
+
+    calls: list = []
+    monkeypatch.setattr(simulations.simulate, "simulate", _fake_simulate(calls))
+    out = tmp_path / "cmp"
+    table = load_table("simulations/compare.toml", [])
+    compare(table, out, algorithms=["flora", "fedit"], seeds=2, progress=False)
+    assert len(calls) == 4
+    calls.clear()
+    rows = compare(
+        table, out, algorithms=["flora", "fedit", "hetlora"], seeds=3, reuse=True, progress=False
+    )
+    # only the new seed and the new algorithm ran; the four earlier runs were read back
+    assert [(a, s) for a, s, _, _ in calls] == [
+        ("hetlora", 0), ("hetlora", 1), ("flora", 2), ("fedit", 2), ("hetlora", 2)
+    ]  # fmt: skip
+    assert len(rows) == 9 and rows[1] == {**rows[1], "algorithm": "fedit", "seed": 0}
+    assert rows[1]["accuracy"] == 0.70 and rows[1]["agg_error"] == pytest.approx(0.30)
+    report = json.loads((out / "compare.json").read_text())
+    assert [s["algorithm"] for s in report["summary"]] == ["flora", "fedit", "hetlora"]
+    # a run of another config in the folder (here: another number of rounds) runs again
+    calls.clear()
+    changed = load_table("simulations/compare.toml", ["federation.rounds=4"])
+    compare(changed, out, algorithms=["fedit"], seeds=2, reuse=True, progress=False)
+    assert [(a, s) for a, s, _, _ in calls] == [("fedit", 0), ("fedit", 1)]
+    # without --reuse everything runs
+    calls.clear()
+    compare(changed, out, algorithms=["fedit"], seeds=2, progress=False)
+    assert len(calls) == 2
