@@ -3,9 +3,11 @@
 One shared frozen body, one :class:`~fedft.split.BodyAdapter` + optimiser per session.
 Every frame is validated (session, kind, step ids, credits, tensor roles, dtype, shape,
 size, finiteness) before anything is allocated; a bad frame gets a typed ERROR frame and
-the stream (and the server) stay up. Body compute runs on one worker thread: the shared
-body is used by one forward/backward at a time, and the event loop stays free for I/O; each
-client identity has at most one job on it at a time, so busy clients take turns. Sessions
+the stream (and the server) stay up. Body compute runs off the event loop, one job at a
+time (the shared body is used by one forward/backward at a time, and the event loop stays
+free for I/O); each client identity has at most one job at a time, and jobs take turns
+between the body's blocks, the client with the least recent worker time first
+(:mod:`server.fair_worker`). Sessions
 are admitted by memory (what their largest micro-batches keep for backward, measured), and
 freed after ``session_timeout_s`` without work (a killed client, or one sending only empty
 Commits or bad frames).
@@ -31,7 +33,6 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from fedft.split import Blocks, BodyAdapter, BodyContext, body_backward, body_fo
 from fedft.split.dp import DetachedBody, body_backward_per_sample, body_forward_detached
 from fedft.transport import split_wire as wire
 from fedft.transport.split_wire import Frame, Limits, WireError
+from server.fair_worker import FairWorker, install_yield_points
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +190,12 @@ class SplitService:
             (adapter, optimiser state, ``max_in_flight`` largest micro-batches with the
             activations kept for their backward, measured) would exceed it.
 
-    Scheduling: body compute runs on one worker thread, and each client identity (each
-    session, for anonymous peers) has at most one job queued or running at a time, so the
-    worker serves the clients with work in turn: a client flooding frames over all its
-    sessions gets one turn in k when k clients are busy, never the whole worker.
+    Scheduling: body compute runs one job at a time on a :class:`~server.fair_worker.FairWorker`,
+    and each client identity (each session, for anonymous peers) has at most one job queued
+    or running at a time. Between the body's blocks the running job hands the worker to a
+    waiting job of a client that has had less of it recently, so a client flooding frames
+    over all its sessions delays another client's job by one block, not one job, and two
+    busy clients get equal shares of the worker.
     """
 
     def __init__(
@@ -237,7 +241,14 @@ class SplitService:
         self.job_log: collections.deque[tuple[str, str, float]] = collections.deque(maxlen=100_000)
         self.frames_received = 0
         self.errors: dict[str, int] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="split-body")
+        install_yield_points(body.layers)
+        self.worker = self._new_worker()
+
+    def _new_worker(self) -> FairWorker:
+        def note(event: str, key: str) -> None:
+            self.job_log.append((event, key, time.monotonic()))
+
+        return FairWorker(max_jobs=self.max_sessions + 1, on_event=note)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -275,8 +286,8 @@ class SplitService:
         A fresh worker (no thread until its first job) takes its place, so the service
         can be served again.
         """
-        self._executor.shutdown(wait=True)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="split-body")
+        self.worker.shutdown()
+        self.worker = self._new_worker()
 
     async def reap_forever(self) -> None:
         """Background task: :meth:`expire_idle` and :meth:`expire_unadmitted` every quarter
@@ -333,16 +344,8 @@ class SplitService:
         key = _client_key(s)
         self.job_log.append(("wait", key, time.monotonic()))
         turn = self._turns.setdefault(key, asyncio.Lock())
-
-        def run() -> Any:
-            self.job_log.append(("start", key, time.monotonic()))
-            try:
-                return fn(*args)
-            finally:
-                self.job_log.append(("end", key, time.monotonic()))
-
         async with turn:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+            return await self.worker.run(key, fn, *args)
 
     # ------------------------------------------------------------------ control plane
 
@@ -514,8 +517,8 @@ class SplitService:
             hidden = torch.zeros(batch, seq_len, self.hidden_size)
             mask = torch.ones(batch, seq_len, dtype=torch.long)
             forward = body_forward_detached if dp else body_forward
-            _, nbytes = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._measured, forward, adapter, hidden, mask
+            _, nbytes = await self.worker.run(
+                "memory probe", self._measured, forward, adapter, hidden, mask
             )
             self._probe_bytes[key] = nbytes
         return self._probe_bytes[key]

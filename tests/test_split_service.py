@@ -100,10 +100,11 @@ def test_stopping_the_server_ends_the_body_worker_thread() -> None:
         try:
             async with _client(model, srv.port, wire_dtype="fp32", lora_rank=4, seed=7) as c:
                 await c.train_step([batch("bert", b=2, seed=0)], round_=0, step=0)
-            assert srv.service._executor._threads  # the step ran on the worker
+            worker = srv.service.worker
+            assert worker.threads  # the step ran on the worker
         finally:
             await srv.stop()
-        assert not [t for t in srv.service._executor._threads if t.is_alive()]
+        assert not [t for t in worker.threads if t.is_alive()]
         # served again after a stop: a fresh worker takes the job
         srv = await start_server(srv.service)
         try:
