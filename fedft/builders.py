@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from fedft.aggregation import get_aggregator
 from fedft.aggregation.base import Aggregator
 from fedft.aggregation.robust import make_robust
+from fedft.aggregation.server_opt import ServerOptimizer
 from fedft.config import RunConfig
 from fedft.data.flower_partition import PartitionOptions
 from fedft.privacy import CentralDP, plan_user_level
@@ -97,6 +98,22 @@ def build_aggregator(cfg: RunConfig) -> Aggregator:
             delta=p.delta,
         )
     return agg
+
+
+def build_server_opt(cfg: RunConfig, aggregator: Aggregator) -> ServerOptimizer | None:
+    """The configured server optimizer over what ``aggregator``'s clients train, or None."""
+    a = cfg.aggregation
+    if a.server_opt == "none":
+        return None
+    return ServerOptimizer(
+        kind=a.server_opt,
+        parts=aggregator.trainable,
+        lr=a.server_lr,
+        momentum=a.server_momentum,
+        beta1=a.server_beta1,
+        beta2=a.server_beta2,
+        tau=a.server_tau,
+    )
 
 
 def user_noise_multiplier(cfg: RunConfig) -> float:

@@ -36,6 +36,19 @@ ALGORITHMS = ("fedit", "flora", "fedsb", "lora_fair", "hetlora", "ffa", "fedex")
 LINEAR_ALGORITHMS = ("fedit", "fedsb", "ffa")
 #: aggregators that accept clients of different ranks.
 MIXED_RANK_ALGORITHMS = ("flora", "hetlora")
+#: aggregators a server optimizer (aggregation.server_opt) is defined for.
+SERVER_OPT_ALGORITHMS = ("fedit", "ffa", "fedsb")
+#: why it is not defined for the others (docs/algorithms.md, Server optimizer).
+SERVER_OPT_UNDEFINED = {
+    "flora": "FLoRA folds each round's update into the frozen base and clients restart "
+    "from a fresh LoRA, so there are no global adapters to take a step on",
+    "fedex": "FedEx-LoRA folds the residual of each round into the frozen base, which has no "
+    "optimizer state; a step on the adapters alone would move the two parts by different rules",
+    "lora_fair": "LoRA-FAIR fits its correction of B to the product B A; moving A and B by "
+    "momentum afterwards undoes that fit",
+    "hetlora": "clients of rank r train only the first r components and the average mixes "
+    "rescaled, zero-padded factors, so one coordinate's pseudo-gradient has no single meaning",
+}
 
 # Strict scalars: TOML/JSON types are taken as they are (no "5" -> 5, no 2.0 -> 2, no
 # true -> 1); an integer is accepted where a number is expected.
@@ -318,6 +331,30 @@ class AggregationConfig:
     secure: Bool = Field(
         default=False, description="secure aggregation: the server sees only the sum"
     )
+    server_opt: Literal["none", "avgm", "adam", "yogi"] = Field(
+        default="none",
+        description="server optimizer on each round's aggregate as a pseudo-gradient "
+        "(FedAvgM / FedAdam / FedYogi); fedit, ffa, fedsb only",
+    )
+    server_lr: Float = Field(
+        default=1.0,
+        gt=0,
+        lt=100,
+        description="server_opt: server learning rate η (avgm: 1 with momentum 0 is FedAvg; "
+        "adam/yogi move each number by about η per round: try 1e-3 to 1e-2 on LoRA)",
+    )
+    server_momentum: Float = Field(
+        default=0.9, ge=0, lt=1, description='server_opt = "avgm": momentum μ'
+    )
+    server_beta1: Float = Field(
+        default=0.9, ge=0, lt=1, description='server_opt = "adam" / "yogi": β₁'
+    )
+    server_beta2: Float = Field(
+        default=0.99, ge=0, lt=1, description='server_opt = "adam" / "yogi": β₂'
+    )
+    server_tau: Float = Field(
+        default=1e-3, gt=0, description='server_opt = "adam" / "yogi": adaptivity floor τ'
+    )
 
     def __post_init__(self) -> None:
         if self.secure and self.robust == "norm_bound":
@@ -522,6 +559,23 @@ class RunConfig:
                 self.aggregation.robust,
                 "a median or trimmed mean needs each update, which secure aggregation hides",
             )
+        if self.aggregation.server_opt != "none":
+            why = SERVER_OPT_UNDEFINED.get(algo)
+            if why is not None:
+                raise Refusal(
+                    "aggregation.server_opt",
+                    self.aggregation.server_opt,
+                    f"'none' with {algo!r}: {why}; a server optimizer is defined for "
+                    f"{list(SERVER_OPT_ALGORITHMS)}",
+                )
+            if self.adapter.method == "split":
+                raise Refusal(
+                    "aggregation.server_opt",
+                    self.aggregation.server_opt,
+                    "'none' with adapter.method = 'split': the split server trains its body "
+                    "step by step, so an optimizer over the averaged client half alone would "
+                    "move the two halves by different rules",
+                )
         if self.adapter.method in ("prompt", "split") and algo != "fedit":
             raise Refusal(
                 "aggregation.algorithm",

@@ -152,6 +152,7 @@ def build(grid: Grid, cfg: RunConfig, out: Path) -> Federation:
         extras=extras,
         seed=cfg.seed,
         max_rank=builders.max_rank(cfg),
+        server_opt=builders.build_server_opt(cfg, aggregator),
     )
     return Federation(
         cfg=cfg,

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fedft.aggregation.base import Aggregator
 from fedft.aggregation.error import aggregation_error
+from fedft.aggregation.server_opt import ServerOptimizer
 from fedft.seeds import derive_seed
 from fedft.types import AggregationResult, ClientUpdate, LoraFactors
 
@@ -63,6 +64,8 @@ class Coordinator:
         alpha: LoRA alpha (scaling = alpha / rank).
         extras: the initial dense trainables (the seeded head), identical for all clients.
         seed: seeds every random init the server makes.
+        server_opt: an optional server optimizer (FedAvgM / FedAdam / FedYogi) applied to
+            every round's aggregate; its state is checkpointed with the coordinator.
     """
 
     aggregator: Aggregator
@@ -76,6 +79,7 @@ class Coordinator:
     #: the sum of everything folded into the base so far, per module, in factored form.
     base_factors: dict[str, LoraFactors] = field(default_factory=dict)
     round: int = 0
+    server_opt: ServerOptimizer | None = None
 
     def __post_init__(self) -> None:
         if not self.global_adapters:
@@ -157,8 +161,12 @@ class Coordinator:
         """Move the global state forward by a round's result computed elsewhere.
 
         :meth:`aggregate` ends here; secure aggregation calls it directly with the result it
-        decoded from the unmasked sum (the server never holds the individual updates).
+        decoded from the unmasked sum (the server never holds the individual updates). A
+        server optimizer, when set, moves the aggregate first (the returned result is what
+        the global model became).
         """
+        if self.server_opt is not None:
+            result = self.server_opt.step(self.global_adapters, self.extras, result)
         self.global_adapters = dict(result.adapters)
         for name, delta in result.base_delta.items():
             part = delta if isinstance(delta, LoraFactors) else _dense_as_factors(delta)
@@ -176,13 +184,16 @@ class Coordinator:
     # -- checkpoints ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Plain types and tensors only (no pickle)."""
-        return {
+        state = {
             "round": self.round,
             "global_adapters": _factors_state(self.global_adapters),
             "base_factors": _factors_state(self.base_factors),
             "extras": {k: v.clone() for k, v in self.extras.items()},
             "aggregator": self.aggregator.state_dict(),
         }
+        if self.server_opt is not None:
+            state["server_opt"] = self.server_opt.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore exactly what :meth:`state_dict` saved."""
@@ -191,6 +202,17 @@ class Coordinator:
         self.base_factors = _factors_from_state(state["base_factors"])
         self.extras = {k: v.clone() for k, v in state["extras"].items()}
         self.aggregator.load_state_dict(state["aggregator"])
+        saved_opt = state.get("server_opt")
+        if (saved_opt is None) != (self.server_opt is None):
+            raise ValueError(
+                "the checkpoint was written "
+                + ("with" if saved_opt is not None else "without")
+                + " a server optimizer and this run is configured "
+                + ("without" if saved_opt is not None else "with")
+                + " one; resume with the checkpoint's aggregation.server_opt"
+            )
+        if self.server_opt is not None and saved_opt is not None:
+            self.server_opt.load_state_dict(saved_opt)
 
 
 def _dense_as_factors(delta: Tensor) -> LoraFactors:
