@@ -13,9 +13,11 @@ split server runs the shared, frozen middle of the model. Per round (SFPrompt, C
 ``_train`` (the local-loss phase, ``_pruned``, ``_split_train``) -> ``_Trained.update``; its
 settings are one typed :class:`SplitKnobs`.
 
-The update has no LoRA adapters; the prompt (n, H) and the head travel as extras, exactly as
-in :func:`fedft.training.runtime.run_prompt_round`, so the server averages them by p_k and
-evaluates the whole model in-process (identical to the split model while the body is frozen).
+The update has no LoRA adapters; the prompt (n, H), the head and (``split.train_back``,
+the default) the weights of the client's back blocks travel as extras, as in
+:func:`fedft.training.runtime.run_prompt_round`: the server starts every client from the
+extras it sends, averages them by p_k and evaluates the whole model in-process (identical to
+the split model while the body is frozen). The start's extras decide what trains here.
 
 The split parts are built over the worker's cached base model (``runtime.model``): its
 modules are shared, never copied, and the model's head values, ``requires_grad`` flags,
@@ -141,18 +143,30 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 def _split_over(
     runtime: Runtime, extras: Mapping[str, Tensor], *, front_layers: int, back_layers: int
 ) -> Iterator[SplitParts]:
-    """The cached base model cut into front/body/back, with the start's prompt and head.
+    """The cached base model cut into front/body/back, with the start's prompt and extras.
 
-    Only the prompt (in the front) and the head (``runtime.extras_names``, in the back) are
-    trainable. On exit the model's head, ``requires_grad`` flags, gradients and mode are
-    restored; the parts share the model's modules (nothing is copied).
+    Only the prompt (in the front) and the start's other extras (the head and, with
+    ``split.train_back``, the back blocks) are trainable. On exit those parameters'
+    values, the ``requires_grad`` flags, gradients and mode are restored; the parts share
+    the model's modules (nothing is copied).
+
+    Raises:
+        ValueError: an extra names a parameter of the server's body (it never runs here).
     """
     model: Any = runtime.model
-    saved = peft_io.get_extras(model, runtime.extras_names)
+    names = trained_names(extras)
+    parts = split_model(model, front_layers=front_layers, back_layers=back_layers)
+    body = {id(p) for p in parts.body.parameters()}
+    in_body = [n for n, p in model.named_parameters() if n in names and id(p) in body]
+    if in_body:
+        raise ValueError(
+            f"the start's extras name parameters of the split server's body {in_body[:3]}: "
+            "only the prompt, the head and the client's back blocks train on the client"
+        )
+    saved = peft_io.get_extras(model, sorted({*runtime.extras_names, *names}))
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = bool(model.training)
     prompt = extras[PROMPT]  # (n, H)
-    parts = split_model(model, front_layers=front_layers, back_layers=back_layers)
     soft = SoftPrompt(int(prompt.shape[0]), parts.hidden_size)
     set_prompt(soft, prompt)
     try:
@@ -161,7 +175,7 @@ def _split_over(
             p.requires_grad_(False)
         peft_io.set_extras(model, {k: v for k, v in extras.items() if k != PROMPT})
         params = dict(model.named_parameters())
-        for name in runtime.extras_names:
+        for name in names:
             params[name].requires_grad_(True)
         yield parts
     finally:
@@ -170,6 +184,11 @@ def _split_over(
             p.requires_grad_(flags[n])
             p.grad = None
         model.train(was_training)
+
+
+def trained_names(extras: Mapping[str, Tensor]) -> list[str]:
+    """The model parameters a split round trains besides the prompt: the start's extras."""
+    return sorted(k for k in extras if k != PROMPT)
 
 
 def _tuples(
@@ -405,7 +424,7 @@ def run_split_round(
     _check_round(start, data, knobs)
     cut = {"front_layers": knobs["front_layers"], "back_layers": knobs["back_layers"]}
     with _LOCK, _split_over(runtime, start.extras, **cut) as parts:
-        trained = _train(runtime, parts, client_id, data, knobs)
+        trained = _train(runtime, parts, client_id, data, knobs, trained_names(start.extras))
     return trained.update(client_id, len(data))
 
 
@@ -489,9 +508,15 @@ class _Trained:
 
 
 def _train(
-    runtime: Runtime, parts: SplitParts, client_id: str, data: Encoded, k: SplitKnobs
+    runtime: Runtime,
+    parts: SplitParts,
+    client_id: str,
+    data: Encoded,
+    k: SplitKnobs,
+    names: list[str],
 ) -> _Trained:
-    """Local-loss phase -> EL2N pruning -> split phase, on the cut model (lock held)."""
+    """Local-loss phase -> EL2N pruning -> split phase, on the cut model (lock held);
+    ``names``: the model parameters that train besides the prompt (they return as extras)."""
     device = runtime.device
     model: Any = runtime.model
     dx_epsilon = k.get("dx_epsilon")
@@ -535,7 +560,7 @@ def _train(
     model.eval()
     assert parts.front.prompt is not None
     extras = {PROMPT: get_prompt(parts.front.prompt).cpu()}
-    extras.update(peft_io.get_extras(model, runtime.extras_names))
+    extras.update(peft_io.get_extras(model, names))
     extras = {key: v.detach().cpu().clone() for key, v in extras.items()}
     return _Trained(losses, local, len(kept), traffic, extras, private, dx_epsilon, cut_noise_std)
 

@@ -435,6 +435,12 @@ class SplitConfig:
     micro_batches_in_flight: Int = Field(
         default=2, ge=1, description="micro-batches a client sends before awaiting replies"
     )
+    train_back: Bool = Field(
+        default=True,
+        description="the client's back blocks train too (their weights travel in the update "
+        "like the head); false = only the soft prompt and the head train (SFPrompt's "
+        "original), which leaves a frozen sentence encoder such as MiniLM at the majority class",
+    )
     local_loss_steps: Int = Field(
         default=0, ge=0, description="SFPrompt: local-loss steps before split training"
     )

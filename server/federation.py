@@ -19,6 +19,7 @@ from typing import Any
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from fedft import builders
@@ -34,6 +35,7 @@ from fedft.privacy.ledger import PrivacyLedger
 from fedft.replies import bind_client_indices
 from fedft.reporting.metrics import MetricsWriter, read_metrics, write_summary
 from fedft.reporting.report import write_report
+from fedft.split.partition import back_parameter_names
 from fedft.training.coordinator import Coordinator
 from fedft.training.local import resolve_device, weight_gradients
 from fedft.training.runtime import (
@@ -57,6 +59,14 @@ from server.rounds import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def back_extras(runtime: Runtime, *, back_layers: int) -> dict[str, Tensor]:
+    """The client's back blocks (``split.train_back``) as extras: their base weights, which
+    every client trains and the server averages by p_k like the head."""
+    names = back_parameter_names(runtime.model, back_layers=back_layers)
+    return peft_io.get_extras(runtime.model, names)
+
 
 QUERY = "query"
 """Flower message type of the discovery query (client/app.py registers the action)."""
@@ -144,6 +154,8 @@ def build(grid: Grid, cfg: RunConfig, out: Path) -> Federation:
         extras[PROMPT] = initial_prompt(
             runtime, num_tokens=cfg.adapter.prompt_tokens, seed=cfg.seed
         )
+    if cfg.adapter.method == "split" and cfg.split.train_back:
+        extras.update(back_extras(runtime, back_layers=cfg.split.back_layers))
     coord = Coordinator(
         aggregator=aggregator,
         shapes={} if dense_only else runtime.shapes,

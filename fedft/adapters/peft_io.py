@@ -490,7 +490,17 @@ def save_prompt_adapter(
     model = copy.deepcopy(base_model).cpu()
     set_extras(model, extras)
     hf_config: Any = getattr(model, "config", None)
+    # peft keeps a classification head by itself (SEQ_CLS); any other extra (a split run's
+    # back blocks) is saved as a modules_to_save copy of its module
+    others = sorted(
+        {
+            name.rsplit(".", 1)[0]
+            for name in extras
+            if _head_module(name.rsplit(".", 1)[0]) not in ("classifier", "score")
+        }
+    )
     config = PromptTuningConfig(
+        modules_to_save=others or None,
         task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
         num_virtual_tokens=int(prompt.shape[0]),
         token_dim=int(prompt.shape[1]),

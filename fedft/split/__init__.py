@@ -5,7 +5,13 @@ Model partition, per-client body adapters, the transport-free step and SFPrompt 
 """
 
 from fedft.split.body_adapter import BodyAdapter
-from fedft.split.partition import Blocks, SplitParts, model_family, split_model
+from fedft.split.partition import (
+    Blocks,
+    SplitParts,
+    back_parameter_names,
+    model_family,
+    split_model,
+)
 from fedft.split.sfprompt import el2n, keep_top_fraction, local_loss_phase, select_samples
 from fedft.split.step import (
     BackOutput,
@@ -30,6 +36,7 @@ __all__ = [
     "SplitParts",
     "back_backward",
     "back_forward",
+    "back_parameter_names",
     "body_backward",
     "body_forward",
     "el2n",

@@ -189,6 +189,24 @@ class Back(nn.Module):
         return loss, logits
 
 
+def back_parameter_names(model: Any, *, back_layers: int) -> list[str]:
+    """Names of the parameters of the client's back blocks (as in ``named_parameters()``).
+
+    The back blocks are the last ``back_layers`` transformer blocks; the head and the final
+    norm are not among them.
+
+    Raises:
+        ValueError: unsupported model, or ``back_layers`` outside 0..L-1.
+    """
+    family = model_family(model)
+    prefix = "bert.encoder.layer" if family == "bert" else "model.layers"
+    n = len(model.bert.encoder.layer if family == "bert" else model.model.layers)
+    if not 0 <= back_layers < n:
+        raise ValueError(f"back_layers = {back_layers}: must be in 0..{n - 1}")
+    blocks = tuple(f"{prefix}.{i}." for i in range(n - back_layers, n))
+    return sorted(name for name, _ in model.named_parameters() if name.startswith(blocks))
+
+
 @dataclass(frozen=True)
 class SplitParts:
     """The three parts of a U-shaped split; all share the original model's modules.

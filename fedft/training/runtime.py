@@ -237,10 +237,12 @@ def run_lora_round(
 def _prompted(runtime: Runtime, extras: Mapping[str, Tensor]) -> Iterator[PromptTunedModel]:
     """The shared base model behind a soft prompt set from ``extras`` (head set too).
 
-    The base model's head and ``requires_grad`` flags are restored on exit.
+    Any other base parameter ``extras`` names (a split run's back blocks) is set as well.
+    Every parameter set here, the head and the ``requires_grad`` flags are restored on exit.
     """
     model = runtime.model
-    saved = peft_io.get_extras(model, runtime.extras_names)
+    names = {*runtime.extras_names, *(k for k in extras if k != PROMPT)}
+    saved = peft_io.get_extras(model, sorted(names))
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     prompt = extras[PROMPT]
     wrapped = PromptTunedModel(
