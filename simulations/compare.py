@@ -261,7 +261,9 @@ def finished_run(run_out: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """The final block of a finished run of exactly ``cfg`` in ``run_out``, or None.
 
     A run counts as finished when its ``summary.json`` exists and records this config (the
-    whole resolved config, seed included); anything else is run again.
+    whole resolved config, seed included, read through the validator so that a key added to
+    fedft since, at its default, does not count as a difference); anything else is run
+    again.
     """
     path = run_out / "summary.json"
     if not path.is_file():
@@ -273,7 +275,11 @@ def finished_run(run_out: Path, cfg: RunConfig) -> dict[str, Any] | None:
         return None
     if not isinstance(saved, dict) or not isinstance(saved.get("final"), dict):
         return None
-    if saved.get("config") != json.loads(json.dumps(cfg.to_dict())):
+    try:  # through the validator: a key added since, at its default, is the same config
+        same = build_config(saved.get("config") or {}).to_dict() == cfg.to_dict()
+    except ConfigError:
+        same = False
+    if not same:
         logger.warning(
             "compare: %s holds a run of another config: running it again",
             run_out,

@@ -370,6 +370,13 @@ def test_reuse_runs_only_what_is_new_or_changed(monkeypatch, tmp_path) -> None:
     changed = load_table("simulations/compare.toml", ["federation.rounds=4"])
     compare(changed, out, algorithms=["fedit"], seeds=2, reuse=True, progress=False)
     assert [(a, s) for a, s, _, _ in calls] == [("fedit", 0), ("fedit", 1)]
+    # a saved config without a key fedft added since (at its default) is the same config
+    saved = json.loads((out / "flora" / "seed0" / "summary.json").read_text())
+    del saved["config"]["aggregation"]["fair_steps"]
+    (out / "flora" / "seed0" / "summary.json").write_text(json.dumps(saved))
+    calls.clear()
+    compare(table, out, algorithms=["flora"], seeds=2, reuse=True, progress=False)
+    assert calls == []
     # without --reuse everything runs
     calls.clear()
     compare(changed, out, algorithms=["fedit"], seeds=2, progress=False)
