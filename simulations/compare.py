@@ -243,7 +243,7 @@ def _seeds_markdown(
             line += f" {loss.format()} | {loss.format_interval()} |"
         if agg:
             ae = _spread_of(s, "agg_error")
-            line += f" {ae.format(digits=3)} |" if ae is not None else " - |"
+            line += f" {ae.format(spec='.2g')} |" if ae is not None else " - |"
         up, down, wall = (_spread_of(s, k) for k in ("bytes_up", "bytes_down", "wall_s"))
         assert up is not None and down is not None and wall is not None
         lines.append(line + f" {up.mean / 1e6:.2f} | {down.mean / 1e6:.2f} | {wall.mean:.0f} |")

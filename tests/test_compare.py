@@ -116,8 +116,10 @@ def test_tell_apart_reads_intervals_then_paired_differences() -> None:
     v = tell_apart("hetlora", a, "fedit", b, paired=False, **acc)
     assert (v.better, v.how) == (None, "none") and "cannot tell apart" in v.text
     # differences -0.04, 0.08, -0.01 include 0
-    v = tell_apart("a", spread([0.70, 0.80, 0.75]), "b", spread([0.74, 0.72, 0.76]), **acc)
-    assert v.better is None and v.text.startswith("a vs b: cannot tell apart")
+    v = tell_apart("a", spread([0.70, 0.80, 0.74]), "b", spread([0.76, 0.72, 0.77]), **acc)
+    assert v.better is None and v.text.startswith(
+        "a vs b: cannot tell apart (accuracy 0.7467 vs 0.7500;"
+    )  # the means in the order of the names
     # a loss: lower is ahead
     v = tell_apart(
         "a",
@@ -245,6 +247,7 @@ def test_seeds_run_every_algorithm_per_seed_and_report_the_spread(monkeypatch, t
     assert "3 seeds (0, 1, 2)" in md
     assert "| fedit | 4 | 0.5000 ± 0.0000 | 0.7100 ± 0.0100 | [0.6852, 0.7348] |" in md
     assert "- flora > fedit (accuracy 0.8100 vs 0.7100): intervals do not overlap" in md
+    assert "| 0.31 ± 0.01 | 0.00 | 0.01 | 11 |" in md  # fedit's agg_error, 2 significant digits
     assert "| fedit | 1 | 4 | 0.5000 | 0.7100 | 0.2900 | 0.31 | 0.00 | 0.01 | 11 |" in md
     for png in ("compare_accuracy_rounds", "compare_accuracy_bytes", "compare_agg_error_rounds"):
         assert (out / f"{png}.png").stat().st_size > 1000

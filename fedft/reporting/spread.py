@@ -78,11 +78,12 @@ class Spread:
             "high": self.high,
         }
 
-    def format(self, digits: int = 4) -> str:
-        """``mean ± std`` (just the mean for one seed)."""
+    def format(self, digits: int = 4, *, spec: str | None = None) -> str:
+        """``mean ± std`` (just the mean for one seed), ``digits`` decimals or format ``spec``."""
+        spec = spec or f".{digits}f"
         if self.std is None:
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+            return f"{self.mean:{spec}}"
+        return f"{self.mean:{spec}} ± {self.std:{spec}}"
 
     def format_interval(self, digits: int = 4) -> str:
         """``[low, high]`` (a dash for one seed)."""
@@ -177,14 +178,15 @@ def tell_apart(
     ahead, behind = (a, b) if sign * (sa.mean - sb.mean) >= 0 else (b, a)
     s_ahead, s_behind = (sa, sb) if ahead == a else (sb, sa)
     rel = ">" if higher_is_better else "<"
-    means = f"{metric} {s_ahead.mean:.4f} vs {s_behind.mean:.4f}"
+    means = f"{metric} {s_ahead.mean:.4f} vs {s_behind.mean:.4f}"  # ahead first
+    as_given = f"{metric} {sa.mean:.4f} vs {sb.mean:.4f}"  # a first
     diff = None
     if paired and sa.n == sb.n and sa.n >= 2:
         diff = spread(
             [x - y for x, y in zip(sa.values, sb.values, strict=True)], confidence=confidence
         )
     if sa.std is None or sb.std is None:
-        text = f"{a} vs {b}: cannot tell apart (one seed: no spread; {means})"
+        text = f"{a} vs {b}: cannot tell apart (one seed: no spread; {as_given})"
         return Verdict(a, b, metric, None, "none", diff, text)
     assert sa.low is not None and sa.high is not None and sb.low is not None
     assert sb.high is not None
@@ -200,9 +202,9 @@ def tell_apart(
                 f"overlap, the {d_text} excludes 0"
             )
             return Verdict(a, b, metric, ahead, "paired", diff, text)
-        text = f"{a} vs {b}: cannot tell apart ({means}; intervals overlap, {d_text} includes 0)"
+        text = f"{a} vs {b}: cannot tell apart ({as_given}; intervals overlap, {d_text} includes 0)"
         return Verdict(a, b, metric, None, "none", diff, text)
-    text = f"{a} vs {b}: cannot tell apart ({means}; intervals overlap)"
+    text = f"{a} vs {b}: cannot tell apart ({as_given}; intervals overlap)"
     return Verdict(a, b, metric, None, "none", diff, text)
 
 
