@@ -231,7 +231,9 @@ def shipped_dp() -> tuple[Any, float, float, int]:
     return cfg, sigma, cfg.privacy.max_grad_norm, len(fed.clients[0])
 
 
-def shipped_label_attack(*, trials: int, batches: int) -> list[dict[str, Any]]:
+def shipped_label_attack(
+    *, trials: int, batches: int, sigmas: tuple[float, ...] = ()
+) -> list[dict[str, Any]]:
     """Label leakage (iDLG) on the shipped default model under the shipped DP-SGD step.
 
     The model: MiniLM, LoRA r = 8 on query/value + head; the step: client 0's calibrated σ,
@@ -243,6 +245,9 @@ def shipped_label_attack(*, trials: int, batches: int) -> list[dict[str, Any]]:
       the label is read off the head-bias gradient;
     * the shipped batch of 16: ``batches`` random batches; the label the batch holds most of
       (ties skipped). ``prior_guess`` is what always naming the more frequent majority scores.
+
+    ``sigmas``: further noise multipliers read on the same gradients (same C), beside the
+    shipped σ (e.g. 1.0: the σC ≥ 1 the issue's target names).
     """
     from fedft import builders
     from fedft.data import build_federated_data
@@ -284,15 +289,17 @@ def shipped_label_attack(*, trials: int, batches: int) -> list[dict[str, Any]]:
         )
 
     by_label = [torch.nonzero(labels == c).flatten() for c in (0, 1)]
-    one = {"none": 0, "dp": 0}
+    noise = {"dp": sigma, **{f"dp{s:g}": s for s in sigmas}}
+    one = dict.fromkeys(["none", *noise], 0)
     for t in range(trials):
         pool = by_label[t % 2]
         i = int(pool[int(torch.randint(0, len(pool), (1,), generator=gen))])
         g = example_grad(i)
         y = int(labels[i])
         one["none"] += infer_label(g[bias]) == y
-        one["dp"] += infer_label(_noised([g], sigma, clip, 1, gen)[bias]) == y
-    many = {"none": 0, "dp": 0}
+        for k, s in noise.items():
+            one[k] += infer_label(_noised([g], s, clip, 1, gen)[bias]) == y
+    many = dict.fromkeys(["none", *noise], 0)
     majors: list[int] = []
     for _ in range(batches):
         idx = torch.randperm(len(labels), generator=gen)[:batch].tolist()
@@ -304,11 +311,13 @@ def shipped_label_attack(*, trials: int, batches: int) -> list[dict[str, Any]]:
         grads = [example_grad(j) for j in idx]
         mean = {n: sum(g[n] for g in grads) / len(idx) for n in params}
         many["none"] += infer_label(mean[bias]) == major
-        many["dp"] += infer_label(_noised(grads, sigma, clip, batch, gen)[bias]) == major
+        for k, s in noise.items():
+            many[k] += infer_label(_noised(grads, s, clip, batch, gen)[bias]) == major
     counted = max(1, len(majors))
     prior = max(majors.count(0), majors.count(1)) / counted
     common = {"model": cfg.model.name, "clients": cfg.federation.num_clients, "n0": n0}
-    dp_name = f"DP-SGD shipped: sigma={sigma:.3f} C={clip:g}"
+    names = {"none": "none", "dp": f"DP-SGD shipped: sigma={sigma:.3f} C={clip:g}"}
+    names.update({f"dp{s:g}": f"DP-SGD sigma={s:g} C={clip:g}" for s in sigmas})
     rows = [
         {
             **common,
@@ -318,19 +327,20 @@ def shipped_label_attack(*, trials: int, batches: int) -> list[dict[str, Any]]:
             "prior_guess": 0.5,
             "trials": trials,
         }
-        for k, d in (("none", "none"), ("dp", dp_name))
+        for k, d in names.items()
     ]
-    rows += [
-        {
-            **common,
-            "attack": f"batch majority label (iDLG), batch {batch}",
-            "defence": d,
-            "accuracy": many[k] / counted,
-            "prior_guess": prior,
-            "trials": len(majors),
-        }
-        for k, d in (("none", "none"), ("dp", dp_name))
-    ]
+    if batches > 0:
+        rows += [
+            {
+                **common,
+                "attack": f"batch majority label (iDLG), batch {batch}",
+                "defence": d,
+                "accuracy": many[k] / counted,
+                "prior_guess": prior,
+                "trials": len(majors),
+            }
+            for k, d in names.items()
+        ]
     return rows
 
 
@@ -405,7 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--public", type=int, default=256, help="public texts for the ridge fit")
     p.add_argument("--length", type=int, default=24, help="tokens per text")
     p.add_argument("--dx-epsilons", type=float, nargs="*", default=[1000, 300, 100, 30])
-    p.add_argument("--sigmas", type=float, nargs="*", default=[1.0])
+    p.add_argument(
+        "--sigmas",
+        nargs="*",
+        default=["1.0"],
+        help="DP-SGD σ for the tiny-model iDLG / DLG rows; 'shipped' = client 0's calibrated σ",
+    )
     p.add_argument("--label-trials", type=int, default=100)
     p.add_argument("--dlg-trials", type=int, default=2, help="0 = skip DLG")
     p.add_argument("--dlg-steps", type=int, default=40)
@@ -422,8 +437,19 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="only: DLG on a real 20-step AdamW LoRA update (shipped lr) vs one gradient",
     )
+    p.add_argument(
+        "--shipped-sigmas",
+        type=float,
+        nargs="*",
+        default=[],
+        help="further σ read on the shipped model's gradients beside the shipped σ",
+    )
     p.add_argument("--only-shipped", action="store_true", help="run only --shipped-trials")
+    p.add_argument(
+        "--only-gradients", action="store_true", help="skip the cut attacks (iDLG, DLG only)"
+    )
     a = p.parse_args(argv)
+    sigmas = [shipped_dp()[1] if v == "shipped" else float(v) for v in a.sigmas]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
     if a.adamw_trials > 0:
@@ -434,28 +460,36 @@ def main(argv: list[str] | None = None) -> int:
         (a.out / "attacks.json").write_text(json.dumps(rows, indent=2))
         return 0
     if a.only_shipped:
-        rows = shipped_label_attack(trials=a.shipped_trials, batches=a.shipped_batches)
+        rows = shipped_label_attack(
+            trials=a.shipped_trials, batches=a.shipped_batches, sigmas=tuple(a.shipped_sigmas)
+        )
         for r in rows:
             logger.info("%s", json.dumps(r))
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "attacks.json").write_text(json.dumps(rows, indent=2))
         return 0
-    rows = cut_attacks(
-        a.model, private=a.private, public=a.public, length=a.length, epsilons=a.dx_epsilons
+    rows = (
+        []
+        if a.only_gradients
+        else cut_attacks(
+            a.model, private=a.private, public=a.public, length=a.length, epsilons=a.dx_epsilons
+        )
     )
     for r in rows:
         logger.info("%s", json.dumps(r))
     grad_rows = gradient_attacks(
         label_trials=a.label_trials,
         dlg_trials=a.dlg_trials,
-        sigmas=a.sigmas,
+        sigmas=sigmas,
         dlg_steps=a.dlg_steps,
     )
     for r in grad_rows:
         logger.info("%s", json.dumps(r))
     rows += grad_rows
     if a.shipped_trials > 0:
-        shipped = shipped_label_attack(trials=a.shipped_trials, batches=a.shipped_batches)
+        shipped = shipped_label_attack(
+            trials=a.shipped_trials, batches=a.shipped_batches, sigmas=tuple(a.shipped_sigmas)
+        )
         for r in shipped:
             logger.info("%s", json.dumps(r))
         rows += shipped

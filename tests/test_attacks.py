@@ -168,6 +168,33 @@ def test_label_leaks_from_one_update_and_dp_brings_it_near_chance() -> None:
     assert private / trials <= 0.7, private / trials
 
 
+def test_label_leak_reaches_chance_only_well_above_sigma_one() -> None:
+    """#17's target "iDLG near chance with DP at σC >= 1", checked on fedft's DP-SGD step.
+
+    Near chance = at most chance + 0.10 (the margin of the DLG target). Sanity: without a
+    defence every label is read. At σ = 1, C = 1 (σC = 1) the label is still read well above
+    chance, so σC >= 1 alone does not meet the target; σ = 4 does (4 classes; a separate
+    300-trial run, seed 3, read 0.66 / 0.52 / 0.41 / 0.29 / 0.24 at σ = 0.742 / 1 / 2 / 4 / 8).
+    """
+    model, params, bias = lora_label_model(num_labels=4)
+    gen = torch.Generator().manual_seed(29)
+    trials, chance = 300, 0.25
+    hits = {0.0: 0, 1.0: 0, 4.0: 0}
+    for _ in range(trials):
+        ids = torch.randint(5, 100, (1, 6), generator=gen)
+        label = torch.randint(0, 4, (1,), generator=gen)
+        grad = update_gradients(
+            model, params, attention_mask=torch.ones_like(ids), label=label, input_ids=ids
+        )
+        for sigma in hits:
+            seen = grad if sigma == 0 else _dp_gradient(grad, sigma, gen)
+            hits[sigma] += infer_label(seen[bias]) == int(label)
+    rate = {sigma: h / trials for sigma, h in hits.items()}
+    assert rate[0.0] == 1.0, rate
+    assert rate[1.0] > chance + 0.10, rate  # σC = 1: not near chance
+    assert rate[4.0] <= chance + 0.10, rate  # σC = 4: near chance
+
+
 def test_secagg_server_never_holds_one_clients_update() -> None:
     """What SecAggServer takes in: keys, ciphertexts, masked vectors, shares; out: the sum."""
     import inspect
@@ -247,6 +274,46 @@ def test_gradient_inversion_recovers_tokens_without_dp_not_with_it() -> None:
     assert clean.label == 2
     assert f1_clean >= 0.5 and f1_clean > f1_dp + 0.25, (f1_clean, f1_dp)
     assert f1_dp <= guess + 0.25, (f1_dp, guess)
+
+
+@pytest.mark.slow
+def test_gradient_inversion_under_the_shipped_dp_step_is_near_random_guess() -> None:
+    """#17's target: DLG token F1 under DP-SGD at the shipped defaults <= random guess + 0.10.
+
+    Measured (docs/results.md): 0.10 on 10 texts (`simulations.attacks`), and 0.17 on these
+    3 (seed 23): 0.115 pooled over 13 against a bound of 0.138. So the target holds on
+    average, by a thin margin, not for every handful of texts. A 3-text mean moves in steps
+    of 0.083, so this test allows random guess + 0.15 and asserts that DP removed most of
+    what the attack recovers without it.
+
+    The shipped step: C = privacy.max_grad_norm (1) and client 0's calibrated σ (0.742 with
+    the default config at ε = 3), on a batch of one (the attacker's best case). Sanity: the
+    same attack on the undefended gradient of the same texts recovers >= half their tokens.
+    """
+    from simulations.attacks import shipped_dp
+
+    _, sigma, clip, _ = shipped_dp()
+    assert clip == 1.0 and 0.5 < sigma < 1.0  # the shipped σC is below 1
+    model, params, bias = lora_label_model(num_labels=4)
+    gen = torch.Generator().manual_seed(23)
+    kw: dict[str, Any] = {"length": 4, "bias_name": bias, "steps": 40, "top_k": 4, "sweeps": 1}
+    clean, private, guess = [], [], []
+    for t in range(3):
+        ids = torch.randint(5, 100, (1, 4), generator=gen)
+        label = torch.randint(0, 4, (1,), generator=gen)
+        grad = update_gradients(
+            model, params, attention_mask=torch.ones_like(ids), label=label, input_ids=ids
+        )
+        summed = ClippedSum(grad, max_grad_norm=clip)
+        summed.add([grad])
+        seen = noisy_mean(summed, noise_multiplier=sigma, expected_batch_size=1, generator=gen)
+        clean.append(token_f1(invert_gradient(model, params, grad, seed=t, **kw).ids, ids[0]))
+        private.append(token_f1(invert_gradient(model, params, seen, seed=t, **kw).ids, ids[0]))
+        guess.append(random_guess_f1(ids[0], torch.arange(5, 100), trials=500, seed=t))
+    mean = {k: sum(v) / len(v) for k, v in (("clean", clean), ("dp", private), ("g", guess))}
+    assert mean["clean"] >= 0.5, mean
+    assert mean["dp"] <= mean["g"] + 0.15, mean
+    assert mean["dp"] <= mean["clean"] - 0.3, mean
 
 
 def test_dx_config_keys_and_refusals() -> None:
