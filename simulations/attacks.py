@@ -356,22 +356,56 @@ def _noised(
     return noisy_mean(summed, noise_multiplier=sigma, expected_batch_size=batch, generator=gen)
 
 
-def adamw_dlg(*, trials: int, local_steps: int, lr: float, dlg_steps: int) -> list[dict[str, Any]]:
+def _dp_adamw(
+    model: Any,
+    params: dict[str, torch.nn.Parameter],
+    batch: dict[str, torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    sigma: float,
+    gen: torch.Generator,
+) -> None:
+    """``steps`` AdamW steps on one example, each on its DP-SGD gradient, in train mode.
+
+    Each gradient is clipped to C = 1 and noised with σC, as a batch of one (fedft's
+    ``ClippedSum`` + ``noisy_mean``).
+    """
+    opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch).loss
+        grads = torch.autograd.grad(loss, list(params.values()))
+        noised = _noised([dict(zip(params, grads, strict=True))], sigma, 1.0, 1, gen)
+        for n, p in params.items():
+            p.grad = noised[n].to(p.dtype)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def adamw_dlg(
+    *, trials: int, local_steps: int, lr: float, dlg_steps: int, sigmas: tuple[float, ...] = ()
+) -> list[dict[str, Any]]:
     """DLG and iDLG against the update a LoRA client really sends: ``local_steps`` AdamW steps.
 
     The client's local loop (:func:`fedft.training.local.train_steps`, AdamW, train mode) on
     one 4-token example of the tiny vocabulary-100 model; the server knows the global model
     (the state before) and inverts ``before - after`` with the same cosine objective as for
     one gradient (any positive multiple of the gradient would match it exactly; AdamW's
-    update is not one). Beside it, the single-gradient attack on the same example.
+    update is not one). Beside it, the single-gradient attack on the same example, and for
+    each of ``sigmas`` the same AdamW steps on DP-SGD gradients (:func:`_dp_adamw`; the
+    noise has its own generator, so the texts are the same with or without ``sigmas``).
     """
     from fedft.training.local import train_steps
 
     model, params, bias = lora_label_model()
     gen = torch.Generator().manual_seed(11)
+    noise = torch.Generator().manual_seed(12)
     kw: dict[str, Any] = {"length": 4, "bias_name": bias, "steps": dlg_steps, "top_k": 4}
-    got: dict[str, list[float]] = {"gradient": [], "adamw": []}
-    labels = {"gradient": 0, "adamw": 0}
+    cases = ["gradient", "adamw", *(f"dp{s:g}" for s in sigmas)]
+    got: dict[str, list[float]] = {k: [] for k in cases}
+    labels = dict.fromkeys(cases, 0)
     for t in range(trials):
         ids = torch.randint(5, 100, (1, 4), generator=gen)
         y = torch.randint(0, 4, (1,), generator=gen)
@@ -385,7 +419,14 @@ def adamw_dlg(*, trials: int, local_steps: int, lr: float, dlg_steps: int) -> li
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(before[n])
-        for name, seen in (("gradient", grad), ("adamw", delta)):
+        seen_by = {"gradient": grad, "adamw": delta}
+        for sigma in sigmas:
+            _dp_adamw(model, params, batch, steps=local_steps, lr=lr, sigma=sigma, gen=noise)
+            seen_by[f"dp{sigma:g}"] = {n: before[n] - p.detach() for n, p in params.items()}
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(before[n])
+        for name, seen in seen_by.items():
             labels[name] += infer_label(seen[bias]) == int(y)
             r = invert_gradient(model, params, seen, sweeps=1, seed=t, **kw)
             got[name].append(token_f1(r.ids, ids[0]))
@@ -395,7 +436,8 @@ def adamw_dlg(*, trials: int, local_steps: int, lr: float, dlg_steps: int) -> li
             "attack": "tokens (DLG) + label (iDLG)",
             "observed": "one gradient"
             if k == "gradient"
-            else f"{local_steps} AdamW steps lr={lr:g}",
+            else f"{local_steps} AdamW steps lr={lr:g}"
+            + ("" if k == "adamw" else f", DP-SGD sigma={k[2:]} C=1 on each"),
             "f1": sum(v) / len(v),
             "f1_each": v,
             "label_accuracy": labels[k] / trials,
@@ -444,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="further σ read on the shipped model's gradients beside the shipped σ",
     )
+    p.add_argument(
+        "--adamw-dp",
+        action="store_true",
+        help="with --adamw-trials: also the AdamW update on DP-SGD gradients at each --sigmas",
+    )
     p.add_argument("--only-shipped", action="store_true", help="run only --shipped-trials")
     p.add_argument(
         "--only-gradients", action="store_true", help="skip the cut attacks (iDLG, DLG only)"
@@ -453,7 +500,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
     if a.adamw_trials > 0:
-        rows = adamw_dlg(trials=a.adamw_trials, local_steps=20, lr=5e-4, dlg_steps=a.dlg_steps)
+        rows = adamw_dlg(
+            trials=a.adamw_trials,
+            local_steps=20,
+            lr=5e-4,
+            dlg_steps=a.dlg_steps,
+            sigmas=tuple(s for s in sigmas if s > 0) if a.adamw_dp else (),
+        )
         for r in rows:
             logger.info("%s", json.dumps(r))
         a.out.mkdir(parents=True, exist_ok=True)

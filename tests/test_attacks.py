@@ -316,6 +316,26 @@ def test_gradient_inversion_under_the_shipped_dp_step_is_near_random_guess() -> 
     assert mean["dp"] <= mean["clean"] - 0.3, mean
 
 
+@pytest.mark.slow
+def test_adamw_update_under_the_shipped_dp_steps_hides_the_tokens() -> None:
+    """DLG on the update a LoRA client sends, 20 AdamW steps (shipped lr 5e-4), under DP-SGD.
+
+    Each step's gradient of the one example is clipped to C = 1 and noised at the shipped
+    σ. Sanity: the one-gradient attack on the same texts recovers >= half the tokens.
+    Measured (docs/results.md, 3 texts): F1 0.08 under DP against a random guess of 0.05,
+    while the label was still read 3 / 3.
+    """
+    from simulations.attacks import adamw_dlg, shipped_dp
+
+    torch.manual_seed(0)  # dropout in the client's train-mode steps
+    sigma = shipped_dp()[1]
+    rows = adamw_dlg(trials=2, local_steps=20, lr=5e-4, dlg_steps=40, sigmas=(sigma,))
+    by = {r["observed"].split(",")[-1].strip(): r for r in rows}
+    gradient, private = by["one gradient"], by[f"DP-SGD sigma={sigma:g} C=1 on each"]
+    assert gradient["f1"] >= 0.5, rows
+    assert private["f1"] <= private["random_guess_f1"] + 0.15, rows
+
+
 def test_dx_config_keys_and_refusals() -> None:
     from fedft.config import ConfigError, build_config, json_schema
 
