@@ -64,7 +64,13 @@ from fedft.privacy.persample import ClippedSum, poisson_sample
 from fedft.privacy.planner import sample_rate_for
 from fedft.prompt import SoftPrompt, get_prompt, set_prompt
 from fedft.seeds import derive_seed
-from fedft.split import SplitParts, local_loss_phase, select_samples, split_model
+from fedft.split import (
+    SplitParts,
+    back_parameter_names,
+    local_loss_phase,
+    select_samples,
+    split_model,
+)
 from fedft.split.dp import SplitPrivacy, apply_noisy_step, client_trainables, shortcut_per_sample
 from fedft.split.dx import CutNoise, DxNoise
 from fedft.training.coordinator import ClientStart
@@ -158,6 +164,14 @@ def _split_over(
     parts = split_model(model, front_layers=front_layers, back_layers=back_layers)
     body = {id(p) for p in parts.body.parameters()}
     in_body = [n for n, p in model.named_parameters() if n in names and id(p) in body]
+    allowed = {*runtime.extras_names, *back_parameter_names(model, back_layers=back_layers)}
+    elsewhere = [n for n in names if n not in allowed and n not in in_body]
+    if elsewhere:  # e.g. the embeddings: their update would show which tokens were used
+        raise ValueError(
+            f"the start's extras name parameters outside the head and the back blocks "
+            f"{elsewhere[:3]}: only the prompt, the head and the client's back blocks train "
+            "on the client"
+        )
     if in_body:
         raise ValueError(
             f"the start's extras name parameters of the split server's body {in_body[:3]}: "

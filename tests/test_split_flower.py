@@ -185,7 +185,17 @@ def test_one_client_round_sfprompt_wire_and_base_model_untouched(tiny_bert4_dir)
             assert not any(row in t.data for row in ids_bytes)
 
 
-def test_a_start_naming_a_body_parameter_is_refused(tiny_bert4_dir):
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("bert.encoder.layer.1.attention.self.query.weight", "body"),  # block 1 of 4: server's
+        ("bert.embeddings.word_embeddings.weight", "outside the head"),  # front: leaks tokens
+        ("bert.encoder.layer.0.output.dense.weight", "outside the head"),  # the front block
+    ],
+)
+def test_a_start_naming_a_parameter_beyond_head_and_back_is_refused(tiny_bert4_dir, name, why):
+    """A curious server naming the embeddings or a front block in the start's extras would
+    get their update back (which tokens the client's text used); the client refuses."""
     cfg = _cfg(tiny_bert4_dir)
     fed = build_federated_data(**builders.data_kwargs(cfg))
     runtime = get_runtime(
@@ -194,9 +204,8 @@ def test_a_start_naming_a_body_parameter_is_refused(tiny_bert4_dir):
     data = encode(fed.clients[0], runtime.tokenizer, task="classification", max_length=24)
     extras = {**runtime.initial_extras}
     extras[PROMPT] = initial_prompt(runtime, num_tokens=PROMPT_TOKENS, seed=0)
-    body = "bert.encoder.layer.1.attention.self.query.weight"  # block 1 of 4 is the server's
-    extras[body] = dict(runtime.model.named_parameters())[body].detach().clone()
-    with pytest.raises(ValueError, match="body"):
+    extras[name] = dict(runtime.model.named_parameters())[name].detach().clone()
+    with pytest.raises(ValueError, match=why):
         run_split_round(
             runtime,
             client_id="0",
