@@ -65,9 +65,11 @@ def program(name: str) -> str:
 
 @contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise KeyboardInterrupt (as SIGINT does).
+    """Within the block, SIGTERM, SIGHUP and SIGINT raise KeyboardInterrupt.
 
-    So ``finally`` clauses stop the children, which run in sessions of their own.
+    So ``finally`` clauses stop the children, which run in sessions of their own. SIGINT is
+    set too because a process started in the background by a shell script inherits SIGINT
+    *ignored* (and Python then leaves it ignored), so ``kill -INT`` would not stop it.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -76,10 +78,11 @@ def terminate_as_interrupt() -> Iterator[None]:
     def _raise(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    stops = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    previous = {sig: signal.signal(sig, _raise) for sig in stops}
     # a parent may have left these blocked (the mask is inherited across fork and exec): a
     # handler never runs for a blocked signal, and the process would not stop
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP, signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(stops))
     try:
         yield
     finally:
