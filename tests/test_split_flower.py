@@ -102,8 +102,10 @@ class Recorder(grpc.aio.ServerInterceptor):
         )
 
 
-def test_one_client_round_sfprompt_wire_and_base_model_untouched(tiny_bert4_dir):
-    cfg = _cfg(tiny_bert4_dir)
+def _client_zero(model_dir):
+    """The run config, the cached runtime, client 0's encoded data and a start's extras
+    (the initial head and prompt)."""
+    cfg = _cfg(model_dir)
     fed = build_federated_data(**builders.data_kwargs(cfg))
     runtime = get_runtime(
         **builders.runtime_kwargs(cfg, num_labels=fed.num_labels), device=torch.device("cpu")
@@ -111,6 +113,11 @@ def test_one_client_round_sfprompt_wire_and_base_model_untouched(tiny_bert4_dir)
     data = encode(fed.clients[0], runtime.tokenizer, task="classification", max_length=24)
     extras = {**runtime.initial_extras}
     extras[PROMPT] = initial_prompt(runtime, num_tokens=PROMPT_TOKENS, seed=0)
+    return cfg, runtime, data, extras
+
+
+def test_one_client_round_sfprompt_wire_and_base_model_untouched(tiny_bert4_dir):
+    cfg, runtime, data, extras = _client_zero(tiny_bert4_dir)
     back = back_extras(runtime, back_layers=1)  # split.train_back: the last block trains
     assert back and all(n.startswith("bert.encoder.layer.3.") for n in back)
     extras.update(back)
@@ -196,14 +203,7 @@ def test_one_client_round_sfprompt_wire_and_base_model_untouched(tiny_bert4_dir)
 def test_a_start_naming_a_parameter_beyond_head_and_back_is_refused(tiny_bert4_dir, name, why):
     """A curious server naming the embeddings or a front block in the start's extras would
     get their update back (which tokens the client's text used); the client refuses."""
-    cfg = _cfg(tiny_bert4_dir)
-    fed = build_federated_data(**builders.data_kwargs(cfg))
-    runtime = get_runtime(
-        **builders.runtime_kwargs(cfg, num_labels=fed.num_labels), device=torch.device("cpu")
-    )
-    data = encode(fed.clients[0], runtime.tokenizer, task="classification", max_length=24)
-    extras = {**runtime.initial_extras}
-    extras[PROMPT] = initial_prompt(runtime, num_tokens=PROMPT_TOKENS, seed=0)
+    cfg, runtime, data, extras = _client_zero(tiny_bert4_dir)
     extras[name] = dict(runtime.model.named_parameters())[name].detach().clone()
     with pytest.raises(ValueError, match=why):
         run_split_round(
@@ -358,14 +358,7 @@ def test_private_split_round_accounts_every_step_across_rounds_and_refuses_past_
     from fedft.privacy import BudgetExceededError, PrivacyAccountant
     from fedft.split.dp import SplitPrivacy
 
-    cfg = _cfg(tiny_bert4_dir)
-    fed = build_federated_data(**builders.data_kwargs(cfg))
-    runtime = get_runtime(
-        **builders.runtime_kwargs(cfg, num_labels=fed.num_labels), device=torch.device("cpu")
-    )
-    data = encode(fed.clients[0], runtime.tokenizer, task="classification", max_length=24)
-    extras = {**runtime.initial_extras}
-    extras[PROMPT] = initial_prompt(runtime, num_tokens=PROMPT_TOKENS, seed=0)
+    cfg, runtime, data, extras = _client_zero(tiny_bert4_dir)
     acc = PrivacyAccountant("rdp", level="sample")
     local_loss_steps, steps, batch_size = 2, 3, 8
     rec = Recorder()
