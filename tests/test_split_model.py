@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -104,6 +105,70 @@ def test_adapters_per_client_do_not_share_state() -> None:
     torch.testing.assert_close(parts.body(h, m), plain)
     for k, v in parts.body.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_adapter_forwards_interleaved_on_two_threads_each_use_only_their_adapter() -> None:
+    """The split server's worker hands the body over between blocks, so two clients'
+    forwards interleave on two threads; each must still run with its own adapter only.
+
+    Worst order: 1 pauses at block 1, 2 starts and pauses at block 1, 1 finishes, 2 finishes.
+    """
+    model = tiny_llama(layers=4)
+    parts = split_model(model, front_layers=1, back_layers=1)
+    for p in parts.body.parameters():
+        p.requires_grad_(False)
+    adapters = [BodyAdapter(parts.body, rank=2, alpha=4.0, seed=s) for s in (0, 1)]
+    with torch.no_grad():
+        for value, adapter in zip((0.5, -0.7), adapters, strict=True):
+            for p in adapter.lora_b.values():
+                p.fill_(value)
+    h = torch.randn(2, 5, HIDDEN)
+    m = torch.ones(2, 5, dtype=torch.long)
+    solo = [a.run(parts.body, h, m).detach() for a in adapters]
+    params = dict(parts.body.named_parameters())
+    values = {k: v.clone() for k, v in parts.body.state_dict().items()}
+
+    gates: dict[int, tuple[threading.Event, threading.Event]] = {}
+
+    def pause(module: torch.nn.Module, args: tuple[object, ...]) -> None:
+        gate = gates.get(threading.get_ident())
+        if gate is not None:
+            gate[0].set()  # arrived at block 1
+            assert gate[1].wait(30)  # until told to go on
+
+    outs: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def job(i: int, gate: tuple[threading.Event, threading.Event]) -> None:
+        gates[threading.get_ident()] = gate
+        try:
+            outs[i] = adapters[i].run(parts.body, h, m).detach()
+        except BaseException as err:  # reported by the main thread
+            errors.append(err)
+            gate[0].set()
+
+    handle = parts.body.layers[1].register_forward_pre_hook(pause)
+    try:
+        gate = [(threading.Event(), threading.Event()) for _ in adapters]
+        threads = [threading.Thread(target=job, args=(i, gate[i])) for i in (0, 1)]
+        threads[0].start()
+        assert gate[0][0].wait(30)
+        threads[1].start()
+        assert gate[1][0].wait(30)
+        gate[0][1].set()
+        threads[0].join(30)
+        gate[1][1].set()
+        threads[1].join(30)
+    finally:
+        handle.remove()
+    assert not errors, errors
+    for i in (0, 1):
+        torch.testing.assert_close(outs[i], solo[i])
+        merged = torch.func.functional_call(parts.body, adapters[i].weights(parts.body), (h, m))
+        torch.testing.assert_close(solo[i], merged)  # W x + s B (A x) == (W + s B A) x
+    assert dict(parts.body.named_parameters()) == params  # the same Parameter objects
+    for k, v in parts.body.state_dict().items():
+        assert torch.equal(v, values[k]), k
 
 
 def test_el2n_matches_definition_and_keep_fraction_scales() -> None:

@@ -184,9 +184,16 @@ def test_four_concurrent_clients_train() -> None:
 
     async def run() -> list[list[float]]:
         srv = await _server(tiny_bert(layers=3))
+        body = srv.service.body
+        params = dict(body.named_parameters())
+        values = {k: v.clone() for k, v in body.state_dict().items()}
         try:
             out = await asyncio.gather(*(one(srv.port, s) for s in range(4)))
             assert srv.service.stats()["sessions"] == 0  # all closed
+            assert srv.service.errors == {}
+            # jobs interleave between blocks; the shared body is never swapped or written
+            assert dict(body.named_parameters()) == params
+            assert all(torch.equal(v, values[k]) for k, v in body.state_dict().items())
             return list(out)
         finally:
             await srv.stop()

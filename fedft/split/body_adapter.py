@@ -1,32 +1,55 @@
 """Per-client LoRA on the server's one shared, frozen body.
 
 Every client session owns a :class:`BodyAdapter`: LoRA factors (Hu et al., 2021) for the
-attention projections of the body. The body's own weights stay frozen and shared; a forward
-pass uses ``W + scaling * B @ A`` for the adapted weights through
-:func:`torch.func.functional_call`, so no client's weights are ever written into the shared
-modules (no stale weights across clients). ``functional_call`` swaps parameters on the
-module for the duration of the call, so callers must run body forwards one at a time
-(the split server uses a single compute thread).
+attention projections of the body. The body's own weights stay frozen and shared and are
+never written or swapped: an adapted projection computes
+``W x + b + scaling * B (A x)`` (= ``(W + scaling * B @ A) x + b``) in a forward hook on the
+shared ``nn.Linear``. The hook adds the adapter that is *active on the calling thread*
+(:meth:`BodyAdapter.run` makes it active for the duration of one forward), so forwards of
+different clients may interleave on different threads — the split server's worker hands
+the body from one client's job to another's between blocks — and each uses only its own
+adapter.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from fedft.types import LoraFactors
 
 #: attention projections adapted by default (Llama names, BERT names).
 DEFAULT_TARGETS = ("q_proj", "v_proj", "query", "value")
 
+#: ``_active.run``: (adapter, {id(linear): key}) of the forward running on this thread.
+_active = threading.local()
+
+
+def _lora_hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+    """Forward hook on a shared linear layer: add this thread's adapter's ``s * B (A x)``."""
+    active: tuple[BodyAdapter, dict[int, str]] | None = getattr(_active, "run", None)
+    if active is None:
+        return None
+    adapter, keys = active
+    key = keys.get(id(module))
+    if key is None:  # a layer this adapter does not adapt (or a different body)
+        return None
+    a, b = adapter.lora_a[key], adapter.lora_b[key]  # (r, in), (out, r)
+    x = args[0]
+    delta = F.linear(F.linear(x.to(a.dtype), a), b) * adapter.scaling
+    return output + delta.to(output.dtype)
+
 
 class BodyAdapter(nn.Module):
     """LoRA factors for the linear layers of a body whose last name part is in ``targets``.
 
     Args:
-        body: the shared body (only read; never modified).
+        body: the shared body (read; its weights are never written: :meth:`run` installs a
+            forward hook once on each adapted layer, which adds nothing outside a run).
         rank: LoRA rank r >= 1.
         alpha: LoRA alpha; scaling = alpha / r.
         targets: last components of module names to adapt.
@@ -64,7 +87,10 @@ class BodyAdapter(nn.Module):
             raise ValueError(f"no nn.Linear in the body matches targets {targets}")
 
     def weights(self, body: nn.Module) -> dict[str, Tensor]:
-        """Adapted weights ``{"<module>.weight": W + scaling * B @ A}`` (out, in) each."""
+        """Merged weights ``{"<module>.weight": W + scaling * B @ A}`` (out, in) each.
+
+        What a forward with :meth:`run` computes, as one matrix per layer (for checks).
+        """
         return {
             f"{name}.weight": body.get_submodule(name).weight
             + self.scaling * (self.lora_b[key] @ self.lora_a[key])
@@ -72,8 +98,24 @@ class BodyAdapter(nn.Module):
         }
 
     def run(self, body: nn.Module, hidden: Tensor, attention_mask: Tensor) -> Tensor:
-        """Body forward with this client's adapter: (B, T, H), (B, T) -> (B, T, H)."""
-        out: Tensor = torch.func.functional_call(body, self.weights(body), (hidden, attention_mask))
+        """Body forward with this client's adapter: (B, T, H), (B, T) -> (B, T, H).
+
+        Only this thread's forward sees the adapter; the body is not modified (a hook is
+        installed once on each adapted linear layer, and adds nothing outside a run).
+        """
+        keys = {}
+        for key, name in self._names.items():
+            module = body.get_submodule(name)
+            if not getattr(module, "_fedft_lora_hook", False):
+                module.register_forward_hook(_lora_hook)
+                module._fedft_lora_hook = True  # type: ignore[assignment]
+            keys[id(module)] = key
+        outer = getattr(_active, "run", None)
+        _active.run = (self, keys)
+        try:
+            out: Tensor = body(hidden, attention_mask)
+        finally:
+            _active.run = outer
         return out
 
     def factors(self) -> dict[str, LoraFactors]:
