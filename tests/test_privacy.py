@@ -483,6 +483,23 @@ def test_gdp_accountant_warns_that_it_can_underestimate(caplog):
     assert "underestimate" in caplog.records[0].getMessage()
 
 
+def test_gdp_epsilon_at_the_edges_of_its_solver_is_zero_or_inf_not_an_error():
+    from opacus.accountants.analysis import gdp as gdp_analysis
+
+    history = [(1.0, 0.01, 100)]
+    mid = epsilon_of(history, delta=1e-5, mechanism="gdp")
+    mu = gdp_analysis.compute_mu_poisson(steps=100, noise_multiplier=1.0, sample_rate=0.01)
+    assert mid == pytest.approx(gdp_analysis.eps_from_mu(mu=mu, delta=1e-5))
+    # δ >= δ(ε=0): ε = 0 already holds (Opacus' root finder raised a ValueError here)
+    edge = gdp_analysis.delta_eps_mu(eps=0.0, mu=mu)
+    assert epsilon_of(history, delta=min(0.99, edge * 1.01), mechanism="gdp") == 0.0
+    assert epsilon_of(history, delta=0.9, mechanism="gdp") == 0.0
+    # just below δ(0), a small positive ε solves it
+    assert 0 < epsilon_of(history, delta=edge * 0.99, mechanism="gdp") < mid
+    # ε beyond the solver's range is inf, never a smaller number
+    assert epsilon_of([(0.05, 1.0, 10_000)], delta=1e-5, mechanism="gdp") == math.inf
+
+
 def test_reported_epsilon_never_drops_below_what_was_reported_and_the_floor_resumes():
     tiny = [(10.0, 0.01, 1)]  # ε well below 1
     acc = PrivacyAccountant("rdp")

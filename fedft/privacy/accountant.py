@@ -118,11 +118,15 @@ def _epsilon_of(history: Sequence[HistoryEntry], *, delta: float, mechanism: Mec
                 f"this history has {len(live)}: use accountant 'prv' or 'rdp'"
             )
         sigma, q, steps = live[0]
-        return float(
-            gdp_analysis.compute_eps_poisson(
-                steps=steps, noise_multiplier=sigma, sample_rate=q, delta=delta
-            )
-        )
+        mu = gdp_analysis.compute_mu_poisson(steps=steps, noise_multiplier=sigma, sample_rate=q)
+        # Opacus solves δ(ε) = δ for ε in [0, 500]; outside that bracket it fails with a
+        # root-finding error. δ(0) <= δ: every ε >= 0 holds, so 0. δ(500) > δ: ε > 500,
+        # reported as inf (never smaller than the truth).
+        if gdp_analysis.delta_eps_mu(eps=0.0, mu=mu) <= delta:
+            return 0.0
+        if gdp_analysis.delta_eps_mu(eps=500.0, mu=mu) > delta:
+            return math.inf
+        return float(gdp_analysis.eps_from_mu(mu=mu, delta=delta))
     if mechanism == "rdp":
         rdp = sum(np.asarray(_rdp_one_step(q, s)) * n for s, q, n in live)
         eps, _ = rdp_analysis.get_privacy_spent(
