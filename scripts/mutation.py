@@ -59,6 +59,8 @@ MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
             "tests/test_robust.py",
             "tests/test_validate.py",
             "tests/test_resume_state.py",
+            "tests/test_agg_error.py",
+            "tests/test_server_opt.py",
         ),
     ),
 }

@@ -171,3 +171,15 @@ def test_old_global_returned_unchanged_has_error_one():
 
     coord.aggregator.aggregate = stale  # type: ignore[method-assign]
     assert _round(coord, clients=3, seed=1) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_a_module_the_aggregate_drops_or_invents_counts_in_full():
+    """A module every client adapted but the result leaves out is wholly missed (error 1);
+    a module no client sent that the result changes is wholly error."""
+    c0 = ClientUpdate("c0", {"w": _lf([[1.0, 0.0]], [[3.0], [4.0]], 1.0)}, 1)  # ||B A|| = 5
+    dropped = aggregation_error({}, [c0], [{}], AggregationResult(adapters={}))
+    assert dropped == 1.0
+    invented = AggregationResult(adapters={"w": c0.adapters["w"], "u": _lf([[1.0]], [[-5.0]], 1.0)})
+    assert aggregation_error({}, [c0], [{}], invented) == 1.0  # ||u|| = 5 over ||ideal|| = 5
+    with pytest.raises(ValueError, match="^need one start per update; got 0 for 1$"):
+        aggregation_error({}, [c0], [], invented)

@@ -203,6 +203,40 @@ def test_linear_means_and_exactness(name):
     assert exact == (name in EXACT)
 
 
+def _same_state(x: object, y: object) -> bool:
+    """Equal checkpoint states: same keys, equal tensors (dtype included), equal values."""
+    if isinstance(x, Tensor) or isinstance(y, Tensor):
+        return (
+            isinstance(x, Tensor)
+            and isinstance(y, Tensor)
+            and x.dtype == y.dtype
+            and (torch.equal(x, y))
+        )
+    if isinstance(x, Mapping) and isinstance(y, Mapping):
+        return set(x) == set(y) and all(_same_state(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return len(x) == len(y) and all(_same_state(a, b) for a, b in zip(x, y, strict=True))
+    return type(x) is type(y) and x == y
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_before_the_first_round_restores(name):
+    """A checkpoint written before any round (a run stopped at once) resumes."""
+    state = get_aggregator(name).state_dict()
+    restored = get_aggregator(name)
+    restored.load_state_dict(state)
+    assert _same_state(restored.state_dict(), state)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_clients_metric_counts_the_replies(name):
+    """metrics.jsonl's ``clients``: how many replies this round's aggregate is made of."""
+    agg, _, make = _scenario(name)
+    for count in (1, 3):
+        res = agg.aggregate([make(i, 4 + i) for i in range(count)])
+        assert res.metrics["clients"] == float(count)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_state_dict_round_trip(name):
     agg, glob, make = _scenario(name)
@@ -213,7 +247,7 @@ def test_state_dict_round_trip(name):
     state = torch.load(buf, weights_only=True)
     restored = get_aggregator(name)
     restored.load_state_dict(state)
-    assert restored.state_dict().keys() == agg.state_dict().keys()
+    assert _same_state(restored.state_dict(), agg.state_dict())
     nxt = [make(i, n) for i, n in enumerate([3, 4, 8], start=4)]
     a, b = agg.aggregate(nxt), restored.aggregate(nxt)
     assert _equal(_effective(a), _effective(b))
@@ -265,10 +299,11 @@ def test_client_start_shapes(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_inputs_are_refused_naming_clients(name):
     agg, _, make = _scenario(name)
-    with pytest.raises(ValueError, match="no client updates"):
+    # every refusal starts with the algorithm's name: the operator reads which one refused
+    with pytest.raises(ValueError, match=f"^{name}: no client updates"):
         agg.aggregate([])
     u0, u1 = make(0, 5), make(1, 5)
-    with pytest.raises(ValueError, match="more than once"):
+    with pytest.raises(ValueError, match=rf"^{name}: client\(s\) \['c0'\] reply more than once"):
         agg.aggregate([u0, _renamed(u1, "c0", 3)])
     missing = ClientUpdate("c1", {"l0.q": u1.adapters["l0.q"]}, 5)
     with pytest.raises(ValueError, match="'c1'.*different modules"):

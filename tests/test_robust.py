@@ -17,7 +17,7 @@ from fedft.aggregation.robust import (
     make_robust,
     unflatten_trainables,
 )
-from fedft.types import AggregationResult, ClientUpdate, Parts
+from fedft.types import AggregationResult, ClientUpdate, LoraFactors, Parts
 
 SHAPES = {"q": (16, 12), "v": (8, 12)}
 RANK, SCALING = 4, 2.0
@@ -205,6 +205,16 @@ def test_flatten_round_trip_keeps_frozen_parts() -> None:
     torch.testing.assert_close(back.extras["head"], 2 * ref.extras["head"])
     with pytest.raises(ValueError, match="layout"):
         unflatten_trainables(vec[:-1], ref, "r", client_id="x", num_examples=3)
+    # nothing trained (no adapters, no extras): an empty float64 vector, and back
+    empty = ClientUpdate("e", {}, 1)
+    flat = flatten_trainables(empty, "ab")
+    assert flat.shape == (0,) and flat.dtype == torch.float64
+    assert unflatten_trainables(flat, empty, "ab", client_id="e", num_examples=1).adapters == {}
+    no_r = ClientUpdate(
+        "x", {"q": LoraFactors(a=torch.ones(1, 2), b=torch.ones(3, 1), scaling=1.0)}, 1
+    )
+    with pytest.raises(ValueError, match="^module 'q' has no Fed-SB middle matrix r$"):
+        flatten_trainables(no_r, "r")
 
 
 def test_layout_mismatch_is_rejected() -> None:
@@ -213,3 +223,109 @@ def test_layout_mismatch_is_rejected() -> None:
     odd = ClientUpdate("odd", {"q": ups[0].adapters["q"]}, 5, extras=ups[0].extras)
     with pytest.raises(ValueError, match="different layout"):
         CoordinateMedian(agg).aggregate([*ups, odd])
+
+
+@pytest.mark.parametrize("kind", ["median", "trimmed_mean", "norm_bound"])
+def test_a_round_with_one_reply_returns_that_reply(kind: str) -> None:
+    """A round where only one client answered: the robust estimate is that client."""
+    agg, ref = _inner("fedsb")
+    (up,), _ = _clients(ref, "r", honest=1, poison=None)
+    opts = {"trim_fraction": 0.2} if kind == "trimmed_mean" else {}
+    if kind == "norm_bound":
+        opts = {"bound": 1e9, "reference": ref.adapters, "reference_extras": ref.extras}
+    res = make_robust(kind, agg, **opts).aggregate([up])
+    torch.testing.assert_close(_flat(res, "r"), flatten_trainables(up, "r"), atol=1e-6, rtol=0)
+    assert res.metrics["clients"] == 1.0
+
+
+def test_robust_metrics_count_clients_and_what_was_trimmed() -> None:
+    """The metrics a run records for the robust wrappers (metrics.jsonl)."""
+    agg, ref = _inner("fedit")
+    ups, _ = _clients(ref, "ab", honest=6, poison=None)
+    med = CoordinateMedian(agg).aggregate(ups)
+    assert med.metrics["clients"] == 6.0
+    tm = TrimmedMean(_inner("fedit")[0], trim_fraction=0.34).aggregate(ups)
+    assert tm.metrics["clients"] == 6.0 and tm.metrics["trimmed_per_side"] == 2.0
+
+
+def test_norm_bound_at_exactly_the_bound_is_not_clipped_and_the_metrics_say_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Deltas of norm exactly 5 (3 and 4 on the head) and 10: only the second is clipped,
+    counted and logged; ``max_update_norm`` is the largest norm before clipping."""
+    agg, ref = _inner("fedit")
+    zero_head = {"head": torch.zeros(2, 8)}
+    nb = NormBound(agg, bound=5.0, reference=ref.adapters, reference_extras=zero_head)
+
+    def client(cid: str, scale: float) -> ClientUpdate:
+        head = torch.zeros(2, 8)
+        head[0, 0], head[1, 7] = 3.0 * scale, 4.0 * scale
+        return ClientUpdate(cid, ref.adapters, 10, extras={"head": head})
+
+    with caplog.at_level(logging.INFO, logger="fedft.aggregation.robust"):
+        res = nb.aggregate([client("at", 1.0), client("over", 2.0)])
+    assert res.metrics["clipped_clients"] == 1.0 and res.metrics["max_update_norm"] == 10.0
+    assert res.metrics["clients"] == 2.0
+    assert caplog.messages == ["norm_bound: client over update norm 10 clipped to 5"]
+    # both end at norm 5 in the same direction: the mean head is the one at the bound
+    torch.testing.assert_close(res.extras["head"], client("at", 1.0).extras["head"])
+
+
+def test_norm_bound_names_the_extras_it_has_no_reference_for() -> None:
+    agg, ref = _inner("fedit")
+    nb = NormBound(agg, bound=1.0, reference=ref.adapters)  # no reference extras
+    ups, _ = _clients(ref, "ab", honest=2, poison=None)
+    with pytest.raises(
+        ValueError, match=r"^NormBound: no reference extras for \['head'\]; pass extras=$"
+    ):
+        nb.aggregate(ups)
+
+
+def test_layouts_are_compared_from_the_second_client_on() -> None:
+    """Two clients, the second with another layout: refused by name, before any stacking."""
+    agg, ref = _inner("fedit")
+    ups, _ = _clients(ref, "ab", honest=1, poison=None)
+    odd = ClientUpdate("odd", {"q": ups[0].adapters["q"]}, 5, extras=ups[0].extras)
+    with pytest.raises(
+        ValueError, match=r"^client 'odd' uploads a different layout than client 'c0'"
+    ):
+        CoordinateMedian(agg).aggregate([ups[0], odd])
+    with pytest.raises(ValueError, match="^no client updates to aggregate$"):
+        CoordinateMedian(agg).aggregate([])
+
+
+@pytest.mark.parametrize("kind", ["median", "trimmed_mean", "norm_bound"])
+def test_wrappers_refuse_every_non_linear_or_mixed_rank_aggregator(kind: str) -> None:
+    """The estimate is handed to ``inner`` as one synthetic client: only an aggregator whose
+    result is the p_k-mean of its inputs (fedit, ffa, fedsb) may format it."""
+    opts = {"trim_fraction": 0.1} if kind == "trimmed_mean" else {}
+    if kind == "norm_bound":
+        opts = {"bound": 1.0}
+    for name in ("flora", "lora_fair", "hetlora", "fedex"):
+        with pytest.raises(
+            ValueError,
+            match=rf"^{kind} composes around a linear, single-rank aggregator \(fedit, fedsb, "
+            rf"ffa\); '{name}' is not one$",
+        ):
+            make_robust(kind, get_aggregator(name), **opts)
+
+
+def test_wrapper_init_follows_the_run_seed_and_states_load_only_into_their_kind() -> None:
+    gen = torch.Generator().manual_seed(3)
+    wrapped = CoordinateMedian(get_aggregator("fedit")).init_global(
+        SHAPES, rank=RANK, scaling=SCALING, generator=gen
+    )
+    plain = get_aggregator("fedit").init_global(
+        SHAPES, rank=RANK, scaling=SCALING, generator=torch.Generator().manual_seed(3)
+    )
+    for m in SHAPES:
+        assert torch.equal(wrapped[m].a, plain[m].a)
+    state = CoordinateMedian(get_aggregator("fedit")).state_dict()
+    with pytest.raises(ValueError, match="^cannot load a 'median' state into 'trimmed_mean'$"):
+        TrimmedMean(get_aggregator("fedit"), trim_fraction=0.1).load_state_dict(state)
+    with pytest.raises(
+        ValueError,
+        match=r"^norm_bound measures updates against what clients started from: call "
+        r"set_reference\(global_adapters, extras=\.\.\.\) before aggregate$",
+    ):
+        NormBound(get_aggregator("fedit"), bound=1.0).aggregate([])

@@ -158,3 +158,71 @@ def test_builders_pass_the_configured_optimizer():
     opt = builders.build_server_opt(cfg, builders.build_aggregator(cfg))
     assert opt is not None and (opt.kind, opt.parts, opt.lr, opt.tau) == ("yogi", "b", 0.01, 1e-3)
     assert builders.build_server_opt(load_config(None, []), get_aggregator("fedit")) is None
+
+
+def test_every_setting_is_checked_at_its_boundary_and_named():
+    for name in ("momentum", "beta1", "beta2"):
+        with pytest.raises(ValueError, match=rf"^server optimizer: {name} = 1.0 must be in"):
+            ServerOptimizer("adam", "ab", **{name: 1.0})
+        ServerOptimizer("adam", "ab", **{name: 0.0})  # the closed end is allowed
+    for lr, tau in ((0.0, 1e-3), (-1.0, 1e-3), (math.inf, 1e-3), (1.0, 0.0)):
+        with pytest.raises(
+            ValueError,
+            match=rf"^server optimizer: lr = {lr} and tau = {tau} must be positive$",
+        ):
+            ServerOptimizer("adam", "ab", lr=lr, tau=tau)
+
+
+def test_refusals_of_a_step_say_what_to_do():
+    folded = AggregationResult(adapters=_one(1.0), base_delta={"w": torch.ones(1, 1)})
+    with pytest.raises(
+        ValueError, match=r"has no optimizer state; use aggregation.server_opt = 'none'$"
+    ):
+        ServerOptimizer("adam", "ab").step(_one(0.0), {}, folded)
+    two = {**_one(0.0), "v": _one(0.0)["w"]}
+    with pytest.raises(
+        ValueError,
+        match=r"^server optimizer: the aggregate has 2 trained numbers, the global 4; they "
+        "must share one layout$",
+    ):
+        ServerOptimizer("adam", "ab").step(two, {}, _agg(1.0))
+    opt = ServerOptimizer("adam", "ab")
+    opt.step(_one(0.0), {}, _agg(1.0))
+    with pytest.raises(
+        ValueError,
+        match=r"^server optimizer: its state has 2 numbers, the model 4; it belongs to "
+        "another model$",
+    ):
+        opt.step(two, {}, AggregationResult(adapters=two))
+
+
+def test_yogi_leaves_v_alone_where_it_equals_the_squared_step():
+    """sign(v - Δ²) = 0 when Δ² = v: Yogi's v does not move (v₀ = τ² = 0.25, Δ = 0.5)."""
+    opt = ServerOptimizer("yogi", "b", lr=1.0, beta1=0.0, beta2=0.5, tau=0.5)
+    out = opt.step(_one(0.0), {}, _agg(0.5))
+    assert opt.v is not None and float(opt.v) == 0.25
+    assert float(out.adapters["w"].b) == 0.5  # x + m / (sqrt(v) + tau) = 0.5 / 1.0
+
+
+def test_step_norm_metric_is_how_far_the_server_moved():
+    opt = ServerOptimizer("avgm", "ab", lr=0.5, momentum=0.0)
+    out = opt.step(_one(3.0, 4.0), {}, _agg(5.0, 8.0))  # moves b by 1 and a by 2
+    assert out.metrics["server_step_norm"] == pytest.approx(math.sqrt(5.0), rel=1e-12)
+
+
+def test_a_checkpoint_with_mismatched_moments_is_refused():
+    opt = ServerOptimizer("adam", "ab")
+    opt.step(_one(0.0), {}, _agg(1.0))
+    good = opt.state_dict()
+    for m, v in ((None, good["v"]), (good["m"], None), (good["m"], torch.zeros(3))):
+        fresh = ServerOptimizer("adam", "ab")
+        with pytest.raises(
+            ValueError, match="^server optimizer: checkpointed moments m and v do not match$"
+        ):
+            fresh.load_state_dict({**good, "m": m, "v": v})
+    with pytest.raises(
+        ValueError,
+        match=r"^server optimizer: the checkpoint has lr = 1.0, the config 0.5; resume with "
+        "the checkpoint's setting$",
+    ):
+        ServerOptimizer("adam", "ab", lr=0.5).load_state_dict(good)

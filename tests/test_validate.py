@@ -225,3 +225,163 @@ def test_an_update_that_breaks_the_checks_is_rejected_alone(
     )
     assert [u.client_id for u in accepted] == ["a", "c"]
     assert [cid for cid, _ in rejected] == ["t"]
+
+
+def _forced(f: LoraFactors, **fields: object) -> LoraFactors:
+    """A LoraFactors whose fields skipped the constructor's checks (as a hostile decoder's)."""
+    out = dataclasses.replace(f)
+    for name, value in fields.items():
+        object.__setattr__(out, name, value)
+    return out
+
+
+def test_each_problem_names_the_tensor_once_and_the_checks_never_crash() -> None:
+    """What an operator reads in the rejection: the tensor, what is wrong, one line each.
+
+    A wrong tensor is reported and then left alone: no second problem about it, and no
+    crash of a later check on it (which would replace every reason by 'could not be
+    checked')."""
+    u = _good("ab")
+    q, v = u.adapters["q"], u.adapters["v"]
+    not_tensor = _with_module(u, "q", _forced(q, b=[[0.0] * 3] * 6))
+    assert _check(not_tensor) == ["q.b: not a tensor (list)"]
+    # an integer B of the wrong shape: the dtype is the problem, the shape is not reached
+    int_b = _with_module(u, "v", _forced(v, b=torch.zeros(4, 2, dtype=torch.int64)))
+    assert _check(int_b) == ["v.b: dtype torch.int64 is not floating point"]
+    bad_r = _good("r")
+    f = bad_r.adapters["q"]
+    wrong_r = _with_module(bad_r, "q", _forced(f, r=torch.zeros(2, 2)))
+    assert _check(wrong_r, "r") == ["q.r: shape (2, 2), expected (3, 3)"]
+    wrong_b = _with_module(bad_r, "q", _forced(f, b=torch.zeros(6, 2)))
+    assert _check(wrong_b, "r") == ["q.b: shape (6, 2), expected (6, 3)"]
+    # three non-finite values counted; under "b" the non-finite frozen A is not also
+    # reported as changed
+    a = q.a.clone()
+    a[0, 0], a[1, 1], a[2, 2] = float("nan"), float("inf"), -float("inf")
+    assert _check(_with_module(u, "q", dataclasses.replace(q, a=a))) == [
+        "q.a: 3 non-finite values (NaN/inf)"
+    ]
+    frozen = _good("b")
+    fa = frozen.adapters["q"].a.clone()
+    fa[0, 0] = float("nan")
+    nan_frozen = _with_module(frozen, "q", dataclasses.replace(frozen.adapters["q"], a=fa))
+    assert _check(nan_frozen, "b") == ["q.a: 1 non-finite values (NaN/inf)"]
+    with_r = _with_module(u, "v", dataclasses.replace(v, r=torch.eye(3)))
+    assert _check(with_r) == ["v: unexpected middle matrix r (only Fed-SB sends one)"]
+    # every module is checked: a first one that is not LoraFactors does not hide the next
+    both = dataclasses.replace(
+        u, adapters={"q": {"a": q.a}, "v": dataclasses.replace(v, scaling=3.0)}
+    )
+    assert _check(both) == ["q: not LoraFactors (dict)", "v: scaling 3.0, expected 2.0"]
+
+
+@pytest.mark.parametrize("n", [True, 2.5])
+def test_a_non_integer_example_count_is_refused(n: object) -> None:
+    """n_k sets the client's FedAvg weight: a bool or a fraction is not a count."""
+    u = dataclasses.replace(_good("ab"), num_examples=n)
+    assert _check(u) == [f"num_examples={n!r} is not an integer"]
+
+
+def test_example_count_bounds_are_inclusive_and_name_the_setting() -> None:
+    u = _good("ab")
+    for n in (1, 500):
+        ok = validate_update(
+            dataclasses.replace(u, num_examples=n),
+            expected=_expected("ab"),
+            parts="ab",
+            extras_expected=HEAD,
+            max_examples=500,
+        )
+        assert ok == [], n
+    too_many = validate_update(
+        dataclasses.replace(u, num_examples=501),
+        expected=_expected("ab"),
+        parts="ab",
+        extras_expected=HEAD,
+        max_examples=500,
+    )
+    assert too_many == [
+        "num_examples=501 outside [1, 500] (a client's FedAvg weight is capped at "
+        "aggregation.max_examples; raise it if clients hold more data)"
+    ]
+
+
+def test_norm_bound_holds_at_exactly_the_bound_and_measures_extras_from_the_reference() -> None:
+    """Delta 3 and 4 on two head entries: norm exactly 5. The reference head is not zero,
+    so the extras' delta must be measured against it (an unchanged head moves nothing)."""
+    ref_head = {"head": torch.full((2, 4), 7.0)}
+    u = _good("ab", step=0.0)
+    head = ref_head["head"].clone()
+    head[0, 0] += 3.0
+    head[1, 3] -= 4.0
+    moved = dataclasses.replace(u, extras={"head": head})
+
+    def check(x: ClientUpdate, bound: float) -> list[str]:
+        return validate_update(
+            x, expected=_expected("ab"), parts="ab", extras_expected=ref_head, max_norm=bound
+        )
+
+    assert check(moved, 5.0) == []
+    assert check(moved, 4.999) == ["update norm 5 exceeds the bound 4.999"]
+    unchanged = dataclasses.replace(u, extras={"head": ref_head["head"].clone()})
+    assert check(unchanged, 1e-9) == []
+
+
+def test_filter_valid_applies_the_norm_and_example_bounds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The bounds given to filter_valid reach every check: an oversized update and a client
+    claiming more examples than allowed are rejected, each reason in full, joined by '; '."""
+    good, big = _good("ab", "a"), _good("ab", "b", step=1.0)
+    greedy = dataclasses.replace(_good("ab", "c"), num_examples=10**6)
+    two = dataclasses.replace(
+        _bad_cases()["nan"][0](_good("ab", "d")), extras={"head": torch.zeros(3, 4)}
+    )
+    with caplog.at_level(logging.WARNING, logger="fedft.aggregation.validate"):
+        accepted, rejected = filter_valid(
+            [good, big, greedy, two],
+            expected=_expected("ab"),
+            parts="ab",
+            extras_expected=HEAD,
+            max_norm=1.0,
+            max_examples=1000,
+        )
+    assert [x.client_id for x in accepted] == ["a"]
+    reasons = dict(rejected)
+    assert set(reasons) == {"b", "c", "d"}
+    assert reasons["b"].startswith("update norm ") and "exceeds the bound 1" in reasons["b"]
+    assert reasons["c"].startswith("num_examples=1000000 outside [1, 1000]")
+    assert reasons["d"] == (
+        "q.a: 1 non-finite values (NaN/inf); extras.head: shape (3, 4), expected (2, 4)"
+    )
+    assert f"rejected update from client d: {reasons['d']}" in caplog.messages
+
+
+def test_a_check_that_fails_is_logged_with_the_client_and_traceback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import fedft.aggregation.validate as v
+
+    def broken(name: str, t: object, shape: tuple[int, ...], problems: list[str]) -> bool:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(v, "_check_tensor", broken)
+    with caplog.at_level(logging.WARNING, logger="fedft.aggregation.validate"):
+        problems = _check(_good("ab", "t"))
+    assert problems == ["update could not be checked (RuntimeError: boom)"]
+    (record,) = caplog.records
+    assert record.getMessage() == "checking the update of client t failed"
+    assert record.exc_info is not None and record.exc_info[0] is RuntimeError
+
+
+def test_dedupe_keeps_the_clients_after_a_replay_and_logs_each_drop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    x1, x2, y, z = _good("ab", "x"), _good("ab", "x", step=0.02), _good("ab", "y"), _good("ab", "z")
+    with caplog.at_level(logging.WARNING, logger="fedft.aggregation.validate"):
+        kept = dedupe([(3, x1), (3, x2), (2, z), (3, y), (3, z)], current_round=3)
+    assert [u.client_id for u in kept] == ["x", "y", "z"]
+    assert caplog.messages == [
+        "dropped duplicate update from client x",
+        "dropped update from client z for round 2 (current round 3)",
+    ]
