@@ -179,7 +179,10 @@ def test_a_module_the_aggregate_drops_or_invents_counts_in_full():
     c0 = ClientUpdate("c0", {"w": _lf([[1.0, 0.0]], [[3.0], [4.0]], 1.0)}, 1)  # ||B A|| = 5
     dropped = aggregation_error({}, [c0], [{}], AggregationResult(adapters={}))
     assert dropped == 1.0
-    invented = AggregationResult(adapters={"w": c0.adapters["w"], "u": _lf([[1.0]], [[-5.0]], 1.0)})
-    assert aggregation_error({}, [c0], [{}], invented) == 1.0  # ||u|| = 5 over ||ideal|| = 5
+    # w is off by 2.5 (sent at half its size), z (no client's) by 2.5: sqrt(12.5) / 5
+    invented = AggregationResult(
+        adapters={"w": _lf([[1.0, 0.0]], [[1.5], [2.0]], 1.0), "z": _lf([[1.0]], [[-2.5]], 1.0)}
+    )
+    assert aggregation_error({}, [c0], [{}], invented) == pytest.approx(math.sqrt(0.5), rel=1e-12)
     with pytest.raises(ValueError, match="^need one start per update; got 0 for 1$"):
         aggregation_error({}, [c0], [], invented)

@@ -678,3 +678,29 @@ def test_weighted_mean_accumulates_in_float64_and_checks_its_arguments():
         weighted_mean([ones, ones], [1.0])
     with pytest.raises(ValueError, match="^need one weight per tensor; got 0 and 0$"):
         weighted_mean([], [])
+
+
+def test_lora_fair_first_step_is_adams_sign_step_of_size_lr_relative_to_b():
+    """One Adam step with bias correction moves every coordinate by lr (a sign step), and
+    fair_lr is relative to rms(B): each entry of the first correction is lr * rms(B)."""
+    fs, p = [u.adapters["w"] for u in _fair_clients(4)], [5 / 16, 3 / 16, 8 / 16]
+    b_bar = sum(pk * f.b.double() for pk, f in zip(p, fs, strict=True))
+    rms = float(b_bar.pow(2).mean().sqrt())  # type: ignore[union-attr]
+    fix = fair_correction(fs, p, lam=0.0, steps=1, lr=1e-3)
+    assert fix.cos_after > fix.cos_before
+    torch.testing.assert_close(
+        fix.delta_b.abs(), torch.full_like(fix.delta_b, 1e-3 * rms), rtol=1e-4, atol=0.0
+    )
+
+
+def test_fedsb_checkpoint_before_the_first_round_keeps_the_initial_r():
+    """Stopped after the init, resumed: round 1 must start from the same B, R, A."""
+    agg = FedSB()
+    agg.initialise_from_gradients({"w": torch.randn(5, 3)}, rank=2, lr=0.5, scaling=2.0)
+    restored = FedSB()
+    restored.load_state_dict(agg.state_dict())
+    gen = torch.Generator()
+    a = agg.init_global({"w": (5, 3)}, rank=2, scaling=2.0, generator=gen)["w"]
+    b = restored.init_global({"w": (5, 3)}, rank=2, scaling=2.0, generator=gen)["w"]
+    assert a.r is not None and b.r is not None and torch.equal(a.r, b.r)
+    assert torch.equal(a.a, b.a) and torch.equal(a.b, b.b)

@@ -176,7 +176,9 @@ def test_every_setting_is_checked_at_its_boundary_and_named():
 def test_refusals_of_a_step_say_what_to_do():
     folded = AggregationResult(adapters=_one(1.0), base_delta={"w": torch.ones(1, 1)})
     with pytest.raises(
-        ValueError, match=r"has no optimizer state; use aggregation.server_opt = 'none'$"
+        ValueError,
+        match=r"^server optimizer: the aggregate folds a base delta \(flora, fedex\), which has "
+        r"no optimizer state; use aggregation.server_opt = 'none'$",
     ):
         ServerOptimizer("adam", "ab").step(_one(0.0), {}, folded)
     two = {**_one(0.0), "v": _one(0.0)["w"]}
@@ -226,3 +228,12 @@ def test_a_checkpoint_with_mismatched_moments_is_refused():
         "the checkpoint's setting$",
     ):
         ServerOptimizer("adam", "ab", lr=0.5).load_state_dict(good)
+
+
+def test_a_checkpoint_that_stepped_but_kept_no_moments_is_refused_on_the_next_step():
+    opt = ServerOptimizer("adam", "ab")
+    opt.load_state_dict({**opt.state_dict(), "steps": 3})
+    with pytest.raises(
+        ValueError, match="^server optimizer: its state has 0 numbers, the model 2; it belongs"
+    ):
+        opt.step(_one(0.0), {}, _agg(1.0))
