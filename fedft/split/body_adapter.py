@@ -2,17 +2,17 @@
 
 Every client session owns a :class:`BodyAdapter`: LoRA factors (Hu et al., 2021) for the
 attention projections of the body. The body's own weights stay frozen and shared and are
-never written or swapped: an adapted projection computes
-``W x + b + scaling * B (A x)`` (= ``(W + scaling * B @ A) x + b``) in a forward hook on the
-shared ``nn.Linear``. The hook adds the adapter that is *active on the calling thread*
-(:meth:`BodyAdapter.run` makes it active for the duration of one forward), so forwards of
-different clients may interleave on different threads — the split server's worker hands
-the body from one client's job to another's between blocks — and each uses only its own
-adapter.
+never written or swapped: each adapted ``nn.Linear`` of the body gets a forward (installed
+once) that computes ``(W + scaling * B @ A) x + b`` with the adapter that is *active on the
+calling thread*, and ``W x + b`` when none is (:meth:`BodyAdapter.run` makes an adapter
+active for the duration of one forward). So forwards of different clients may interleave
+on different threads — the split server's worker hands the body from one client's job to
+another's between blocks — and each uses only its own adapter.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -29,19 +29,18 @@ DEFAULT_TARGETS = ("q_proj", "v_proj", "query", "value")
 _active = threading.local()
 
 
-def _lora_hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
-    """Forward hook on a shared linear layer: add this thread's adapter's ``s * B (A x)``."""
+def _adapted_linear(module: nn.Linear, x: Tensor) -> Tensor:
+    """A shared linear layer's forward: ``W x + b``, or ``(W + s B A) x + b``.
+
+    The second for the layers that the adapter active on this thread adapts.
+    """
     active: tuple[BodyAdapter, dict[int, str]] | None = getattr(_active, "run", None)
-    if active is None:
-        return None
-    adapter, keys = active
-    key = keys.get(id(module))
-    if key is None:  # a layer this adapter does not adapt (or a different body)
-        return None
-    a, b = adapter.lora_a[key], adapter.lora_b[key]  # (r, in), (out, r)
-    x = args[0]
-    delta = F.linear(F.linear(x.to(a.dtype), a), b) * adapter.scaling
-    return output + delta.to(output.dtype)
+    key = None if active is None else active[1].get(id(module))
+    if active is None or key is None:
+        return F.linear(x, module.weight, module.bias)
+    adapter = active[0]
+    delta = adapter.lora_b[key] @ adapter.lora_a[key]  # (out, r) @ (r, in)
+    return F.linear(x, module.weight + adapter.scaling * delta, module.bias)
 
 
 class BodyAdapter(nn.Module):
@@ -49,7 +48,7 @@ class BodyAdapter(nn.Module):
 
     Args:
         body: the shared body (read; its weights are never written: :meth:`run` installs a
-            forward hook once on each adapted layer, which adds nothing outside a run).
+            thread-aware forward once on each adapted layer, ``W x + b`` outside a run).
         rank: LoRA rank r >= 1.
         alpha: LoRA alpha; scaling = alpha / r.
         targets: last components of module names to adapt.
@@ -76,6 +75,8 @@ class BodyAdapter(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         for name, module in body.named_modules():
             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+                if type(module) is not nn.Linear:  # its forward is not W x + b
+                    raise ValueError(f"{name} is a {type(module).__name__}: only nn.Linear")
                 key = name.replace(".", "__")
                 a = torch.empty(rank, module.in_features)  # (r, in)
                 bound = 1.0 / math.sqrt(module.in_features)  # kaiming_uniform_(a=sqrt(5))
@@ -100,15 +101,14 @@ class BodyAdapter(nn.Module):
     def run(self, body: nn.Module, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         """Body forward with this client's adapter: (B, T, H), (B, T) -> (B, T, H).
 
-        Only this thread's forward sees the adapter; the body is not modified (a hook is
-        installed once on each adapted linear layer, and adds nothing outside a run).
+        Only this thread's forward sees the adapter; the body's weights are not touched.
         """
         keys = {}
         for key, name in self._names.items():
             module = body.get_submodule(name)
-            if not getattr(module, "_fedft_lora_hook", False):
-                module.register_forward_hook(_lora_hook)
-                module._fedft_lora_hook = True  # type: ignore[assignment]
+            if not getattr(module, "_fedft_adapted", False):
+                module.forward = functools.partial(_adapted_linear, module)
+                module._fedft_adapted = True  # type: ignore[assignment]
             keys[id(module)] = key
         outer = getattr(_active, "run", None)
         _active.run = (self, keys)
