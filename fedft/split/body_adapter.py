@@ -106,8 +106,10 @@ class BodyAdapter(nn.Module):
         keys = {}
         for key, name in self._names.items():
             module = body.get_submodule(name)
+            if type(module) is not nn.Linear:  # another body than the one it was built for
+                raise ValueError(f"{name} is a {type(module).__name__}, not an nn.Linear")
             if not getattr(module, "_fedft_adapted", False):
-                module.forward = functools.partial(_adapted_linear, module)
+                module.forward = functools.partial(_adapted_linear, module)  # type: ignore[method-assign]
                 module._fedft_adapted = True  # type: ignore[assignment]
             keys[id(module)] = key
         outer = getattr(_active, "run", None)
