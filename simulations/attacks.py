@@ -112,16 +112,19 @@ def cut_attacks(
     return rows
 
 
-def lora_label_model(num_labels: int = 4) -> tuple[Any, dict[str, torch.nn.Parameter], str]:
+def lora_label_model(
+    num_labels: int = 4, vocab_size: int = 100
+) -> tuple[Any, dict[str, torch.nn.Parameter], str]:
     """A tiny BERT classifier with LoRA on query/value + head: (model, trainable, bias name).
 
-    Eager attention: DLG differentiates the gradient (double backward).
+    Eager attention: DLG differentiates the gradient (double backward). ``vocab_size`` 100 by
+    default; 30,522 is MiniLM's (its tokenizer's) vocabulary.
     """
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     cfg = BertConfig(  # type: ignore[call-arg]
-        vocab_size=100,
+        vocab_size=vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -152,14 +155,22 @@ def _dp(
 
 
 def gradient_attacks(
-    *, label_trials: int, dlg_trials: int, sigmas: list[float], dlg_steps: int
+    *,
+    label_trials: int,
+    dlg_trials: int,
+    sigmas: list[float],
+    dlg_steps: int,
+    vocab: int = 100,
 ) -> list[dict[str, Any]]:
-    """Label accuracy (iDLG) and token F1 (DLG), without defence and under DP-SGD."""
-    model, params, bias = lora_label_model()
+    """Label accuracy (iDLG) and token F1 (DLG), without defence and under DP-SGD.
+
+    ``vocab``: the tiny model's vocabulary; texts are uniform ids in [5, vocab).
+    """
+    model, params, bias = lora_label_model(vocab_size=vocab)
     gen = torch.Generator().manual_seed(0)
     hits = {s: 0 for s in [0.0, *sigmas]}
     for _ in range(label_trials):
-        ids = torch.randint(5, 100, (1, 6), generator=gen)
+        ids = torch.randint(5, vocab, (1, 6), generator=gen)
         y = torch.randint(0, 4, (1,), generator=gen)
         g = update_gradients(
             model, params, attention_mask=torch.ones_like(ids), label=y, input_ids=ids
@@ -180,12 +191,12 @@ def gradient_attacks(
     f1: dict[float, list[float]] = {s: [] for s in [0.0, *sigmas]}
     guess = []
     for t in range(dlg_trials):
-        ids = torch.randint(5, 100, (1, 4), generator=gen)
+        ids = torch.randint(5, vocab, (1, 4), generator=gen)
         y = torch.randint(0, 4, (1,), generator=gen)
         g = update_gradients(
             model, params, attention_mask=torch.ones_like(ids), label=y, input_ids=ids
         )
-        guess.append(random_guess_f1(ids[0], torch.arange(5, 100), trials=500, seed=t))
+        guess.append(random_guess_f1(ids[0], torch.arange(5, vocab), trials=500, seed=t))
         for s in f1:
             seen = g if s == 0.0 else _dp(g, s, gen)
             r = invert_gradient(
@@ -207,8 +218,10 @@ def gradient_attacks(
             "attack": "tokens (DLG)",
             "defence": "none" if s == 0 else f"DP-SGD sigma={s:g} C=1",
             "f1": sum(v) / len(v),
+            "f1_each": v,
             "random_guess_f1": sum(guess) / len(guess),
             "trials": dlg_trials,
+            "vocab": vocab,
         }
         for s, v in f1.items()
     ]
@@ -249,32 +262,9 @@ def shipped_label_attack(
     ``sigmas``: further noise multipliers read on the same gradients (same C), beside the
     shipped σ (e.g. 1.0: the σC ≥ 1 the issue's target names).
     """
-    from fedft import builders
-    from fedft.data import build_federated_data
-    from fedft.data.encode import encode
-    from fedft.models import default_target_modules, head_parameter_names
-
     cfg, sigma, clip, n0 = shipped_dp()
-    fed = build_federated_data(**builders.data_kwargs(cfg))
-    model, tok = load_base_model(cfg.model.name, task="classification", num_labels=2)
-    model.requires_grad_(False)
-    peft = attach_lora(
-        model,
-        target_modules=default_target_modules(model),
-        rank=cfg.adapter.rank,
-        alpha=cfg.adapter.alpha,
-        extras=head_parameter_names(model, "classification"),
-        seed=0,
-    )
-    peft.eval()
-    params = {n: p for n, p in peft.named_parameters() if p.requires_grad}
-    bias = next(n for n in params if n.endswith("classifier.bias"))
-    parts = [
-        encode(c, tok, task="classification", max_length=cfg.data.max_length) for c in fed.clients
-    ]
-    ids = torch.cat([e.input_ids for e in parts])
-    masks = torch.cat([e.attention_mask for e in parts])
-    labels = torch.cat([e.labels for e in parts])
+    peft, params, bias, every = _shipped_victim()
+    ids, masks, labels = every.input_ids, every.attention_mask, every.labels
     gen = torch.Generator().manual_seed(0)
     batch = cfg.federation.batch_size
 
@@ -448,6 +438,135 @@ def adamw_dlg(
     ]
 
 
+def _shipped_victim() -> tuple[Any, dict[str, torch.nn.Parameter], str, Any]:
+    """The shipped model (MiniLM, LoRA r = 8 on query/value + head) and its encoded data.
+
+    Returns (peft model, trainable params, head-bias name, all clients' training examples).
+    """
+    from fedft import builders
+    from fedft.config import build_config
+    from fedft.data import build_federated_data
+    from fedft.data.encode import Encoded, encode
+    from fedft.models import default_target_modules, head_parameter_names
+
+    cfg = build_config({"privacy": {"mode": "sample"}})
+    fed = build_federated_data(**builders.data_kwargs(cfg))
+    model, tok = load_base_model(cfg.model.name, task="classification", num_labels=2)
+    model.requires_grad_(False)
+    peft = attach_lora(
+        model,
+        target_modules=default_target_modules(model),
+        rank=cfg.adapter.rank,
+        alpha=cfg.adapter.alpha,
+        extras=head_parameter_names(model, "classification"),
+        seed=0,
+    )
+    peft.eval()
+    params = {n: p for n, p in peft.named_parameters() if p.requires_grad}
+    bias = next(n for n in params if n.endswith("classifier.bias"))
+    parts = [
+        encode(c, tok, task="classification", max_length=cfg.data.max_length) for c in fed.clients
+    ]
+    data = Encoded(
+        torch.cat([e.input_ids for e in parts]),
+        torch.cat([e.attention_mask for e in parts]),
+        torch.cat([e.labels for e in parts]),
+    )
+    return peft, params, bias, data
+
+
+def released_label_attack(
+    *,
+    trials: int,
+    sigmas: tuple[float, ...],
+    local_steps: tuple[int, ...],
+    examples: tuple[int, ...],
+    model_name: str = "tiny",
+    lr: float = 5e-4,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Label leakage (iDLG) of the update a DP-SGD client releases, not of one gradient.
+
+    The client runs fedft's own DP-SGD loop (:func:`fedft.privacy.dpsgd.train_private`, the
+    function ``client/local_round.py`` calls: Opacus per-example clipping to C = 1, N(0, σ²C²)
+    on the sum, AdamW, train mode) for ``steps`` steps at the shipped lr and batch 16 on its
+    data: ``n`` examples that all carry one label (n = 1: iDLG's batch of one; n > 1: a client
+    whose data share a label, as under label skew). With n ≤ 16 the Poisson rate is q = 1:
+    every step holds every example. The server knows the state it sent and reads the label
+    off ``before - after`` of the head bias (:func:`~fedft.attacks.infer_label`). σ = 0 is
+    clipping without noise.
+
+    ``model_name``: ``"tiny"`` (2-layer random BERT, vocabulary 100, 4 classes, random 6-token
+    texts) or ``"minilm"`` (the shipped model, 2 classes, real training examples drawn from
+    all clients, the labels alternating so that chance is 0.5).
+
+    Returns one row per (n, steps, σ): accuracy over ``trials`` fresh (text, label) draws.
+    The same texts and labels for every σ of one (n, steps).
+    """
+    from fedft.data.encode import Encoded
+    from fedft.privacy.accountant import PrivacyAccountant
+    from fedft.privacy.dpsgd import train_private
+    from fedft.seeds import derive_seed
+
+    if model_name == "tiny":
+        num_labels = 4
+        model, params, bias = lora_label_model(num_labels)
+    else:
+        num_labels = 2
+        model, params, bias, pool = _shipped_victim()
+        by_label = [torch.nonzero(pool.labels == c).flatten() for c in (0, 1)]
+    torch.manual_seed(seed)  # dropout in the client's train-mode steps
+    rows: list[dict[str, Any]] = []
+    for n in examples:
+        for steps in local_steps:
+            gen = torch.Generator().manual_seed(derive_seed(seed, n, steps))
+            hits = dict.fromkeys(sigmas, 0)
+            for t in range(trials):
+                if model_name == "tiny":
+                    ids = torch.randint(5, 100, (n, 6), generator=gen)
+                    y = int(torch.randint(0, num_labels, (1,), generator=gen))
+                    data = Encoded(ids, torch.ones_like(ids), torch.full((n,), y))
+                else:
+                    y = t % 2
+                    pick = torch.randint(0, len(by_label[y]), (n,), generator=gen)
+                    data = pool.subset(by_label[y][pick])
+                before = {k: p.detach().clone() for k, p in params.items()}
+                for i, sigma in enumerate(sigmas):
+                    train_private(
+                        model,
+                        data,
+                        steps=steps,
+                        batch_size=batch_size,
+                        lr=lr,
+                        noise_multiplier=sigma,
+                        max_grad_norm=1.0,
+                        accountant=PrivacyAccountant("rdp", level="sample"),
+                        seed=derive_seed(seed, n, steps, t, i),
+                        optimizer="adamw",
+                    )
+                    released = before[bias] - params[bias].detach()  # ∝ -(update)
+                    hits[sigma] += infer_label(released) == y
+                    with torch.no_grad():
+                        for k, p in params.items():
+                            p.copy_(before[k])
+            rows += [
+                {
+                    "attack": "label (iDLG) of the released DP-SGD update",
+                    "model": model_name,
+                    "examples": n,
+                    "local_steps": steps,
+                    "defence": "clip only" if s == 0 else f"DP-SGD sigma={s:g} C=1",
+                    "sigma": s,
+                    "accuracy": hits[s] / trials,
+                    "chance": 1 / num_labels,
+                    "trials": trials,
+                }
+                for s in sigmas
+            ]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every attack, write ``OUT/attacks.json``, log one line per row."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -466,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label-trials", type=int, default=100)
     p.add_argument("--dlg-trials", type=int, default=2, help="0 = skip DLG")
     p.add_argument("--dlg-steps", type=int, default=40)
+    p.add_argument("--dlg-vocab", type=int, default=100, help="tiny model's vocabulary (DLG)")
     p.add_argument(
         "--shipped-trials",
         type=int,
@@ -491,6 +611,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --adamw-trials: also the AdamW update on DP-SGD gradients at each --sigmas",
     )
+    p.add_argument(
+        "--released-trials",
+        type=int,
+        default=0,
+        help="only: iDLG on the update a DP-SGD client releases (tiny model), per σ / steps / n",
+    )
+    p.add_argument(
+        "--released-sigmas",
+        nargs="*",
+        default=["0", "shipped", "1", "2", "4", "8"],
+        help="σ for --released-trials ('shipped' = client 0's calibrated σ; 0 = clip only)",
+    )
+    p.add_argument("--released-steps", type=int, nargs="*", default=[1, 20])
+    p.add_argument("--released-model", default="tiny", help="'tiny' or 'minilm' (released)")
+    p.add_argument(
+        "--released-examples", type=int, nargs="*", default=[1], help="examples, one label"
+    )
     p.add_argument("--only-shipped", action="store_true", help="run only --shipped-trials")
     p.add_argument(
         "--only-gradients", action="store_true", help="skip the cut attacks (iDLG, DLG only)"
@@ -499,6 +636,22 @@ def main(argv: list[str] | None = None) -> int:
     sigmas = [shipped_dp()[1] if v == "shipped" else float(v) for v in a.sigmas]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
+    if a.released_trials > 0:
+        logging.getLogger("fedft.privacy.dpsgd").setLevel(logging.ERROR)  # one line per call
+        released = tuple(shipped_dp()[1] if v == "shipped" else float(v) for v in a.released_sigmas)
+        rows = released_label_attack(
+            trials=a.released_trials,
+            sigmas=released,
+            local_steps=tuple(a.released_steps),
+            examples=tuple(a.released_examples),
+            model_name=a.released_model,
+        )
+        for r in rows:
+            logger.info("%s", json.dumps(r))
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "attacks.json").write_text(json.dumps(rows, indent=2))
+        logger.info("%d rows in %.0f s", len(rows), time.time() - t0)
+        return 0
     if a.adamw_trials > 0:
         rows = adamw_dlg(
             trials=a.adamw_trials,
@@ -535,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         dlg_trials=a.dlg_trials,
         sigmas=sigmas,
         dlg_steps=a.dlg_steps,
+        vocab=a.dlg_vocab,
     )
     for r in grad_rows:
         logger.info("%s", json.dumps(r))

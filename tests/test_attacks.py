@@ -149,7 +149,13 @@ def _dp_gradient(
     return noisy_mean(summed, noise_multiplier=sigma, expected_batch_size=1, generator=gen)
 
 
-def test_label_leaks_from_one_update_and_dp_brings_it_near_chance() -> None:
+def test_label_leaks_from_one_update_and_dp_sgd_lowers_the_leak() -> None:
+    """iDLG reads every label of an undefended batch-of-one update; DP-SGD at σ = 1 lowers it.
+
+    Lowers, not removes: on these 40 draws the label is still read 0.425 of the time against
+    a chance of 0.25 (the 300-trial test below checks that σ = 1 stays above chance + 0.10).
+    The bound 0.75 fails if the DP step stopped reducing the leak (it would read 1.0).
+    """
     model, params, bias = lora_label_model(num_labels=4)
     gen = torch.Generator().manual_seed(3)
     trials, clean, private = 40, 0, 0
@@ -164,8 +170,7 @@ def test_label_leaks_from_one_update_and_dp_brings_it_near_chance() -> None:
         assert infer_label(-0.01 * grad[bias], sign=-1.0) == int(label)
         private += infer_label(_dp_gradient(grad, 1.0, gen)[bias]) == int(label)
     assert clean == trials  # 100 % without a defence
-    # DP-SGD at σ = 1, C = 1: chance is 0.25, the recipe measured 0.56; a loose bound under 1.0
-    assert private / trials <= 0.7, private / trials
+    assert private / trials <= 0.75, private / trials  # DP-SGD at σ = 1, C = 1 lowers it
 
 
 def test_label_leak_reaches_chance_only_well_above_sigma_one() -> None:
@@ -193,6 +198,40 @@ def test_label_leak_reaches_chance_only_well_above_sigma_one() -> None:
     assert rate[0.0] == 1.0, rate
     assert rate[1.0] > chance + 0.10, rate  # σC = 1: not near chance
     assert rate[4.0] <= chance + 0.10, rate  # σC = 4: near chance
+
+
+def test_released_dp_update_of_one_step_hides_the_label_at_sigma_four() -> None:
+    """iDLG on what a DP-SGD client releases after one AdamW step (fedft's own loop).
+
+    Sanity: with clipping and no noise every label is read. At σ = 4 the read is near chance
+    (0.285 over 200 draws, chance 0.25, ``simulations.attacks --released-trials``); the bound
+    chance + 0.20 fails if the client's DP-SGD loop stopped adding its noise.
+    """
+    from simulations.attacks import released_label_attack
+
+    rows = released_label_attack(trials=16, sigmas=(0.0, 4.0), local_steps=(1,), examples=(1,))
+    rate = {r["sigma"]: r["accuracy"] for r in rows}
+    assert rate[0.0] == 1.0, rows
+    assert rate[4.0] <= 0.25 + 0.20, rows
+
+
+@pytest.mark.slow
+def test_released_dp_update_leaks_the_label_more_over_more_local_steps() -> None:
+    """The leak grows with the steps that hold the example; σ must grow with it (≈ √steps).
+
+    One example, the client's own DP-SGD loop (AdamW, lr 5e-4, C = 1), the server reading the
+    head bias of before - after. Measured (docs/results.md): at σ = 1 one step gives the label
+    0.455 of the time (chance 0.25), 20 steps 1.0; at σ = 16, 20 steps give 0.30. So σC ≥ 1
+    hides nothing of a 20-step update, and σ = 16 brings it near chance.
+    """
+    from simulations.attacks import released_label_attack
+
+    one = released_label_attack(trials=20, sigmas=(1.0,), local_steps=(1,), examples=(1,))
+    many = released_label_attack(trials=20, sigmas=(1.0, 16.0), local_steps=(20,), examples=(1,))
+    rate = {(r["local_steps"], r["sigma"]): r["accuracy"] for r in one + many}
+    assert rate[(1, 1.0)] <= 0.7, rate
+    assert rate[(20, 1.0)] >= 0.9, rate  # more steps, same σ: the label is read
+    assert rate[(20, 16.0)] <= 0.25 + 0.15, rate  # σ = 16: near chance again
 
 
 def test_secagg_server_never_holds_one_clients_update() -> None:
