@@ -28,6 +28,7 @@ from fedft.secagg import (
     UnmaskShares,
     shamir,
 )
+from fedft.secagg.bounds import sum_problems
 from fedft.secagg.encoding import decode_aggregate, encode_update, vector_length
 from fedft.secagg.masking import DOMAIN, dequantize, expand_mask, quantize
 from fedft.types import ClientUpdate, LoraFactors
@@ -704,3 +705,103 @@ def test_decoding_checks_the_unmasked_sum_and_reports_clients_and_weight() -> No
             decode(np.array([1.0, 1.0, 1.0, 1.0, weight]))
     with pytest.raises(ValueError, match=r"unmasked sum has shape \(4,\); the template needs"):
         decode(total[:4])
+
+
+# -- what the server can still check about an unmasked sum (fedft/secagg/bounds.py) ------
+def _sum(vec: list[float], weight: float) -> np.ndarray:
+    return np.asarray([*vec, weight], dtype=np.float64)
+
+
+def test_sum_bounds_with_example_weights_are_inclusive_and_name_the_setting() -> None:
+    """sum n_k of 3 honest clients lies in [3, 3 * max_examples]; outside, one lied."""
+    ok = {"included": 3, "weighted": True, "max_examples": 10}
+    for weight in (3.0, 30.0, 30.0 + 1e-10):
+        assert sum_problems(_sum([1.0], weight), **ok) == [], weight
+    for weight in (2.9, 30.1):
+        assert sum_problems(_sum([1.0], weight), **ok) == [
+            f"total weight {weight:.6g} outside [3, 30] (3 clients, at most "
+            "aggregation.max_examples=10 examples each): a client tampered with its weight"
+        ]
+    # the fixed-point rounding widens the interval by exactly its bound
+    assert sum_problems(_sum([1.0], 30.004), **ok, rounding=0.005) == []
+    assert sum_problems(_sum([1.0], 30.006), **ok, rounding=0.005) != []
+    assert sum_problems(_sum([1.0], 2.996), **ok, rounding=0.005) == []
+    assert sum_problems(_sum([1.0], 2.994), **ok, rounding=0.005) != []
+
+
+def test_sum_of_uniform_weights_is_the_client_count_and_the_clipped_norm_bound() -> None:
+    """User-level DP: w_k = 1, so the weight is |U3| (±0.5), and the summed deltas from x0
+    have norm <= |U3| * C (plus the rounding's sqrt(D) * bound)."""
+    ref = np.asarray([1.0, -2.0])
+    base = {"included": 2, "weighted": False, "max_examples": 10, "reference": ref}
+    at_bound = 2 * ref + np.asarray([3.0, 4.0]) * 0.4  # sum of deltas: norm 2 = 2 clients x 1.0
+    assert sum_problems(_sum(list(at_bound), 2.0), **base, clip_norm=1.0) == []
+    assert sum_problems(_sum(list(at_bound), 2.4), **base, clip_norm=1.0) == []
+    over = 2 * ref + np.asarray([3.0, 4.0]) * 0.41  # norm 2.05
+    assert sum_problems(_sum(list(over), 2.0), **base, clip_norm=1.0) == [
+        "the sum of clipped updates has norm 2.05 > 2 clients x clip 1: a client sent more "
+        "than its clipped update"
+    ]
+    # within the rounding slack sqrt(2) * (r + 1e-9) the norm passes, beyond it not
+    assert sum_problems(_sum(list(over), 2.0), **base, clip_norm=1.0, rounding=0.036) == []
+    assert sum_problems(_sum(list(over), 2.0), **base, clip_norm=1.0, rounding=0.035) != []
+    # no clip (or no reference): only the count is checked
+    assert sum_problems(_sum(list(over), 2.0), **base) == []
+    no_ref = {**base, "reference": None}
+    assert sum_problems(_sum(list(over), 2.0), **no_ref, clip_norm=1.0) == []
+    for weight in (1.4, 2.6):
+        assert sum_problems(_sum(list(at_bound), weight), **base, clip_norm=1.0) == [
+            f"client count {weight:.6g} in the sum differs from the 2 clients whose vectors "
+            "it holds: a client tampered with its weight"
+        ]
+
+
+def test_sum_with_no_clients_or_a_non_finite_weight_is_refused() -> None:
+    assert sum_problems(_sum([0.0], 0.0), included=0, weighted=True, max_examples=5) == [
+        "0 clients in the sum"
+    ]
+    for bad in (float("nan"), float("inf")):
+        for weighted in (True, False):
+            assert sum_problems(
+                _sum([0.0], bad), included=1, weighted=weighted, max_examples=5
+            ) == [f"total weight {bad} is not finite"]
+
+
+@pytest.mark.parametrize("which", ["key", "seed"])
+def test_a_dealer_bad_in_only_one_secret_is_convicted_and_logged_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, which: str
+) -> None:
+    """Attack: client 3 deals off its committed polynomial for only one of its two secrets
+    (mask key, then self-mask seed). The complaint resolution checks both secrets' shares:
+    client 3 is convicted (not the complaining victims), and the operator reads it once."""
+    import logging
+
+    params = _params(n=8, max_dropouts=3, d=16)
+    clients = {i: SecAggClient(index=i, params=params) for i in range(1, 9)}
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    bad, real = _bad_deal({5, 6}), shamir.deal
+    calls: list[int] = []
+
+    def one_bad(secret: bytes, *, threshold: int, indices: list[int]):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        first = len(calls) == 1
+        use_bad = first if which == "key" else not first
+        return (bad if use_bad else real)(secret, threshold=threshold, indices=indices)
+
+    shares = []
+    for i, c in clients.items():
+        with monkeypatch.context() as m:
+            if i == 3:
+                m.setattr(shamir, "deal", one_bad)
+            shares.append(c.share_keys(directory))
+    routed = server.collect_shares(shares)
+    checks = [c.check_shares(routed[i]) for i, c in clients.items()]
+    assert {m.index for m in checks if m.complaints} == {5, 6}
+    with caplog.at_level(logging.WARNING, logger="fedft.secagg.protocol"):
+        qualified = server.collect_checks(checks)
+    assert server.convicted == {3} and 3 not in qualified.qualified
+    convictions = [m for m in caplog.messages if m.startswith("secagg round ")]
+    assert len(convictions) == 1 and convictions[0].startswith(
+        f"secagg round {params.round_id}: client 3 "
+    )
