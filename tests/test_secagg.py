@@ -805,3 +805,25 @@ def test_a_dealer_bad_in_only_one_secret_is_convicted_and_logged_once(
     assert len(convictions) == 1 and convictions[0].startswith(
         f"secagg round {params.round_id}: client 3 "
     )
+
+
+def test_a_lying_holder_is_convicted_while_a_dropped_clients_key_is_rebuilt(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Attack during dropout recovery: client 4 dropped before masking (its mask key must be
+    rebuilt from shares) and client 1 reveals wrong shares. The key shares are checked
+    against client 4's key commitments: client 1 is convicted, the sum over the survivors is
+    exact, and the summary line says who was summed, dropped and convicted."""
+    import logging
+
+    params = _params(n=20, max_dropouts=9, d=64)
+    vectors = _vectors(20, 64, seed=7)
+    with caplog.at_level(logging.INFO, logger="fedft.secagg.protocol"):
+        result = run_round(params, vectors, drop_before_masked=(4,), tamper_unmask=(1,))
+    assert result.dropped == (4,) and result.suspects == (1,)
+    expected = np.sum([vectors[i] for i in result.included], axis=0)
+    assert np.abs(result.total - expected).max() <= params.error_bound
+    assert (
+        f"secagg round {params.round_id}: summed 19 clients (t={params.threshold}), "
+        "1 dropped before masking, 1 convicted"
+    ) in caplog.messages
