@@ -734,23 +734,23 @@ def test_sum_of_uniform_weights_is_the_client_count_and_the_clipped_norm_bound()
     have norm <= |U3| * C (plus the rounding's sqrt(D) * bound)."""
     ref = np.asarray([1.0, -2.0])
     base = {"included": 2, "weighted": False, "max_examples": 10, "reference": ref}
-    at_bound = 2 * ref + np.asarray([3.0, 4.0]) * 0.4  # sum of deltas: norm 2 = 2 clients x 1.0
-    assert sum_problems(_sum(list(at_bound), 2.0), **base, clip_norm=1.0) == []
-    assert sum_problems(_sum(list(at_bound), 2.4), **base, clip_norm=1.0) == []
-    over = 2 * ref + np.asarray([3.0, 4.0]) * 0.41  # norm 2.05
-    assert sum_problems(_sum(list(over), 2.0), **base, clip_norm=1.0) == [
-        "the sum of clipped updates has norm 2.05 > 2 clients x clip 1: a client sent more "
+    at_bound = 2 * ref + np.asarray([3.0, 4.0]) * 0.8  # sum of deltas: norm 4 = 2 clients x 2.0
+    assert sum_problems(_sum(list(at_bound), 2.0), **base, clip_norm=2.0) == []
+    assert sum_problems(_sum(list(at_bound), 2.4), **base, clip_norm=2.0) == []
+    over = 2 * ref + np.asarray([3.0, 4.0]) * 0.82  # norm 4.1
+    assert sum_problems(_sum(list(over), 2.0), **base, clip_norm=2.0) == [
+        "the sum of clipped updates has norm 4.1 > 2 clients x clip 2: a client sent more "
         "than its clipped update"
     ]
     # within the rounding slack sqrt(2) * (r + 1e-9) the norm passes, beyond it not
-    assert sum_problems(_sum(list(over), 2.0), **base, clip_norm=1.0, rounding=0.036) == []
-    assert sum_problems(_sum(list(over), 2.0), **base, clip_norm=1.0, rounding=0.035) != []
+    assert sum_problems(_sum(list(over), 2.0), **base, clip_norm=2.0, rounding=0.071) == []
+    assert sum_problems(_sum(list(over), 2.0), **base, clip_norm=2.0, rounding=0.070) != []
     # no clip (or no reference): only the count is checked
     assert sum_problems(_sum(list(over), 2.0), **base) == []
     no_ref = {**base, "reference": None}
-    assert sum_problems(_sum(list(over), 2.0), **no_ref, clip_norm=1.0) == []
+    assert sum_problems(_sum(list(over), 2.0), **no_ref, clip_norm=2.0) == []
     for weight in (1.4, 2.6):
-        assert sum_problems(_sum(list(at_bound), weight), **base, clip_norm=1.0) == [
+        assert sum_problems(_sum(list(at_bound), weight), **base, clip_norm=2.0) == [
             f"client count {weight:.6g} in the sum differs from the 2 clients whose vectors "
             "it holds: a client tampered with its weight"
         ]
