@@ -140,6 +140,9 @@ def test_cli_audit_flag_lora_dp_run(tiny_bert3_dir: str, tmp_path: Path) -> None
     assert got[("label (iDLG)", "none")]["accuracy"] == 1.0
     assert got[("label (iDLG)", dp)]["accuracy"] < 0.9
     assert got[("label (iDLG)", dp)]["chance"] == 0.5
+    # the DP row says it is one step of one example, not a bound on a round's update
+    assert "not a bound" in got[("label (iDLG)", dp)]["note"]
+    assert "note" not in got[("label (iDLG)", "none")]
     for defence in ("none", dp):
         row = got[("tokens (DLG)", defence)]
         assert 0.0 <= row["f1"] <= 1.0 and row["tokens"] >= 2 and row["steps"] == 4

@@ -268,8 +268,9 @@ def _audit_section(audit: Mapping[str, Any]) -> list[str]:
         f"({int(audit.get('examples', 0))} of client 0's examples, "
         f"{float(audit.get('seconds', 0.0)):.0f} s): recovery = fraction of real tokens whose "
         "id the server recovers from the cut activations; accuracy = labels read off one "
-        "update; f1 = tokens recovered from one update. Each beside its chance level "
-        "(blind_guess, chance, random_guess_f1). Measured on this run, not a bound.</p>",
+        "example's update of one step; f1 = tokens recovered from it. Each beside its chance "
+        "level (blind_guess, chance, random_guess_f1). Measured on this run, not a bound: a "
+        "client's update after several local steps can reveal more.</p>",
         _table(rows) if rows else "<p>No attack applies to this configuration.</p>",
     ]
 
