@@ -133,6 +133,7 @@ def test_cli_audit_flag_lora_dp_run(tiny_bert3_dir: str, tmp_path: Path) -> None
     assert set(got) == {
         ("label (iDLG)", "none"),
         ("label (iDLG)", dp),
+        ("label (iDLG), released update", dp),
         ("tokens (DLG)", "none"),
         ("tokens (DLG)", dp),
     }
@@ -143,6 +144,10 @@ def test_cli_audit_flag_lora_dp_run(tiny_bert3_dir: str, tmp_path: Path) -> None
     # the DP row says it is one step of one example, not a bound on a round's update
     assert "not a bound" in got[("label (iDLG)", dp)]["note"]
     assert "note" not in got[("label (iDLG)", "none")]
+    # and the update a client releases after a round of the run's local steps is attacked too
+    released = got[("label (iDLG), released update", dp)]
+    assert released["local_steps"] == 2 and released["trials"] == 24
+    assert released["chance"] == 0.5 and 0.0 <= released["accuracy"] <= 1.0
     for defence in ("none", dp):
         row = got[("tokens (DLG)", defence)]
         assert 0.0 <= row["f1"] <= 1.0 and row["tokens"] >= 2 and row["steps"] == 4
@@ -214,3 +219,64 @@ def test_dx_sweep_recipe_rows_table_and_plot(tiny_bert3_dir: str, tmp_path: Path
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     assert (tmp_path / "sweep" / "dx_sweep.png").stat().st_size > 0
     assert "| 1 |" in (tmp_path / "sweep" / "dx_sweep.md").read_text()
+
+
+def test_released_update_row_reads_every_label_without_noise_and_restores_the_model() -> None:
+    """The audit's released-update attack: the client's own DP-SGD loop on one example for the
+    run's local steps, the label read off the head bias of before - after.
+
+    Sanity: clipped but not noised (σ = 0), every label is read. The attacked model is left
+    as it was (each trial starts from what the server sent).
+    """
+    from fedft.attacks.audit import _released_rows
+    from fedft.config import build_config
+    from fedft.data.encode import Encoded
+    from simulations.attacks import lora_label_model
+
+    cfg = build_config({"federation": {"local_steps": 3, "batch_size": 4, "lr": 5e-3}})
+    model, params, bias = lora_label_model(4)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (12, 6), generator=gen)
+    enc = Encoded(ids, torch.ones_like(ids), torch.arange(12) % 4)
+    before = {k: p.detach().clone() for k, p in params.items()}
+    (row,) = _released_rows(cfg, model, params, bias, enc, "clip only", 1.0, 0.0, 4)
+    assert row["attack"] == "label (iDLG), released update"
+    assert row["accuracy"] == 1.0 and row["trials"] == 12 and row["local_steps"] == 3
+    assert row["chance"] == 0.25
+    for k, p in params.items():
+        assert torch.equal(p.detach(), before[k]), k
+
+
+def test_audit_noise_is_the_sigma_client_0_trained_with(
+    tiny_bert3_dir: str, tmp_path: Path
+) -> None:
+    """A calibrated run's audit attacks at the σ client 0 calibrated on *all* its examples.
+
+    The audit attacks only ``audit.examples`` of them; calibrating σ on that count (q = 1)
+    gave a far larger σ than the run used, so the audit reported a defence stronger than the
+    one the server faced.
+    """
+    from fedft import builders
+    from fedft.cli import main
+    from fedft.training.runtime import get_data
+
+    out = tmp_path / "run"
+    sets = _sets(
+        tiny_bert3_dir,
+        **{"privacy.mode": "'sample'", "privacy.epsilon": 3.0, "audit.dlg_steps": 0},
+        **{"audit.examples": 4},
+    )
+    toml = tmp_path / "calibrated.toml"
+    toml.write_text('name = "calibrated-audit"\n')
+    argv = ["simulate", str(toml), "--audit", "--no-progress", "--out", str(out)]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    cfg = load_config(toml, sets)
+    n0 = len(get_data(**builders.data_kwargs(cfg)).clients[0])
+    assert n0 > 4
+    sigma = builders.client_sigma(cfg, 0, n0)
+    assert sigma < builders.client_sigma(cfg, 0, 4)  # what the audit used before
+    summary = json.loads((out / "summary.json").read_text())
+    defences = {r["defence"] for r in summary["audit"]["attacks"] if r["defence"] != "none"}
+    assert defences == {f"DP-SGD sigma={sigma:.3g} C=1"}, defences
