@@ -96,6 +96,28 @@ def test_malformed_or_oversized_frames_are_refused_before_allocation(raw, messag
         assert time.monotonic() - t0 < 5
 
 
+def test_a_frame_ending_in_empty_blobs_sends_no_empty_write():
+    """The peer has the whole frame once it holds the non-empty blobs, and may answer and
+    close; an empty ``sendall`` after that raised EPIPE, and the ClientApp took a worker that
+    had answered "another code version" for dead (twice: the run's message failed)."""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        def sendall(self, data: bytes) -> None:
+            self.sent.append(bytes(data))
+
+    rec = Recorder()
+    wire.write_frame(rec, {"kind": "train"}, [b"context", b""])  # type: ignore[arg-type]
+    assert rec.sent and all(rec.sent), rec.sent
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(b"".join(rec.sent))
+        header, blobs = wire.read_frame(b)
+    assert header == {"kind": "train"} and blobs == [b"context", b""]
+
+
 def test_code_digest_refuses_paths_outside_the_project(tmp_path):
     files = wire.source_files(ROOT)
     assert "client/app.py" in files and "fedft/transport/worker_wire.py" in files

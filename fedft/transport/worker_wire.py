@@ -98,7 +98,8 @@ def write_frame(sock: socket.socket, header: dict[str, Any], blobs: Sequence[byt
         raise WireError(f"header of {len(head)} bytes is over {MAX_HEADER}")
     sock.sendall(MAGIC + struct.pack(">I", len(head)) + head)
     for blob in blobs:
-        sock.sendall(blob)
+        if blob:  # an empty send after the peer has read the frame and closed raises EPIPE
+            sock.sendall(blob)
 
 
 def read_frame(
