@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -45,6 +45,18 @@ def _sets(model_dir: str, **sets: Any) -> list[str]:
         **sets,
     }
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def _simulate_audited(toml: Path, name: str, sets: list[str], out: Path) -> dict[str, Any]:
+    """``fedft simulate TOML --audit`` with ``sets`` into ``out``; its summary.json."""
+    from fedft.cli import main
+
+    toml.write_text(f'name = "{name}"\n')
+    argv = ["simulate", str(toml), "--audit", "--no-progress", "--out", str(out)]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    return cast(dict[str, Any], json.loads((out / "summary.json").read_text()))
 
 
 def _split(model_dir: str, **sets: Any) -> list[str]:
@@ -107,8 +119,6 @@ def test_simulate_split_dx_audit_end_to_end(tiny_bert3_dir: str, tmp_path: Path)
 
 def test_cli_audit_flag_lora_dp_run(tiny_bert3_dir: str, tmp_path: Path) -> None:
     """``fedft simulate --audit`` on a LoRA run under DP-SGD: label and token attacks."""
-    from fedft.cli import main
-
     out = tmp_path / "run"
     sets = _sets(
         tiny_bert3_dir,
@@ -119,13 +129,7 @@ def test_cli_audit_flag_lora_dp_run(tiny_bert3_dir: str, tmp_path: Path) -> None
             "audit.examples": 24,
         },
     )
-    toml = tmp_path / "lora.toml"
-    toml.write_text('name = "lora-audit"\n')
-    argv = ["simulate", str(toml), "--audit", "--no-progress", "--out", str(out)]
-    for s in sets:
-        argv += ["--set", s]
-    assert main(argv) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = _simulate_audited(tmp_path / "lora.toml", "lora-audit", sets, out)
     assert summary["config"]["audit"]["enabled"] is True
     assert summary["final"]["epsilon"] > 0
     got = {(r["attack"], r["defence"]): r for r in summary["audit"]["attacks"]}
@@ -257,26 +261,24 @@ def test_audit_noise_is_the_sigma_client_0_trained_with(
     one the server faced.
     """
     from fedft import builders
-    from fedft.cli import main
     from fedft.training.runtime import get_data
 
     out = tmp_path / "run"
     sets = _sets(
         tiny_bert3_dir,
-        **{"privacy.mode": "'sample'", "privacy.epsilon": 3.0, "audit.dlg_steps": 0},
-        **{"audit.examples": 4},
+        **{
+            "privacy.mode": "'sample'",
+            "privacy.epsilon": 3.0,
+            "audit.dlg_steps": 0,
+            "audit.examples": 4,
+        },
     )
     toml = tmp_path / "calibrated.toml"
-    toml.write_text('name = "calibrated-audit"\n')
-    argv = ["simulate", str(toml), "--audit", "--no-progress", "--out", str(out)]
-    for s in sets:
-        argv += ["--set", s]
-    assert main(argv) == 0
+    summary = _simulate_audited(toml, "calibrated-audit", sets, out)
     cfg = load_config(toml, sets)
     n0 = len(get_data(**builders.data_kwargs(cfg)).clients[0])
     assert n0 > 4
     sigma = builders.client_sigma(cfg, 0, n0)
     assert sigma < builders.client_sigma(cfg, 0, 4)  # what the audit used before
-    summary = json.loads((out / "summary.json").read_text())
     defences = {r["defence"] for r in summary["audit"]["attacks"] if r["defence"] != "none"}
     assert defences == {f"DP-SGD sigma={sigma:.3g} C=1"}, defences
