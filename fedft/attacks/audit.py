@@ -402,8 +402,8 @@ def _released_rows(
     f = cfg.federation
     before = {k: p.detach().clone() for k, p in params.items()}
     hits = 0
-    try:
-        for i in range(len(enc)):
+    for i in range(len(enc)):
+        try:
             train_private(
                 model,
                 enc.subset([i]),
@@ -418,13 +418,10 @@ def _released_rows(
             )
             released = before[bias] - params[bias].detach()  # the update's sign flipped
             hits += infer_label(released) == int(enc.labels[i])
+        finally:  # every trial starts from what the server sent
             with torch.no_grad():
                 for k, p in params.items():
                     p.copy_(before[k])
-    finally:
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(before[k])
     return [
         {
             "attack": "label (iDLG), released update",
