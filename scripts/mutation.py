@@ -14,8 +14,8 @@ against that function's mutants, the fastest first. The score is killed / (kille
     python scripts/mutation.py privacy --keep DIR --rerun         # after adding tests
 
 ``--rerun`` copies the current tests into the kept folder and runs again exactly the mutants
-that survived or had no test (the selection of test files must not have changed: mutmut
-forgets every result when it does).
+that survived or had no test, and those a ``--budget`` left unrun (the selection of test files
+must not have changed: mutmut forgets every result when it does).
 
 Needs mutmut (``pip install -r requirements-dev.txt``; ``make mutation`` installs it).
 """
@@ -187,11 +187,11 @@ def run_module(
 def rerun_module(
     module: str, scratch: Path, *, workers: int = 1, budget: float | None = None
 ) -> dict[str, object]:
-    """Copy the current tests into a kept ``scratch`` and re-run its uncaught mutants."""
+    """Copy the current tests into a kept ``scratch``; run its uncaught and its unrun mutants."""
     for dest in (scratch / "tests", scratch / "mutants" / "tests"):
         shutil.copytree(ROOT / "tests", dest, dirs_exist_ok=True)
     before = _results(scratch)
-    names = sorted(n for n, st in before.items() if st in ("survived", "no tests"))
+    names = sorted(n for n, st in before.items() if st in ("survived", "no tests", "not checked"))
     wall = _run_mutmut(scratch, names, workers=workers, budget=budget) if names else 0.0
     return _summary(module, _results(scratch), wall)
 
@@ -208,7 +208,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--rerun",
         action="store_true",
-        help="with --keep: re-run the survived and untested mutants with the current tests",
+        help="with --keep: re-run the survived, untested and unrun mutants with the current tests",
     )
     parser.add_argument(
         "--workers", type=int, default=1, help="mutants tested at once (default 1: a shared box)"
