@@ -700,7 +700,8 @@ def test_decoding_checks_the_unmasked_sum_and_reports_clients_and_weight() -> No
     assert torch.equal(res.adapters["m"].b, torch.tensor([[3.0], [4.0]]))
     assert dict(res.base_delta) == {}
     assert decode(np.array([1.0, 1.0, 1.0, 1.0, 1.0])).metrics["total_weight"] == 1.0
-    for weight in (0.0, 0.4, float("inf"), float("nan")):
+    # 0.5 rounds to a count of 0: refused here, not deeper down as a client with 0 examples
+    for weight in (0.0, 0.4, 0.5, float("inf"), float("nan")):
         with pytest.raises(ValueError, match=f"unmasked total weight {weight} is not a positive"):
             decode(np.array([1.0, 1.0, 1.0, 1.0, weight]))
     with pytest.raises(ValueError, match=r"unmasked sum has shape \(4,\); the template needs"):
@@ -827,3 +828,18 @@ def test_a_lying_holder_is_convicted_while_a_dropped_clients_key_is_rebuilt(
         f"secagg round {params.round_id}: summed 19 clients (t={params.threshold}), "
         "1 dropped before masking, 1 convicted"
     ) in caplog.messages
+
+
+def test_quantize_clips_zeroes_non_finite_and_counts_what_it_changed() -> None:
+    x = np.array([np.nan, np.inf, -np.inf, 5.0, -9.0, 4.0, -4.0, 0.5])
+    ring, changed = quantize(x, frac_bits=8, clip=4.0)
+    assert ring.view(np.int64).tolist() == [0, 0, 0, 1024, -1024, 1024, -1024, 128]
+    assert changed == 5  # nan, +-inf, 5 and -9; +-4 lie on the clip
+    # any float dtype is computed in float64: float16 (which overflows at 2^16) and float32
+    # give the ring elements of the same values in float64
+    for dtype in (np.float16, np.float32):
+        y = np.array([1.5, -2.25, 3.0], dtype=dtype)
+        np.testing.assert_array_equal(
+            quantize(y, frac_bits=24, clip=8.0)[0],
+            quantize(y.astype(np.float64), frac_bits=24, clip=8.0)[0],
+        )

@@ -70,7 +70,8 @@ def decode_aggregate(
         inner: a linear aggregator (fedit, fedsb, ffa).
 
     Raises:
-        ValueError: a non-linear inner aggregator, a length mismatch, or a zero total weight.
+        ValueError: a non-linear inner aggregator, a length mismatch, or a total weight that
+            does not round to a positive count (<= 0.5, or not finite).
     """
     if not inner.linear or inner.supports_mixed_ranks:
         raise ValueError(f"secure aggregation needs a linear aggregator, got {inner.name!r}")
@@ -78,7 +79,7 @@ def decode_aggregate(
     if total.shape != (vector_length(template, parts=parts),):
         raise ValueError(f"unmasked sum has shape {total.shape}; the template needs D + 1")
     weight = float(total[-1])
-    if not weight >= 0.5 or not math.isfinite(weight):
+    if not weight > 0.5 or not math.isfinite(weight):  # round(0.5) == 0: no count
         raise ValueError(f"unmasked total weight {weight} is not a positive count")
     mean = torch.from_numpy(total[:-1] / weight)  # (D,) the weighted mean of the uploads
     synthetic = unflatten_trainables(

@@ -93,7 +93,7 @@ def quantize(x: np.ndarray, *, frac_bits: int, clip: float) -> tuple[np.ndarray,
     """
     values = np.asarray(x, dtype=np.float64)
     bad = ~np.isfinite(values)
-    clipped = int(np.count_nonzero(np.abs(values) > clip) + np.count_nonzero(bad))
+    clipped = int(np.count_nonzero(bad | (np.abs(values) > clip)))  # +-inf counted once
     values = np.where(bad, 0.0, np.clip(values, -clip, clip))
     ints = np.rint(values * 2.0**frac_bits).astype(np.int64)
     return ints.view(np.uint64), clipped
