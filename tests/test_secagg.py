@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
+import logging
+import re
 from collections.abc import Iterable
 
 import numpy as np
 import pytest
 import torch
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedft.aggregation import get_aggregator
 from fedft.secagg import (
+    AdvertiseKeys,
+    KeyDirectory,
     MaskedInput,
     MaskRequest,
     RoutedShares,
@@ -26,6 +35,8 @@ from fedft.secagg import (
     ShareCheck,
     UnmaskRequest,
     UnmaskShares,
+    feldman,
+    masking,
     shamir,
 )
 from fedft.secagg.bounds import sum_problems
@@ -622,7 +633,9 @@ def test_restoring_a_bad_state_is_refused() -> None:
     state = SecAggClient(index=1, params=_params(n=3, max_dropouts=1, d=4)).export_state()
     with pytest.raises(ValueError, match="step 6 outside"):
         SecAggClient.from_state(dataclasses.replace(state, step=6))
-    with pytest.raises(ValueError, match="receiving key"):
+    with pytest.raises(
+        ValueError, match="^client state lacks a receiving key for some cohort index$"
+    ):
         SecAggClient.from_state(dataclasses.replace(state, recv_private={}))
     with pytest.raises(ValueError, match="seed has 3 bytes"):
         SecAggClient.from_state(dataclasses.replace(state, seed=b"abc"))
@@ -642,14 +655,17 @@ def test_shamir_field_bounds_and_secret_size() -> None:
     secret = bytes(range(32))
     shares = shamir.split(secret, threshold=2, indices=[1, 2, 3])
     assert shamir.reconstruct({1: shares[1], 3: shares[3]}) == secret  # big-endian bytes
-    with pytest.raises(shamir.ShareError, match="no shares"):
+    with pytest.raises(shamir.ShareError, match="^no shares to reconstruct from$"):
         shamir.reconstruct({})
     with pytest.raises(shamir.ShareError, match="index 1 is outside the field"):
         shamir.reconstruct({1: shamir.PRIME, 2: shares[2]})
     # y = 0 is a field element: a constant polynomial f = 0 has share 0 everywhere
     assert shamir.reconstruct({1: 0, 2: 0}) == bytes(32)
     # a value of 2^256 or more is not a 32-byte secret (a wrong share, or too few)
-    with pytest.raises(shamir.ShareError, match="not a 32-byte secret"):
+    with pytest.raises(
+        shamir.ShareError,
+        match=r"^reconstructed value is not a 32-byte secret \(wrong or missing shares\)$",
+    ):
         shamir.reconstruct({1: 1 << 256})
     with pytest.raises(shamir.ShareError, match="need 2 shares, got 1"):
         shamir.reconstruct_checked(
@@ -716,7 +732,8 @@ def _sum(vec: list[float], weight: float) -> np.ndarray:
 def test_sum_bounds_with_example_weights_are_inclusive_and_name_the_setting() -> None:
     """sum n_k of 3 honest clients lies in [3, 3 * max_examples]; outside, one lied."""
     ok = {"included": 3, "weighted": True, "max_examples": 10}
-    for weight in (3.0, 30.0, 30.0 + 1e-10):
+    # inclusive at both ends, up to the slack (rounding + 1e-9) exactly
+    for weight in (3.0, 30.0, 30.0 + 1e-10, 3.0 - 1e-9, 30.0 + 1e-9):
         assert sum_problems(_sum([1.0], weight), **ok) == [], weight
     for weight in (2.9, 30.1):
         assert sum_problems(_sum([1.0], weight), **ok) == [
@@ -737,7 +754,12 @@ def test_sum_of_uniform_weights_is_the_client_count_and_the_clipped_norm_bound()
     base = {"included": 2, "weighted": False, "max_examples": 10, "reference": ref}
     at_bound = 2 * ref + np.asarray([3.0, 4.0]) * 0.8  # sum of deltas: norm 4 = 2 clients x 2.0
     assert sum_problems(_sum(list(at_bound), 2.0), **base, clip_norm=2.0) == []
-    assert sum_problems(_sum(list(at_bound), 2.4), **base, clip_norm=2.0) == []
+    for weight in (1.5, 2.4, 2.5):  # the count is off by at most 0.5 (inclusive)
+        assert sum_problems(_sum(list(at_bound), weight), **base, clip_norm=2.0) == []
+    # a norm exactly at the limit (C + sqrt(D) * slack, here 1.0 + 1e-9) passes
+    one = {"included": 1, "weighted": False, "max_examples": 10, "reference": np.zeros(1)}
+    assert sum_problems(_sum([1.0 + 1e-9], 1.0), **one, clip_norm=1.0) == []
+    assert sum_problems(_sum([1.0 + 3e-9], 1.0), **one, clip_norm=1.0) != []
     over = 2 * ref + np.asarray([3.0, 4.0]) * 0.82  # norm 4.1
     assert sum_problems(_sum(list(over), 2.0), **base, clip_norm=2.0) == [
         "the sum of clipped updates has norm 4.1 > 2 clients x clip 2: a client sent more "
@@ -830,6 +852,544 @@ def test_a_lying_holder_is_convicted_while_a_dropped_clients_key_is_rebuilt(
     ) in caplog.messages
 
 
+# --- the v1 derivation, refusals that name what was wrong, and boundaries (issue 19) ------
+
+
+def _kdf(secret: bytes, context: bytes) -> bytes:
+    """HKDF-SHA256 with info = DOMAIN + context, written out independently of the library."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=DOMAIN + context).derive(
+        secret
+    )
+
+
+def _keystream(key: bytes, d: int) -> np.ndarray:
+    """(d,) uint64: the ChaCha20 keystream under ``key`` (zero nonce), little-endian words."""
+    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(8 * d))
+    return np.frombuffer(stream, dtype="<u8").astype(np.uint64)
+
+
+def _x25519(private: bytes, public: bytes) -> bytes:
+    return X25519PrivateKey.from_private_bytes(private).exchange(
+        X25519PublicKey.from_public_bytes(public)
+    )
+
+
+def _be(value: int, size: int = 4) -> bytes:
+    return value.to_bytes(size, "big")
+
+
+def _seal(
+    dealer: SecAggClient,
+    holder: AdvertiseKeys,
+    params: SecAggParams,
+    *,
+    header: bytes,
+    values: tuple[int, int],
+) -> bytes:
+    """A share message from ``dealer`` to ``holder`` built by hand (a cheating dealer's)."""
+    sender = dealer.index
+    key = _kdf(
+        _x25519(dealer.export_state().enc_private, holder.recv_publics[sender]),
+        b"share-enc" + _be(params.round_id, 8),
+    )
+    aad = DOMAIN + b"share" + _be(params.round_id, 8) + _be(sender) + _be(holder.index)
+    plain = header + _be(values[0], shamir.SHARE_BYTES) + _be(values[1], shamir.SHARE_BYTES)
+    nonce = bytes(12)
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, plain, aad)
+
+
+def test_masks_commitments_and_share_messages_follow_the_v1_derivation() -> None:
+    """The wire contract of protocol v1, rebuilt from its description with plain HKDF, X25519,
+    ChaCha20 and SHA-256: a client of another fedft version (or another implementation) must
+    derive these bytes exactly, else a mixed cohort's sum is silently wrong. Binding the round
+    and both addresses is what stops a share message being replayed in another round or to
+    another holder."""
+    params = _params(n=3, max_dropouts=1, d=8, round_id=2**40 + 3)
+    r8 = _be(params.round_id, 8)
+    clients = {i: SecAggClient(index=i, params=params) for i in (1, 2, 3)}
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    keys = {k.index: k for k in directory.keys}
+    sent = {i: c.share_keys(directory) for i, c in clients.items()}
+    routed = server.collect_shares(list(sent.values()))
+    qualified = _qualify(server, clients, routed, clients)
+    state = {i: c.export_state() for i, c in clients.items()}
+    for i in clients:  # b_u's commitment: SHA-256(DOMAIN || "seed-commit" || b_u)
+        assert (
+            sent[i].seed_commitment
+            == hashlib.sha256(DOMAIN + b"seed-commit" + state[i].seed).digest()
+        )
+    # share message 1 -> 2: key HKDF(X25519(r_{2<-1}, c_1), "share-enc" || round),
+    # AAD DOMAIN || "share" || round || sender || receiver, plaintext sender || receiver || shares
+    key = _kdf(_x25519(state[2].recv_private[1], keys[1].enc_public), b"share-enc" + r8)
+    blob = sent[1].ciphertexts[2]
+    aad = DOMAIN + b"share" + r8 + _be(1) + _be(2)
+    plain = ChaCha20Poly1305(key).decrypt(blob[:12], blob[12:], aad)
+    assert plain[:8] == _be(1) + _be(2)
+    n = shamir.SHARE_BYTES
+    assert state[2].held[1] == (int.from_bytes(plain[8 : 8 + n]), int.from_bytes(plain[8 + n :]))
+    for other in (DOMAIN + b"share" + _be(params.round_id + 1, 8) + _be(1) + _be(2),
+                  DOMAIN + b"share" + r8 + _be(2) + _be(1)):  # fmt: skip
+        with pytest.raises(InvalidTag):  # another round, or the addresses swapped
+            ChaCha20Poly1305(key).decrypt(blob[:12], blob[12:], other)
+    # y_u = x_u + PRG(b_u, "self-mask" || round || u) + sum_v +-PRG(s_uv, "pair-mask" || round
+    # || min || max), + when u < v
+    x = np.array([0.5, -1.25, 3.0, 0.0, -7.5, 2.0**-20, 1e3, -1e-3])
+    for u, c in clients.items():
+        got = np.frombuffer(c.masked_input(qualified, x).masked, dtype="<u8")
+        want = quantize(x, frac_bits=params.frac_bits, clip=params.clip)[0]
+        want = want + _keystream(_kdf(state[u].seed, b"self-mask" + r8 + _be(u)), 8)
+        for v in clients.keys() - {u}:
+            secret = _x25519(state[u].mask_private, keys[v].mask_public)
+            pair = _keystream(_kdf(secret, b"pair-mask" + r8 + _be(min(u, v)) + _be(max(u, v))), 8)
+            want = want + pair if u < v else want - pair
+        np.testing.assert_array_equal(got, want)
+
+
+def test_client_steps_called_out_of_order_are_refused_by_name() -> None:
+    c = SecAggClient(index=2, params=_params(n=3, max_dropouts=1, d=4))
+    early = {
+        "share_keys": lambda: c.share_keys(KeyDirectory(keys=())),
+        "check_shares": lambda: c.check_shares(RoutedShares(ciphertexts={})),
+        "masked_input": lambda: c.masked_input(MaskRequest(qualified=(2,)), np.zeros(4)),
+        "unmask": lambda: c.unmask(UnmaskRequest(survivors=(2,))),
+    }
+    for name, call in early.items():
+        with pytest.raises(
+            SecAggProtocolError, match=rf"^client 2: {name} called out of order \(step 0\)$"
+        ):
+            call()
+    c.advertise_keys()
+    with pytest.raises(
+        SecAggProtocolError, match=r"^client 2: advertise_keys called out of order \(step 1\)$"
+    ):
+        c.advertise_keys()
+
+
+def test_a_forged_key_directory_is_refused_with_what_is_wrong() -> None:
+    """Attack: the server hands client 1 a directory it doctored. Each forgery is refused
+    with a message naming it; a directory of exactly t clients is accepted."""
+    params = _params(n=4, max_dropouts=1, d=4)  # t = 3
+    clients = {i: SecAggClient(index=i, params=params) for i in range(1, 5)}
+    keys = {i: c.advertise_keys() for i, c in clients.items()}
+    state = clients[1].export_state()  # each attempt starts from client 1 at step 1
+    other_mask = keys[2].mask_public
+    no_key_for_1 = {v: k for v, k in keys[3].recv_publics.items() if v != 1}
+    low_order = {**keys[3].recv_publics, 1: bytes(32)}  # agreement with it is all zero
+    cases: list[tuple[list[AdvertiseKeys], type[Exception], str]] = [
+        (
+            [keys[2], keys[3], keys[4]],
+            SecAggProtocolError,
+            "client 1: directory misstates my own keys",
+        ),
+        (
+            [dataclasses.replace(keys[1], mask_public=other_mask), keys[2], keys[3]],
+            SecAggProtocolError,
+            "client 1: directory misstates my own keys",
+        ),
+        (
+            [keys[1], keys[2], keys[3], keys[2]],
+            SecAggProtocolError,
+            "directory lists an index twice",
+        ),
+        (
+            [keys[1], keys[2], dataclasses.replace(keys[3], index=9)],
+            SecAggProtocolError,
+            "directory has index 9 outside the cohort",
+        ),
+        (
+            [keys[1], keys[2], dataclasses.replace(keys[3], recv_publics=no_key_for_1)],
+            SecAggProtocolError,
+            "client 3 has no key to receive my shares",
+        ),
+        (
+            [keys[1], keys[2], dataclasses.replace(keys[3], recv_publics=low_order)],
+            SecAggProtocolError,
+            "unusable X25519 public key: .+",
+        ),
+        ([keys[1], keys[2]], SecAggAbort, "only 2 clients advertised keys; t=3"),
+    ]
+    for entries, error, message in cases:
+        with pytest.raises(error, match=f"^{message}$"):
+            SecAggClient.from_state(state).share_keys(KeyDirectory(keys=tuple(entries)))
+    sent = SecAggClient.from_state(state).share_keys(KeyDirectory(keys=(keys[1], keys[2], keys[3])))
+    assert set(sent.ciphertexts) == {2, 3}
+
+
+def test_routed_shares_from_unknown_senders_are_refused() -> None:
+    params = _params(n=3, max_dropouts=1, d=4)
+    clients = {i: SecAggClient(index=i, params=params) for i in (1, 2, 3)}
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    routed = server.collect_shares([c.share_keys(directory) for c in clients.values()])[1]
+    state = clients[1].export_state()
+    cases = [
+        (
+            RoutedShares(ciphertexts=routed.ciphertexts, commitments={2: routed.commitments[2]}),
+            "client 1: commitments and shares disagree",
+        ),
+    ]
+    for sender in (1, 9):  # itself, and an index no one advertised
+        forged = RoutedShares(
+            ciphertexts={**routed.ciphertexts, sender: routed.ciphertexts[2]},
+            commitments={**routed.commitments, sender: routed.commitments[2]},
+        )
+        cases.append((forged, f"client 1: share from unknown {sender}"))
+    for forged, message in cases:
+        with pytest.raises(SecAggProtocolError, match=f"^{message}$"):
+            SecAggClient.from_state(state).check_shares(forged)
+    assert SecAggClient.from_state(state).check_shares(routed).complaints == {}
+
+
+def test_complaints_and_convictions_say_what_was_wrong_with_a_share_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Attack: dealer 4 seals, under the right keys, a message addressed inside to another
+    holder (to 1) and one holding a value outside the field (to 2); dealer 5 sends a
+    truncated message (to 1) and a bit-flipped one (to 3). Each holder complains saying why,
+    the server convicts both dealers saying why, and the round completes with exactly t."""
+    params = _params(n=5, max_dropouts=2, d=8)  # t = 3
+    vectors = _vectors(5, 8, seed=9)
+    clients = {i: SecAggClient(index=i, params=params) for i in vectors}
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    keys = {k.index: k for k in directory.keys}
+    sent = {i: c.share_keys(directory) for i, c in clients.items()}
+    misaddressed = _seal(clients[4], keys[1], params, header=_be(4) + _be(3), values=(1, 2))
+    not_a_field_value = _seal(
+        clients[4], keys[2], params, header=_be(4) + _be(2), values=(shamir.PRIME, 1)
+    )
+    sent[4] = dataclasses.replace(
+        sent[4], ciphertexts={**sent[4].ciphertexts, 1: misaddressed, 2: not_a_field_value}
+    )
+    flipped = bytearray(sent[5].ciphertexts[3])
+    flipped[20] ^= 4
+    sent[5] = dataclasses.replace(
+        sent[5],
+        ciphertexts={**sent[5].ciphertexts, 1: sent[5].ciphertexts[1][:-1], 3: bytes(flipped)},
+    )
+    routed = server.collect_shares(list(sent.values()))
+    with caplog.at_level(logging.WARNING, logger="fedft.secagg.protocol"):
+        checks = {i: c.check_shares(routed[i]) for i, c in clients.items()}
+        qualified = server.collect_checks(list(checks.values()))
+    complaints = {i: set(m.complaints) for i, m in checks.items() if m.complaints}
+    assert complaints == {1: {4, 5}, 2: {4}, 3: {5}}
+    r = params.round_id
+    for line in (
+        "secagg client 1: complaint against 4: share message from 4 to 1 misaddressed",
+        "secagg client 1: complaint against 5: share message from 5 to 1 has bad length",
+        "secagg client 2: complaint against 4: share message from 4: share value outside the field",
+        "secagg client 3: complaint against 5: share message from 5 to 3 failed authentication",
+        f"secagg round {r}: client 4 dealt an unreadable share message to 1 (share message "
+        "from 4 to 1 misaddressed)",
+        f"secagg round {r}: client 5 dealt an unreadable share message to 1 (share message "
+        "from 5 to 1 has bad length)",
+    ):
+        assert line in caplog.messages
+    assert qualified.qualified == (1, 2, 3) and server.convicted == {4, 5}
+    request = server.collect_masked(
+        [clients[i].masked_input(qualified, vectors[i]) for i in (1, 2, 3)]
+    )
+    result = server.collect_unmasking([clients[i].unmask(request) for i in (1, 2, 3)])
+    expected = vectors[1] + vectors[2] + vectors[3]
+    assert np.abs(result.total - expected).max() <= params.error_bound
+    assert result.suspects == (4, 5) and result.dropped == ()
+
+
+def test_a_forged_mask_or_unmask_request_is_refused_with_what_is_wrong(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Attack: the server asks client 1 to mask with a set it doctored (a duplicate, without
+    client 1, with dealer 4 whose shares client 1 could not verify, too few), then to reveal
+    shares for a doctored survivor list. Each is refused naming the problem; exactly t is
+    accepted, and entries clipped or non-finite are counted in a warning."""
+    params = SecAggParams(num_clients=4, max_dropouts=1, vector_length=4, round_id=5, clip=4.0)
+    clients = {i: SecAggClient(index=i, params=params) for i in range(1, 5)}
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    routed = server.collect_shares([c.share_keys(directory) for c in clients.values()])[1]
+    blob = bytearray(routed.ciphertexts[4])
+    blob[-1] ^= 1  # dealer 4's message to client 1 fails authentication
+    forged = RoutedShares(
+        ciphertexts={**routed.ciphertexts, 4: bytes(blob)}, commitments=routed.commitments
+    )
+    assert set(clients[1].check_shares(forged).complaints) == {4}
+    at_mask = clients[1].export_state()
+    x = np.ones(4)
+    mask_cases: list[tuple[tuple[int, ...], np.ndarray, type[Exception], str]] = [
+        ((1, 2, 2, 3), x, SecAggProtocolError, "client 1: malformed qualified set"),
+        ((2, 3, 4), x, SecAggProtocolError, "client 1: malformed qualified set"),
+        (
+            (1, 2, 3, 4),
+            x,
+            SecAggProtocolError,
+            re.escape("client 1: qualified set names dealers without verified shares: [4]"),
+        ),
+        ((1, 2), x, SecAggAbort, "only 2 clients qualified; t=3"),
+        ((1, 2, 3), np.ones(3), ValueError, re.escape("client 1: vector shape (3,) != (4,)")),
+    ]
+    for qualified, vector, error, message in mask_cases:
+        with pytest.raises(error, match=f"^{message}$"):
+            SecAggClient.from_state(at_mask).masked_input(MaskRequest(qualified=qualified), vector)
+    client = SecAggClient.from_state(at_mask)
+    with caplog.at_level(logging.WARNING, logger="fedft.secagg.protocol"):
+        client.masked_input(MaskRequest(qualified=(1, 2, 3)), np.array([5.0, np.nan, -4.0, 1.0]))
+    assert "secagg client 1: 2 entries clipped to +-4 or non-finite" in caplog.messages
+    at_unmask = client.export_state()
+    unmask_cases: list[tuple[tuple[int, ...], type[Exception], str]] = [
+        ((1, 1, 2), SecAggProtocolError, "client 1: malformed survivor list"),
+        ((2, 3), SecAggProtocolError, "client 1: malformed survivor list"),
+        ((1, 2, 4), SecAggProtocolError, "client 1: survivors not all in U2'"),
+        ((1, 2), SecAggAbort, "only 2 masked inputs arrived; t=3"),
+    ]
+    for survivors, error, message in unmask_cases:
+        with pytest.raises(error, match=f"^{message}$"):
+            SecAggClient.from_state(at_unmask).unmask(UnmaskRequest(survivors=survivors))
+    reply = SecAggClient.from_state(at_unmask).unmask(UnmaskRequest(survivors=(1, 2, 3)))
+    assert set(reply.seed_shares) == {1, 2, 3} and reply.key_shares == {}
+
+
+def test_the_server_names_what_it_ignores_and_why_it_aborts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At every step a duplicate or foreign message is dropped with a warning naming the step
+    and the client, a wrong-sized vector does not stop the others being read, and too few
+    messages abort with the count, the step and the threshold."""
+    params = _params(n=5, max_dropouts=2, d=4)  # t = 3
+    clients = {i: SecAggClient(index=i, params=params) for i in range(1, 6)}
+    server = SecAggServer(params)
+    adverts = [c.advertise_keys() for c in clients.values()]
+
+    def aborts(step: str, count: int) -> str:
+        what = f"{count} clients {step}, threshold t=3 (n=5, max_dropouts=2)"
+        return f"^{re.escape('secure aggregation aborted: ' + what)}$"
+
+    with pytest.raises(SecAggAbort, match=aborts("advertised keys", 2)):
+        SecAggServer(params).collect_keys(adverts[:2])
+    directory = server.collect_keys(adverts)
+    sent = [c.share_keys(directory) for c in clients.values()]
+    with pytest.raises(SecAggAbort, match=aborts("shared keys", 2)):
+        copy.deepcopy(server).collect_shares(sent[:2])
+    routed = server.collect_shares(sent)
+    checks = [clients[i].check_shares(routed[i]) for i in clients]
+    with pytest.raises(SecAggAbort, match=aborts("qualified after the share check", 2)):
+        copy.deepcopy(server).collect_checks(checks[:2])
+    with caplog.at_level(logging.WARNING, logger="fedft.secagg.protocol"):
+        qualified = server.collect_checks([*checks, checks[1]])
+    assert "secagg server: ignoring share check from client 2" in caplog.messages
+    masked = {i: c.masked_input(qualified, np.full(4, float(i))) for i, c in clients.items()}
+    with pytest.raises(SecAggAbort, match=aborts("sent masked input", 2)):
+        copy.deepcopy(server).collect_masked([masked[1], masked[2]])
+    short = MaskedInput(index=5, masked=bytes(8))  # client 5 sends 8 bytes instead of 32
+    foreign = MaskedInput(index=6, masked=masked[1].masked)
+    with caplog.at_level(logging.WARNING, logger="fedft.secagg.protocol"):
+        request = server.collect_masked(
+            [short, masked[1], masked[2], masked[3], masked[4], foreign, masked[1]]
+        )
+    assert request.survivors == (1, 2, 3, 4)
+    for line in (
+        "client 5 sent 8 bytes",
+        "ignoring masked input from client 6",
+        "ignoring masked input from client 1",
+    ):
+        assert f"secagg server: {line}" in caplog.messages
+    answers = {i: clients[i].unmask(request) for i in request.survivors}
+    with pytest.raises(SecAggAbort, match=aborts("answered the unmasking step", 2)):
+        copy.deepcopy(server).collect_unmasking([answers[1], answers[2]])
+    fake = UnmaskShares(index=5, seed_shares={}, key_shares={})  # 5 is not a survivor
+    with caplog.at_level(logging.WARNING, logger="fedft.secagg.protocol"):
+        result = server.collect_unmasking([*answers.values(), answers[3], fake])
+    for i in (3, 5):
+        assert f"secagg server: ignoring unmasking shares from client {i}" in caplog.messages
+    np.testing.assert_allclose(result.total, np.full(4, 10.0), atol=params.error_bound)
+    assert result.dropped == (5,) and result.suspects == ()
+
+
+def test_every_complaint_is_resolved_even_after_a_bogus_or_a_settled_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attack mix at the share check (n = 11, t = 6; client 11 vanishes before dealing):
+    dealer 3 deals bad shares to clients 2 and 5, dealer 6 only to client 5. Client 2 also
+    complains about itself, client 7 about client 11, who never dealt. Both bogus
+    complainers are convicted, and so are both bad dealers: client 2's complaint about 3
+    still counts after its bogus one, and client 5's about 6 after its complaint about 3,
+    who was convicted already. The log says why for each."""
+    params = _params(n=11, max_dropouts=5, d=4)
+    clients = {i: SecAggClient(index=i, params=params) for i in range(1, 12)}
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    bad = {3: {2, 5}, 6: {5}}
+    sent = []
+    for i in range(1, 11):
+        with monkeypatch.context() as m:
+            if i in bad:
+                m.setattr(shamir, "deal", _bad_deal(bad[i]))
+            sent.append(clients[i].share_keys(directory))
+    routed = server.collect_shares(sent)
+    checks = {i: clients[i].check_shares(routed[i]) for i in range(1, 11)}
+    assert {i: set(m.complaints) for i, m in checks.items() if m.complaints} == {2: {3}, 5: {3, 6}}
+    checks[2] = ShareCheck(index=2, complaints={2: bytes(32), **checks[2].complaints})
+    checks[7] = ShareCheck(index=7, complaints={11: bytes(32)})
+    with caplog.at_level(logging.WARNING, logger="fedft.secagg.protocol"):
+        qualified = server.collect_checks(list(checks.values()))
+    assert server.convicted == {2, 3, 6, 7}
+    assert qualified.qualified == (1, 4, 5, 8, 9, 10)
+    r = params.round_id
+    for line in (
+        "client 2 complained about 2, not a dealer of its",
+        "client 3 dealt 2 shares that fail its commitments",
+        "client 6 dealt 5 shares that fail its commitments",
+        "client 7 complained about 11, not a dealer of its",
+    ):
+        assert f"secagg round {r}: {line}" in caplog.messages
+
+
+def _through_masking(
+    params: SecAggParams, vectors: dict[int, np.ndarray], masking_clients: Iterable[int]
+) -> tuple[dict[int, SecAggClient], SecAggServer, UnmaskRequest]:
+    """Every client deals and qualifies; ``masking_clients`` send their masked vectors."""
+    clients = {i: SecAggClient(index=i, params=params) for i in vectors}
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    routed = server.collect_shares([c.share_keys(directory) for c in clients.values()])
+    qualified = _qualify(server, clients, routed, clients)
+    request = server.collect_masked(
+        [clients[i].masked_input(qualified, vectors[i]) for i in masking_clients]
+    )
+    return clients, server, request
+
+
+def _bump(blob: bytes) -> bytes:
+    return shamir.encode_share((shamir.decode_share(blob) + 1) % shamir.PRIME)
+
+
+def test_a_holder_lying_only_about_a_dropped_clients_key_is_convicted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Attack: client 5 drops before masking; client 1 reveals honest seed shares but a
+    wrong share of client 5's mask key. The key shares are checked against client 5's KEY
+    commitments: client 1 is convicted, and the sum over 1..4 is exact."""
+    params = _params(n=5, max_dropouts=2, d=8)
+    vectors = _vectors(5, 8, seed=12)
+    clients, server, request = _through_masking(params, vectors, (1, 2, 3, 4))
+    answers = [clients[i].unmask(request) for i in request.survivors]
+    answers[0] = dataclasses.replace(answers[0], key_shares={5: _bump(answers[0].key_shares[5])})
+    with caplog.at_level(logging.WARNING, logger="fedft.secagg.protocol"):
+        result = server.collect_unmasking(answers)
+    assert result.dropped == (5,) and result.suspects == (1,)
+    expected = np.sum([vectors[i] for i in (1, 2, 3, 4)], axis=0)
+    assert np.abs(result.total - expected).max() <= params.error_bound
+    assert (
+        f"secagg round {params.round_id}: client 1 revealed a share of 5 that fails the commitments"
+        in caplog.messages
+    )
+
+
+def test_unmasking_skips_missing_shares_and_convicts_a_malformed_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Client 1 answers the unmasking with no shares at all (the others still suffice), and
+    client 2 sends a 3-byte share of client 4's seed: client 2 is convicted, the sum exact."""
+    params = _params(n=5, max_dropouts=2, d=8)
+    vectors = _vectors(5, 8, seed=13)
+    clients, server, request = _through_masking(params, vectors, vectors)
+    answers = [clients[i].unmask(request) for i in request.survivors]
+    answers[0] = UnmaskShares(index=1, seed_shares={}, key_shares={})
+    answers[1] = dataclasses.replace(answers[1], seed_shares={**answers[1].seed_shares, 4: b"abc"})
+    with caplog.at_level(logging.WARNING, logger="fedft.secagg.protocol"):
+        result = server.collect_unmasking(answers)
+    assert result.suspects == (2,) and result.included == (1, 2, 3, 4, 5)
+    expected = np.sum(list(vectors.values()), axis=0)
+    assert np.abs(result.total - expected).max() <= params.error_bound
+    assert (
+        f"secagg round {params.round_id}: client 2 sent a malformed share of 4" in caplog.messages
+    )
+
+
+@pytest.mark.parametrize("which", ["seed", "key"])
+def test_a_dealer_that_shared_another_secret_than_it_committed_to_is_named(
+    monkeypatch: pytest.MonkeyPatch, which: str
+) -> None:
+    """Attack: client 3's shares verify against its Feldman commitments, but rebuild a seed
+    other than the one its SHA-256 commitment names (it stays), or a mask key other than the
+    one it advertised (it drops before masking, so its key is rebuilt). The round cannot be
+    unmasked: it aborts naming client 3, and only client 3."""
+    params = _params(n=5, max_dropouts=2, d=4)
+    clients = {i: SecAggClient(index=i, params=params) for i in range(1, 6)}
+    server = SecAggServer(params)
+    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    real, dealt = shamir.deal, []
+
+    def other_key(secret: bytes, **kw):  # type: ignore[no-untyped-def]
+        dealt.append(secret)  # the first secret dealt is the mask key: deal another one
+        return real(bytes(31) + b"\x07" if len(dealt) == 1 else secret, **kw)
+
+    sent = []
+    for i, c in clients.items():
+        with monkeypatch.context() as m:
+            if i == 3 and which == "key":
+                m.setattr(shamir, "deal", other_key)
+            sent.append(c.share_keys(directory))
+    if which == "seed":
+        sent[2] = dataclasses.replace(sent[2], seed_commitment=bytes(32))
+    routed = server.collect_shares(sent)
+    qualified = _qualify(server, clients, routed, clients)
+    maskers = [1, 2, 4, 5] if which == "key" else [1, 2, 3, 4, 5]
+    request = server.collect_masked(
+        [clients[i].masked_input(qualified, np.ones(4)) for i in maskers]
+    )
+    message = (
+        "secure aggregation aborted: secret of client 3: the shares match the dealer's "
+        "commitments but rebuild a secret that is not the one it committed to (its public "
+        "key or seed commitment)"
+    )
+    with pytest.raises(SecAggAbort, match=f"^{re.escape(message)}$") as info:
+        server.collect_unmasking([clients[i].unmask(request) for i in maskers])
+    assert info.value.suspects == (3,)
+
+
+def test_a_convicted_holder_costs_one_search_even_with_exactly_t_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """n = 5, t = 3: clients 1..4 answer the unmasking, client 1 lying about every share.
+    The first secret's search convicts it; the other four are rebuilt from the exactly t
+    shares of the unconvicted without another search."""
+    params = _params(n=5, max_dropouts=2, d=8)
+    vectors = _vectors(5, 8, seed=14)
+    clients, server, request = _through_masking(params, vectors, vectors)
+    answers = [clients[i].unmask(request) for i in (1, 2, 3, 4)]
+    calls = _count_gpow(monkeypatch)
+    result = server.collect_unmasking([_tamper(answers[0]), *answers[1:]])
+    assert result.suspects == (1,) and result.included == (1, 2, 3, 4, 5)
+    expected = np.sum(list(vectors.values()), axis=0)
+    assert np.abs(result.total - expected).max() <= params.error_bound
+    assert calls[0] <= 1 + 2 * 2  # one search among 4 shares
+
+
+def test_checked_reconstruction_at_its_boundaries() -> None:
+    """Exactly t verified shares rebuild the secret; the largest 32-byte value is a secret and
+    2^256 (consistently committed) is not; a share must lie in [0, q): 0 passes, q does not."""
+    secret = bytes(range(32))
+    shares, blobs = shamir.deal(secret, threshold=3, indices=[1, 2, 3, 4])
+    commitments = feldman.decode(blobs, threshold=3)
+    forged = {**shares, 2: (shares[2] + 1) % shamir.PRIME}
+    got = shamir.reconstruct_checked(
+        forged, threshold=3, commitments=commitments, verify=lambda s: s == secret
+    )
+    assert got == (secret, {2})
+    for value in (2**256 - 1, 2**256):  # a constant polynomial: every share is the value
+        constant = feldman.decode(feldman.commit([value]), threshold=1)
+        args = {"threshold": 1, "commitments": constant, "verify": lambda s: True}
+        if value < 2**256:
+            assert shamir.reconstruct_checked({1: value, 2: value}, **args) == (b"\xff" * 32, set())
+        else:
+            with pytest.raises(shamir.DealerError):
+                shamir.reconstruct_checked({1: value, 2: value}, **args)
+    zero = feldman.decode(feldman.commit([0]), threshold=1)  # f = 0: every share is 0
+    assert feldman.verify(zero, 3, 0)
+    assert not feldman.verify(zero, 3, feldman.Q)  # q = 0 mod q, but not a canonical share
+
+
 def test_quantize_clips_zeroes_non_finite_and_counts_what_it_changed() -> None:
     x = np.array([np.nan, np.inf, -np.inf, 5.0, -9.0, 4.0, -4.0, 0.5])
     ring, changed = quantize(x, frac_bits=8, clip=4.0)
@@ -843,3 +1403,12 @@ def test_quantize_clips_zeroes_non_finite_and_counts_what_it_changed() -> None:
             quantize(y, frac_bits=24, clip=8.0)[0],
             quantize(y.astype(np.float64), frac_bits=24, clip=8.0)[0],
         )
+
+
+def test_mask_lengths_run_from_zero_to_the_limit_inclusive(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert expand_mask(bytes(32), length=0, context=b"c").shape == (0,)
+    monkeypatch.setattr(masking, "MAX_VECTOR_LENGTH", 4)
+    assert expand_mask(bytes(32), length=4, context=b"c").shape == (4,)
+    for bad in (-1, 5):
+        with pytest.raises(ValueError, match=rf"^mask length {bad} outside \[0, 4\]$"):
+            expand_mask(bytes(32), length=bad, context=b"c")

@@ -41,6 +41,15 @@ cheating dealer, knew anyway). There are no signatures; deployments authenticate
 the transport (Flower node auth, mTLS).
 
 Ring, quantisation and the error bound: see :mod:`fedft.secagg.masking`.
+
+Derivations (protocol v1; every party must derive the same bytes, so changing one needs a
+new version). HKDF contexts follow ``DOMAIN``; r is the round id in 8 bytes, indices in 4,
+all big-endian: self mask PRG(b_u, "self-mask" || r || u); pairwise mask
+PRG(s_uv, "pair-mask" || r || min(u, v) || max(u, v)), added by the lower index and
+subtracted by the higher; share message key HKDF(X25519(c_u, r_{v<-u}), "share-enc" || r),
+ChaCha20-Poly1305 with a random 12-byte nonce sent first, associated data DOMAIN || "share"
+|| r || u || v and plaintext u || v || key share || seed share (256 bytes each); seed
+commitment SHA-256(DOMAIN || "seed-commit" || b_u).
 """
 
 from __future__ import annotations
