@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pytest
@@ -928,8 +928,10 @@ def test_masks_commitments_and_share_messages_follow_the_v1_derivation() -> None
     assert plain[:8] == _be(1) + _be(2)
     n = shamir.SHARE_BYTES
     assert state[2].held[1] == (int.from_bytes(plain[8 : 8 + n]), int.from_bytes(plain[8 + n :]))
-    for other in (DOMAIN + b"share" + _be(params.round_id + 1, 8) + _be(1) + _be(2),
-                  DOMAIN + b"share" + r8 + _be(2) + _be(1)):  # fmt: skip
+    for other in (
+        DOMAIN + b"share" + _be(params.round_id + 1, 8) + _be(1) + _be(2),
+        DOMAIN + b"share" + r8 + _be(2) + _be(1),
+    ):
         with pytest.raises(InvalidTag):  # another round, or the addresses swapped
             ChaCha20Poly1305(key).decrypt(blob[:12], blob[12:], other)
     # y_u = x_u + PRG(b_u, "self-mask" || round || u) + sum_v +-PRG(s_uv, "pair-mask" || round
@@ -1226,14 +1228,18 @@ def test_every_complaint_is_resolved_even_after_a_bogus_or_a_settled_one(
                 m.setattr(shamir, "deal", _bad_deal(bad[i]))
             sent.append(clients[i].share_keys(directory))
     routed = server.collect_shares(sent)
-    checks = {i: clients[i].check_shares(routed[i]) for i in range(1, 11)}
-    assert {i: set(m.complaints) for i, m in checks.items() if m.complaints} == {2: {3}, 5: {3, 6}}
-    checks[2] = ShareCheck(index=2, complaints={2: bytes(32), **checks[2].complaints})
-    checks[7] = ShareCheck(index=7, complaints={11: bytes(32)})
     with caplog.at_level(logging.WARNING, logger="fedft.secagg.protocol"):
+        checks = {i: clients[i].check_shares(routed[i]) for i in range(1, 11)}
+        assert {i: set(m.complaints) for i, m in checks.items() if m.complaints} == {
+            2: {3},
+            5: {3, 6},
+        }
+        checks[2] = ShareCheck(index=2, complaints={2: bytes(32), **checks[2].complaints})
+        checks[7] = ShareCheck(index=7, complaints={11: bytes(32)})
         qualified = server.collect_checks(list(checks.values()))
     assert server.convicted == {2, 3, 6, 7}
     assert qualified.qualified == (1, 4, 5, 8, 9, 10)
+    assert "secagg client 5: shares of {3, 6} fail their commitments" in caplog.messages
     r = params.round_id
     for line in (
         "client 2 complained about 2, not a dealer of its",
@@ -1412,3 +1418,174 @@ def test_mask_lengths_run_from_zero_to_the_limit_inclusive(monkeypatch: pytest.M
     for bad in (-1, 5):
         with pytest.raises(ValueError, match=rf"^mask length {bad} outside \[0, 4\]$"):
             expand_mask(bytes(32), length=bad, context=b"c")
+
+
+def test_parameters_are_validated_at_their_boundaries() -> None:
+    """The smallest cohort (2 clients, no dropout), one entry, the largest vector, round ids
+    0 and 2^63 - 1, no fractional bits and a ring sum just inside 2^63 are accepted; one
+    step past each is refused with a message naming the value and the range."""
+    ok = {"num_clients": 4, "max_dropouts": 1, "vector_length": 4, "round_id": 0}
+    for change in (
+        {"num_clients": 2, "max_dropouts": 0},
+        {"vector_length": 1},
+        {"vector_length": masking.MAX_VECTOR_LENGTH},
+        {"round_id": 2**63 - 1},
+        {"frac_bits": 0, "clip": 1.0},
+    ):
+        SecAggParams(**{**ok, **change})  # type: ignore[arg-type]
+    refused = [
+        ({"num_clients": 1, "max_dropouts": 0}, "num_clients=1: SecAgg needs at least 2"),
+        (
+            {"max_dropouts": -1},
+            "max_dropouts=-1 must be in [0, n/2) for n=4 (threshold t = n - max_dropouts "
+            "must exceed n/2)",
+        ),
+        ({"max_dropouts": 2}, "max_dropouts=2 must be in [0, n/2) for n=4"),
+        ({"vector_length": 0}, f"vector_length=0 not in [1, {masking.MAX_VECTOR_LENGTH}]"),
+        (
+            {"vector_length": masking.MAX_VECTOR_LENGTH + 1},
+            f"vector_length={masking.MAX_VECTOR_LENGTH + 1} not in [1, ",
+        ),
+        ({"round_id": -1}, "round_id=-1 must be in [0, 2^63)"),
+        ({"round_id": 2**63}, f"round_id={2**63} must be in [0, 2^63)"),
+        ({"frac_bits": -1}, "need frac_bits >= 0 and clip > 0, got -1, "),
+    ]
+    for change, message in refused:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            SecAggParams(**{**ok, **change})  # type: ignore[arg-type]
+    check = masking.check_ring_capacity
+    check(num_clients=2, frac_bits=0, clip=2.0**53 - 1)  # the largest exact scaled value
+    check(num_clients=2047, frac_bits=52, clip=1.0)  # 2047 * 2^52 < 2^63
+    with pytest.raises(ValueError, match=r"^need frac_bits >= 0 and clip > 0, got 3, 0.0$"):
+        check(num_clients=2, frac_bits=3, clip=0.0)
+    with pytest.raises(
+        ValueError, match=r"^clip \* 2\^frac_bits = 9.01e\+15 must stay below 2\^53$"
+    ):
+        check(num_clients=2, frac_bits=53, clip=1.0)
+    with pytest.raises(
+        ValueError,
+        match=r"^2048 clients \* clip 1.0 \* 2\^52 overflows the signed range of Z_2\^64; "
+        "lower clip or frac_bits$",
+    ):
+        check(num_clients=2048, frac_bits=52, clip=1.0)
+    params = SecAggParams(**ok)  # type: ignore[arg-type]
+    for index in (0, 5):
+        with pytest.raises(ValueError, match=rf"^client index {index} outside \[1, 4\]$"):
+            SecAggClient(index=index, params=params)
+
+
+def test_shares_and_commitments_are_validated_with_messages() -> None:
+    """Shamir and Feldman inputs at their edges: threshold 1 and n, share values 0 and
+    q - 1, index q - 1, the commitment 1 = g^0 are accepted; one step past is refused."""
+    secret = bytes(range(32))
+    for threshold in (1, 3):
+        shares, _ = shamir.deal(secret, threshold=threshold, indices=[1, 2, 3])
+        assert shamir.reconstruct({i: shares[i] for i in (1, 2, 3)[:threshold]}) == secret
+    top = shamir.PRIME - 1
+    far, _ = shamir.deal(secret, threshold=2, indices=[1, top])
+    assert shamir.reconstruct(far) == secret
+    refused: list[tuple[Callable[[], object], str]] = [
+        (
+            lambda: shamir.deal(secret[:31], threshold=2, indices=[1, 2]),
+            "secret must be 32 bytes, got 31",
+        ),
+        (lambda: shamir.deal(secret, threshold=0, indices=[1, 2]), "threshold 0 must be in [1, 2]"),
+        (lambda: shamir.deal(secret, threshold=3, indices=[1, 2]), "threshold 3 must be in [1, 2]"),
+        (
+            lambda: shamir.deal(secret, threshold=2, indices=[2, 1, 2]),
+            "share indices must be distinct, got [1, 2, 2]",
+        ),
+        (
+            lambda: shamir.deal(secret, threshold=1, indices=[0, 1]),
+            "share index 0 must be a positive field element",
+        ),
+        (
+            lambda: shamir.deal(secret, threshold=1, indices=[1, shamir.PRIME]),
+            f"share index {shamir.PRIME} must be a positive field element",
+        ),
+        (lambda: shamir.encode_share(shamir.PRIME), "share value outside the field"),
+        (lambda: shamir.encode_share(-1), "share value outside the field"),
+        (lambda: shamir.decode_share(bytes(3)), f"a share is {shamir.SHARE_BYTES} bytes, got 3"),
+        (
+            lambda: shamir.decode_share(shamir.PRIME.to_bytes(shamir.SHARE_BYTES, "big")),
+            "share value outside the field",
+        ),
+    ]
+    for call, message in refused:
+        with pytest.raises(shamir.ShareError, match=f"^{re.escape(message)}$"):
+            call()
+    for value in (0, top):
+        assert shamir.decode_share(shamir.encode_share(value)) == value
+    one = feldman.encode(1)  # g^0: a commitment to a zero coefficient
+    assert feldman.decode([one, feldman.encode(feldman.P - 1)], threshold=2) == [1, feldman.P - 1]
+    for blobs, message in (
+        ([one], "expected 2 commitments, got 1"),
+        (
+            [one, one[1:]],
+            f"commitment 1 has {feldman.ELEMENT_BYTES - 1} bytes, not {feldman.ELEMENT_BYTES}",
+        ),
+        ([feldman.encode(feldman.P), one], "commitment 0 is not an element of Z_p^*"),
+    ):
+        with pytest.raises(feldman.CommitmentError, match=f"^{re.escape(message)}$"):
+            feldman.decode(blobs, threshold=2)
+
+
+def test_the_server_leaves_out_malformed_keys_and_shares_saying_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """n = 11, t = 6. At the key step client 2 advertises a low-order key, client 3 no
+    receiving key for client 4, a stranger claims index 12 and client 1 repeats itself; at
+    the share step client 4 sends t - 1 key commitments, client 5 no ciphertext for client
+    1 and client 6 a 31-byte seed commitment. Each is left out with a warning naming it; the
+    directory is sorted; each holder gets the ciphertexts and commitments of exactly the
+    other dealers; the round completes over the 6 left."""
+    params = _params(n=11, max_dropouts=5, d=4)
+    clients = {i: SecAggClient(index=i, params=params) for i in range(1, 12)}
+    adverts = {i: c.advertise_keys() for i, c in clients.items()}
+    adverts[2] = dataclasses.replace(adverts[2], enc_public=bytes(32))
+    no_key_for_4 = {v: k for v, k in adverts[3].recv_publics.items() if v != 4}
+    adverts[3] = dataclasses.replace(adverts[3], recv_publics=no_key_for_4)
+    stranger = dataclasses.replace(adverts[1], index=12)
+    server = SecAggServer(params)
+    with caplog.at_level(logging.WARNING, logger="fedft.secagg.protocol"):
+        directory = server.collect_keys([*reversed(adverts.values()), stranger, adverts[1]])
+    assert [k.index for k in directory.keys] == [1, 4, 5, 6, 7, 8, 9, 10, 11]
+    for line in (
+        "client 2 advertised unusable keys",
+        "client 3 advertised unusable keys",
+        "ignoring keys from client 12",
+        "ignoring keys from client 1",
+    ):
+        assert f"secagg server: {line}" in caplog.messages
+    members = [k.index for k in directory.keys]
+    sent = {i: clients[i].share_keys(directory) for i in members}
+    sent[4] = dataclasses.replace(sent[4], key_commitments=sent[4].key_commitments[:-1])
+    sent[5] = dataclasses.replace(
+        sent[5], ciphertexts={v: c for v, c in sent[5].ciphertexts.items() if v != 1}
+    )
+    sent[6] = dataclasses.replace(sent[6], seed_commitment=sent[6].seed_commitment[:31])
+    with caplog.at_level(logging.WARNING, logger="fedft.secagg.protocol"):
+        routed = server.collect_shares([*sent.values(), sent[7]])
+    for line in (
+        "client 4 sent bad commitments: expected 6 commitments, got 5",
+        "client 5 sent incomplete shares",
+        "client 6 sent incomplete shares",
+        "ignoring shares from client 7",
+    ):
+        assert f"secagg server: {line}" in caplog.messages
+    u2 = (1, 7, 8, 9, 10, 11)
+    assert tuple(routed) == u2
+    for v in u2:
+        others = set(u2) - {v}
+        assert set(routed[v].ciphertexts) == others and set(routed[v].commitments) == others
+        assert routed[v].ciphertexts[1 if v != 1 else 7] == sent[1 if v != 1 else 7].ciphertexts[v]
+        commitments = routed[v].commitments[1 if v != 1 else 7]
+        dealer = sent[1 if v != 1 else 7]
+        assert commitments == (dealer.key_commitments, dealer.seed_commitments)
+    vectors = _vectors(11, 4, seed=15)
+    qualified = _qualify(server, clients, routed, u2)
+    assert qualified.qualified == u2
+    request = server.collect_masked([clients[i].masked_input(qualified, vectors[i]) for i in u2])
+    result = server.collect_unmasking([clients[i].unmask(request) for i in u2])
+    expected = np.sum([vectors[i] for i in u2], axis=0)
+    assert result.included == u2 and np.abs(result.total - expected).max() <= params.error_bound
