@@ -1236,6 +1236,10 @@ def test_every_complaint_is_resolved_even_after_a_bogus_or_a_settled_one(
         }
         checks[2] = ShareCheck(index=2, complaints={2: bytes(32), **checks[2].complaints})
         checks[7] = ShareCheck(index=7, complaints={11: bytes(32)})
+        # without client 10's answer too few qualify: the abort still names the convicted
+        with pytest.raises(SecAggAbort, match="5 clients qualified after the share check") as info:
+            copy.deepcopy(server).collect_checks([m for i, m in checks.items() if i != 10])
+        assert info.value.suspects == (2, 3, 6, 7)
         qualified = server.collect_checks(list(checks.values()))
     assert server.convicted == {2, 3, 6, 7}
     assert qualified.qualified == (1, 4, 5, 8, 9, 10)
