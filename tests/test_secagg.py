@@ -1398,6 +1398,12 @@ def test_checked_reconstruction_at_its_boundaries() -> None:
     zero = feldman.decode(feldman.commit([0]), threshold=1)  # f = 0: every share is 0
     assert feldman.verify(zero, 3, 0)
     assert not feldman.verify(zero, 3, feldman.Q)  # q = 0 mod q, but not a canonical share
+    # the batched check agrees at the same edges, and a share 0 off the polynomial fails
+    five = feldman.decode(feldman.commit([5]), threshold=1)  # f = 5
+    items = [(zero, 3, 0), (zero, 3, feldman.Q), (five, 3, 0), (five, 3, 5)]
+    assert feldman.failing(items) == {1, 2}
+    assert feldman.batch_verify([items[0], items[3]])
+    assert not feldman.batch_verify([items[0], items[1]])
 
 
 def test_quantize_clips_zeroes_non_finite_and_counts_what_it_changed() -> None:
