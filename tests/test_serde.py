@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -472,3 +473,213 @@ def test_start_with_unknown_parts_is_refused() -> None:
     rd[serde.META]["parts"] = "xyz"  # type: ignore[index]
     with pytest.raises(SerdeError, match=r"start message: parts = 'xyz' is not one of \["):
         serde.start_from_recorddict(rd)
+
+
+# --- every refusal names what was wrong, and every bound reaches every entry ------------------
+
+
+def _update_rd(
+    adapters: dict[str, LoraFactors] | None = None, **extras: torch.Tensor
+) -> RecordDict:
+    update = ClientUpdate(
+        client_id="c", adapters=adapters or _adapters(), num_examples=5, extras=dict(extras)
+    )
+    return _wire(serde.update_to_recorddict(update, parts="ab"))
+
+
+def test_decoding_refusals_name_the_entry_and_the_reason() -> None:
+    with pytest.raises(SerdeError, match=r"^entry 'w': expected a Flower Array, got Tensor$"):
+        serde.array_to_tensor(torch.ones(2), key="w")  # type: ignore[arg-type]
+    with pytest.raises(SerdeError, match=r"^entry '\?': 4 bytes of data"):
+        serde.array_to_tensor(_raw("float32", (2,), b"\0" * 4))  # no key given: '?'
+    with pytest.raises(SerdeError, match="only decodes tensors encoded by fedft.transport.serde$"):
+        serde.array_to_tensor(_raw("float32", (1,), b"\0" * 4, stype="numpy.ndarray"))
+    with pytest.raises(SerdeError, match=r"shape \(-1, 2\) is not a list of at most 8 sizes >= 0"):
+        serde.array_to_tensor(_raw("float32", (-1, 2), b""))
+    with pytest.raises(SerdeError, match=r"shape \(True, 2\) is not a list"):
+        serde.array_to_tensor(_raw("float32", (True, 2), b"\0" * 8))  # type: ignore[arg-type]
+    with pytest.raises(SerdeError, match="at most 8 sizes"):
+        serde.array_to_tensor(_raw("float32", (1,) * 9, b"\0" * 4))
+    not_bytes = _raw("float32", (1,), b"\0" * 4)
+    not_bytes.data = "abcd"  # type: ignore[assignment]
+    with pytest.raises(SerdeError, match=r"^entry 'x': data is str, not bytes$"):
+        serde.array_to_tensor(not_bytes, key="x")
+    with pytest.raises(SerdeError, match=r"^expected an ArrayRecord, got dict$"):
+        serde.tensors_from_record({})  # type: ignore[arg-type]
+    with pytest.raises(SerdeError, match=r"^expected an ArrayRecord of adapters, got dict$"):
+        serde.adapters_from_record({}, parts="ab")  # type: ignore[arg-type]
+    with pytest.raises(SerdeError, match=r"^expected a RecordDict, got dict$"):
+        serde.update_from_recorddict({}, client_id="c", parts="ab")  # type: ignore[arg-type]
+    rd = _update_rd()
+    rd[serde.META] = ArrayRecord()
+    with pytest.raises(SerdeError, match=r"^record 'fedft.meta' is a ArrayRecord, not a Config"):
+        serde.update_from_recorddict(rd, client_id="c", parts="ab")
+
+
+def test_encoding_refusals_name_the_entry_and_the_reason() -> None:
+    with pytest.raises(
+        SerdeError, match=r"allowed dtypes: \[.*\] \(and float64, cast to float32\)"
+    ):
+        serde.tensor_to_array(torch.ones(3, dtype=torch.bool))
+    with pytest.raises(SerdeError, match=r"^entry 'x': expected a Tensor, got list$"):
+        serde.tensors_to_record({"x": [1.0]})  # type: ignore[dict-item]
+    with pytest.raises(SerdeError, match=r"^parts = 'ba' is not allowed: one of \['ab', 'b', 'r'"):
+        serde.adapters_to_record(_adapters(), parts="ba")  # type: ignore[arg-type]
+    with pytest.raises(SerdeError, match=r"^module name 'a::b' must not contain '::'$"):
+        serde.adapters_to_record({"a::b": _adapters()[MODULES[0]]}, parts="ab")
+    with pytest.raises(SerdeError, match=r"^adapter 'm': expected LoraFactors, got <class 'dict'>"):
+        serde.adapters_to_record({"m": {}}, parts="ab")  # type: ignore[dict-item]
+    with pytest.raises(
+        SerdeError,
+        match=rf"^adapter '{MODULES[0]}' has a Fed-SB r matrix that parts='ab' would drop; "
+        r"use parts='abr' or 'r'$",
+    ):
+        serde.adapters_to_record(_adapters(with_r=True), parts="ab")
+    with pytest.raises(SerdeError, match=r"^metric 'acc' = 'high' is not a number$"):
+        serde.metrics_to_record({"acc": "high"})  # type: ignore[dict-item]
+
+
+def test_a_float64_cast_is_logged_with_its_shape(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="fedft.transport.serde"):
+        serde.tensor_to_array(torch.zeros(2, 3, dtype=torch.float64))
+    assert caplog.messages == ["casting a float64 tensor (2, 3) to float32 for the wire"]
+
+
+def test_shape_bounds_are_inclusive_and_empty_tensors_decode() -> None:
+    eight = serde.array_to_tensor(_raw("float32", (1,) * 8, b"\0" * 4))  # MAX_NDIM dims
+    assert eight.shape == (1,) * 8
+    empty = serde.array_to_tensor(_raw("float32", (0, 3), b""))
+    assert empty.shape == (0, 3)
+    at_limit = serde.array_to_tensor(_raw("float32", (4, 4), b"\0" * 64), max_numel=16)
+    assert at_limit.shape == (4, 4)
+
+
+def test_a_decoded_tensor_is_a_writable_copy_not_a_view_of_the_message() -> None:
+    arr = serde.tensor_to_array(torch.tensor([1.0, 2.0]))
+    t = serde.array_to_tensor(arr)
+    t.add_(1.0)  # a view of the (immutable) message bytes would write into them
+    assert t.tolist() == [2.0, 3.0]
+    assert serde.array_to_tensor(arr).tolist() == [1.0, 2.0]
+
+
+def test_record_decoders_pass_the_bounds_to_every_entry() -> None:
+    poisoned = torch.tensor([1.0, math.nan, 2.0, 3.0])
+    rec = serde.tensors_to_record({"head": poisoned})
+    assert torch.isnan(serde.tensors_from_record(rec)["head"]).any()  # checked only when asked
+    with pytest.raises(SerdeError, match=r"^entry 'head': contains NaN"):
+        serde.tensors_from_record(rec, check_finite=True)
+    with pytest.raises(SerdeError, match=r"^entry 'head': .* more than the limit of 3$"):
+        serde.tensors_from_record(rec, max_numel=3)
+    ad = _adapters(rank=2)
+    ad[MODULES[0]].b[0, 0] = math.nan
+    rec = serde.adapters_to_record(ad, parts="ab")
+    back = serde.adapters_from_record(rec, parts="ab", reference=ad)  # checked only when asked
+    assert torch.isnan(back[MODULES[0]].b).any()
+    with pytest.raises(SerdeError, match=rf"'{MODULES[0]}::b': contains NaN"):
+        serde.adapters_from_record(rec, parts="ab", reference=ad, check_finite=True)
+    with pytest.raises(SerdeError, match=rf"'{MODULES[0]}::a'.* more than the limit of 19$"):
+        serde.adapters_from_record(rec, parts="ab", reference=ad, max_numel=19)
+
+
+def test_an_update_checks_its_extras_like_its_adapters() -> None:
+    head = torch.randn(2, 12)
+    head[1, 3] = math.inf
+    with pytest.raises(SerdeError, match=r"^entry 'head': contains NaN or infinite values$"):
+        serde.update_from_recorddict(_update_rd(head=head), client_id="c", parts="ab")
+    big = _update_rd(head=torch.zeros(100, 100))
+    with pytest.raises(SerdeError, match=r"^entry 'head': .* more than the limit of 1000$"):
+        serde.update_from_recorddict(big, client_id="c", parts="ab", max_numel=1000)
+    with pytest.raises(SerdeError, match=rf"'{MODULES[0]}::a'.* more than the limit of 30$"):
+        serde.update_from_recorddict(_update_rd(), client_id="c", parts="ab", max_numel=30)
+
+
+def test_a_start_message_checks_adapters_and_extras_when_asked() -> None:
+    ad = _adapters(rank=2)
+    prompt = torch.randn(3, 8)
+    prompt[0, 0] = math.nan
+    rd = serde.start_to_recorddict(
+        adapters=ad, parts="ab", base_delta={}, extras={"prompt": prompt}, config={}
+    )
+    with pytest.raises(SerdeError, match=r"^entry 'prompt': contains NaN"):
+        serde.start_from_recorddict(rd, check_finite=True)
+    rd = serde.start_to_recorddict(
+        adapters=ad, parts="ab", base_delta={}, extras={"prompt": torch.zeros(30, 8)}, config={}
+    )
+    with pytest.raises(SerdeError, match=r"^entry 'prompt': .* more than the limit of 100$"):
+        serde.start_from_recorddict(rd, max_numel=100)  # each adapter factor holds <= 26
+    ad[MODULES[1]].a[0, 0] = math.inf
+    rd = serde.start_to_recorddict(adapters=ad, parts="ab", base_delta={}, extras={}, config={})
+    with pytest.raises(SerdeError, match=rf"'{MODULES[1]}::a': contains NaN or infinite"):
+        serde.start_from_recorddict(rd, check_finite=True)
+    with pytest.raises(SerdeError, match=rf"'{MODULES[0]}::a'.* more than the limit of 19$"):
+        serde.start_from_recorddict(rd, max_numel=19)
+    rd = serde.start_to_recorddict(adapters={}, parts="ab", base_delta={}, extras={}, config={})
+    rd[serde.CONFIG]["x"] = [1, 2]  # type: ignore[index]
+    with pytest.raises(SerdeError, match=r"^config 'x' = \[1, 2\]: expected int, float, str or"):
+        serde.start_from_recorddict(rd)
+
+
+def test_adapter_keys_modules_and_references_are_checked_with_clear_refusals() -> None:
+    one = serde.tensor_to_array(torch.ones(1, 1))
+    for key in ("::a", "x::y::a"):  # no module; a module name holding the separator
+        with pytest.raises(SerdeError, match=f"^unexpected entry '{key}': keys must be"):
+            serde.adapters_from_record(ArrayRecord({key: one}), parts="ab")
+    sent = {f"m{i}{'x' * 100}": _adapters(rank=2)[MODULES[0]] for i in range(4)}
+    rec = serde.adapters_to_record(sent, parts="ab")
+    shown = ", ".join(repr(f"m{i}{'x' * 78}") for i in range(3))  # 80 characters of each
+    with pytest.raises(SerdeError) as info:
+        serde.adapters_from_record(rec, parts="ab", modules=MODULES)
+    assert str(info.value) == (
+        f"4 adapter module(s) the receiver never sent ({shown}, ...); refused before decoding"
+    )
+    del rec[f"m3{'x' * 100}::a"], rec[f"m3{'x' * 100}::b"]
+    with pytest.raises(SerdeError, match=r"^3 adapter module\(s\) .*'\); refused before"):
+        serde.adapters_from_record(rec, parts="ab", modules=MODULES)
+    r_only = serde.adapters_to_record(_adapters(rank=2, with_r=True), parts="r")
+    with pytest.raises(SerdeError, match=r"^parts='r' needs the reference factors"):
+        serde.adapters_from_record(r_only, parts="r")
+    no_r = _adapters(rank=2)
+    with pytest.raises(SerdeError, match=r"r\(2, 2\) does not match the reference's None$"):
+        serde.adapters_from_record(r_only, parts="r", reference=no_r)
+    b_only = serde.adapters_to_record(_adapters(rank=2), parts="b")
+    with pytest.raises(SerdeError, match=r"b\(12, 2\) does not match the reference's \(12, 4\)$"):
+        serde.adapters_from_record(b_only, parts="b", reference=_adapters(rank=4))
+    ab = serde.adapters_to_record(_adapters(rank=2), parts="ab")
+    with pytest.raises(SerdeError, match=rf"^adapter '{MODULES[0]}': no scaling was sent and no"):
+        serde.adapters_from_record(ab, parts="ab", scalings={})
+    ab[f"{MODULES[0]}::b"] = serde.tensor_to_array(torch.zeros(12, 3))  # rank 2 vs 3
+    with pytest.raises(SerdeError, match=rf"^adapter '{MODULES[0]}': .*\S"):
+        serde.adapters_from_record(ab, parts="ab", scalings={MODULES[0]: 1.0})
+
+
+def test_an_ab_update_of_another_rank_is_decoded_for_the_aggregator_to_judge() -> None:
+    """HetLoRA / FLoRA clients train their own ranks: "ab" is never compared to a reference."""
+    global_rank4 = _adapters(rank=4)
+    rd = _update_rd(_adapters(rank=2, scaling=9.0))
+    back = serde.update_from_recorddict(rd, client_id="c", parts="ab", reference=global_rank4)
+    assert back.adapters[MODULES[0]].a.shape == (2, 10)
+    # the scaling the client sent reaches the caller (validation compares it to the global one)
+    assert back.adapters[MODULES[0]].scaling == 9.0 != global_rank4[MODULES[0]].scaling
+    extra = dict(_adapters(rank=4))
+    extra["layers.9.injected"] = extra[MODULES[0]]
+    with pytest.raises(SerdeError, match=r"^1 adapter module\(s\) the receiver never sent"):
+        serde.update_from_recorddict(
+            _update_rd(extra), client_id="c", parts="ab", reference=global_rank4
+        )
+
+
+def test_update_meta_scalings_and_metrics_are_checked_exactly() -> None:
+    rd = _update_rd()
+    rd[serde.META]["num_examples"] = 1  # type: ignore[index]
+    assert serde.update_from_recorddict(rd, client_id="c", parts="ab").num_examples == 1
+    rd[serde.META]["num_examples"] = True  # type: ignore[index]
+    with pytest.raises(SerdeError, match=r"^client 'c': num_examples = True is not an integer"):
+        serde.update_from_recorddict(rd, client_id="c", parts="ab")
+    rd[serde.META]["num_examples"] = 5  # type: ignore[index]
+    rd[serde.SCALING][MODULES[0]] = math.inf  # type: ignore[index]
+    with pytest.raises(SerdeError, match=rf"^fedft.scaling\['{MODULES[0]}'\] = inf is not finite$"):
+        serde.update_from_recorddict(rd, client_id="c", parts="ab")
+    rd = _update_rd()
+    rd[serde.METRICS]["loss"] = [1.0, 2.0]  # type: ignore[index]
+    with pytest.raises(SerdeError, match=r"^metric 'loss': lists are not accepted, send scalars$"):
+        serde.update_from_recorddict(rd, client_id="c", parts="ab")

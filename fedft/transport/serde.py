@@ -287,10 +287,14 @@ def scalings_to_config(adapters: Mapping[str, LoraFactors]) -> ConfigRecord:
 
 
 def _group(record: ArrayRecord, allowed: set[str]) -> dict[str, dict[str, Array]]:
-    """Split ``"<module>::<part>"`` keys into ``{module: {part: Array}}``."""
+    """Split ``"<module>::<part>"`` keys into ``{module: {part: Array}}``.
+
+    Split at the first separator: a key holding two (a module name with ``::``, which the
+    encoder refuses to write) leaves a part that is not allowed, so it is refused.
+    """
     grouped: dict[str, dict[str, Array]] = {}
     for key, array in record.items():
-        module, sep, part = key.rpartition(_SEP)
+        module, sep, part = key.partition(_SEP)
         if not sep or not module or part not in allowed:
             raise SerdeError(
                 f"unexpected entry {key!r}: keys must be '<module>{_SEP}<part>' with part in "
