@@ -845,3 +845,171 @@ def test_epsilon_is_never_negative_even_at_a_large_delta(mechanism: str) -> None
     history = [(1.0, 0.1, 10)]
     assert epsilon_of(history, delta=0.5, mechanism=mechanism) == 0.0
     assert epsilon_of(history, delta=1e-5, mechanism=mechanism) > 0.0
+
+
+def test_server_ledger_reports_the_largest_epsilon_and_resumes_from_json():
+    """The server's mirror of per-client ε: what metrics.jsonl shows and what a resume keeps."""
+    from types import SimpleNamespace
+
+    from fedft.privacy.ledger import EPSILON_COVERS, PrivacyLedger
+
+    ledger = PrivacyLedger()
+    assert ledger.epsilon() is None and ledger.record() == {}  # no report yet: no ε
+    assert ledger.able([2, 0, 1]) == [2, 0, 1]
+    ledger.update(
+        SimpleNamespace(epsilon={2: 1.25, 0: 0.5}, accountants={0: "s0", 2: "s2"}, refused=[])
+    )
+    # a later report replaces the earlier one; refusing clients are out of the sampling
+    ledger.update(SimpleNamespace(epsilon={0: 0.75}, accountants={0: "s0'"}, refused=[5, 1]))
+    assert ledger.epsilon() == 1.25  # the largest any client spent, not the last reported
+    assert ledger.able([0, 1, 2, 5, 7]) == [0, 2, 7]
+    record = ledger.record()
+    assert record == {
+        "epsilon_level": "sample",
+        "epsilon_covers": EPSILON_COVERS,
+        "epsilon_clients": {"0": 0.75, "2": 1.25},
+    }
+    assert EPSILON_COVERS == "release" and list(record["epsilon_clients"]) == ["0", "2"]
+    state = json.loads(json.dumps(ledger.state_dict()))  # a checkpoint is plain JSON
+    assert state == {
+        "accountants": {"0": "s0'", "2": "s2"},
+        "exhausted": [1, 5],
+        "spent": {"0": 0.75, "2": 1.25},
+    }
+    resumed = PrivacyLedger()
+    resumed.load_state_dict(state)
+    assert resumed == ledger  # int client keys again: the next round's updates replace them
+    resumed.update(SimpleNamespace(epsilon={2: 1.5}, accountants={}, refused=[]))
+    assert resumed.spent == {0: 0.75, 2: 1.5} and resumed.epsilon() == 1.5
+    # a checkpoint written before the ledger existed restores an empty ledger
+    old = PrivacyLedger(accountants={3: "x"}, spent={3: 1.0}, exhausted={3})
+    old.load_state_dict({})
+    assert old == PrivacyLedger()
+
+
+def test_central_dp_refusals_name_the_client_and_what_differs():
+    """What an operator reads when a client's reply cannot be measured against the reference."""
+    from fedft.aggregation.wrapper import MissingReferenceError
+
+    inner, ref = make_inner("ffa")  # trains B only; A is frozen and shared
+    dp = CentralDP(
+        inner, clip_norm=1.0, noise_multiplier=0.0, expected_clients=2, num_clients=4, seed=0
+    )
+    good = client_update(ref, "b", "c0", 0.1)
+    with pytest.raises(
+        MissingReferenceError,
+        match=r"^central_dp measures updates against what clients started from: call "
+        r"set_reference\(global_adapters, extras=\.\.\.\) before aggregate$",
+    ):
+        dp.aggregate([good])
+    dp.set_reference({})  # a reference without adapters cannot measure an update either
+    with pytest.raises(
+        MissingReferenceError,
+        match=r"^CentralDP needs the adapters clients started from: call init_global or "
+        r"set_reference\(global_adapters, extras=\.\.\.\) before aggregate$",
+    ):
+        dp.aggregate([good])
+    dp.set_reference(ref)
+    with pytest.raises(
+        ValueError, match=r"^central_dp: a client replies more than once: \['c0', 'c0', 'c1'\]$"
+    ):
+        dp.aggregate([good, client_update(ref, "b", "c1", 0.1), good])
+    mod = "layer0.q"
+
+    def changed(**fields):
+        f = good.adapters[mod]
+        adapters = {
+            **good.adapters,
+            mod: LoraFactors(**{"a": f.a, "b": f.b, "scaling": f.scaling, "r": f.r, **fields}),
+        }
+        return ClientUpdate("c7", adapters, 10)
+
+    fewer = ClientUpdate("c7", {m: f for m, f in good.adapters.items() if m != mod}, 10)
+    refusals = [
+        (
+            fewer,
+            r"^client 'c7' adapts \['layer0\.v', 'layer1\.q', 'layer1\.v'\], the reference has "
+            r"\['layer0\.q', 'layer0\.v', 'layer1\.q', 'layer1\.v'\]$",
+        ),
+        (
+            ClientUpdate("c7", good.adapters, 10, extras={"head": torch.zeros(2, 16)}),
+            r"^client 'c7' sends extras \['head'\]; the reference has \[\]: pass extras= to "
+            r"set_reference$",
+        ),
+        (changed(scaling=SCALING * 2), r"^client 'c7': module 'layer0\.q' scaling differs$"),
+        (
+            changed(b=torch.zeros(65, RANK)),
+            r"^client 'c7': module 'layer0\.q' field 'b' does not match the reference's shape$",
+        ),
+        (
+            changed(r=torch.eye(RANK)),
+            r"^client 'c7': module 'layer0\.q' field 'r' does not match the reference's shape$",
+        ),
+        (
+            changed(a=ref[mod].a + 1e-3),
+            r"^client 'c7' changed the frozen 'a' of module 'layer0\.q'; ffa trains only "
+            r"\('b',\)$",
+        ),
+    ]
+    before = dp.state_dict()
+    for update, message in refusals:
+        with pytest.raises(ValueError, match=message):
+            dp.aggregate([update])
+    assert dp.accountant.steps == 0 and dp.state_dict()["round"] == before["round"]
+    # the frozen A sent back in another dtype with the same values is not a change
+    wider = changed(a=ref[mod].a.to(torch.float64))
+    dp.aggregate([wider])
+    assert dp.accountant.steps == 1
+    # extras of another shape than the reference's
+    head = torch.zeros(2, 16)
+    dp.set_reference(ref, extras={"head": head})
+    wide = ClientUpdate("c7", good.adapters, 10, extras={"head": torch.zeros(3, 16)})
+    with pytest.raises(ValueError, match=r"^client 'c7': extras 'head' shape differs$"):
+        dp.aggregate([wide])
+
+
+def test_whoever_knows_the_seed_removes_the_noise_and_no_seed_draws_it_fresh():
+    """Why deployment runs with seed None: a known seed lets anyone subtract the noise."""
+    from fedft.privacy.central import privatise_sum
+
+    clipped = torch.linspace(-1.0, 1.0, 2000, dtype=torch.float64)  # Σ_k Δ̂_k
+    sigma, c, m = 3.0, 0.5, 4
+    out = privatise_sum(clipped, noise_multiplier=sigma, clip_norm=c, denominator=m, seed=1234)
+    assert out.dtype == torch.float64
+    # the attacker redraws the mechanism's noise (a float64 standard normal from the seed)
+    z = torch.randn(2000, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
+    torch.testing.assert_close(out * m - sigma * c * z, clipped, rtol=0, atol=1e-12)
+    assert float((out * m - clipped).std()) == pytest.approx(sigma * c, rel=0.05)
+    # without a seed every release draws fresh noise of the same size
+    a, b = (
+        privatise_sum(clipped, noise_multiplier=sigma, clip_norm=c, denominator=m, seed=None)
+        for _ in range(2)
+    )
+    assert not torch.equal(a, b)
+    assert float((a * m - clipped).std()) == pytest.approx(sigma * c, rel=0.05)
+    # σ = 0 (tests only): the mean of the clipped sum, exactly
+    assert torch.equal(
+        privatise_sum(clipped, noise_multiplier=0.0, clip_norm=c, denominator=m, seed=None),
+        clipped / m,
+    )
+
+
+def test_a_user_round_over_the_budget_is_logged_with_its_reason(caplog):
+    import logging
+
+    inner, ref = make_inner("fedit")
+    dp = CentralDP(
+        inner, clip_norm=1.0, noise_multiplier=0.5, expected_clients=2, num_clients=4, seed=0,
+        accountant="rdp", epsilon_budget=0.1, delta=1e-5,
+    )  # fmt: skip
+    dp.set_reference(ref)
+    with (
+        caplog.at_level(logging.WARNING, logger="fedft.privacy.central"),
+        pytest.raises(BudgetExceededError) as err,
+    ):
+        dp.aggregate([client_update(ref, "ab", "c0", 0.01)])
+    message = err.value.decision.message
+    assert "0.1" in message and dp.accountant.steps == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "fedft.privacy.central"] == [
+        message
+    ]

@@ -415,3 +415,92 @@ def test_split_drops_public_copies_keeps_the_rest() -> None:
     )
     assert not set(public.text) & (set(train.text) | set(test.text))
     assert len(train) == 45 and len(test) == 5 and 0 < len(public) <= 10
+
+
+def test_node_budget_is_checked_at_its_boundaries_and_named() -> None:
+    """`fedft client --epsilon/--delta/--accountant`: an impossible own budget is refused."""
+    from fedft.privacy.client import NodePolicy
+
+    for eps, delta in ((0.0, 1e-5), (-1.0, 1e-5), (3.0, 0.0), (3.0, 1.0), (3.0, 1.5)):
+        with pytest.raises(
+            ValueError,
+            match=rf"^node budget epsilon = {eps!r} \(> 0\) at delta = {delta!r} \(in \(0, 1\)\)$",
+        ):
+            NodePolicy(epsilon=eps, delta=delta, accountant="prv")
+    # a budget below 1 and a delta just inside (0, 1) are budgets
+    assert NodePolicy(epsilon=0.5, delta=1e-9, accountant="rdp").epsilon == 0.5
+    assert NodePolicy(epsilon=3.0, delta=0.999, accountant="prv").delta == 0.999
+    with pytest.raises(
+        ValueError, match=r"^accountant 'gdp' cannot be used for a node's own budget: "
+    ):
+        NodePolicy(epsilon=3.0, delta=1e-5, accountant="gdp")  # type: ignore[arg-type]
+
+
+def test_user_level_metrics_without_an_aggregation_error_are_published() -> None:
+    """A round with no `agg_error` / `agg_clients` (nobody replied) still publishes its line."""
+    from fedft.privacy.release import published_round
+
+    row = {"round": 2, "clients": 0, "loss": None, "epsilon": 0.4}
+    assert published_round(row, mode="user") == {
+        "round": 2,
+        "clients": None,
+        "loss": None,
+        "epsilon": 0.4,
+    }
+    assert published_round(row, mode="off") == row
+
+
+def test_ledger_file_in_a_new_folder_its_size_limit_and_what_the_log_says(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`fedft client --ledger DIR/…/ledger.json` on a fresh node, and a file of exactly 1 MiB."""
+    import logging
+
+    from fedft.privacy.client_ledger import (
+        MAX_LEDGER_BYTES,
+        ClientLedger,
+        LedgerError,
+        read_ledger,
+        write_ledger,
+    )
+
+    path = tmp_path / "node" / "privacy" / "ledger.json"  # neither folder exists yet
+    ledger = ClientLedger().grow(noise_multiplier=1.2, sample_rate=0.05, steps=7)
+    with caplog.at_level(logging.INFO, logger="fedft.privacy.client_ledger"):
+        write_ledger(path, ledger)
+    assert read_ledger(path) == ledger
+    assert [r.getMessage() for r in caplog.records] == [f"privacy ledger {path}: 7 steps"]
+    # the size limit is inclusive: a ledger padded to exactly MAX bytes is still read
+    text = ledger.to_json()
+    path.write_text(text + " " * (MAX_LEDGER_BYTES - len(text)))
+    assert path.stat().st_size == MAX_LEDGER_BYTES and read_ledger(path) == ledger
+    path.write_text(text + " " * (MAX_LEDGER_BYTES + 1 - len(text)))
+    with pytest.raises(
+        LedgerError,
+        match=rf"^{path}: {MAX_LEDGER_BYTES + 1} bytes is not a privacy ledger "
+        rf"\(max {MAX_LEDGER_BYTES}\)$",
+    ):
+        read_ledger(path)
+
+
+def test_ledger_refusals_say_what_is_wrong_with_the_file() -> None:
+    """A node refuses to train on a ledger it cannot read; the message says what it found."""
+    from fedft.privacy.client_ledger import ClientLedger, LedgerError
+
+    refusals = {
+        "{not json": r"^the privacy ledger is not JSON: Expecting property name",
+        "[]": r"^not a version-1 privacy ledger$",
+        '{"version": 2, "history": []}': r"^not a version-1 privacy ledger$",
+        '{"version": 1}': r"^the privacy ledger has no history list$",
+        '{"version": 1, "history": {"a": 1}}': r"^the privacy ledger has no history list$",
+        '{"version": 1, "history": [[1.0, 0.1]]}': (
+            r"^bad ledger entry \[1\.0, 0\.1\]: want \[sigma, q, steps\]$"
+        ),
+        '{"version": 1, "history": [5]}': r"^bad ledger entry 5: want \[sigma, q, steps\]$",
+        '{"version": 1, "history": [[1.0, 0.1, -2]]}': (
+            r"^bad ledger entry \[1\.0, 0\.1, -2\]: steps = -2: must be an integer >= 0$"
+        ),
+    }
+    for text, message in refusals.items():
+        with pytest.raises(LedgerError, match=message):
+            ClientLedger.from_json(text)

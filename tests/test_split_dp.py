@@ -303,3 +303,72 @@ def test_server_dp_adds_noise_once_per_step_even_for_an_empty_batch() -> None:
         assert abs(float(flat.std()) - 0.75) < 0.1
     first, second = (torch.cat([g.flatten() for g in r.values()]) for r in released)
     assert not torch.equal(first, second)  # fresh noise every step
+
+
+def test_clipped_sum_at_its_edges_and_refusals_name_the_setting() -> None:
+    """An empty Poisson batch, a missing gradient, ‖g‖ = C, a tiny g, half-precision params."""
+    with pytest.raises(ValueError, match=r"^max_grad_norm = 0: must be > 0$"):
+        ClippedSum({"w": torch.zeros(2)}, max_grad_norm=0)
+    with pytest.raises(ValueError, match=r"^parts = 0: at least one clipped part$"):
+        side_noise_multiplier(1.5, 0)
+    assert side_noise_multiplier(1.5, 1) == 1.5  # the client's side alone: σ as accounted
+
+    clip = ClippedSum({"w": torch.zeros(2), "v": torch.zeros(3)}, max_grad_norm=5.0)
+    empty = clip.add([])  # an empty Poisson batch is a step too
+    assert empty.shape == (0,) and clip.samples == 0
+    # an example without any gradient counts as a zero gradient, not an error
+    assert clip.add([{"w": None}, {}]).tolist() == [0.0, 0.0] and clip.samples == 2
+    # a gradient naming a parameter the sum does not hold: refused before anything is added
+    with pytest.raises(KeyError, match=r"gradients for unknown parameters \['x'\]"):
+        clip.add([{"w": torch.ones(2), "x": torch.ones(1)}])
+    assert clip.samples == 2 and not any(t.any() for t in clip.total.values())
+    # norm exactly C is not clipped (the count the client keeps to itself)
+    assert clip.add([{"w": torch.tensor([3.0, 4.0])}]).tolist() == [5.0] and clip.clipped == 0
+    assert clip.add([{"w": torch.tensor([6.0, 8.0])}]).tolist() == [10.0] and clip.clipped == 1
+    # a gradient far below the 1e-6 guard is added as it is (factor 1, never flipped)
+    tiny = torch.tensor([0.0, 3e-7, 4e-7])
+    clip.add([{"v": tiny}])
+    assert torch.equal(clip.total["v"], tiny)
+
+    # half-precision parameters: the sum accumulates in float32 (in bfloat16, 0.01 added 1024
+    # times stalls near 4)
+    half = ClippedSum({"w": torch.zeros(1, dtype=torch.bfloat16)}, max_grad_norm=1.0)
+    g = torch.full((1,), 0.01, dtype=torch.bfloat16)
+    half.add([{"w": g}] * 1024)
+    assert half.total["w"].dtype == torch.float32
+    assert float(half.total["w"]) == pytest.approx(1024 * float(g), rel=1e-4)
+
+
+def test_noisy_mean_refuses_bad_settings_and_draws_its_noise_from_the_generator() -> None:
+    summed = ClippedSum({"w": torch.zeros(4), "b": torch.zeros(2, 2)}, max_grad_norm=0.5)
+    summed.add([{"w": torch.tensor([1.0, 0.0, 0.0, 0.0])}])  # clipped to norm 0.5
+    with pytest.raises(
+        ValueError, match=r"^noise_multiplier = -0.5 \(>= 0\), expected_batch_size = 4 \(>= 1\)$"
+    ):
+        noisy_mean(summed, noise_multiplier=-0.5, expected_batch_size=4, generator=None)
+    with pytest.raises(ValueError, match=r"expected_batch_size = 0 \(>= 1\)$"):
+        noisy_mean(summed, noise_multiplier=1.0, expected_batch_size=0, generator=None)
+    # B = 1 is a batch: the clipped sum itself
+    one = noisy_mean(summed, noise_multiplier=0.0, expected_batch_size=1, generator=None)
+    torch.testing.assert_close(one["w"], torch.tensor([0.5, 0.0, 0.0, 0.0]), atol=1e-6, rtol=0)
+    assert torch.equal(one["b"], torch.zeros(2, 2))
+    # the noise is N(0, σ²C²) from the generator given: the same seed gives the same step
+    # (reproducible simulations), and it is added to the sum, coordinate by coordinate
+    sigma, b = 2.0, 4
+    got = noisy_mean(
+        summed,
+        noise_multiplier=sigma,
+        expected_batch_size=b,
+        generator=torch.Generator().manual_seed(11),
+    )
+    again = noisy_mean(
+        summed,
+        noise_multiplier=sigma,
+        expected_batch_size=b,
+        generator=torch.Generator().manual_seed(11),
+    )
+    assert all(torch.equal(got[k], again[k]) for k in got)
+    gen = torch.Generator().manual_seed(11)
+    for name, total in summed.total.items():  # the parameters in order, one draw each
+        z = torch.normal(0.0, 1.0, size=total.shape, generator=gen)
+        torch.testing.assert_close(got[name], (total + sigma * 0.5 * z) / b, atol=1e-6, rtol=0)
