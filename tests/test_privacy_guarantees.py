@@ -504,3 +504,67 @@ def test_ledger_refusals_say_what_is_wrong_with_the_file() -> None:
     for text, message in refusals.items():
         with pytest.raises(LedgerError, match=message):
             ClientLedger.from_json(text)
+
+
+def test_a_clients_round_uses_its_configured_noise_and_its_own_history() -> None:
+    """σ as configured (0: calibrated over the plan), ε from the client's ledger, δ < 1/n."""
+    from fedft.privacy.client import delta_refusal, prepare_round
+    from fedft.privacy.client_ledger import ClientLedger
+
+    ledger = ClientLedger().grow(noise_multiplier=1.0, sample_rate=0.08, steps=20)
+    kwargs: dict[str, Any] = dict(
+        epsilon=8.0,
+        delta=1e-5,
+        mechanism="rdp",
+        planned_steps=100,
+        num_examples=100,
+        batch_size=8,
+        local_steps=5,
+        ledger=ledger,
+    )
+    configured = prepare_round(noise_multiplier=2.0, **kwargs)
+    assert configured.noise_multiplier == 2.0 and configured.sample_rate == 0.08
+    d = configured.decision
+    assert d.allowed is True and d.level == "sample"
+    assert d.epsilon_now == pytest.approx(
+        epsilon_of([(1.0, 0.08, 20)], delta=1e-5, mechanism="rdp")
+    )
+    assert d.epsilon_after == pytest.approx(
+        epsilon_of([(1.0, 0.08, 20), (2.0, 0.08, 5)], delta=1e-5, mechanism="rdp")
+    )
+    assert configured.spent_if_run(5).history == ((1.0, 0.08, 20), (2.0, 0.08, 5))
+    calibrated = prepare_round(noise_multiplier=0.0, **kwargs)
+    assert calibrated.noise_multiplier == calibrate_noise(
+        epsilon=8.0, delta=1e-5, sample_rate=0.08, steps=100, accountant="rdp"
+    )
+    # the ledger's history under each analysis: PRV and RDP give their own ε
+    for mechanism in ("prv", "rdp"):
+        acc = ledger.accountant(mechanism)  # type: ignore[arg-type]
+        assert acc.mechanism == mechanism and acc.level == "sample"
+        assert acc.epsilon(1e-5) == epsilon_of([(1.0, 0.08, 20)], delta=1e-5, mechanism=mechanism)
+    # δ just below 1/n is allowed; at 1/n the refusal names the setting and the bound
+    assert delta_refusal(delta=0.0049, num_examples=200) is None
+    assert delta_refusal(delta=0.01, num_examples=200) == (
+        "refused: privacy.delta = 0.01 is not below 1/n = 0.005 for this client's 200 "
+        "examples; a delta that large allows publishing an example outright: lower "
+        "privacy.delta below 0.005"
+    )
+    refused = prepare_round(noise_multiplier=2.0, **{**kwargs, "delta": 0.01})
+    assert refused.decision.allowed is False
+    assert refused.decision.message == delta_refusal(delta=0.01, num_examples=100)
+
+
+def test_a_ledger_extends_another_only_by_more_steps_at_its_end() -> None:
+    from fedft.privacy.client_ledger import ClientLedger
+
+    older = ClientLedger(((1.0, 0.1, 5), (2.0, 0.1, 1)))
+    assert ClientLedger(((1.0, 0.1, 5), (2.0, 0.1, 3))).extends(older)
+    assert ClientLedger(((1.0, 0.1, 5), (2.0, 0.1, 1), (3.0, 0.2, 4))).extends(older)
+    assert older.extends(older) and older.extends(ClientLedger())
+    # an earlier run rewritten (more or fewer steps), or the last one shortened: not an extension
+    assert not ClientLedger(((1.0, 0.1, 6), (2.0, 0.1, 1))).extends(older)
+    assert not ClientLedger(((1.0, 0.1, 4), (2.0, 0.1, 2))).extends(older)
+    assert not ClientLedger(((1.0, 0.1, 5),)).extends(older)
+    assert not ClientLedger(((1.0, 0.2, 5), (2.0, 0.1, 1))).extends(older)
+    # the file a node keeps: canonical JSON (sorted keys)
+    assert older.to_json() == '{"history": [[1.0, 0.1, 5], [2.0, 0.1, 1]], "version": 1}'
