@@ -124,12 +124,19 @@ def test_all_clipped_step_has_norm_at_most_clip():
     model, data = tiny_lora_bert(), toy_data()
     before = flat(trainable(model))
     clip = 1e-4  # far below every per-example gradient norm
-    train_private(
+    metrics = train_private(
         model, data, steps=1, batch_size=len(data), lr=1.0, noise_multiplier=0.0,
         max_grad_norm=clip, accountant=PrivacyAccountant("rdp"), seed=0,
     )  # fmt: skip
     step = before - flat(trainable(model))
     assert 0.1 * clip < float(step.norm()) <= clip * (1 + 1e-4)
+    # every example's own gradient norm (not the batch's, not one parameter's) exceeded C
+    assert metrics["clip_fraction"] == 1.0 and metrics["mean_batch_size"] == len(data)
+    huge = train_private(
+        model, data, steps=1, batch_size=len(data), lr=1.0, noise_multiplier=0.0,
+        max_grad_norm=1e6, accountant=PrivacyAccountant("rdp"), seed=0,
+    )  # fmt: skip
+    assert huge["clip_fraction"] == 0.0
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -275,6 +282,21 @@ def test_refuses_user_level_accountant_and_bad_arguments():
         )
     with pytest.raises(ValueError, match="physical_batch_size"):
         PerformanceFlags(physical_batch_size=-1)
+    acc = PrivacyAccountant("rdp")
+    for bad in ({"steps": -1}, {"lr": 0.0}, {"noise_multiplier": -0.5}):
+        settings = {**kwargs, **bad}
+        with pytest.raises(
+            ValueError,
+            match=rf"^steps = {settings['steps']} \(>= 0\), lr = {settings['lr']} \(> 0\), "
+            rf"noise_multiplier = {settings['noise_multiplier']} \(>= 0\), max_grad_norm = 1.0 "
+            r"\(> 0\)$",
+        ):
+            train_private(model, data, accountant=acc, **settings)
+    # zero steps is a round that trains nothing and spends nothing
+    before = trainable(model)
+    metrics = train_private(model, data, accountant=acc, **{**kwargs, "steps": 0}, delta=1e-5)
+    assert metrics["steps"] == 0.0 and metrics["epsilon_sample"] == 0.0 and acc.steps == 0
+    assert all(torch.equal(p, before[n]) for n, p in trainable(model).items())
 
 
 def test_causal_lm_per_sample_loss_is_independent_of_the_batch():

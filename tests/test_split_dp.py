@@ -14,7 +14,7 @@ from test_split_support import HIDDEN, batch, tiny_bert, tiny_llama
 
 from client.split_client import SplitClient, SplitError
 from fedft.privacy import per_sample_loss
-from fedft.privacy.persample import ClippedSum, noisy_mean, side_noise_multiplier
+from fedft.privacy.persample import ClippedSum, noisy_mean, poisson_sample, side_noise_multiplier
 from fedft.prompt import PromptTunedModel, SoftPrompt, set_prompt
 from fedft.split import BodyAdapter, split_model
 from fedft.split.dp import client_trainables, shortcut_per_sample
@@ -372,3 +372,16 @@ def test_noisy_mean_refuses_bad_settings_and_draws_its_noise_from_the_generator(
     for name, total in summed.total.items():  # the parameters in order, one draw each
         z = torch.normal(0.0, 1.0, size=total.shape, generator=gen)
         torch.testing.assert_close(got[name], (total + sigma * 0.5 * z) / b, atol=1e-6, rtol=0)
+
+
+def test_poisson_batches_come_from_the_generator_given() -> None:
+    """A client's batches are reproducible from its seed; each example is an independent coin."""
+
+    def draw(seed: int, n: int = 2000, q: float = 0.25) -> torch.Tensor:
+        return poisson_sample(n, q, torch.Generator().manual_seed(seed))
+
+    a = draw(3)
+    assert torch.equal(a, draw(3)) and not torch.equal(a, draw(4))
+    assert a.dtype == torch.int64 and bool((a[1:] > a[:-1]).all())
+    assert abs(len(a) - 500) < 5 * math.sqrt(2000 * 0.25 * 0.75)
+    assert torch.equal(draw(0, n=40, q=1.0), torch.arange(40))
