@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -120,7 +121,7 @@ def test_noise_free_step_equals_per_example_clipped_mean():
     assert metrics["mean_batch_size"] == len(data) and metrics["steps"] == 1.0
 
 
-def test_all_clipped_step_has_norm_at_most_clip():
+def test_all_clipped_step_has_norm_at_most_clip(caplog):
     model, data = tiny_lora_bert(), toy_data()
     before = flat(trainable(model))
     clip = 1e-4  # far below every per-example gradient norm
@@ -132,11 +133,17 @@ def test_all_clipped_step_has_norm_at_most_clip():
     assert 0.1 * clip < float(step.norm()) <= clip * (1 + 1e-4)
     # every example's own gradient norm (not the batch's, not one parameter's) exceeded C
     assert metrics["clip_fraction"] == 1.0 and metrics["mean_batch_size"] == len(data)
-    huge = train_private(
-        model, data, steps=1, batch_size=len(data), lr=1.0, noise_multiplier=0.0,
-        max_grad_norm=1e6, accountant=PrivacyAccountant("rdp"), seed=0,
-    )  # fmt: skip
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedft.privacy.dpsgd"):
+        huge = train_private(
+            model, data, steps=1, batch_size=len(data), lr=1.0, noise_multiplier=0.0,
+            max_grad_norm=1e6, accountant=PrivacyAccountant("rdp"), seed=0,
+        )  # fmt: skip
     assert huge["clip_fraction"] == 0.0
+    # σ = 0 trains, and says that it is not private
+    assert [r.getMessage() for r in caplog.records] == [
+        "noise_multiplier = 0: clipped but not private (epsilon = inf)"
+    ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -214,7 +221,7 @@ def test_accountant_records_exactly_the_steps_taken_across_rounds():
     )
 
 
-def test_budget_is_never_exceeded_and_a_refused_round_changes_nothing():
+def test_budget_is_never_exceeded_and_a_refused_round_changes_nothing(caplog):
     model, data = tiny_lora_bert(), toy_data()
     acc = PrivacyAccountant("rdp")
     budget, delta = 3.0, 1e-5
@@ -225,9 +232,13 @@ def test_budget_is_never_exceeded_and_a_refused_round_changes_nothing():
     ran = 0
     for round_ in range(20):
         before_w, before_acc = flat(trainable(model)), acc.state_dict()
+        caplog.clear()
         try:
-            train_private(model, data, seed=round_, **kwargs)
+            with caplog.at_level(logging.WARNING, logger="fedft.privacy.dpsgd"):
+                train_private(model, data, seed=round_, **kwargs)
         except BudgetExceededError as err:
+            # the node's log says why it refused
+            assert [r.getMessage() for r in caplog.records] == [err.decision.message]
             assert not err.decision.allowed and err.decision.level == "sample"
             assert err.decision.epsilon_after > budget
             assert torch.equal(flat(trainable(model)), before_w)
@@ -271,7 +282,7 @@ def test_model_is_clean_and_usable_after_training():
     )  # fmt: skip
 
 
-def test_refuses_user_level_accountant_and_bad_arguments():
+def test_refuses_user_level_accountant_and_bad_arguments(caplog):
     model, data = tiny_lora_bert(), toy_data()
     kwargs = dict(steps=1, batch_size=2, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
     with pytest.raises(ValueError, match="sample-level"):
@@ -283,6 +294,8 @@ def test_refuses_user_level_accountant_and_bad_arguments():
     with pytest.raises(ValueError, match="physical_batch_size"):
         PerformanceFlags(physical_batch_size=-1)
     acc = PrivacyAccountant("rdp")
+    with pytest.raises(ValueError, match=r"^epsilon_budget needs delta$"):
+        train_private(model, data, accountant=acc, epsilon_budget=3.0, **kwargs)
     for bad in ({"steps": -1}, {"lr": 0.0}, {"noise_multiplier": -0.5}):
         settings = {**kwargs, **bad}
         with pytest.raises(
@@ -294,7 +307,10 @@ def test_refuses_user_level_accountant_and_bad_arguments():
             train_private(model, data, accountant=acc, **settings)
     # zero steps is a round that trains nothing and spends nothing
     before = trainable(model)
-    metrics = train_private(model, data, accountant=acc, **{**kwargs, "steps": 0}, delta=1e-5)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedft.privacy.dpsgd"):
+        metrics = train_private(model, data, accountant=acc, **{**kwargs, "steps": 0}, delta=1e-5)
+    assert caplog.records == []  # σ = 1: private, no warning
     assert metrics["steps"] == 0.0 and metrics["epsilon_sample"] == 0.0 and acc.steps == 0
     assert all(torch.equal(p, before[n]) for n, p in trainable(model).items())
 
