@@ -183,6 +183,24 @@ def test_same_seed_same_result_whatever_the_physical_batch():
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 
+def test_batches_and_noise_come_from_the_seed_alone():
+    """Reproducible from ``seed`` whatever torch's global RNG holds; another seed, other noise."""
+    data = toy_data(n=16)
+
+    def run(seed: int, global_seed: int, batch_size: int) -> torch.Tensor:
+        model = tiny_lora_bert()
+        torch.manual_seed(global_seed)  # other work between rounds moves the global RNG
+        train_private(
+            model, data, steps=2, batch_size=batch_size, lr=0.5, noise_multiplier=1.0,
+            max_grad_norm=1.0, accountant=PrivacyAccountant("rdp"), seed=seed,
+        )  # fmt: skip
+        return flat(trainable(model))
+
+    assert torch.equal(run(5, 100, 4), run(5, 200, 4))
+    # q = 1: every step takes every example, so only the noise can tell the seeds apart
+    assert not torch.allclose(run(5, 0, 16), run(6, 0, 16))
+
+
 def test_accountant_records_q_of_the_logical_batch_whatever_the_physical_batch():
     """q = B / n, never (physical batch) / n: memory settings must not change epsilon."""
     data = toy_data(n=12)
@@ -294,6 +312,13 @@ def test_refuses_user_level_accountant_and_bad_arguments(caplog):
     with pytest.raises(ValueError, match="physical_batch_size"):
         PerformanceFlags(physical_batch_size=-1)
     acc = PrivacyAccountant("rdp")
+    frozen_model = tiny_lora_bert()
+    for p in frozen_model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(
+        ValueError, match=r"^the model has no trainable parameters: nothing to fine-tune$"
+    ):
+        train_private(frozen_model, data, accountant=PrivacyAccountant("rdp"), **kwargs)
     with pytest.raises(ValueError, match=r"^epsilon_budget needs delta$"):
         train_private(model, data, accountant=acc, epsilon_budget=3.0, **kwargs)
     for bad in ({"steps": -1}, {"lr": 0.0}, {"noise_multiplier": -0.5}):
