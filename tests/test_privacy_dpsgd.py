@@ -201,6 +201,50 @@ def test_batches_and_noise_come_from_the_seed_alone():
     assert not torch.allclose(run(5, 0, 16), run(6, 0, 16))
 
 
+def test_adamw_takes_its_own_first_step_and_train_loss_is_the_batches_mean_loss():
+    """optimizer="adamw" at lr: Adam's first step moves every trained coordinate by ≈ lr."""
+    data = toy_data()
+    model = tiny_lora_bert()
+    with torch.no_grad():
+        logits = model(input_ids=data.input_ids, attention_mask=data.attention_mask).logits
+    loss_before = float(per_sample_loss(logits, data.labels).mean())
+    before = flat(trainable(model))
+    lr = 1e-2
+    metrics = train_private(
+        model, data, steps=1, batch_size=len(data), lr=lr, noise_multiplier=0.0,
+        max_grad_norm=1.0, accountant=PrivacyAccountant("rdp"), seed=0, optimizer="adamw",
+    )  # fmt: skip
+    # q = 1: the step's batch is every example, and its loss is measured before the update
+    assert metrics["train_loss"] == pytest.approx(loss_before, rel=1e-5)
+    moved = (flat(trainable(model)) - before).abs()
+    moved = moved[moved > 0]
+    # -lr·sign(g) - lr·0.01·θ (AdamW's decoupled weight decay): |Δ| within 2 % of lr
+    assert len(moved) > 0.9 * len(before)
+    assert float(moved.median()) == pytest.approx(lr, rel=0.02)
+
+
+def test_a_trainable_layer_with_buffers_is_refused():
+    """BatchNorm's running statistics are computed from the data outside the mechanism."""
+    from types import SimpleNamespace
+
+    class BatchNormClassifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(64, 4)
+            self.norm = torch.nn.BatchNorm1d(4)
+            self.out = torch.nn.Linear(4, 2)
+
+        def forward(self, input_ids, attention_mask):
+            return SimpleNamespace(logits=self.out(self.norm(self.emb(input_ids).mean(1))))
+
+    model = BatchNormClassifier()
+    with pytest.raises(NotImplementedError, match="trainable layer with buffers"):
+        train_private(
+            model, toy_data(), steps=1, batch_size=4, lr=0.1, noise_multiplier=1.0,
+            max_grad_norm=1.0, accountant=PrivacyAccountant("rdp"), seed=0,
+        )  # fmt: skip
+
+
 def test_accountant_records_q_of_the_logical_batch_whatever_the_physical_batch():
     """q = B / n, never (physical batch) / n: memory settings must not change epsilon."""
     data = toy_data(n=12)
