@@ -223,6 +223,28 @@ def test_adamw_takes_its_own_first_step_and_train_loss_is_the_batches_mean_loss(
     assert float(moved.median()) == pytest.approx(lr, rel=0.02)
 
 
+def test_physical_batches_bound_each_forward_and_the_metrics_cover_the_logical_batch():
+    """physical_batch_size bounds memory (the examples in one pass), never what is reported."""
+    data = toy_data()
+    model = tiny_lora_bert()
+    with torch.no_grad():
+        logits = model(input_ids=data.input_ids, attention_mask=data.attention_mask).logits
+    loss_before = float(per_sample_loss(logits, data.labels).mean())
+    seen: list[int] = []
+    model.register_forward_pre_hook(
+        lambda _m, _args, kwargs: seen.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
+    metrics = train_private(
+        model, data, steps=2, batch_size=len(data), lr=1e-9, noise_multiplier=0.0,
+        max_grad_norm=1.0, accountant=PrivacyAccountant("rdp"), seed=0,
+        performance=PerformanceFlags(physical_batch_size=3),
+    )  # fmt: skip
+    assert seen == [3, 3, 2, 3, 3, 2]
+    assert metrics["steps"] == 2.0 and metrics["mean_batch_size"] == len(data)
+    # lr ≈ 0: both steps see the same model, so the mean loss is the one measured before
+    assert metrics["train_loss"] == pytest.approx(loss_before, rel=1e-5)
+
+
 def test_a_trainable_layer_with_buffers_is_refused():
     """BatchNorm's running statistics are computed from the data outside the mechanism."""
     from types import SimpleNamespace
