@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import pytest
 import torch
@@ -403,6 +404,17 @@ def test_refuses_user_level_accountant_and_bad_arguments(caplog):
         metrics = train_private(model, data, accountant=acc, **{**kwargs, "steps": 0}, delta=1e-5)
     assert caplog.records == []  # σ = 1: private, no warning
     assert metrics["steps"] == 0.0 and metrics["epsilon_sample"] == 0.0 and acc.steps == 0
+    assert math.isnan(metrics.pop("train_loss"))  # no example seen: no loss, not 0
+    assert metrics == {
+        "steps": 0.0,
+        "sample_rate": 0.25,
+        "noise_multiplier": 1.0,
+        "max_grad_norm": 1.0,
+        "mean_batch_size": 0.0,
+        "clip_fraction": 0.0,
+        "epsilon_sample": 0.0,
+        "delta": 1e-5,
+    }
     assert all(torch.equal(p, before[n]) for n, p in trainable(model).items())
 
 
