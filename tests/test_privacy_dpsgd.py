@@ -400,9 +400,12 @@ def test_refuses_user_level_accountant_and_bad_arguments(caplog):
     # zero steps is a round that trains nothing and spends nothing
     before = trainable(model)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="fedft.privacy.dpsgd"):
+    with caplog.at_level(logging.INFO, logger="fedft.privacy.dpsgd"):
         metrics = train_private(model, data, accountant=acc, **{**kwargs, "steps": 0}, delta=1e-5)
-    assert caplog.records == []  # σ = 1: private, no warning
+    # σ = 1: private, no warning; the round's figures in the client's log
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, f"DP-SGD round: {metrics}")
+    ]
     assert metrics["steps"] == 0.0 and metrics["epsilon_sample"] == 0.0 and acc.steps == 0
     assert math.isnan(metrics.pop("train_loss"))  # no example seen: no loss, not 0
     assert metrics == {
