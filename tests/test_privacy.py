@@ -1013,3 +1013,67 @@ def test_a_user_round_over_the_budget_is_logged_with_its_reason(caplog):
     assert [r.getMessage() for r in caplog.records if r.name == "fedft.privacy.central"] == [
         message
     ]
+
+
+def test_central_dp_settings_are_checked_at_their_boundaries_and_named():
+    def build(**kw):
+        args = dict(
+            clip_norm=1.0, noise_multiplier=1.0, expected_clients=2, num_clients=4, seed=0
+        )  # fmt: skip
+        return CentralDP(make_inner("fedit")[0], **{**args, **kw})
+
+    for kw, message in (
+        ({"clip_norm": 0.0}, r"^clip_norm = 0\.0 must be > 0 and noise_multiplier = 1\.0 >= 0$"),
+        (
+            {"noise_multiplier": -0.5},
+            r"^clip_norm = 1\.0 must be > 0 and noise_multiplier = -0\.5 >= 0$",
+        ),
+        ({"clip_norm": math.nan}, r"^clip_norm = nan must be > 0"),
+        ({"expected_clients": 0}, r"^expected_clients = 0 must be in 1\.\.num_clients \(4\)$"),
+        ({"expected_clients": 5}, r"^expected_clients = 5 must be in 1\.\.num_clients \(4\)$"),
+        ({"epsilon_budget": 3.0}, r"^epsilon_budget needs delta$"),
+        (
+            {"clip_norm": math.inf},
+            r"^an infinite clip_norm bounds nothing: noise std sigma\*C is inf$",
+        ),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build(**kw)
+    # the edges that are allowed: σ = 0 (tests), m = 1, m = N (q = 1), C = inf without noise
+    assert build(noise_multiplier=0.0).noise_multiplier == 0.0
+    one, every = build(expected_clients=1), build(expected_clients=4)
+    assert (one.sample_rate, every.sample_rate) == (0.25, 1.0)
+    assert build(clip_norm=math.inf, noise_multiplier=0.0).clip_norm == math.inf
+    dp = build(accountant="rdp", epsilon_budget=3.0, delta=1e-5, expected_clients=3, num_clients=7)
+    assert (dp.expected_clients, dp.num_clients, dp.sample_rate) == (3, 7, 3 / 7)
+    assert (dp.accountant.mechanism, dp.accountant.level) == ("rdp", "user")
+    assert (dp.epsilon_budget, dp.delta, dp.epsilon(1e-5)) == (3.0, 1e-5, 0.0)
+    assert build().accountant.mechanism == "prv"  # the tightest sound analysis by default
+    assert build().budget_decision() is None  # no budget, nothing to refuse
+
+
+def test_central_dp_round_one_starts_from_the_inner_init_and_measures_against_it():
+    """init_global hands out the inner aggregator's init and keeps it as the reference."""
+    dp = CentralDP(
+        get_aggregator("fedit"), clip_norm=1.0, noise_multiplier=0.0, expected_clients=1,
+        num_clients=3, seed=0,
+    )  # fmt: skip
+    init = dp.init_global(
+        SHAPES, rank=RANK, scaling=SCALING, generator=torch.Generator().manual_seed(4)
+    )
+    want = get_aggregator("fedit").init_global(
+        SHAPES, rank=RANK, scaling=SCALING, generator=torch.Generator().manual_seed(4)
+    )
+    assert set(init) == set(SHAPES)
+    for mod, f in init.items():
+        assert f.a.shape == (RANK, SHAPES[mod][1]) and f.scaling == SCALING
+        assert torch.equal(f.a, want[mod].a) and torch.equal(f.b, want[mod].b)
+        saved = dp.state_dict()["reference"][mod]
+        assert torch.equal(saved["a"], f.a) and torch.equal(saved["b"], f.b)
+    assert dp.state_dict()["reference_extras"] == {}
+    # no set_reference needed: a client's move is measured from the init (C = 1, m = 1)
+    up = client_update(init, "ab", "c0", 0.001, seed=2)
+    out = dp.aggregate([up])
+    moved = flat_trainable(out.adapters, {}, "ab") - flat_trainable(init, {}, "ab")
+    own = flat_trainable(up.adapters, {}, "ab") - flat_trainable(init, {}, "ab")
+    torch.testing.assert_close(moved, own)

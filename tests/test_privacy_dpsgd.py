@@ -460,3 +460,47 @@ def test_dp_step_on_tiny_lora_llama_changes_only_adapters():
     assert all(not torch.equal(after_t[k], before_t[k]) for k in before_t)
     assert all(torch.equal(w, before_f[k]) for k, w in frozen(model).items())
     assert metrics["epsilon_sample"] > 0
+
+
+def test_per_sample_loss_against_hand_computed_cross_entropy():
+    """Each example's own loss, in float32, with a soft prompt's extra positions skipped."""
+    ce = torch.nn.functional.cross_entropy
+    g = torch.Generator().manual_seed(3)
+    # classification: (B, C) with (B,), half-precision logits give a float32 loss
+    logits = torch.randn(4, 3, generator=g)
+    labels = torch.tensor([0, 2, 1, 2])
+    got = per_sample_loss(logits.to(torch.bfloat16), labels)
+    assert got.dtype == torch.float32 and got.shape == (4,)
+    want = torch.stack([ce(logits[i].to(torch.bfloat16).float(), labels[i]) for i in range(4)])
+    torch.testing.assert_close(got, want)
+    # causal LM with 2 virtual tokens in front: logits (B, 2 + T, V), labels (B, T)
+    b, p, t, v = 2, 2, 5, 7
+    logits = torch.randn(b, p + t, v, generator=g)
+    labels = torch.randint(0, v, (b, t), generator=g)
+    labels[1, 3] = -100
+    got = per_sample_loss(logits.to(torch.float16), labels)
+    assert got.dtype == torch.float32
+    for i in range(b):
+        # token j (1 <= j < T) is predicted at position p + j - 1 of the logits
+        terms = [
+            ce(logits[i, p + j - 1].to(torch.float16).float(), labels[i, j])
+            for j in range(1, t)
+            if labels[i, j] != -100
+        ]
+        torch.testing.assert_close(got[i], torch.stack(terms).mean())
+    for bad_logits, bad_labels, shapes in (
+        (
+            torch.zeros(2, 5, 7),
+            torch.zeros(2, dtype=torch.long),
+            r"logits\(2, 5, 7\) with labels\(2,\)",
+        ),
+        (
+            torch.zeros(2, 1, 5, 7),
+            torch.zeros(2, 5, dtype=torch.long),
+            r"logits\(2, 1, 5, 7\) with labels\(2, 5\)",
+        ),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"^{shapes}: want \(B, C\) with \(B,\) or \(B, T, V\) with \(B, T\)$"
+        ):
+            per_sample_loss(bad_logits, bad_labels)

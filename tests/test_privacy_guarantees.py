@@ -568,3 +568,57 @@ def test_a_ledger_extends_another_only_by_more_steps_at_its_end() -> None:
     assert not ClientLedger(((1.0, 0.2, 5), (2.0, 0.1, 1))).extends(older)
     # the file a node keeps: canonical JSON (sorted keys)
     assert older.to_json() == '{"history": [[1.0, 0.1, 5], [2.0, 0.1, 1]], "version": 1}'
+
+
+def test_what_a_client_may_send_and_a_budgeted_node_refuses() -> None:
+    """Threat model S3/S5/U3 at the level of the functions the client calls."""
+    from fedft.privacy.client import NodePolicy, node_refusal
+    from fedft.privacy.release import (
+        SAMPLE_LEVEL_PUBLIC,
+        released_metrics,
+        released_num_examples,
+    )
+
+    measured = {"train_loss": 0.7, "clip_fraction": 0.25, "epsilon": 1.5, "steps": 4.0}
+    assert released_metrics(measured, mode="off") == measured
+    assert released_metrics(measured, mode="sample") == {"epsilon": 1.5}
+    assert SAMPLE_LEVEL_PUBLIC == frozenset({"epsilon"})
+    assert released_metrics(measured, mode="user") == {}
+    assert [released_num_examples(37, mode=m) for m in ("off", "sample", "user")] == [37, 37, 1]
+
+    assert node_refusal(None, mode="off", delta=0.1, accountant="gdp") is None  # no own budget
+    policy = NodePolicy(epsilon=3.0, delta=1e-5, accountant="prv")
+    assert node_refusal(policy, mode="sample", delta=1e-5, accountant="prv") is None
+    assert node_refusal(policy, mode="user", delta=1e-5, accountant="prv") == (
+        "refused: this node trains only under sample-level DP (its own budget eps = 3); the run "
+        "asks for privacy.mode = 'user'"
+    )
+    want = (
+        "refused: this node accounts at delta = 1e-05 with the 'prv' accountant; the run asks "
+        "for delta = {} with {!r}"
+    )
+    assert node_refusal(policy, mode="sample", delta=1e-4, accountant="prv") == want.format(
+        "0.0001", "prv"
+    )
+    assert node_refusal(policy, mode="sample", delta=1e-5, accountant="rdp") == want.format(
+        "1e-05", "rdp"
+    )
+
+
+def test_user_cohort_coins_at_the_edges_of_the_sampling_rate() -> None:
+    from fedft.privacy.sampling import poisson_cohort
+
+    clients = [9, 3, 5, 1]
+    assert poisson_cohort(clients, sample_rate=1.0) == [1, 3, 5, 9]  # q = 1: all, sorted
+    for q in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=rf"^sample_rate = {q!r}: a probability in \(0, 1\]$"):
+            poisson_cohort(clients, sample_rate=q)
+    # the coins come from the rng given (tests only): one coin per client, in order
+    coins = random.Random(1)
+    draws = [coins.random() for _ in clients]  # 0.13, 0.85, 0.76, 0.26
+    want = sorted(c for c, u in zip(clients, draws) if u < 0.5)
+    assert want == [1, 9]
+    assert poisson_cohort(clients, sample_rate=0.5, rng=random.Random(1)) == want
+    # without one, the OS's coins: not reproducible from any seed
+    many = [tuple(poisson_cohort(range(40), sample_rate=0.5)) for _ in range(5)]
+    assert len(set(many)) == 5
