@@ -1077,3 +1077,55 @@ def test_central_dp_round_one_starts_from_the_inner_init_and_measures_against_it
     moved = flat_trainable(out.adapters, {}, "ab") - flat_trainable(init, {}, "ab")
     own = flat_trainable(up.adapters, {}, "ab") - flat_trainable(init, {}, "ab")
     torch.testing.assert_close(moved, own)
+
+
+def test_the_printed_plan_shows_every_figure_with_its_unit():
+    """What `fedft privacy plan` prints, line for line, for a user- and a sample-level plan."""
+    from fedft.privacy.planner import PrivacyPlan
+
+    user = PrivacyPlan(
+        level="user", epsilon_target=3.0, delta=1e-5, accountant="prv", sample_rate=0.1,
+        steps_per_round=1, rounds=2, noise_multiplier=1.23456,
+        epsilon_by_round=((1, 0.5), (2, math.inf)), alternatives=((1, 0.5), (4, 2.25)),
+        notes=("first", "second"),
+    )  # fmt: skip
+    assert format_plan(user).split("\n") == [
+        "Privacy plan, user-level (one unit = one client), accountant prv",
+        "  target            eps = 3 at delta = 1e-05",
+        "  sample rate q     0.1  (clients/round / clients)",
+        "  steps per round   1",
+        "  rounds            2",
+        "  noise multiplier  sigma = 1.2346  (noise std = sigma x clip norm)",
+        "  eps after run     inf",
+        "",
+        "    round      steps     epsilon",
+        "        1          1      0.5000",
+        "        2          2         inf",
+        "",
+        "  same sigma, other round counts:",
+        "   rounds     epsilon",
+        "        1      0.5000",
+        "        4      2.2500",
+        "",
+        "  note: first",
+        "  note: second",
+    ]
+    sample = PrivacyPlan(
+        level="sample", epsilon_target=8.0, delta=1e-6, accountant="rdp", sample_rate=1 / 48,
+        steps_per_round=20, rounds=3, noise_multiplier=0.9,
+        epsilon_by_round=((1, 1.0), (2, 1.5), (3, 2.0)), alternatives=(),
+    )  # fmt: skip
+    assert format_plan(sample).split("\n") == [
+        "Privacy plan, sample-level, accountant rdp",
+        "  target            eps = 8 at delta = 1e-06",
+        "  sample rate q     0.0208333  (batch / examples)",
+        "  steps per round   20",
+        "  rounds            3",
+        "  noise multiplier  sigma = 0.9000  (noise std = sigma x clip norm)",
+        "  eps after run     2.0000",
+        "",
+        "    round      steps     epsilon",
+        "        1         20      1.0000",
+        "        2         40      1.5000",
+        "        3         60      2.0000",
+    ]
