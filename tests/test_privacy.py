@@ -1129,3 +1129,18 @@ def test_the_printed_plan_shows_every_figure_with_its_unit():
         "        2         40      1.5000",
         "        3         60      2.0000",
     ]
+
+
+def test_a_budget_below_one_is_a_budget_and_the_decision_says_what_is_left():
+    acc = PrivacyAccountant("rdp")
+    kw = dict(noise_multiplier=4.0, sample_rate=0.01, steps=10, delta=1e-5)
+    yes = check_budget(acc, epsilon_budget=0.5, **kw)
+    after = epsilon_of([(4.0, 0.01, 10)], delta=1e-5, mechanism="rdp")
+    assert 0 < after < 0.5 and yes.allowed and yes.epsilon_after == after
+    assert yes.message == f"sample-level eps 0.0000 -> {after:.4f} of budget 0.5 at delta=1e-05"
+    no = check_budget(acc, epsilon_budget=after / 2, **kw)
+    assert not no.allowed
+    assert no.message == (
+        f"refused: 10 more steps at sigma=4, q=0.01 would take sample-level eps from 0.0000 "
+        f"to {after:.4f}, over the budget {after / 2:g} at delta=1e-05"
+    )

@@ -474,10 +474,11 @@ def test_per_sample_loss_against_hand_computed_cross_entropy():
     want = torch.stack([ce(logits[i].to(torch.bfloat16).float(), labels[i]) for i in range(4)])
     torch.testing.assert_close(got, want)
     # causal LM with 2 virtual tokens in front: logits (B, 2 + T, V), labels (B, T)
-    b, p, t, v = 2, 2, 5, 7
+    b, p, t, v = 3, 2, 5, 7
     logits = torch.randn(b, p + t, v, generator=g)
     labels = torch.randint(0, v, (b, t), generator=g)
     labels[1, 3] = -100
+    labels[2, :4] = -100  # one labelled next token: its loss is that token's, not half of it
     got = per_sample_loss(logits.to(torch.float16), labels)
     assert got.dtype == torch.float32
     for i in range(b):
