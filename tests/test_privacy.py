@@ -746,7 +746,10 @@ def test_user_level_plan_notes_say_when_delta_or_noise_is_too_large():
     assert all(f"note: {n}" in text for n in loose.notes)
     noisy = plan_user_level(epsilon=1.0, delta=1e-5, **kw)
     assert noisy.noise_multiplier > 2 and len(noisy.notes) == 2
-    assert "needs more clients" in noisy.notes[1]
+    assert noisy.notes[1] == (
+        f"noise std on the averaged update = sigma*C/m = {noisy.noise_multiplier / 2:.3g} x C "
+        "(larger than any single clipped update: needs more clients)"
+    )
     many = plan_user_level(
         epsilon=8.0,
         delta=1e-5,
@@ -1144,3 +1147,26 @@ def test_a_budget_below_one_is_a_budget_and_the_decision_says_what_is_left():
         f"refused: 10 more steps at sigma=4, q=0.01 would take sample-level eps from 0.0000 "
         f"to {after:.4f}, over the budget {after / 2:g} at delta=1e-05"
     )
+
+
+def test_a_user_plans_notes_and_log_line_in_full(caplog):
+    """The notes `fedft privacy plan --level user` prints, and the line the run's log keeps."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="fedft.privacy.planner"):
+        p = plan_user_level(
+            epsilon=2.0, delta=0.25, clients_per_round=2, num_clients=4, rounds=1,
+            accountant="rdp", alternatives=(0.1, 3.0),
+        )  # fmt: skip
+    rel = p.noise_multiplier / 2
+    assert p.notes == (
+        "delta = 0.25 is not below 1/num_clients = 0.25",
+        "cohort: each client joins a round independently with probability q = 0.5 (secret, "
+        "from the OS), 2 clients per round on average",
+        f"noise std on the averaged update = sigma*C/m = {rel:.3g} x C",  # σ/m < 1: no warning
+    )
+    assert rel < 1
+    assert [r for r, _ in p.alternatives] == [3]  # 0.1 x 1 round rounds up to the plan itself
+    assert [r.getMessage() for r in caplog.records] == [
+        f"privacy plan (user level): sigma={p.noise_multiplier:.4f} for eps=2.000"
+    ]
