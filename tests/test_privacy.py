@@ -1170,3 +1170,15 @@ def test_a_user_plans_notes_and_log_line_in_full(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         f"privacy plan (user level): sigma={p.noise_multiplier:.4f} for eps=2.000"
     ]
+
+
+def test_a_plan_curve_starts_at_round_one_and_ends_at_the_last():
+    kw = dict(epsilon=4.0, delta=1e-5, sample_rate=0.01, steps_per_round=1, accountant="rdp")
+    sixty = plan(rounds=60, alternatives=(), **kw)
+    rounds = [r for r, _ in sixty.epsilon_by_round]
+    assert rounds[:3] == [1, 2, 4] and rounds[-1] == 60 and len(rounds) == 50
+    fifty = plan(rounds=50, alternatives=(), **kw)
+    assert [r for r, _ in fifty.epsilon_by_round] == list(range(1, 51))
+    eps = [e for _, e in fifty.epsilon_by_round]
+    assert eps[0] == epsilon_of([(fifty.noise_multiplier, 0.01, 1)], delta=1e-5, mechanism="rdp")
+    assert all(a < b for a, b in zip(eps, eps[1:]))
