@@ -1185,3 +1185,25 @@ def test_a_plan_curve_starts_at_round_one_and_ends_at_the_last():
     eps = [e for _, e in fifty.epsilon_by_round]
     assert eps[0] == epsilon_of([(fifty.noise_multiplier, 0.01, 1)], delta=1e-5, mechanism="rdp")
     assert all(a < b for a, b in zip(eps, eps[1:]))
+
+
+def test_gdp_refuses_a_history_it_cannot_account_instead_of_dropping_runs():
+    """GDP composes one (σ, q) pair: a second pair is refused, never left out of ε."""
+    two = [(1.0, 0.01, 100), (2.0, 0.01, 5)]
+    with pytest.raises(
+        ValueError,
+        match=r"^the GDP accountant supports one \(noise_multiplier, sample_rate\) pair only; "
+        r"this history has 2: use accountant 'prv' or 'rdp'$",
+    ):
+        epsilon_of(two, delta=1e-5, mechanism="gdp")
+    acc = PrivacyAccountant("gdp")
+    acc.step(noise_multiplier=1.0, sample_rate=0.01, steps=100)
+    acc.step(noise_multiplier=1.0, sample_rate=0.01, steps=20)  # the same pair: merged
+    assert acc.epsilon(1e-5) == epsilon_of([(1.0, 0.01, 120)], delta=1e-5, mechanism="gdp")
+    acc.step(noise_multiplier=1.0, sample_rate=0.02, steps=1)
+    with pytest.raises(ValueError, match="this history has 2"):
+        acc.epsilon(1e-5)
+    # a run of zero steps is not a pair
+    assert epsilon_of([*two[:1], (3.0, 0.5, 0)], delta=1e-5, mechanism="gdp") == epsilon_of(
+        two[:1], delta=1e-5, mechanism="gdp"
+    )
