@@ -1207,3 +1207,14 @@ def test_gdp_refuses_a_history_it_cannot_account_instead_of_dropping_runs():
     assert epsilon_of([*two[:1], (3.0, 0.5, 0)], delta=1e-5, mechanism="gdp") == epsilon_of(
         two[:1], delta=1e-5, mechanism="gdp"
     )
+
+
+def test_one_step_by_default_and_one_client_per_round_is_a_plan():
+    acc = PrivacyAccountant("rdp")
+    acc.step(noise_multiplier=1.0, sample_rate=0.1)
+    assert acc.history == [(1.0, 0.1, 1)] and acc.steps == 1
+    one = plan_user_level(
+        epsilon=8.0, delta=1e-5, clients_per_round=1, num_clients=4, rounds=1,
+        accountant="rdp", alternatives=(),
+    )  # fmt: skip
+    assert one.sample_rate == 0.25 and one.epsilon <= 8.0
