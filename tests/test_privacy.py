@@ -1218,3 +1218,12 @@ def test_one_step_by_default_and_one_client_per_round_is_a_plan():
         accountant="rdp", alternatives=(),
     )  # fmt: skip
     assert one.sample_rate == 0.25 and one.epsilon <= 8.0
+    # noise std on the mean just above C (σ/m ≈ 1.02): already more than one clipped update
+    close = plan_user_level(
+        epsilon=1.5, delta=1e-5, clients_per_round=2, num_clients=4, rounds=1,
+        accountant="rdp", alternatives=(),
+    )  # fmt: skip
+    assert 1 < close.noise_multiplier / 2 < 1.1
+    assert close.notes[-1].endswith(
+        " x C (larger than any single clipped update: needs more clients)"
+    )
