@@ -1227,3 +1227,18 @@ def test_one_step_by_default_and_one_client_per_round_is_a_plan():
     assert close.notes[-1].endswith(
         " x C (larger than any single clipped update: needs more clients)"
     )
+
+
+def test_a_plan_curve_never_drops_even_where_the_estimate_does(monkeypatch):
+    """PRV is a numerical estimate: a dip between rounds is shown as the ε already reached."""
+    from fedft.privacy import planner
+
+    estimate = {1: 0.5, 2: 0.4, 3: 0.9, 6: 1.7}  # ε after k steps, with a dip at 2
+    monkeypatch.setattr(planner, "get_noise_multiplier", lambda **_: 1.0)
+    monkeypatch.setattr(planner, "epsilon_of", lambda history, **_: estimate[int(history[0][2])])
+    p = plan(
+        epsilon=1.0, delta=1e-5, sample_rate=0.1, steps_per_round=1, rounds=3,
+        accountant="rdp", alternatives=(2.0,),
+    )  # fmt: skip
+    assert p.epsilon_by_round == ((1, 0.5), (2, 0.5), (3, 0.9))
+    assert p.alternatives == ((6, 1.7),)
