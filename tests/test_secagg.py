@@ -643,12 +643,22 @@ def test_restoring_a_bad_state_is_refused() -> None:
 
 def test_server_steps_out_of_order_are_refused_by_name() -> None:
     server = SecAggServer(_params(n=3, max_dropouts=1, d=4))
+    with pytest.raises(
+        SecAggProtocolError, match=r"^server: collect_shares called out of order \(step 0\)$"
+    ):
+        server.collect_shares([])
     with pytest.raises(SecAggProtocolError, match="server: collect_unmasking called out of"):
         server.collect_unmasking([])
     with pytest.raises(SecAggProtocolError, match="server: collect_masked called out of order"):
         server.collect_masked([])
     with pytest.raises(SecAggProtocolError, match="server: collect_checks called out of order"):
         server.collect_checks([])
+    clients = [SecAggClient(index=i, params=server.params) for i in (1, 2, 3)]
+    server.collect_keys([c.advertise_keys() for c in clients])
+    with pytest.raises(
+        SecAggProtocolError, match=r"^server: collect_keys called out of order \(step 1\)$"
+    ):
+        server.collect_keys([])
 
 
 def test_shamir_field_bounds_and_secret_size() -> None:
@@ -1177,7 +1187,7 @@ def test_the_server_names_what_it_ignores_and_why_it_aborts(
     with pytest.raises(SecAggAbort, match=aborts("qualified after the share check", 2)):
         copy.deepcopy(server).collect_checks(checks[:2])
     with caplog.at_level(logging.WARNING, logger="fedft.secagg.protocol"):
-        qualified = server.collect_checks([*checks, checks[1]])
+        qualified = server.collect_checks([checks[1], *checks])  # the repeat does not stop it
     assert "secagg server: ignoring share check from client 2" in caplog.messages
     masked = {i: c.masked_input(qualified, np.full(4, float(i))) for i, c in clients.items()}
     with pytest.raises(SecAggAbort, match=aborts("sent masked input", 2)):
