@@ -1386,7 +1386,7 @@ def test_a_convicted_holder_costs_one_search_even_with_exactly_t_others(
     assert calls[0] <= 1 + 2 * 2  # one search among 4 shares
 
 
-def test_checked_reconstruction_at_its_boundaries() -> None:
+def test_checked_reconstruction_at_its_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
     """Exactly t verified shares rebuild the secret; the largest 32-byte value is a secret and
     2^256 (consistently committed) is not; a share must lie in [0, q): 0 passes, q does not."""
     secret = bytes(range(32))
@@ -1414,6 +1414,10 @@ def test_checked_reconstruction_at_its_boundaries() -> None:
     assert feldman.failing(items) == {1, 2}
     assert feldman.batch_verify([items[0], items[3]])
     assert not feldman.batch_verify([items[0], items[1]])
+    # a share out of range is refused without entering the batch: one check, no search
+    calls = _count_gpow(monkeypatch)
+    assert feldman.failing([items[3], (five, 4, feldman.Q), (five, 5, 5)]) == {1}
+    assert calls[0] == 1
 
 
 def test_quantize_clips_zeroes_non_finite_and_counts_what_it_changed() -> None:
