@@ -271,7 +271,9 @@ def test_tampered_ciphertext_is_detected() -> None:
     assert clients[2].check_shares(routed[2]).complaints == {}
 
 
-def test_wrong_shares_are_skipped_with_surplus_and_abort_without() -> None:
+def test_wrong_shares_are_skipped_with_surplus_and_abort_without(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     params = _params(max_dropouts=4, d=128)  # t = 6
     vectors = _vectors(N, 128, seed=3)
     # 9 responses, 1 dishonest: its shares fail the commitments; the sum is exact.
@@ -280,15 +282,20 @@ def test_wrong_shares_are_skipped_with_surplus_and_abort_without() -> None:
     assert np.abs(result.total - expected).max() <= params.error_bound
     assert result.suspects == (2,)
     # Exactly t responses, one of them wrong: t - 1 verified shares -> clean abort, liar named.
-    with pytest.raises(SecAggAbort, match="match the dealer's commitments") as info:
-        run_round(
-            params,
-            vectors,
-            drop_before_masked=(10,),
-            drop_before_unmask=(7, 8, 9),
-            tamper_unmask=(2,),
-        )
+    with caplog.at_level(logging.WARNING, logger="fedft.secagg.protocol"):
+        with pytest.raises(SecAggAbort, match="match the dealer's commitments") as info:
+            run_round(
+                params,
+                vectors,
+                drop_before_masked=(10,),
+                drop_before_unmask=(7, 8, 9),
+                tamper_unmask=(2,),
+            )
     assert info.value.suspects == (2,)
+    assert (
+        f"secagg round {params.round_id}: client 2 revealed a share of 1 that fails the "
+        "commitments" in caplog.messages
+    )
 
 
 def test_server_ignores_malformed_and_duplicate_messages() -> None:
@@ -643,16 +650,20 @@ def test_restoring_a_bad_state_is_refused() -> None:
 
 def test_server_steps_out_of_order_are_refused_by_name() -> None:
     server = SecAggServer(_params(n=3, max_dropouts=1, d=4))
-    with pytest.raises(
-        SecAggProtocolError, match=r"^server: collect_shares called out of order \(step 0\)$"
-    ):
-        server.collect_shares([])
     with pytest.raises(SecAggProtocolError, match="server: collect_unmasking called out of"):
         server.collect_unmasking([])
     with pytest.raises(SecAggProtocolError, match="server: collect_masked called out of order"):
         server.collect_masked([])
     with pytest.raises(SecAggProtocolError, match="server: collect_checks called out of order"):
         server.collect_checks([])
+
+
+def test_server_key_and_share_steps_out_of_order_are_refused_by_name() -> None:
+    server = SecAggServer(_params(n=3, max_dropouts=1, d=4))
+    with pytest.raises(
+        SecAggProtocolError, match=r"^server: collect_shares called out of order \(step 0\)$"
+    ):
+        server.collect_shares([])
     clients = [SecAggClient(index=i, params=server.params) for i in (1, 2, 3)]
     server.collect_keys([c.advertise_keys() for c in clients])
     with pytest.raises(
@@ -1328,7 +1339,7 @@ def test_unmasking_skips_missing_shares_and_convicts_a_malformed_one(
 
 @pytest.mark.parametrize("which", ["seed", "key"])
 def test_a_dealer_that_shared_another_secret_than_it_committed_to_is_named(
-    monkeypatch: pytest.MonkeyPatch, which: str
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, which: str
 ) -> None:
     """Attack: client 3's shares verify against its Feldman commitments, but rebuild a seed
     other than the one its SHA-256 commitment names (it stays), or a mask key other than the
@@ -1363,9 +1374,15 @@ def test_a_dealer_that_shared_another_secret_than_it_committed_to_is_named(
         "commitments but rebuild a secret that is not the one it committed to (its public "
         "key or seed commitment)"
     )
-    with pytest.raises(SecAggAbort, match=f"^{re.escape(message)}$") as info:
-        server.collect_unmasking([clients[i].unmask(request) for i in maskers])
+    with caplog.at_level(logging.WARNING, logger="fedft.secagg.protocol"):
+        with pytest.raises(SecAggAbort, match=f"^{re.escape(message)}$") as info:
+            server.collect_unmasking([clients[i].unmask(request) for i in maskers])
     assert info.value.suspects == (3,)
+    convictions = [m for m in caplog.messages if m.startswith("secagg round ")]
+    assert convictions == [
+        f"secagg round {params.round_id}: client 3 shared another secret than it committed to "
+        f"({message.split('client 3: ')[1]})"
+    ]
 
 
 def test_a_convicted_holder_costs_one_search_even_with_exactly_t_others(
