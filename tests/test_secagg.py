@@ -282,6 +282,7 @@ def test_wrong_shares_are_skipped_with_surplus_and_abort_without(
     assert np.abs(result.total - expected).max() <= params.error_bound
     assert result.suspects == (2,)
     # Exactly t responses, one of them wrong: t - 1 verified shares -> clean abort, liar named.
+    caplog.clear()  # only what the aborted round logs
     with caplog.at_level(logging.WARNING, logger="fedft.secagg.protocol"):
         with pytest.raises(SecAggAbort, match="match the dealer's commitments") as info:
             run_round(
