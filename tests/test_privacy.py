@@ -468,7 +468,9 @@ def test_accountant_defaults_and_refused_settings():
     acc = PrivacyAccountant()
     assert (acc.mechanism, acc.level) == ("prv", "sample")
     assert "steps=0" in repr(acc) and "'prv'" in repr(acc)
-    with pytest.raises(ValueError, match="^level = 'client'"):
+    with pytest.raises(
+        ValueError, match=r"^level = 'client' is not allowed: one of \['sample', 'user'\]$"
+    ):
         PrivacyAccountant("rdp", level="client")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="^accountant = 'moments'.*'prv'"):
         PrivacyAccountant("moments")  # type: ignore[arg-type]
@@ -771,8 +773,8 @@ def test_plans_use_the_tightest_sound_accountant_by_default():
     sample = plan(sample_rate=0.1, steps_per_round=10, **kw)
     user = plan_user_level(clients_per_round=5, num_clients=50, **kw)
     assert sample.accountant == user.accountant == "prv"
-    assert sample.noise_multiplier == calibrate_noise(
-        epsilon=3.0, delta=1e-5, sample_rate=0.1, steps=10, accountant="prv"
+    assert sample.noise_multiplier == calibrate_noise(  # calibrate_noise's own default
+        epsilon=3.0, delta=1e-5, sample_rate=0.1, steps=10
     )
     assert sample.epsilon == epsilon_of(
         [(sample.noise_multiplier, 0.1, 10)], delta=1e-5, mechanism="prv"
@@ -1180,6 +1182,7 @@ def test_a_plan_curve_starts_at_round_one_and_ends_at_the_last():
     sixty = plan(rounds=60, alternatives=(), **kw)
     rounds = [r for r, _ in sixty.epsilon_by_round]
     assert rounds[:3] == [1, 2, 4] and rounds[-1] == 60 and len(rounds) == 50
+    assert sixty.notes == ()  # a sample-level plan has no notes
     fifty = plan(rounds=50, alternatives=(), **kw)
     assert [r for r, _ in fifty.epsilon_by_round] == list(range(1, 51))
     eps = [e for _, e in fifty.epsilon_by_round]
