@@ -632,7 +632,7 @@ def test_planner_arguments_are_checked_at_their_boundaries():
     assert epsilon_of([(sigma, 1.0, 1)], delta=1e-5, mechanism="rdp") <= 2.0
     for change, key in (
         ({"epsilon": 0.0}, "epsilon = 0.0"),
-        ({"delta": 1.0}, "delta = 1.0"),
+        ({"delta": 1.0}, r"^epsilon = 2\.0 must be > 0 and delta = 1\.0 in \(0, 1\)$"),
         ({"delta": 0.0}, "delta = 0.0"),
         ({"sample_rate": 0.0}, "sample_rate = 0.0"),
         ({"sample_rate": 1.5}, "sample_rate = 1.5"),
