@@ -202,13 +202,18 @@ def test_batches_and_noise_come_from_the_seed_alone():
     assert not torch.allclose(run(5, 0, 16), run(6, 0, 16))
 
 
+def _mean_loss(model: torch.nn.Module, data: Encoded) -> float:
+    """The mean per-example loss of ``model`` on all of ``data``, without gradients."""
+    with torch.no_grad():
+        logits = model(input_ids=data.input_ids, attention_mask=data.attention_mask).logits
+    return float(per_sample_loss(logits, data.labels).mean())
+
+
 def test_adamw_takes_its_own_first_step_and_train_loss_is_the_batches_mean_loss():
     """optimizer="adamw" at lr: Adam's first step moves every trained coordinate by ≈ lr."""
     data = toy_data()
     model = tiny_lora_bert()
-    with torch.no_grad():
-        logits = model(input_ids=data.input_ids, attention_mask=data.attention_mask).logits
-    loss_before = float(per_sample_loss(logits, data.labels).mean())
+    loss_before = _mean_loss(model, data)
     before = flat(trainable(model))
     lr = 1e-2
     metrics = train_private(
@@ -228,9 +233,7 @@ def test_physical_batches_bound_each_forward_and_the_metrics_cover_the_logical_b
     """physical_batch_size bounds memory (the examples in one pass), never what is reported."""
     data = toy_data()
     model = tiny_lora_bert()
-    with torch.no_grad():
-        logits = model(input_ids=data.input_ids, attention_mask=data.attention_mask).logits
-    loss_before = float(per_sample_loss(logits, data.labels).mean())
+    loss_before = _mean_loss(model, data)
     seen: list[int] = []
     model.register_forward_pre_hook(
         lambda _m, _args, kwargs: seen.append(len(kwargs["input_ids"])), with_kwargs=True

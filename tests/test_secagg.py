@@ -554,14 +554,7 @@ def test_a_lying_holder_costs_one_search_not_one_per_secret(
     are rebuilt from the shares of the unconvicted without a Feldman check."""
     params = _params(n=20, max_dropouts=9, d=64)
     vectors = _vectors(20, 64, seed=5)
-    clients = {i: SecAggClient(index=i, params=params) for i in vectors}
-    server = SecAggServer(params)
-    directory = server.collect_keys([c.advertise_keys() for c in clients.values()])
-    routed = server.collect_shares([c.share_keys(directory) for c in clients.values()])
-    qualified = _qualify(server, clients, routed, clients)
-    request = server.collect_masked(
-        [c.masked_input(qualified, vectors[i]) for i, c in clients.items()]
-    )
+    clients, server, request = _through_masking(params, vectors, vectors)
     answers = [clients[i].unmask(request) for i in request.survivors]
     calls = _count_gpow(monkeypatch)
     result = server.collect_unmasking([_tamper(a) if a.index == 1 else a for a in answers])
