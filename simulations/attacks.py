@@ -504,9 +504,8 @@ def released_label_attack(
     Returns one row per (n, steps, σ): accuracy over ``trials`` fresh (text, label) draws.
     The same texts and labels for every σ of one (n, steps).
     """
+    from fedft.attacks import released_update_label
     from fedft.data.encode import Encoded
-    from fedft.privacy.accountant import PrivacyAccountant
-    from fedft.privacy.dpsgd import train_private
     from fedft.seeds import derive_seed
 
     if model_name == "tiny":
@@ -531,25 +530,22 @@ def released_label_attack(
                     y = t % 2
                     pick = torch.randint(0, len(by_label[y]), (n,), generator=gen)
                     data = pool.subset(by_label[y][pick])
-                before = {k: p.detach().clone() for k, p in params.items()}
                 for i, sigma in enumerate(sigmas):
-                    train_private(
-                        model,
-                        data,
-                        steps=steps,
-                        batch_size=batch_size,
-                        lr=lr,
-                        noise_multiplier=sigma,
-                        max_grad_norm=1.0,
-                        accountant=PrivacyAccountant("rdp", level="sample"),
-                        seed=derive_seed(seed, n, steps, t, i),
-                        optimizer="adamw",
+                    hits[sigma] += (
+                        released_update_label(
+                            model,
+                            params,
+                            bias,
+                            data,
+                            steps=steps,
+                            batch_size=batch_size,
+                            lr=lr,
+                            noise_multiplier=sigma,
+                            max_grad_norm=1.0,
+                            seed=derive_seed(seed, n, steps, t, i),
+                        )
+                        == y
                     )
-                    released = before[bias] - params[bias].detach()  # ∝ -(update)
-                    hits[sigma] += infer_label(released) == y
-                    with torch.no_grad():
-                        for k, p in params.items():
-                            p.copy_(before[k])
             rows += [
                 {
                     "attack": "label (iDLG) of the released DP-SGD update",

@@ -23,6 +23,7 @@ from fedft.attacks.gradient_inversion import (
     infer_label,
     invert_gradient,
     random_guess_f1,
+    released_update_label,
     token_f1,
     update_gradients,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "nearest_embedding_invert",
     "random_guess_f1",
     "recovery_rate",
+    "released_update_label",
     "token_f1",
     "update_gradients",
 ]

@@ -46,6 +46,7 @@ from fedft.attacks.gradient_inversion import (
     infer_label,
     invert_gradient,
     random_guess_f1,
+    released_update_label,
     token_f1,
     update_gradients,
 )
@@ -396,32 +397,23 @@ def _released_rows(
     it: the attacker's best case for one example. The label is read off the head bias of
     before - after (the server knows what it sent).
     """
-    from fedft.privacy.accountant import PrivacyAccountant
-    from fedft.privacy.dpsgd import train_private
-
     f = cfg.federation
-    before = {k: p.detach().clone() for k, p in params.items()}
-    hits = 0
-    for i in range(len(enc)):
-        try:
-            train_private(
-                model,
-                enc.subset([i]),
-                steps=f.local_steps,
-                batch_size=f.batch_size,
-                lr=f.lr,
-                noise_multiplier=sigma,
-                max_grad_norm=clip,
-                accountant=PrivacyAccountant("rdp", level="sample"),
-                seed=None,  # fresh OS randomness, as the clients' DP noise
-                optimizer="adamw",
-            )
-            released = before[bias] - params[bias].detach()  # the update's sign flipped
-            hits += infer_label(released) == int(enc.labels[i])
-        finally:  # every trial starts from what the server sent
-            with torch.no_grad():
-                for k, p in params.items():
-                    p.copy_(before[k])
+    hits = sum(
+        released_update_label(
+            model,
+            params,
+            bias,
+            enc.subset([i]),
+            steps=f.local_steps,
+            batch_size=f.batch_size,
+            lr=f.lr,
+            noise_multiplier=sigma,
+            max_grad_norm=clip,
+            seed=None,  # fresh OS randomness, as the clients' DP noise
+        )
+        == int(enc.labels[i])
+        for i in range(len(enc))
+    )
     return [
         {
             "attack": "label (iDLG), released update",

@@ -34,6 +34,7 @@ __all__ = [
     "infer_label",
     "invert_gradient",
     "random_guess_f1",
+    "released_update_label",
     "token_f1",
     "update_gradients",
 ]
@@ -48,6 +49,51 @@ def infer_label(bias_gradient: Tensor, *, sign: float = 1.0) -> int:
         sign: +1 for a gradient, -1 for a descent update.
     """
     return int((sign * bias_gradient.float()).argmin())
+
+
+def released_update_label(
+    model: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    bias: str,
+    data: Any,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    seed: int | None,
+) -> int:
+    """The label iDLG reads off the update a DP-SGD client releases after ``steps`` steps.
+
+    The client runs fedft's own DP-SGD loop (:func:`fedft.privacy.dpsgd.train_private`:
+    per-example clipping, Gaussian noise on the sum, AdamW) on ``data`` (an ``Encoded``)
+    from ``params`` as they are; the server, which knows what it sent, reads the label off
+    ``before - after`` of the head bias ``bias`` (the update with its sign flipped). The
+    parameters are restored afterwards, whatever happens.
+    """
+    from fedft.privacy.accountant import PrivacyAccountant
+    from fedft.privacy.dpsgd import train_private
+
+    before = {k: p.detach().clone() for k, p in params.items()}
+    try:
+        train_private(
+            model,
+            data,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            accountant=PrivacyAccountant("rdp", level="sample"),
+            seed=seed,
+            optimizer="adamw",
+        )
+        return infer_label(before[bias] - params[bias].detach())
+    finally:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(before[k])
 
 
 def update_gradients(
